@@ -1,0 +1,160 @@
+"""The autograd Function and the functional entry point ``fused_lora_linear``.
+
+    y = x Wᵀ + b + scaling · B A dropout(x)
+
+Saved for backward: x (a 2-D view of it), S = dropout(x) Aᵀ (M×r), the dropout seed, and the
+parameters. No mask and no dropped copy of x: the backward regenerates the mask from the seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backend import backend_ops, resolve_backend
+
+WEIGHT_LAYOUTS = ("linear", "conv1d")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def draw_dropout_seed() -> int:
+    """A Philox/Generator seed from PyTorch's default CPU generator.
+
+    Drawing from the global generator makes runs reproducible under ``torch.manual_seed`` and lets
+    ``torch.utils.checkpoint`` (which restores RNG state before recomputing) replay the same mask.
+    """
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd Function of the fused LoRA linear layer. Use :func:`fused_lora_linear`, which validates
+    its inputs and draws the dropout seed, rather than calling ``apply`` directly."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend):
+        x2d = x.reshape(-1, x.shape[-1])
+        n_out = lora_B.shape[0]
+        # Empty problems go to the PyTorch path (a Triton grid with a zero dimension is not a launch).
+        ops = backend_ops(backend if x2d.numel() and n_out else "torch")
+        y, s = ops.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, s)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.weight_layout, ctx.ops, ctx.x_shape = weight_layout, ops, x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.view(*x.shape[:-1], n_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, s = ctx.saved_tensors
+        need_dx, _, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        dx, da, db, dbias = ctx.ops.backward(
+            dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p,
+            ctx.seed, ctx.weight_layout, need_dx, need_da, need_db, need_dbias,
+        )
+        if dx is not None:
+            dx = dx.to(x2d.dtype).view(ctx.x_shape)
+        if da is not None:
+            da = da.to(lora_A.dtype)
+        if db is not None:
+            db = db.to(lora_B.dtype)
+        if dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, None, dbias, da, db, None, None, None, None, None
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout) -> None:
+    where = "fused_lora_linear"
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"{where}: weight_layout={weight_layout!r}; use 'linear' (nn.Linear, weight out×in) "
+                         "or 'conv1d' (transformers Conv1D, weight in×out)")
+    if not x.dtype.is_floating_point or x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: x has dtype {x.dtype}; it must be float32, float16 or bfloat16 "
+                        "(token ids go through an embedding first)")
+    if x.dim() < 1:
+        raise ValueError(f"{where}: x must have at least one dimension (…, in_features), got a scalar")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"{where}: weight, lora_A and lora_B must be 2-D; got shapes {tuple(weight.shape)}, "
+                         f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    n_out, n_in = weight.shape if weight_layout == "linear" else weight.shape[::-1]
+    layout_words = "out×in" if weight_layout == "linear" else "in×out"
+    if x.shape[-1] != n_in:
+        raise ValueError(f"{where}: x has shape {tuple(x.shape)} but the weight {tuple(weight.shape)} "
+                         f"({weight_layout} layout, {layout_words}) expects in_features={n_in} as x's last dim")
+    r = lora_A.shape[0]
+    if r < 1 or lora_A.shape != (r, n_in) or lora_B.shape != (n_out, r):
+        raise ValueError(f"{where}: lora_A must be r×in_features and lora_B out_features×r; got lora_A "
+                         f"{tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} for in_features={n_in}, "
+                         f"out_features={n_out}")
+    if bias is not None and bias.shape != (n_out,):
+        raise ValueError(f"{where}: bias has shape {tuple(bias.shape)}; expected ({n_out},)")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{where}: x is {x.dtype} but the weight is {weight.dtype}; cast the input or the "
+                        "layer (module.to(dtype)), or run under torch.autocast")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{where}: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share one dtype, "
+                        f"either x's ({x.dtype}) or float32")
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{where}: bias is {bias.dtype}; it must be x's dtype ({x.dtype}) or float32")
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{where}: all tensors must be on one device; got {listing}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{where}: dropout_p={dropout_p} must be in [0, 1)")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{where}: scaling={scaling} must be a finite number")
+    if weight.requires_grad:
+        raise ValueError(f"{where}: the base weight {tuple(weight.shape)} requires grad; this layer trains only "
+                         "the adapters (and optionally the bias). Freeze it with weight.requires_grad_(False); "
+                         "full fine-tuning is not this layer's job")
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    weight_layout: str = "linear",
+    *,
+    dropout_seed: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x Wᵀ + b + scaling · (dropout(x) lora_Aᵀ) lora_Bᵀ`` with a frozen ``weight``.
+
+    Args:
+        x: (..., in_features); any leading dims, may be non-contiguous or have zero rows.
+        weight: out×in (``weight_layout="linear"``) or in×out (``"conv1d"``, GPT-2's Conv1D); frozen.
+        bias: (out_features,) or None; it gets a gradient when it requires grad.
+        lora_A: r×in; lora_B: out×r (PEFT's orientation); x's dtype or float32.
+        scaling: alpha/r (or alpha/sqrt(r) for rsLoRA).
+        dropout_p: dropout on the LoRA branch only, applied when ``training``.
+        dropout_seed: seed of the dropout mask (see :func:`dropout_mask`); drawn from PyTorch's default
+            generator when None.
+        backend: "auto" (default), "triton" or "torch"; overrides ``FUSED_LORA_BACKEND``.
+    Returns:
+        (..., out_features) in x's dtype.
+    """
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout)
+    p = float(dropout_p) if training else 0.0
+    seed = 0
+    if p > 0:
+        seed = draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
+    name = resolve_backend(backend, x.device)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, weight_layout, name)
+
+
+def dropout_mask(
+    seed: int, shape: tuple[int, int], p: float, device: torch.device | str = "cpu", backend: str | None = None
+) -> torch.Tensor:
+    """The scaled keep mask (fp32; 0 or 1/(1-p)) a backend applies to a 2-D (tokens×in_features) input
+    for ``seed``. Feed it to ``lora_linear_ref(..., dropout_mask=...)`` to reproduce a dropout run."""
+    device = torch.device(device)
+    return backend_ops(resolve_backend(backend, device)).dropout_mask(seed, tuple(shape), p, device)

@@ -1,0 +1,195 @@
+"""``LoRALinear``: a drop-in frozen linear layer (nn.Linear or GPT-2's Conv1D) with a fused LoRA adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .functional import WEIGHT_LAYOUTS, fused_lora_linear
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but the layer itself does not need it
+        return None
+    return Conv1D
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """alpha/r, or alpha/sqrt(r) with rsLoRA (PEFT's definition)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALinear(nn.Module):
+    """Frozen ``weight``/``bias`` plus trainable ``lora_A`` (r×in) and ``lora_B`` (out×r).
+
+    ``y = x Wᵀ + b + scaling · B A dropout(x)``, computed by :func:`fused_lora.fused_lora_linear`.
+    ``weight`` and ``bias`` keep the base layer's names so a base checkpoint's keys still load; with
+    ``weight_layout="conv1d"`` the weight is stored in×out like GPT-2's Conv1D.
+
+    Adapters default to the weight's dtype for fp32 weights and to float32 for fp16/bf16 weights, as
+    PEFT does (``autocast_adapter_dtype=True``): AdamW updates of a low-rank adapter are lost in bf16
+    rounding. Pass ``adapter_dtype`` to choose.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        weight_layout: str = "linear",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"LoRALinear: weight_layout={weight_layout!r}; use one of {WEIGHT_LAYOUTS}")
+        shape = (out_features, in_features) if weight_layout == "linear" else (in_features, out_features)
+        weight = torch.empty(shape, device=device, dtype=dtype)
+        # nn.Linear's init (the weight's fan-in is in_features in both layouts).
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+        nn.init.uniform_(weight, -bound, bound)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._setup_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
+                            init_lora_weights, weight_layout, adapter_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        layer: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        *,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> LoRALinear:
+        """Wraps an ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias."""
+        conv1d = _conv1d_class()
+        if isinstance(layer, nn.Linear):
+            layout, in_features, out_features = "linear", layer.in_features, layer.out_features
+        elif conv1d is not None and isinstance(layer, conv1d):
+            layout, (in_features, out_features) = "conv1d", layer.weight.shape
+        else:
+            raise TypeError(f"LoRALinear.from_linear: expected nn.Linear or transformers Conv1D, got "
+                            f"{type(layer).__name__}; quantized or custom layers are not supported")
+        if not layer.weight.dtype.is_floating_point:
+            raise TypeError(f"LoRALinear.from_linear: the {type(layer).__name__} weight is {layer.weight.dtype}; "
+                            "LoRA needs a floating-point base weight (quantized layers are not supported: "
+                            "dequantize the layer or leave it out of target_modules)")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.weight = layer.weight
+        self.weight.requires_grad_(False)
+        self.bias = layer.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._setup_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
+                            init_lora_weights, layout, adapter_dtype)
+        return self
+
+    def _setup_adapter(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
+                       init_lora_weights, weight_layout, adapter_dtype) -> None:
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout={lora_dropout} must be in [0, 1)")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoRALinear: init_lora_weights={init_lora_weights!r}; use True, False or 'gaussian'")
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_dropout = float(lora_dropout)
+        self.weight_layout = weight_layout
+        self.merged = False
+        self.enabled = True
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        factory = {"device": self.weight.device, "dtype": adapter_dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's init: True → A kaiming-uniform(a=√5), B zeros (the layer starts as the base layer);
+        "gaussian" → A normal(std=1/r), B zeros; False → both random (for tests)."""
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base layer's output, exactly as nn.Linear / Conv1D compute it."""
+        if self.weight_layout == "linear":
+            return nn.functional.linear(x, self.weight, self.bias)
+        out_shape = (*x.shape[:-1], self.out_features)
+        x2d = x.reshape(-1, x.shape[-1])
+        if self.bias is None:
+            return (x2d @ self.weight).view(out_shape)
+        return torch.addmm(self.bias, x2d, self.weight).view(out_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base_forward(x)
+        return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                 self.lora_dropout, self.training, self.weight_layout)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A in the weight's own layout and dtype."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        if self.weight_layout == "conv1d":
+            delta = delta.t()
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += scaling · B A; forward then runs the base GEMM only. No-op when already merged."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to the weight dtype's rounding)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block, forward returns exactly the base layer's output."""
+        previous = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"bias={self.bias is not None}, weight_layout={self.weight_layout!r}, merged={self.merged}")

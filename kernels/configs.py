@@ -1,0 +1,48 @@
+"""Launch configurations: a small pruned list per kernel on GPU, one config under the interpreter.
+
+``TRITON_INTERPRET=1`` must be set before this module is imported: ``triton.jit`` reads it at
+decoration time, so it is read once here too and every launcher follows the same answer.
+"""
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def pick(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    # Autotuning under the interpreter would interpret every config: collapse to one. The interpreter
+    # config uses 32-wide tiles so that the small CPU test shapes still span several tiles (edge masks,
+    # grouped ordering, rank chunks) while keeping the number of interpreted programs low.
+    return [interpreter] if INTERPRET else gpu
+
+
+# Base GEMM with the rank-r term folded in (forward y, backward dX). Tiles from the Triton matmul
+# tutorial's Hopper list, pruned to the ones that suit K, N >= 768 (transformer projections).
+GEMM_CONFIGS = pick(
+    [
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+    _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+)
+
+# Skinny GEMMs of the rank-r branch (S = x_d Aᵀ, dS/dB pass over dY, dA = dSᵀ x_d): memory-bound
+# streams over an M×K or M×N operand; BLOCK_R covers the (padded) rank, up to 64 per program.
+SKINNY_CONFIGS = pick(
+    [
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+        _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+    ],
+    _cfg(4, 1, BLOCK_M=32, BLOCK_K=32),
+)

@@ -1,0 +1,160 @@
+"""Backward kernels. Given dY (M×N):
+
+    lora_dy_kernel: one pass over dY → dS = s·dY B (M×R), dB = s·dYᵀ S (N×R), db = Σ_rows dY
+    lora_dx_kernel: dX = dY W + m ⊙ (dS A), the rank-r term and the regenerated mask in the epilogue
+    lora_da_kernel: dA = dSᵀ (m ⊙ x), the mask regenerated while x streams through
+
+Reductions that cross programs (dB and db over row tiles; dS over SPLIT_N column slices; dA over
+SPLIT_M row slices) use fp32 atomics into zeroed buffers. The SPLIT_* factors are chosen by the launcher
+to fill the GPU when M or R alone gives too few programs; tests force them above 1 to cover that path.
+Dtype constexprs as in ``lora_forward``.
+"""
+
+import triton
+import triton.language as tl
+
+from .configs import GEMM_CONFIGS, SKINNY_CONFIGS
+from .dropout import dropout_scale
+from .lora_forward import grouped_tile
+
+
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "SPLIT_N"],
+                 reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"])
+@triton.jit
+def lora_dy_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr,
+    M, N, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    scaling,
+    SPLIT_N: tl.constexpr, HAS_DBIAS: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), SPLIT_N). BLOCK_K is the tile width along N.
+
+    ds/db/dbias are fp32 and zeroed by the launcher (every write is an atomic add, except dS when
+    SPLIT_N == 1, which one program owns).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    BLOCK_N: tl.constexpr = BLOCK_K
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows[:, None] < M
+    rank_ok = ranks[None, :] < R
+    s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+                mask=row_ok & rank_ok, other=0.0).to(LORA_DOT)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(pid_split * BLOCK_N, N, SPLIT_N * BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=row_ok & col_ok[None, :], other=0.0)
+        if NEED_DS:
+            b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                        mask=col_ok[:, None] & rank_ok, other=0.0)
+            ds = tl.dot(dy.to(LORA_DOT), b.to(LORA_DOT), ds, input_precision=LORA_PREC)
+        if NEED_DB:
+            db = tl.dot(tl.trans(dy.to(LORA_DOT)), s, input_precision=LORA_PREC)
+            tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + ranks[None, :] * stride_dbr, scaling * db,
+                          mask=col_ok[:, None] & rank_ok, sem="relaxed")
+        if HAS_DBIAS:
+            if pid_r == 0:
+                tl.atomic_add(dbias_ptr + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok, sem="relaxed")
+    if NEED_DS:
+        ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr
+        if SPLIT_N == 1:
+            tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
+        else:
+            tl.atomic_add(ds_ptrs, scaling * ds, mask=row_ok & rank_ok, sem="relaxed")
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def lora_dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr, stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    seed, p, drop_scale,
+    HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX[M, K] = dY[M, N] W + m ⊙ (dS[M, R] A[R, K]).
+
+    The output tile is BLOCK_M × BLOCK_N over (M, K) and the reduction runs over N in BLOCK_K steps
+    (the config names are shared with the forward GEMM). Grid: (cdiv(M, BLOCK_M) · cdiv(K, BLOCK_N),).
+    """
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_start = pid_k.to(tl.int64) * BLOCK_N
+    cols = k_start + tl.arange(0, BLOCK_N)
+    row_ok = rows[:, None] < M
+    col_ok = cols[None, :] < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=row_ok & (ns[None, :] < N), other=0.0)
+        w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=(ns[:, None] < N) & col_ok, other=0.0)
+        acc = tl.dot(dy.to(BASE_DOT), w.to(BASE_DOT), acc, input_precision=BASE_PREC)
+
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
+                     mask=row_ok & (rs[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(rs[:, None] < R) & col_ok, other=0.0)
+        lora = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), lora, input_precision=LORA_PREC)
+    if HAS_DROPOUT:
+        lora *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
+    acc += lora
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
+
+
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "SPLIT_M"], reset_to_zero=["da_ptr"])
+@triton.jit
+def lora_da_kernel(
+    ds_ptr, x_ptr, da_ptr,
+    M, K, R, M_BUCKET,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
+    seed, p, drop_scale,
+    SPLIT_M: tl.constexpr, HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA[R, K] (fp32) = dS[M, R]ᵀ (m ⊙ x)[M, K]. Grid: (cdiv(K, BLOCK_K), cdiv(R, BLOCK_R), SPLIT_M).
+
+    da is zeroed by the launcher when SPLIT_M > 1 (atomic adds of row-slice partial sums).
+    """
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    k_start = pid_k * BLOCK_K
+    cols = k_start + tl.arange(0, BLOCK_K)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols[None, :] < K
+    rank_ok = ranks[None, :] < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(pid_split * BLOCK_M, M, SPLIT_M * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows[:, None] < M
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+                     mask=row_ok & rank_ok, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok & col_ok, other=0.0)
+        if HAS_DROPOUT:
+            x = x.to(tl.float32) * dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_K)
+        acc = tl.dot(tl.trans(ds.to(LORA_DOT)), x.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    da_ptrs = da_ptr + ranks[:, None] * stride_dar + cols[None, :] * stride_dak
+    da_mask = (ranks[:, None] < R) & col_ok
+    if SPLIT_M == 1:
+        tl.store(da_ptrs, acc, mask=da_mask)
+    else:
+        tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")

@@ -1,0 +1,105 @@
+"""Forward kernels: S = dropout(x) Aᵀ, then y = x Wᵀ + b + s·S Bᵀ with the rank-r term folded into
+the base GEMM's fp32 accumulator (one write of y, no M×N temporary).
+
+Dtype handling is passed in as constexprs chosen by the launcher:
+- ``BASE_DOT`` / ``LORA_DOT``: the dtype each operand is cast to right before ``tl.dot`` (x's dtype
+  for the base GEMM, the adapters' dtype for the rank-r GEMMs, as PyTorch/PEFT compute them). Under
+  the interpreter half types map to fp32 (the upstream bf16 interpreter bug, NOTES §3): the products of
+  two half values are exact in fp32, so this is what a tensor core computes, not an approximation.
+- ``*_PREC``: ``"ieee"`` or ``"tf32"`` for fp32 operands, following ``torch.backends.cuda.matmul.allow_tf32``.
+"""
+
+import triton
+import triton.language as tl
+
+from .configs import GEMM_CONFIGS, SKINNY_CONFIGS
+from .dropout import dropout_scale
+
+
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"])
+@triton.jit
+def lora_down_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, p, drop_scale,
+    HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """S[M, R] (fp32) = (m ⊙ x)[M, K] @ A[R, K]ᵀ. Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = x.to(tl.float32) * dropout_scale(seed, rows, k0, p, drop_scale, BLOCK_M, BLOCK_K)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
+        acc = tl.dot(x.to(LORA_DOT), a_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc,
+             mask=(rows[:, None] < M) & (ranks[None, :] < R))
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile (m, n) of program ``pid`` in grouped order: GROUP_M row-tiles share each column sweep, so
+    the weight tiles they read stay in L2 (Triton matmul tutorial)."""
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def lora_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x[M, K] Wᵀ + bias + scaling · S[M, R] B[N, R]ᵀ.
+
+    W is read through (stride_wk, stride_wn) so both nn.Linear (N×K) and Conv1D (K×N) weights are
+    used in place. Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),).
+    """
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows[:, None] < M
+    col_ok = cols[None, :] < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok & (ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=(ks[:, None] < K) & col_ok, other=0.0)
+        acc = tl.dot(x.to(BASE_DOT), w.to(BASE_DOT), acc, input_precision=BASE_PREC)
+
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
+                    mask=row_ok & (rs[None, :] < R), other=0.0)
+        b_t = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
+                      mask=(rs[:, None] < R) & col_ok, other=0.0)
+        lora = tl.dot(s.to(LORA_DOT), b_t.to(LORA_DOT), lora, input_precision=LORA_PREC)
+    acc += scaling * lora
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)

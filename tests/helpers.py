@@ -1,0 +1,61 @@
+"""Shared test helpers: fp64 references and tolerances that mean something.
+
+The rule (flash-attention's): a kernel's error against the fp64 ground truth must be at most about
+twice the error of the same computation done by PyTorch in the same dtype, plus a small atol.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_lora import lora_linear_ref
+
+BACKENDS = ["torch", "triton"]
+
+
+def leaf64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp64 leaf copy of ``t`` (requires grad when ``t`` does), for reference gradients."""
+    if t is None:
+        return None
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def leaf_like(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A same-dtype leaf copy of ``t``, for the same-dtype PyTorch computation."""
+    if t is None:
+        return None
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_torch_error(name: str, got: torch.Tensor, torch_same: torch.Tensor, ref: torch.Tensor,
+                              atol: float, factor: float = 2.0) -> None:
+    """``|got - ref| <= factor · |torch_same - ref| + atol`` (max norms), with a readable failure."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err, base = max_err(got, ref), max_err(torch_same, ref)
+    assert err <= factor * base + atol, (
+        f"{name}: error {err:.3g} > {factor}× PyTorch's same-dtype error {base:.3g} + atol {atol:.3g}")
+
+
+def atol_for(dtype: torch.dtype, scale: float) -> float:
+    """A small absolute slack relative to the size of the values compared."""
+    eps = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    return eps * scale
+
+
+def reference_pair(x, weight, bias, lora_A, lora_B, scaling, weight_layout, mask, grad_out):
+    """(fp64 reference, same-dtype PyTorch reference): each a dict of output and gradients."""
+    results = []
+    for make, upcast in ((leaf64, torch.float64), (leaf_like, None)):
+        xs, ws, bs, As, Bs = make(x), make(weight), make(bias), make(lora_A), make(lora_B)
+        ws.requires_grad_(False)
+        y = lora_linear_ref(xs, ws, bs, As, Bs, scaling, weight_layout=weight_layout, dropout_mask=mask,
+                            upcast=upcast)
+        y.backward(grad_out.to(y.dtype))
+        results.append({"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad,
+                        "dbias": bs.grad if bs is not None else None})
+    return results

@@ -1,0 +1,80 @@
+"""The dropout mask: reproducible from its seed, the right keep-rate, never stored, never drawn at p=0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import BACKENDS
+
+from fused_lora import dropout_mask, fused_lora_linear, lora_linear_ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_is_a_function_of_the_seed(backend):
+    a = dropout_mask(5, (40, 72), 0.3, backend=backend)
+    assert torch.equal(a, dropout_mask(5, (40, 72), 0.3, backend=backend))
+    assert not torch.equal(a, dropout_mask(6, (40, 72), 0.3, backend=backend))
+    values = a.unique()
+    assert len(values) == 2 and values[0] == 0
+    torch.testing.assert_close(values[1].item(), 1 / 0.7)
+
+
+def test_kernel_mask_depends_only_on_row_and_column():
+    # Counter-based: element (i, j) is the same whatever the tensor's shape or the kernels' tiling,
+    # so forward and backward kernels with different tile shapes agree on it.
+    big = dropout_mask(9, (70, 130), 0.5, backend="triton")
+    small = dropout_mask(9, (33, 61), 0.5, backend="triton")
+    assert torch.equal(big[:33, :61], small)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_matches(backend, p):
+    n_rows, n_cols = 128, 256
+    mask = dropout_mask(123, (n_rows, n_cols), p, backend=backend)
+    kept = (mask > 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (n_rows * n_cols))
+    assert abs(kept - (1 - p)) < 5 * sigma, f"keep rate {kept:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
+    # no structure along rows or columns: each column's keep-rate is plausible too
+    per_col = (mask > 0).double().mean(0)
+    col_sigma = math.sqrt(p * (1 - p) / n_rows)
+    assert (per_col - (1 - p)).abs().max() < 6 * col_sigma
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_uses_the_seeded_mask(backend):
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 11, 24, generator=gen), torch.randn(16, 24, generator=gen)
+    a, b = torch.randn(4, 24, generator=gen), torch.randn(16, 4, generator=gen)
+    y = fused_lora_linear(x, w, None, a, b, 1.0, 0.4, dropout_seed=77, backend=backend)
+    mask = dropout_mask(77, (22, 24), 0.4, backend=backend).view(x.shape)
+    torch.testing.assert_close(y, lora_linear_ref(x, w, None, a, b, 1.0, dropout_mask=mask), rtol=1e-5, atol=1e-5)
+    y_nodrop = lora_linear_ref(x, w, None, a, b, 1.0)
+    assert not torch.allclose(y, y_nodrop, atol=1e-3), "dropout had no effect"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_random_numbers_without_dropout(backend):
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 24, generator=gen), torch.randn(16, 24, generator=gen)
+    a, b = torch.randn(4, 24, generator=gen), torch.randn(16, 4, generator=gen)
+    state = torch.random.get_rng_state()
+    y0 = fused_lora_linear(x, w, None, a, b, 1.0, 0.0, backend=backend)
+    y_eval = fused_lora_linear(x, w, None, a, b, 1.0, 0.5, training=False, backend=backend)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.testing.assert_close(y0, y_eval)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_follows_torch_manual_seed(backend):
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 24, generator=gen), torch.randn(16, 24, generator=gen)
+    a, b = torch.randn(4, 24, generator=gen), torch.randn(16, 4, generator=gen)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(42)
+        outs.append(fused_lora_linear(x, w, None, a, b, 1.0, 0.5, backend=backend))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], fused_lora_linear(x, w, None, a, b, 1.0, 0.5, backend=backend))

@@ -1,0 +1,146 @@
+"""Output and every gradient of fused_lora_linear against an fp64 reference, on both backends.
+
+On CPU the "triton" backend runs the real kernels through Triton's interpreter (conftest.py), so
+every kernel path (dtypes, layouts, dropout, bias, odd sizes, rank chunks) is exercised here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import BACKENDS, assert_within_torch_error, atol_for, reference_pair
+
+from fused_lora import dropout_mask, fused_lora_linear
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_problem(lead, K, N, r, dtype, layout, bias, adapter_dtype=None, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, dt=dtype, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(device, dt)
+    adapter_dtype = adapter_dtype or dtype
+    x = rnd(*lead, K).requires_grad_()
+    weight = rnd(N, K, scale=K**-0.5) if layout == "linear" else rnd(K, N, scale=K**-0.5)
+    b = rnd(N).requires_grad_() if bias else None
+    lora_A = rnd(r, K, dt=adapter_dtype, scale=K**-0.5).requires_grad_()
+    lora_B = rnd(N, r, dt=adapter_dtype, scale=r**-0.5).requires_grad_()
+    return x, weight, b, lora_A, lora_B
+
+
+def run_and_check(x, weight, bias, lora_A, lora_B, scaling, p, layout, backend, seed=1234):
+    y = fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout=layout,
+                          dropout_seed=seed, backend=backend)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], lora_B.shape[0])
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+    y.backward(grad_out)
+    mask = None
+    if p > 0:
+        mask = dropout_mask(seed, (x.numel() // x.shape[-1], x.shape[-1]), p, x.device, backend=backend)
+        mask = mask.view(x.shape)
+    ref, same = reference_pair(x, weight, bias, lora_A, lora_B, scaling, layout, mask, grad_out)
+    got = {"y": y.detach(), "dx": x.grad, "dA": lora_A.grad, "dB": lora_B.grad,
+           "dbias": bias.grad if bias is not None else None}
+    assert weight.grad is None
+    for name, value in got.items():
+        if ref[name] is None:
+            assert value is None, f"{name} should not have a gradient"
+            continue
+        assert value is not None, f"{name} is missing"
+        assert value.dtype == same[name].dtype, f"{name}: dtype {value.dtype} != {same[name].dtype}"
+        scale = ref[name].abs().max().item() if ref[name].numel() else 1.0
+        assert_within_torch_error(name, value, same[name], ref[name], atol_for(value.dtype, scale))
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_matches_fp64_reference(backend, dtype, layout, p):
+    # Odd sizes (not multiples of any tile), 3-D input; bias on for half of the cases of each layout.
+    bias = (layout == "conv1d") != (p > 0)
+    problem = make_problem((3, 13), 100, 72, 12, dtype, layout, bias)
+    run_and_check(*problem, scaling=2.0, p=p, layout=layout, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", [1, 12, 16, 64, 256])
+def test_ranks(backend, r):
+    # r=256 spans several 64-wide rank chunks in every kernel (forward epilogue loop, skinny-kernel grids).
+    problem = make_problem((37,), 45, 33, r, torch.float32, "linear", True)
+    run_and_check(*problem, scaling=16 / r, p=0.1, layout="linear", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp32_adapters_on_half_base(backend, dtype, p):
+    problem = make_problem((2, 19), 64, 40, 8, dtype, "conv1d", True, adapter_dtype=torch.float32)
+    run_and_check(*problem, scaling=0.5, p=p, layout="conv1d", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_non_contiguous_input_and_weight(backend, layout):
+    x, weight, bias, lora_A, lora_B = make_problem((40,), 70, 52, 6, torch.float32, layout, True)
+    # x: every other row of a wider buffer, and a column slice (row stride 140, not 70)
+    wide = torch.randn(80, 140)
+    x = wide[::2, 10:80].requires_grad_()
+    assert not x.is_contiguous()
+    # weight: a transposed view (strides swapped) must also be read in place
+    weight = weight.t().contiguous().t()
+    run_and_check(x, weight, bias, lora_A, lora_B, scaling=1.5, p=0.25, layout=layout, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows(backend):
+    x, weight, bias, lora_A, lora_B = make_problem((2, 0), 30, 20, 4, torch.float32, "linear", True)
+    y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.1, backend=backend)
+    assert y.shape == (2, 0, 20)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.count_nonzero(lora_A.grad) == 0 and torch.count_nonzero(lora_B.grad) == 0
+    assert torch.count_nonzero(bias.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_without_grad_and_frozen_bias(backend):
+    x, weight, bias, lora_A, lora_B = make_problem((21,), 34, 18, 5, torch.float32, "linear", True)
+    x.requires_grad_(False)
+    bias.requires_grad_(False)
+    run_and_check(x, weight, bias, lora_A, lora_B, scaling=1.0, p=0.1, layout="linear", backend=backend)
+    assert x.grad is None and bias.grad is None
+
+
+def test_backends_agree_without_dropout():
+    problem = make_problem((5, 9), 48, 31, 7, torch.float32, "conv1d", True)
+    outs = []
+    for backend in BACKENDS:
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in problem]
+        y = fused_lora_linear(*leaves, 0.7, 0.0, weight_layout="conv1d", backend=backend)
+        y.square().sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves if t.requires_grad])
+    for a, b in zip(*outs, strict=True):
+        # fp32, different summation orders: agree to ~1e-6 of the largest value
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_split_reductions_match_single_pass():
+    """The atomics paths (dS over N slices, dA over M slices) that a GPU launch picks to fill its SMs."""
+    from fused_lora import triton_ops
+
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, r = 70, 66, 100, 20
+    dy, x = torch.randn(M, N, generator=gen), torch.randn(M, K, generator=gen)
+    lora_A, lora_B = torch.randn(r, K, generator=gen), torch.randn(N, r, generator=gen)
+    s = torch.randn(M, r, generator=gen)
+    single = triton_ops.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=1)
+    split = triton_ops.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=3)
+    for a, b in zip(single, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single[0], 0.5 * dy @ lora_B, rtol=1e-5, atol=1e-5)
+    da_single = triton_ops.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=1)
+    da_split = triton_ops.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=2)
+    torch.testing.assert_close(da_single, da_split, rtol=1e-5, atol=1e-5)
+    mask = triton_ops.dropout_mask(11, (M, K), 0.3, x.device)
+    torch.testing.assert_close(da_single, single[0].t() @ (x * mask), rtol=1e-5, atol=1e-4)

@@ -23,12 +23,13 @@ def pick(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Co
 
 
 # Base GEMM with the rank-r term folded in (forward y, backward dX). Tiles from the Triton matmul
-# tutorial's Hopper list, pruned to the ones that suit K, N >= 768 (transformer projections).
+# tutorial's Hopper list, pruned to the ones that suit K, N >= 768 (transformer projections) and do not
+# spill on sm_90 in bf16 (bench/compile_report.py: 128×256 with 8 warps spilled 248 B, 128×128 with 4
+# warps 424 B).
 GEMM_CONFIGS = pick(
     [
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
         _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     ],
@@ -37,12 +38,14 @@ GEMM_CONFIGS = pick(
 
 # Skinny GEMMs of the rank-r branch (S = x_d Aᵀ, dS/dB pass over dY, dA = dSᵀ x_d): memory-bound
 # streams over an M×K or M×N operand; BLOCK_R covers the (padded) rank, up to 64 per program.
+# Pruned with bench/compile_report.py (sm_90, bf16, r=16, dropout on): 128×128 tiles spill 40-352 B of
+# stack per thread (the Philox state and the fp32 accumulators), these five do not.
 SKINNY_CONFIGS = pick(
     [
-        _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
-        _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
         _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
+        _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
     ],
     _cfg(4, 1, BLOCK_M=32, BLOCK_K=32),
 )

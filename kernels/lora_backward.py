@@ -95,7 +95,18 @@ def lora_dx_kernel(
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < K
 
+    # Rank-r term and its dropout mask first, then the base GEMM accumulates on top: one accumulator
+    # (see lora_fwd_kernel).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
+                     mask=row_ok & (rs[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(rs[:, None] < R) & col_ok, other=0.0)
+        acc = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    if HAS_DROPOUT:
+        acc *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
@@ -103,18 +114,6 @@ def lora_dx_kernel(
         w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=(ns[:, None] < N) & col_ok, other=0.0)
         acc = tl.dot(dy.to(BASE_DOT), w.to(BASE_DOT), acc, input_precision=BASE_PREC)
-
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
-                     mask=row_ok & (rs[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=(rs[:, None] < R) & col_ok, other=0.0)
-        lora = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), lora, input_precision=LORA_PREC)
-    if HAS_DROPOUT:
-        lora *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
-    acc += lora
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 

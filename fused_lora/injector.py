@@ -1,0 +1,416 @@
+"""Put fused ``LoRALinear`` layers into a model where PEFT would put its LoRA layers, and take them out again.
+
+    model = inject_lora(model, LoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+
+The model stays the same ``nn.Module`` (no wrapper): targeted ``nn.Linear`` / GPT-2 ``Conv1D`` modules are
+replaced in place by ``LoRALinear`` modules that share their weight and bias, so parameter names (and a base
+checkpoint's keys) do not change. Target matching follows ``peft.tuners.tuners_utils.check_target_module_exists``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig
+from .layer import LoRALinear, _conv1d_class
+
+STATE_ATTR = "_fused_lora_state"
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_EXCLUDED = "excluded"
+
+
+@dataclass
+class InjectionPlan:
+    """What :func:`inject_lora` will do, worked out without touching the model."""
+
+    config: LoRAConfig  # target_modules resolved (defaults, "all-linear")
+    targets: list[str]  # module paths that get an adapter
+    modules_to_save: list[str]  # module paths trained in full
+
+
+@dataclass
+class _LoRAState:
+    """Kept on the model (``model._fused_lora_state``) so save/merge/unload know what inject did."""
+
+    plan: InjectionPlan
+    originals: dict[str, nn.Module]  # the replaced modules, to give back their exact type on unload
+    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)  # flags before injection
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    # By class name, so that peft (a test extra) need not be importable.
+    return any(cls.__name__ == "BaseTunerLayer" for cls in type(module).__mro__)
+
+
+def _linear_kind(module: nn.Module) -> str | None:
+    """'linear' / 'conv1d' for layers LoRA can wrap (a LoRALinear counts, for planning on an injected model)."""
+    if isinstance(module, LoRALinear):
+        return module.weight_layout
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, LoRALinear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D: in×out
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's ``LoRALinear`` modules by path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def get_state(model: nn.Module) -> _LoRAState | None:
+    return model.__dict__.get(STATE_ATTR)
+
+
+def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: {type(model).__name__} has no fused LoRA layers; call inject_lora(model, config) "
+                         "or load_adapter(model, path) first")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matching (PEFT's rules)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _output_head_names(model: nn.Module, config: LoRAConfig) -> set[str]:
+    """Modules "all-linear" never targets: the output embedding, or a SEQ_CLS head (peft's
+    ``_maybe_include_all_linear_layers``)."""
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            head = get_out()
+    if head is None and config.task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in ("score", "classifier") if getattr(model, n, None) is not None), None)
+    if head is None:
+        return set()
+    return {name for name, m in model.named_modules() if m is head}
+
+
+def resolve_target_modules(model: nn.Module, config: LoRAConfig) -> list[str] | str:
+    """``config.target_modules`` with ``None`` replaced by the architecture's default and ``"all-linear"`` by the
+    names of every linear layer but the output head."""
+    target = config.target_modules
+    if target is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(f"inject_lora: target_modules=None, and {type(model).__name__} (model_type="
+                             f"{model_type!r}) has no default targets; pass target_modules, e.g. ['q_proj', 'v_proj'] "
+                             "or 'all-linear'")
+        default = DEFAULT_TARGET_MODULES[model_type]
+        return default if isinstance(default, str) else list(default)
+    if isinstance(target, str) and target.lower() == ALL_LINEAR:
+        heads = _output_head_names(model, config)
+        return sorted(name for name, m in model.named_modules() if _linear_kind(m) and name not in heads)
+    return target
+
+
+def match_target(config: LoRAConfig, key: str) -> bool | str:
+    """PEFT's ``check_target_module_exists``: True / False, or ``"excluded"`` (by exclude_modules or because the
+    module is, or is inside, a modules_to_save module). ``config.target_modules`` must be resolved."""
+    exclude = config.exclude_modules
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return _EXCLUDED
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return _EXCLUDED
+    # PEFT never adapts a modules_to_save module or anything inside one (the names are regex fragments there).
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.effective_modules_to_save()):
+        return _EXCLUDED
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    indexes = config.layers_to_transform
+    if found and indexes is not None and (not isinstance(indexes, list) or len(indexes) != 0):
+        match = None
+        patterns = config.layers_pattern
+        if not patterns:
+            # Lazy .*? takes the first numbered segment (the layer index), not e.g. an expert index further on.
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        found = index == indexes if isinstance(indexes, int) else index in indexes
+    return found
+
+
+def _match_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """PEFT's ``_set_trainable`` matching (``name.endswith(entry)``); modules nested in a chosen one are skipped
+    (they train with it). Entries the user named must match something; the task's own head names need not."""
+    names = config.effective_modules_to_save()
+    chosen: list[str] = []
+    hits: set[str] = set()
+    for key, _ in model.named_modules():
+        if not key:
+            continue
+        entries = [n for n in names if key.endswith(n)]
+        if not entries:
+            continue
+        hits.update(entries)
+        if not any(key.startswith(c + ".") for c in chosen):
+            chosen.append(key)
+    missing = [n for n in (config.modules_to_save or []) if n not in hits and n not in TASK_HEADS[config.task_type]]
+    if missing:
+        children = sorted(name for name, _ in model.named_children())
+        raise ValueError(f"inject_lora: modules_to_save entries {missing} match no module of {type(model).__name__} "
+                         f"(its top-level modules: {children}); give a module name or a suffix of its full name")
+    return chosen
+
+
+def _describe_linear_names(model: nn.Module) -> str:
+    full = [name for name, m in model.named_modules() if _linear_kind(m)]
+    if not full:
+        return f"{type(model).__name__} has no nn.Linear or Conv1D module at all"
+    short = sorted({name.rsplit(".", 1)[-1] for name in full})
+    return (f"its linear (nn.Linear / Conv1D) modules are named {short} (e.g. {full[0]!r}); use those names, a "
+            f"regex matched against the full name, or 'all-linear'")
+
+
+def _no_match_error(model: nn.Module, config: LoRAConfig, excluded: list[str]) -> ValueError:
+    why = f"inject_lora: target_modules={config.target_modules!r} matched no module"
+    if config.layers_to_transform is not None:
+        why += f" (with layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r})"
+    if excluded:
+        why += f"; {len(excluded)} matches were excluded by exclude_modules/modules_to_save (e.g. {excluded[0]!r})"
+    return ValueError(f"{why}. {_describe_linear_names(model)}")
+
+
+def _check_trainable_float(model: nn.Module, path: str, what: str) -> None:
+    module = model.get_submodule(path)
+    for name, p in module.named_parameters():
+        if not p.dtype.is_floating_point:
+            raise TypeError(
+                f"inject_lora: {what} {path!r} ({type(module).__name__}) holds parameter {name!r} of dtype {p.dtype} "
+                f"(a quantized layer, e.g. bitsandbytes 4/8-bit): it cannot be trained. Keep this module in floating "
+                f"point (e.g. BitsAndBytesConfig(llm_int8_skip_modules=[{path.rsplit('.', 1)[-1]!r}])) or leave it "
+                "out of modules_to_save")
+
+
+def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
+    """Works out and validates everything :func:`inject_lora` will do, without changing the model."""
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"inject_lora: config must be a fused_lora.LoRAConfig, got {type(config).__name__}")
+    resolved = config.replace(target_modules=resolve_target_modules(model, config))
+    modules_to_save = _match_modules_to_save(model, resolved)
+    targets, excluded = [], []
+    for key, module in model.named_modules():
+        if not key:
+            continue
+        if any(key.startswith(t + ".") for t in targets):
+            continue  # inside an adapted layer (a LoRALinear has no submodules; kept for safety)
+        result = match_target(resolved, key)
+        if result == _EXCLUDED:
+            excluded.append(key)
+            continue
+        if not result:
+            continue
+        if _linear_kind(module) is None:
+            raise TypeError(f"inject_lora: target {key!r} is a {type(module).__name__}; fused LoRA adapts only "
+                            "nn.Linear and transformers Conv1D layers. Narrow target_modules (a regex string matches "
+                            "the whole module name) or add it to exclude_modules")
+        dtype = module.weight.dtype
+        if dtype not in _WEIGHT_DTYPES:
+            raise TypeError(
+                f"inject_lora: target {key!r} ({type(module).__name__}) has a {dtype} weight; fused LoRA needs a "
+                f"float32, float16 or bfloat16 base weight. Quantized layers (bitsandbytes 4/8-bit, int weights) are "
+                f"not supported: load the model unquantized, or leave {key!r} out of target_modules")
+        targets.append(key)
+    if not targets:
+        raise _no_match_error(model, resolved, excluded)
+    for path in modules_to_save:
+        _check_trainable_float(model, path, "modules_to_save module")
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if (name == "bias" or name.endswith(".bias")) and not p.dtype.is_floating_point:
+                raise TypeError(f"inject_lora: bias='all' would train {name!r}, which is {p.dtype}; use bias='none' "
+                                "or 'lora_only' with quantized models")
+    return InjectionPlan(resolved, targets, modules_to_save)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_not_injected(model: nn.Module) -> None:
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(f"inject_lora: {type(model).__name__} already has {len(existing)} fused LoRA layers (e.g. "
+                         f"{next(iter(existing))!r}); adapters are not stacked. Call unload_lora(model) first, or "
+                         "load_adapter(model, path) to load weights into the existing layers")
+    peft_layers = [name for name, m in model.named_modules() if _is_peft_layer(m)]
+    if peft_layers:
+        raise ValueError(f"inject_lora: the model already has PEFT adapter layers (e.g. {peft_layers[0]!r}); call "
+                         "merge_and_unload() or unload() on the PEFT model first")
+
+
+def _warn_tied(model: nn.Module, modules_to_save: list[str]) -> None:
+    inside = {id(p) for path in modules_to_save for p in model.get_submodule(path).parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in inside and not any(name.startswith(path + ".") for path in modules_to_save):
+            warnings.warn(f"inject_lora: a modules_to_save parameter is shared with {name!r} (tied weights); "
+                          "training it in place trains that one too", stacklevel=3)
+            return
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replaces the targeted ``nn.Linear`` / ``Conv1D`` modules with ``LoRALinear`` in place (sharing weights),
+    freezes everything else, and makes trainable the LoRA parameters, the biases per ``config.bias`` and the
+    ``modules_to_save`` modules. Returns ``model``. Everything is checked before the model is changed."""
+    _check_not_injected(model)
+    plan = plan_injection(model, config)
+    _warn_tied(model, plan.modules_to_save)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    originals: dict[str, nn.Module] = {}
+    for path in plan.targets:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, child)
+        layer = LoRALinear.from_linear(original, r=config.r, lora_alpha=config.lora_alpha,
+                                       lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                       init_lora_weights=config.init_lora_weights)
+        layer.train(original.training)
+        setattr(parent, child, layer)
+        originals[path] = original
+    _set_trainable(model, plan)
+    model.__dict__[STATE_ATTR] = _LoRAState(plan, originals, flags)
+    return model
+
+
+def _set_trainable(model: nn.Module, plan: InjectionPlan) -> None:
+    for path in plan.targets:
+        layer = model.get_submodule(path)
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        if plan.config.bias == "lora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    if plan.config.bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    for path in plan.modules_to_save:
+        model.get_submodule(path).requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counted like PEFT's ``get_nb_trainable_parameters`` (shared
+    parameters once; a bitsandbytes ``Params4bit`` counts its unpacked size). No frozen copy of the
+    ``modules_to_save`` modules exists here, so ``total`` is the base model's size plus the adapters."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+    trainable, total = trainable_parameters(model)
+    percent = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its base weight (W += scaling·BA); forward then runs the base GEMMs only."""
+    for layer in _require_lora(model, "merge_lora").values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undoes :func:`merge_lora` (exact up to the weight dtype's rounding)."""
+    for layer in _require_lora(model, "unmerge_lora").values():
+        layer.unmerge()
+    return model
+
+
+def _plain_module(layer: LoRALinear) -> nn.Module:
+    """A new nn.Linear / Conv1D around the layer's weight and bias (for LoRALinear modules inject did not make)."""
+    with torch.device("meta"):  # no throwaway allocation: the parameters are replaced right away
+        if layer.weight_layout == "linear":
+            module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        else:
+            module = _conv1d_class()(layer.out_features, layer.in_features)
+    module.weight = layer.weight
+    module.bias = layer.bias
+    return module
+
+
+def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Takes the LoRA layers out again, giving back the original module types (Conv1D stays Conv1D), with the
+    adapters merged into the weights (``merge=True``) or dropped (``merge=False``). ``requires_grad`` flags go back
+    to what they were before :func:`inject_lora`; trained ``modules_to_save`` modules keep their training."""
+    layers = _require_lora(model, "unload_lora")
+    state = get_state(model)
+    originals = state.originals if state is not None else {}
+    for path, layer in layers.items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        original = originals.get(path)
+        if original is None:
+            original = _plain_module(layer)
+        else:
+            # The layer may hold new parameters (load_state_dict(assign=True), .to() on some torch versions).
+            original.weight = layer.weight
+            original.bias = layer.bias
+        original.train(layer.training)
+        parent_name, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, original)
+    if state is not None:
+        for p, flag in state.requires_grad:
+            p.requires_grad_(flag)
+        del model.__dict__[STATE_ATTR]
+    return model
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the LoRA layers compute the base model's outputs (merged layers are unmerged for the
+    block and merged again after it). ``modules_to_save`` modules and trained biases are trained in place, so
+    they keep their trained values here, unlike PEFT, which keeps frozen copies for this."""
+    layers = _require_lora(model, "disable_lora")
+    merged = [layer for layer in layers.values() if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    try:
+        with contextlib.ExitStack() as stack:
+            for layer in layers.values():
+                stack.enter_context(layer.disable_adapter())
+            yield model
+    finally:
+        for layer in merged:
+            layer.merge()

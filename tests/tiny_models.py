@@ -1,0 +1,97 @@
+"""Tiny transformers models built from configs (random weights, no downloads) and PEFT ↔ fused_lora helpers
+shared by the injector, adapter and parity tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+VOCAB = 64
+
+
+def gpt2_config(**overrides) -> transformers.GPT2Config:
+    kw = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return transformers.GPT2Config(**{**kw, **overrides})
+
+
+def _gemma_kw(**overrides) -> dict:
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=16, max_position_embeddings=64, pad_token_id=0)
+    return {**kw, **overrides}
+
+
+def build(name: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny model by name, in train mode (all model dropouts are 0, so outputs are deterministic)."""
+    torch.manual_seed(seed)
+    if name == "gpt2_lm":
+        model = transformers.GPT2LMHeadModel(gpt2_config(**overrides))
+    elif name == "gpt2_cls":
+        model = transformers.GPT2ForSequenceClassification(gpt2_config(num_labels=2, **overrides))
+    elif name == "gemma_lm":
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**_gemma_kw(**overrides)))
+    elif name == "gemma2_cls":
+        cfg = transformers.Gemma2Config(**_gemma_kw(num_labels=3, sliding_window=4, **overrides))
+        cfg._attn_implementation = "eager"  # Gemma2's softcapping is only exact in eager attention
+        model = transformers.Gemma2ForSequenceClassification(cfg)
+    elif name == "gemma3_lm":
+        cfg = transformers.Gemma3TextConfig(**_gemma_kw(sliding_window=4, **overrides))
+        cfg._attn_implementation = "eager"
+        model = transformers.Gemma3ForCausalLM(cfg)
+    else:
+        raise KeyError(name)
+    return model.train()
+
+
+def input_ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    # No pad token (0): sequence classification pools the last non-pad token.
+    return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def peft_name_to_ours(name: str) -> str:
+    """A PeftModel parameter name → the same parameter's name in a fused_lora-injected model."""
+    name = name.removeprefix(PEFT_PREFIX)
+    for infix, repl in ((".lora_A.default.weight", ".lora_A"), (".lora_B.default.weight", ".lora_B"),
+                        (".base_layer.", "."), (".modules_to_save.default.", ".")):
+        name = name.replace(infix, repl)
+    return name
+
+
+def copy_peft_trainables(peft_model: nn.Module, ours: nn.Module) -> None:
+    """Give our model PEFT's trainable values (A, B, biases, modules_to_save), after checking both models train
+    exactly the same set of parameters."""
+    peft_trainable = {peft_name_to_ours(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours_trainable = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(peft_trainable) == set(ours_trainable), (
+        f"trainable sets differ: only PEFT {sorted(set(peft_trainable) - set(ours_trainable))[:5]}, "
+        f"only ours {sorted(set(ours_trainable) - set(peft_trainable))[:5]}")
+    with torch.no_grad():
+        for n, p in ours_trainable.items():
+            p.copy_(peft_trainable[n])
+
+
+def make_pair(name: str, peft_kwargs: dict, **build_kwargs) -> tuple[nn.Module, nn.Module]:
+    """(PEFT model, our model) from the same base weights, with the same random A and B (B ≠ 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fused_lora import LoRAConfig, inject_lora
+
+    base = build(name, **build_kwargs)
+    torch.manual_seed(123)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **peft_kwargs))
+    ours = inject_lora(copy.deepcopy(base), LoRAConfig(init_lora_weights=False, **peft_kwargs))
+    copy_peft_trainables(peft_model, ours)
+    return peft_model, ours
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

@@ -18,13 +18,71 @@ WEIGHT_LAYOUTS = ("linear", "conv1d")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def draw_dropout_seed() -> int:
-    """A Philox/Generator seed from PyTorch's default CPU generator.
+def draw_dropout_seed() -> torch.Tensor:
+    """A one-element int64 CPU tensor seeding the dropout mask, drawn from PyTorch's default CPU generator.
 
     Drawing from the global generator makes runs reproducible under ``torch.manual_seed`` and lets
-    ``torch.utils.checkpoint`` (which restores RNG state before recomputing) replay the same mask.
+    ``torch.utils.checkpoint`` (which restores RNG state before recomputing) replay the same mask. It
+    stays a tensor (no ``.item()``) so ``torch.compile`` traces it without a graph break.
     """
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+def _s_dtype(backend: str, lora_A: torch.Tensor) -> torch.dtype:
+    """dtype of S = dropout(x) Aᵀ: fp32 from the kernels' accumulator, the adapters' dtype on the torch path."""
+    return torch.float32 if backend == "triton" else lora_A.dtype
+
+
+# The two entry points below are registered as custom ops so that torch.compile(fullgraph=True) sees one
+# opaque node per direction instead of tracing into Triton launches (autotuning, atomics buffers) or
+# breaking the graph. Autocast is switched off inside: the Function has already chosen the dtypes, and
+# the fp32 rank-r GEMMs of fp32 adapters must not be re-cast to half by autocast.
+
+
+@torch.library.custom_op("fused_lora::lora_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        y, s = backend_ops(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                            _seed_value(seed), weight_layout)
+    return y, s.to(_s_dtype(backend, lora_A))
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend):
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0],
+                                                                 dtype=_s_dtype(backend, lora_A))
+
+
+@torch.library.custom_op("fused_lora::lora_backward", mutates_args=())
+def _backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str,
+    backend: str, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX in x's dtype, dA in A's, dB in B's, dbias fp32); an empty tensor for each one not needed."""
+    with torch.autocast(dy.device.type, enabled=False):
+        grads = backend_ops(backend).backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p,
+                                              _seed_value(seed), weight_layout, need_dx, need_da, need_db,
+                                              need_dbias)
+    dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32)
+    return tuple(dy.new_empty(0) if g is None else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend,
+      need_dx, need_da, need_db, need_dbias):
+    empty = dy.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else empty,
+            lora_A.new_empty(lora_A.shape) if need_da else empty,
+            lora_B.new_empty(lora_B.shape) if need_db else empty,
+            dy.new_empty(lora_B.shape[0], dtype=torch.float32) if need_dbias else empty)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -34,33 +92,24 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        n_out = lora_B.shape[0]
-        # Empty problems go to the PyTorch path (a Triton grid with a zero dimension is not a launch).
-        ops = backend_ops(backend if x2d.numel() and n_out else "torch")
-        y, s = ops.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, s)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        ctx.weight_layout, ctx.ops, ctx.x_shape = weight_layout, ops, x.shape
+        y, s = _forward_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, s, seed)
+        ctx.scaling, ctx.dropout_p, ctx.weight_layout, ctx.backend = scaling, dropout_p, weight_layout, backend
+        ctx.x_shape = x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(*x.shape[:-1], n_out)
+        return y.view(*x.shape[:-1], lora_B.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, s = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
         need_dx, _, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        dx, da, db, dbias = ctx.ops.backward(
-            dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p,
-            ctx.seed, ctx.weight_layout, need_dx, need_da, need_db, need_dbias,
+        dx, da, db, dbias = _backward_op(
+            dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed,
+            ctx.weight_layout, ctx.backend, need_dx, need_da, need_db, need_dbias,
         )
-        if dx is not None:
-            dx = dx.to(x2d.dtype).view(ctx.x_shape)
-        if da is not None:
-            da = da.to(lora_A.dtype)
-        if db is not None:
-            db = db.to(lora_B.dtype)
-        if dbias is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, None, dbias, da, db, None, None, None, None, None
+        return (dx.view(ctx.x_shape) if need_dx else None, None,
+                dbias.to(ctx.bias_dtype) if need_dbias else None,
+                da if need_da else None, db if need_db else None, None, None, None, None, None)
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout) -> None:
@@ -113,6 +162,20 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_la
                          "full fine-tuning is not this layer's job")
 
 
+def _autocast_inputs(x, weight, bias):
+    """Under ``torch.autocast`` the base GEMM runs in the autocast dtype, as ``nn.Linear``'s does: x, W and
+    b are cast (a frozen weight is cast every call, exactly as autocast does for nn.Linear). The adapters
+    keep their dtype: fp32 adapters (PEFT's default on a half base) are computed in fp32, which the kernels
+    take natively, and their gradients arrive in fp32."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or not x.dtype.is_floating_point:
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in _FLOAT_DTYPES:
+        return x, weight, bias
+    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 def fused_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -140,13 +203,14 @@ def fused_lora_linear(
             generator when None.
         backend: "auto" (default), "triton" or "torch"; overrides ``FUSED_LORA_BACKEND``.
     Returns:
-        (..., out_features) in x's dtype.
+        (..., out_features) in x's dtype (the autocast dtype under ``torch.autocast``).
     """
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout)
     p = float(dropout_p) if training else 0.0
-    seed = 0
+    seed = None
     if p > 0:
-        seed = draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
+        seed = draw_dropout_seed() if dropout_seed is None else torch.tensor([int(dropout_seed)])
     name = resolve_backend(backend, x.device)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, weight_layout, name)
 

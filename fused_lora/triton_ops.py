@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import kernels
+from . import kernels, torch_ops
 from .kernels import INTERPRET
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -197,6 +197,8 @@ def forward(
     lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two launches. Returns (y M×N in x's dtype, S M×r fp32)."""
+    if x.numel() == 0 or lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
+        return torch_ops.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout)
     s = lora_down(x, lora_A, seed, p)
     return lora_forward(x, weight, bias, s, lora_B, scaling, weight_layout), s
 
@@ -207,6 +209,9 @@ def backward(
     need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
 ) -> tuple[torch.Tensor | None, ...]:
     """At most three launches. Returns (dX, dA fp32, dB fp32, dbias fp32), None where not needed."""
+    if x.numel() == 0 or dy.numel() == 0:
+        return torch_ops.backward(dy, x, weight, lora_A, lora_B, s, scaling, p, seed, weight_layout,
+                                  need_dx, need_da, need_db, need_dbias)
     need_ds = need_dx or need_da
     dx = da = None
     ds, db, dbias = lora_dy_pass(dy, lora_B, s, scaling, need_ds, need_db, need_dbias)

@@ -4,8 +4,20 @@
     layer = LoRALinear.from_linear(model.some_linear, r=16, lora_alpha=32, lora_dropout=0.1)
 """
 
+from .adapters import load_adapter, read_adapter_config, save_adapter
 from .backend import BACKENDS, resolve_backend
+from .config import LoRAConfig
 from .functional import LoRALinearFunction, draw_dropout_seed, dropout_mask, fused_lora_linear
+from .injector import (
+    disable_lora,
+    inject_lora,
+    merge_lora,
+    plan_injection,
+    print_trainable_parameters,
+    trainable_parameters,
+    unload_lora,
+    unmerge_lora,
+)
 from .layer import LoRALinear, lora_scaling
 from .reference import lora_linear_ref
 
@@ -13,12 +25,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LoRAConfig",
     "LoRALinear",
     "LoRALinearFunction",
+    "disable_lora",
     "draw_dropout_seed",
     "dropout_mask",
     "fused_lora_linear",
+    "inject_lora",
+    "load_adapter",
     "lora_linear_ref",
     "lora_scaling",
+    "merge_lora",
+    "plan_injection",
+    "print_trainable_parameters",
+    "read_adapter_config",
     "resolve_backend",
+    "save_adapter",
+    "trainable_parameters",
+    "unload_lora",
+    "unmerge_lora",
 ]

@@ -1,0 +1,250 @@
+"""Save and load adapters in PEFT's on-disk format (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+Key names, as ``peft.PeftModel.save_pretrained`` writes them (``peft/utils/save_and_load.py``):
+
+    base_model.model.<layer>.lora_A.weight        ↔ our <layer>.lora_A            (r × in)
+    base_model.model.<layer>.lora_B.weight        ↔ our <layer>.lora_B            (out × r)
+    base_model.model.<layer>.base_layer.bias      ↔ our <layer>.bias              (bias="lora_only"/"all")
+    base_model.model.<name>.bias                  ↔ our <name>.bias               (bias="all", other biases)
+    base_model.model.<module>.<key>               ↔ our <module>.<key>            (modules_to_save state_dict)
+
+PEFT keeps a trained copy of each modules_to_save module under ``<module>.modules_to_save.<adapter>`` and saves
+it without that infix, so the file key is the module's own key: we train the module in place and save the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .injector import (
+    InjectionPlan,
+    _check_not_injected,
+    _in_out,
+    get_state,
+    inject_lora,
+    lora_layers,
+    plan_injection,
+)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"  # older PEFT saves (safe_serialization=False)
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which tensors an adapter holds, and their file names
+# ---------------------------------------------------------------------------------------------------------------
+
+def _under(key: str, paths: list[str]) -> bool:
+    return any(key.startswith(p + ".") for p in paths)
+
+
+def adapter_shapes(model: nn.Module, plan: InjectionPlan) -> dict[str, tuple[int, ...]]:
+    """Model state_dict key → shape of every tensor an adapter file holds for ``plan``. Works on the plain model
+    (before injection: the LoRA shapes come from the layers' sizes) and on the injected one alike."""
+    config, shapes = plan.config, {}
+    for path in plan.targets:
+        module = model.get_submodule(path)
+        fan_in, fan_out = _in_out(module)
+        shapes[f"{path}.lora_A"] = (config.r, fan_in)
+        shapes[f"{path}.lora_B"] = (fan_out, config.r)
+        if config.bias == "lora_only" and module.bias is not None:
+            shapes[f"{path}.bias"] = tuple(module.bias.shape)
+    if config.bias == "all":
+        # PEFT picks state_dict keys (buffers included) named "bias" here; modules_to_save come next, in full.
+        for key, tensor in model.state_dict().items():
+            if (key == "bias" or key.endswith(".bias")) and not _under(key, plan.modules_to_save):
+                shapes[key] = tuple(tensor.shape)
+    for path in plan.modules_to_save:
+        for key, tensor in model.get_submodule(path).state_dict().items():
+            shapes[f"{path}.{key}"] = tuple(tensor.shape)
+    return shapes
+
+
+def file_key(model_key: str, targets: set[str]) -> str:
+    """Our model key → PEFT's adapter file key."""
+    path, _, leaf = model_key.rpartition(".")
+    if path in targets:
+        if leaf in ("lora_A", "lora_B"):
+            return f"{PEFT_PREFIX}{path}.{leaf}.weight"
+        if leaf == "bias":
+            return f"{PEFT_PREFIX}{path}.base_layer.bias"
+    return PEFT_PREFIX + model_key
+
+
+def _is_peft_modules_to_save_copy(key: str, plan: InjectionPlan) -> bool:
+    """PEFT's bias="all" also writes the biases of its two modules_to_save copies (``<m>.original_module.*`` and
+    ``<m>.modules_to_save.*``); the trained values are under ``<m>.*`` as well, so these duplicates are skipped."""
+    key = key.removeprefix(PEFT_PREFIX)
+    return any(key.startswith(f"{m}.original_module.") or key.startswith(f"{m}.modules_to_save.")
+               for m in plan.modules_to_save)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """Writes through a temporary file in the same folder, then renames it over ``target`` (``os.replace`` is
+    atomic on POSIX and Windows), so a crash never leaves a half-written adapter under the real name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
+    """The :class:`LoRAConfig` of an adapter folder (written by :func:`save_adapter` or PEFT)."""
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {os.fspath(path)!r}; pass the folder that "
+                                "save_adapter or peft's save_pretrained wrote")
+    with open(config_file, encoding="utf-8") as f:
+        data = json.load(f)
+    return LoRAConfig.from_peft_dict(data, source=os.fspath(config_file))
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / WEIGHTS_NAME).is_file():
+        return load_file(directory / WEIGHTS_NAME)
+    if (directory / WEIGHTS_NAME_BIN).is_file():
+        return torch.load(directory / WEIGHTS_NAME_BIN, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"load_adapter: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} in {os.fspath(directory)!r}")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path`` in PEFT's format,
+    so that ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. Each file is written atomically."""
+    state = get_state(model)
+    if state is None:
+        what = "fused LoRA layers not made by inject_lora" if lora_layers(model) else "no fused LoRA layers"
+        raise ValueError(f"save_adapter: {type(model).__name__} has {what}; save_adapter needs the config that "
+                         "inject_lora(model, config) or load_adapter(model, path) records on the model")
+    plan = state.plan
+    targets = set(plan.targets)
+    params = model.state_dict()
+    tensors, seen = {}, set()
+    for key in adapter_shapes(model, plan):
+        tensor = params[key].detach().contiguous()
+        # safetensors refuses tensors sharing storage (tied weights inside a modules_to_save module): copy those.
+        ptr = (tensor.device, tensor.untyped_storage().data_ptr())
+        tensors[file_key(key, targets)] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    conv1d = any(model.get_submodule(t).weight_layout == "conv1d" for t in plan.targets)
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config_json = json.dumps(plan.config.to_peft_dict(base_model_name_or_path=name_or_path, fan_in_fan_out=conv1d),
+                             indent=2, sort_keys=True)
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(config_json + "\n")
+
+    # Weights first: a crash in between leaves the old config beside new weights, never a config without weights.
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, write_config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_injected_matches(model: nn.Module, plan: InjectionPlan, source: str) -> None:
+    """The adapter's config must describe the layers the model already has."""
+    layers = lora_layers(model)
+    config = plan.config
+    want, have = set(plan.targets), set(layers)
+    if want != have:
+        raise ValueError(f"load_adapter: {source} adapts {len(want)} modules but the model has fused LoRA layers on "
+                         f"{len(have)}; only in the adapter: {sorted(want - have)[:5]}, only in the model: "
+                         f"{sorted(have - want)[:5]}. Load it into a fresh model, or unload_lora(model) first")
+    for path in plan.targets:
+        layer = layers[path]
+        if layer.r != config.r or abs(layer.scaling - config.scaling) > 1e-12 * max(1.0, abs(config.scaling)):
+            raise ValueError(f"load_adapter: {source} has r={config.r}, lora_alpha={config.lora_alpha}, use_rslora="
+                             f"{config.use_rslora} (scaling {config.scaling:g}) but layer {path!r} has r={layer.r}, "
+                             f"scaling {layer.scaling:g}. Load it into a fresh model, or unload_lora(model) first")
+        if layer.merged:
+            raise ValueError(f"load_adapter: layer {path!r} is merged; call unmerge_lora(model) before loading "
+                             "new adapter weights")
+    state = get_state(model)
+    if state is not None:
+        ours = state.plan
+        if ours.config.bias != config.bias or set(ours.modules_to_save) != set(plan.modules_to_save):
+            raise ValueError(f"load_adapter: {source} has bias={config.bias!r}, modules_to_save="
+                             f"{plan.modules_to_save} but the model was injected with bias={ours.config.bias!r}, "
+                             f"modules_to_save={ours.modules_to_save}. Load it into a fresh model, or "
+                             "unload_lora(model) first")
+
+
+def _match_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], plan: InjectionPlan,
+                   source: str) -> dict[str, torch.Tensor]:
+    """File tensors by model key, after checking names, shapes and dtypes against what ``plan`` expects."""
+    targets = set(plan.targets)
+    by_file_key = {file_key(k, targets): k for k in shapes}
+    # Keys written without PEFT's "base_model.model." prefix (transformers' own adapter saving) are accepted too.
+    named = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in tensors.items()}
+    named = {k: v for k, v in named.items() if not _is_peft_modules_to_save_copy(k, plan)}
+    unexpected = sorted(set(named) - set(by_file_key))
+    missing = sorted(set(by_file_key) - set(named))
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} keys the config does not explain, e.g. {unexpected[:3]}")
+    if missing:
+        problems.append(f"{len(missing)} keys missing, e.g. {missing[:3]}")
+    for fkey in sorted(set(named) & set(by_file_key)):
+        tensor, want = named[fkey], shapes[by_file_key[fkey]]
+        if tuple(tensor.shape) != want:
+            problems.append(f"{fkey} has shape {tuple(tensor.shape)}, the model needs {want}")
+        elif not tensor.dtype.is_floating_point and by_file_key[fkey].rpartition(".")[2] in ("lora_A", "lora_B"):
+            problems.append(f"{fkey} has dtype {tensor.dtype}; LoRA weights must be floating point")
+    if problems:
+        raise ValueError(f"load_adapter: the adapter in {source} does not fit this model: "
+                         + "; ".join(problems[:6]) + ". The model was left unchanged")
+    return {by_file_key[k]: v for k, v in named.items()}
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Loads an adapter saved by :func:`save_adapter` or by PEFT. Into a plain model it first injects LoRA layers per
+    the adapter's ``adapter_config.json``; into a model already injected, the config must match its layers. Keys,
+    shapes and config are all checked before the model is changed. Returns ``model``."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"load_adapter: {os.fspath(path)!r} is not a folder; pass the folder holding "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    source = os.fspath(directory)
+    config = read_adapter_config(directory)
+    tensors = _read_weights(directory)
+    injected = bool(lora_layers(model))
+    if not injected:
+        _check_not_injected(model)
+    plan = plan_injection(model, config)
+    if injected:
+        _check_injected_matches(model, plan, source)
+    by_model_key = _match_tensors(tensors, adapter_shapes(model, plan), plan, source)
+    if not injected:
+        inject_lora(model, config)
+    params = model.state_dict()  # detached views sharing the parameters' storage: copy_ writes into the model
+    with torch.no_grad():
+        for key, tensor in by_model_key.items():
+            params[key].copy_(tensor)
+    return model

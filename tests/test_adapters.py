@@ -16,7 +16,15 @@ from tiny_models import build, input_ids, logits, make_pair
 from torch import nn
 
 import fused_lora.adapters as adapters
-from fused_lora import LoRAConfig, LoRALinear, inject_lora, load_adapter, read_adapter_config, save_adapter
+from fused_lora import (
+    LoRAConfig,
+    LoRALinear,
+    inject_lora,
+    load_adapter,
+    merge_lora,
+    read_adapter_config,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -52,6 +60,9 @@ def test_file_format_is_peft(tmp_path):
     ("gpt2_cls", GPT2_CLS),
     ("gemma_lm", dict(r=8, lora_alpha=16, use_rslora=True)),
     ("gpt2_lm", dict(r=2, target_modules="all-linear", bias="all")),
+    ("gemma2_cls", dict(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_to_transform=[1],
+                        layers_pattern="layers", task_type="SEQ_CLS")),
+    ("gemma3_lm", dict(r=4, target_modules=r".*\.layers\.0\..*_proj", exclude_modules=["k_proj"])),
 ])
 def test_our_adapter_loaded_by_peft_gives_same_outputs(tmp_path, name, kwargs):
     base = build(name)
@@ -149,6 +160,11 @@ def test_load_into_model_injected_differently_is_an_error(gpt2_adapter):
     model = inject_lora(build("gpt2_cls"), LoRAConfig(**{**GPT2_CLS, "bias": "none"}))
     with pytest.raises(ValueError, match=r"has bias='lora_only'.*injected with bias='none'"):
         load_adapter(model, gpt2_adapter)
+    model = merge_lora(inject_lora(build("gpt2_cls"), LoRAConfig(**GPT2_CLS)))
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"is merged; call unmerge_lora\(model\)"):
+        load_adapter(model, gpt2_adapter)
+    assert_unchanged(model, before)
 
 
 def test_load_wrong_shapes_keys_or_features_leaves_model_unchanged(gpt2_adapter):

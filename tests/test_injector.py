@@ -360,6 +360,13 @@ def test_config_validation(kwargs, error):
         LoRAConfig(**kwargs)
 
 
+def test_tied_modules_to_save_warns():
+    model = build("gpt2_lm")  # lm_head shares its weight with the input embedding
+    with pytest.warns(UserWarning, match="shared with 'transformer.wte.weight'"):
+        inject_lora(model, LoRAConfig(modules_to_save=["lm_head"]))
+    assert model.transformer.wte.weight.requires_grad  # the same tensor: trained in place
+
+
 def test_merge_without_lora_is_an_error():
     with pytest.raises(ValueError, match="no fused LoRA layers; call inject_lora"):
         merge_lora(build("gpt2_lm"))

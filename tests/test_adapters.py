@@ -11,8 +11,7 @@ import pathlib
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_injector import assert_unchanged, state_of
-from tiny_models import build, input_ids, logits, make_pair
+from tiny_models import assert_unchanged, build, input_ids, logits, make_pair, state_of
 from torch import nn
 
 import fused_lora.adapters as adapters

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 import transformers
-from tiny_models import build, input_ids, logits
+from tiny_models import assert_unchanged, build, input_ids, logits, state_of
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -37,22 +37,6 @@ def meta_model(cls, config):
 
 def peft_counts(model, **kwargs):
     return peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**kwargs)).get_nb_trainable_parameters()
-
-
-def state_of(model):
-    """Everything about a model that a failed call must leave as it was."""
-    return ({n: p.detach().clone() for n, p in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            [(n, type(m)) for n, m in model.named_modules()])
-
-
-def assert_unchanged(model, before):
-    after = state_of(model)
-    assert after[2] == before[2], "module types changed"
-    assert after[1] == before[1], "requires_grad flags changed"
-    assert after[0].keys() == before[0].keys()
-    for k in before[0]:
-        assert torch.equal(after[0][k], before[0][k]), k
 
 
 # ---------------------------------------------------------------------------------------------------------------

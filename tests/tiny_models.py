@@ -100,3 +100,19 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float =
     err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
     bound = rtol * (want.double().abs().max().item() if want.numel() else 0.0) + atol
     assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g} (rtol {rtol:g} of max |want|, atol {atol:g})"
+
+
+def state_of(model):
+    """Everything about a model that a failed call must leave as it was."""
+    return ({n: p.detach().clone() for n, p in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+def assert_unchanged(model, before):
+    after = state_of(model)
+    assert after[2] == before[2], "module types changed"
+    assert after[1] == before[1], "requires_grad flags changed"
+    assert after[0].keys() == before[0].keys()
+    for k in before[0]:
+        assert torch.equal(after[0][k], before[0][k]), k

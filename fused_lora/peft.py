@@ -1,0 +1,214 @@
+"""One line to run an existing PEFT model's LoRA layers through fused_lora's fused Function.
+
+    import fused_lora.peft
+    model = fused_lora.peft.accelerate(peft_model)      # same model object, same modules and state dict
+
+Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`, a subclass that only overrides
+``forward``. Nothing else changes: parameter names, the state dict, ``save_pretrained``, ``merge_and_unload``,
+``set_adapter``, ``disable_adapter`` and the repr (``lora.FusedLinear``) all stay PEFT's. The fused path is
+taken call by call, when PEFT would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one
+adapter; anything else (adapters disabled or merged, mixed-adapter batches, DoRA and other variants, several
+active adapters, ``lora_bias``, quantized or hooked bases, dtypes the Function does not take) runs PEFT's own
+forward. Layers that cannot be served are reported in one warning that says why.
+
+Not served by the fused path (documented, not a bug): forward hooks registered on the ``lora_A``/``lora_B``/
+``lora_dropout`` submodules do not fire, because those submodules are not called; their parameters are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+try:
+    from peft.tuners.lora import Linear as PeftLoraLinear
+    from peft.tuners.lora import LoraLayer
+except ImportError as err:  # peft is an optional dependency
+    raise ImportError("fused_lora.peft needs the `peft` package: pip install peft") from err
+
+from .functional import fused_lora_linear
+
+__all__ = ["FusedLinear", "accelerate", "is_accelerated", "restore"]
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Reasons already reported in this process: a layer that falls back at call time (for example after
+# set_adapter made several adapters active) warns once per reason, not once per layer and call.
+_reported: set[str] = set()
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _weight_layout(base: nn.Module) -> str | None:
+    """'linear' / 'conv1d' for the exact base types the Function serves; None for anything else (bitsandbytes'
+    Linear4bit and other quantized layers subclass nn.Linear but hold packed integer weights)."""
+    if type(base) is nn.Linear:
+        return "linear"
+    conv1d = _conv1d_class()
+    if conv1d is not None and type(base) is conv1d:
+        return "conv1d"
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # accelerate's device_map offloading (AlignDevicesHook) moves weights in a pre-forward hook; the fused
+    # path reads the weights directly, so any hook means PEFT's path.
+    return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None))
+
+
+def _variant_name(layer: nn.Module, adapter: str) -> str | None:
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None:
+        return "DoRA (use_dora=True)" if getattr(layer, "use_dora", {}).get(adapter, False) else None
+    name = variant.__name__ if isinstance(variant, type) else type(variant).__name__
+    return "DoRA (use_dora=True)" if name.startswith("Dora") else f"LoRA variant {name}"
+
+
+def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
+    """Why ``layer`` cannot run the fused path for ``adapter`` (default: its active adapters), or None when it
+    can. Input-dependent checks (dtypes of the call) are in :func:`_call_reason`."""
+    if type(layer) not in (PeftLoraLinear, FusedLinear):
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+        return (f"LoRA layer type lora.{type(layer).__name__} on a {type(base).__name__} base (only nn.Linear and "
+                "Conv1D bases are fused; quantized and other layer types are not)")
+    if adapter is None:
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if len(active) > 1:
+            return "several active adapters"
+        if not active:
+            return None  # PEFT returns the base output; nothing to fuse
+        adapter = active[0]
+    variant = _variant_name(layer, adapter)
+    if variant is not None:
+        return variant
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return "lora_bias=True"
+    base = layer.get_base_layer()
+    if _weight_layout(base) is None:
+        return f"base layer {type(base).__name__} (quantized or custom; only nn.Linear and Conv1D are fused)"
+    weight = base.weight
+    if weight.dtype not in _FUSED_DTYPES:
+        return f"base weight dtype {weight.dtype} (fused: float32, float16, bfloat16)"
+    if weight.is_meta:
+        return "base weight on the meta device (offloaded)"
+    if weight.requires_grad:
+        return "trainable base weight (the fused Function trains adapters and biases only)"
+    lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        return "lora_A/lora_B are not plain bias-free nn.Linear modules"
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"lora_dropout module {type(dropout).__name__}"
+    if lora_A.weight.dtype != lora_B.weight.dtype or lora_A.weight.dtype not in (weight.dtype, torch.float32):
+        return (f"adapter dtype {lora_A.weight.dtype}/{lora_B.weight.dtype} on a {weight.dtype} base (fused: adapters "
+                "in the base's dtype or float32)")
+    if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
+        return "forward hooks on the base layer or the adapter modules (e.g. accelerate offloading)"
+    return None
+
+
+def _call_reason(layer: PeftLoraLinear, adapter: str, x: torch.Tensor) -> str | None:
+    """Checks that depend on the call: the dtype the Function will compute in."""
+    weight = layer.get_base_layer().weight
+    lora_dtype = layer.lora_A[adapter].weight.dtype
+    if x.device != weight.device:
+        return "input and weights on different devices"
+    compute = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and x.dtype.is_floating_point:
+        compute = torch.get_autocast_dtype(x.device.type)  # the Function casts x, W, b to it, like nn.Linear
+    elif x.dtype != weight.dtype:
+        return "input dtype differs from the base weight's"  # PEFT's path raises its own error, or copes
+    if compute not in _FUSED_DTYPES:
+        return f"compute dtype {compute}"
+    if lora_dtype not in (compute, torch.float32):
+        return f"adapter dtype {lora_dtype} with {compute} inputs (fused: adapters in the input's dtype or float32)"
+    return None
+
+
+def _warn(reasons: dict[str, list[str]], total: int, stacklevel: int) -> None:
+    parts = []
+    for reason, names in reasons.items():
+        examples = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        parts.append(f"{reason}: {len(names)} layer{'s' if len(names) != 1 else ''} ({examples})")
+    n = sum(len(v) for v in reasons.values())
+    warnings.warn(f"fused_lora.peft: {n} of {total} LoRA layers keep PEFT's unfused forward: " + "; ".join(parts),
+                  UserWarning, stacklevel=stacklevel + 1)
+    _reported.update(reasons)
+
+
+class FusedLinear(PeftLoraLinear):
+    """A ``peft.tuners.lora.Linear`` whose forward runs through :func:`fused_lora.fused_lora_linear` when PEFT would
+    compute plain LoRA with one adapter. Made by :func:`accelerate` (class swap); never constructed directly."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # PEFT's own semantics first: extra arguments (mixed-adapter batches), disabled adapters (which unmerge
+        # a merged layer), merged weights: its forward handles them and costs only the base GEMM.
+        if args or any(v is not None for v in kwargs.values()) or self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return super().forward(x, *args, **kwargs)
+        reason = layer_reason(self) or _call_reason(self, active[0], x)
+        if reason is not None:
+            if reason not in _reported:
+                _reported.add(reason)
+                warnings.warn(f"fused_lora.peft: some LoRA layers keep PEFT's unfused forward: {reason}",
+                              UserWarning, stacklevel=2)
+            return super().forward(x, *args, **kwargs)
+        adapter = active[0]
+        base = self.get_base_layer()
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return fused_lora_linear(
+            x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            float(self.scaling[adapter]), p, dropout.training, _weight_layout(base),
+        )
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    """Whether ``module`` holds any layer that :func:`accelerate` swapped to the fused forward."""
+    return any(type(m) is FusedLinear for m in module.modules())
+
+
+def accelerate(peft_model: nn.Module) -> nn.Module:
+    """Make ``peft_model``'s LoRA layers compute through the fused Function; returns the same object.
+
+    Works on a ``peft.PeftModel`` or any module holding PEFT LoRA layers. Every ``peft.tuners.lora.Linear`` is
+    switched (in place, by class swap) to :class:`FusedLinear`; whether a call takes the fused path is decided
+    per call, so ``set_adapter``, ``disable_adapter``, ``merge_adapter`` and the like keep working. Layers that
+    cannot be served now (DoRA, several active adapters, ``lora_bias``, quantized bases, …) are named in one
+    ``UserWarning`` with the reason; they and any other PEFT layer type run PEFT's forward. Layers that PEFT
+    creates later (``add_adapter`` targeting new modules) are plain PEFT layers: call ``accelerate`` again.
+
+    Raises:
+        ValueError: the model holds no PEFT LoRA layer.
+    """
+    lora_layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    if not lora_layers:
+        raise ValueError(f"fused_lora.peft.accelerate: {type(peft_model).__name__} holds no PEFT LoRA layer "
+                         "(peft.tuners.lora.LoraLayer); wrap it with peft.get_peft_model first")
+    unserved: dict[str, list[str]] = defaultdict(list)
+    for name, layer in lora_layers:
+        if type(layer) is PeftLoraLinear:
+            layer.__class__ = FusedLinear  # same attributes and parameters; only forward differs
+        reason = layer_reason(layer)
+        if reason is not None:
+            unserved[reason].append(name)
+    if unserved:
+        _warn(unserved, len(lora_layers), stacklevel=2)
+    return peft_model
+
+
+def restore(peft_model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate`: every :class:`FusedLinear` becomes a plain ``peft.tuners.lora.Linear`` again."""
+    for module in peft_model.modules():
+        if type(module) is FusedLinear:
+            module.__class__ = PeftLoraLinear
+    return peft_model

@@ -1,0 +1,195 @@
+"""fused_lora.peft.accelerate: an existing PeftModel computes through the fused Function and stays a PeftModel.
+
+Every comparison is against an untouched deep copy of the same PEFT model (same base weights, same random A and B).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+
+from tiny_models import assert_close, build, input_ids  # noqa: E402
+
+import fused_lora.peft as flp  # noqa: E402
+
+# GPT-2 has Conv1D bases (fan_in_fan_out), Gemma nn.Linear bases.
+CASES = {
+    "gpt2_lm": dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, bias="lora_only"),
+    "gemma_lm": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+}
+
+
+def make(name: str, dtype: torch.dtype = torch.float32, **lora_kwargs) -> nn.Module:
+    """A PeftModel with random (non-zero) A and B."""
+    base = build(name).to(dtype)
+    kwargs = {**CASES[name], "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False, **lora_kwargs}
+    torch.manual_seed(123)
+    return peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+
+
+def accelerated_copy(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fully servable model must not warn
+        return flp.accelerate(copy.deepcopy(model))
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """Counts calls of the fused Function made by accelerated layers."""
+    calls = []
+    real = flp.fused_lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flp, "fused_lora_linear", counting)
+    return calls
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    (out.float().square().mean()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_outputs_and_gradients(name, backend, fused_calls, monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
+    peft_model = make(name)
+    fast = accelerated_copy(peft_model)
+    n_layers = sum(isinstance(m, flp.FusedLinear) for m in fast.modules())
+    assert n_layers == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in peft_model.modules()) > 0
+    ids = input_ids()
+    want_out, want_grads = loss_and_grads(peft_model, ids)
+    got_out, got_grads = loss_and_grads(fast, ids)
+    assert len(fused_calls) == n_layers, "the accelerated layers did not run the fused Function"
+    assert_close("logits", got_out, want_out)
+    assert set(got_grads) == set(want_grads)
+    for n, g in want_grads.items():
+        assert_close(f"grad {n}", got_grads[n], g)
+
+
+def test_bf16_base_with_fp32_adapters(fused_calls):
+    # PEFT keeps adapters in fp32 on a bf16 base (autocast_adapter_dtype=True): the Function takes that mix.
+    peft_model = make("gemma_lm", dtype=torch.bfloat16)
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    fast = accelerated_copy(peft_model)
+    ids = input_ids()
+    want_out, want_grads = loss_and_grads(peft_model, ids)
+    got_out, got_grads = loss_and_grads(fast, ids)
+    assert fused_calls
+    # PEFT adds an fp32 LoRA term to a bf16 base output then rounds; the fused path rounds once too, but the
+    # bf16 rounding of intermediate activations differs: a few bf16 ulps of the output's scale.
+    assert_close("logits", got_out, want_out, rtol=3e-2, atol=0)
+    for n, g in want_grads.items():
+        assert g.dtype == got_grads[n].dtype, n
+        assert_close(f"grad {n}", got_grads[n], g, rtol=5e-2, atol=0)
+
+
+def test_dropout_trains_and_eval_matches(fused_calls):
+    peft_model = make("gpt2_lm", lora_dropout=0.2)
+    fast = accelerated_copy(peft_model)
+    ids = input_ids(batch=4, seq=8)
+    opt = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = fast(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert fused_calls and losses[-1] < losses[0], losses
+    # In eval mode dropout is off: the trained adapters give PEFT's output when loaded into the untouched model.
+    peft_model.load_state_dict(fast.state_dict())
+    fast.eval()
+    peft_model.eval()
+    with torch.no_grad():
+        assert_close("eval logits", fast(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+def test_state_dict_and_saved_adapter_load_in_plain_peft(tmp_path):
+    peft_model = make("gpt2_lm")
+    fast = accelerated_copy(peft_model)
+    assert list(fast.state_dict()) == list(peft_model.state_dict())
+    fast.save_pretrained(tmp_path)
+    plain = peft.PeftModel.from_pretrained(build("gpt2_lm"), tmp_path)
+    assert not flp.is_accelerated(plain)
+    ids = input_ids()
+    with torch.no_grad():
+        assert_close("reloaded logits", plain(input_ids=ids).logits, fast(input_ids=ids).logits)
+
+
+def test_merge_disable_and_unload(fused_calls):
+    fast = accelerated_copy(make("gpt2_lm", bias="none"))  # with a trained bias, "disabled" is not the base
+    base = build("gpt2_lm")
+    ids = input_ids()
+    with torch.no_grad():
+        lora_out = fast(input_ids=ids).logits
+        base_out = base(input_ids=ids).logits
+        assert not torch.allclose(lora_out, base_out)
+        with fast.disable_adapter():
+            assert_close("disabled", fast(input_ids=ids).logits, base_out)
+        fast.merge_adapter()
+        n_before = len(fused_calls)
+        assert_close("merged", fast(input_ids=ids).logits, lora_out)
+        assert len(fused_calls) == n_before, "a merged layer must not add the LoRA term again"
+        fast.unmerge_adapter()
+        assert_close("unmerged", fast(input_ids=ids).logits, lora_out)
+        merged = fast.merge_and_unload()
+        assert not any(isinstance(m, flp.FusedLinear) for m in merged.modules())
+        assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+        assert_close("merge_and_unload", merged(input_ids=ids).logits, lora_out)
+
+
+def test_dora_keeps_peft_path_with_one_warning(fused_calls):
+    peft_model = make("gemma_lm", use_dora=True)
+    with pytest.warns(UserWarning, match=r"DoRA") as record:
+        fast = flp.accelerate(copy.deepcopy(peft_model))
+    ours = [str(w.message) for w in record if "fused_lora" in str(w.message)]
+    assert len(ours) == 1 and "6 of 6 LoRA layers" in ours[0], ours
+    ids = input_ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already reported: no per-call warning
+        want, got = peft_model(input_ids=ids).logits, fast(input_ids=ids).logits
+    assert not fused_calls
+    assert_close("DoRA logits", got, want)
+
+
+def test_several_active_adapters_fall_back(fused_calls, monkeypatch):
+    monkeypatch.setattr(flp, "_reported", set())  # the runtime warning is once per reason per process
+    peft_model = make("gpt2_lm")
+    peft_model.add_adapter("other", peft.LoraConfig(**{**CASES["gpt2_lm"], "bias": "none"}, r=2,
+                                                      init_lora_weights=False))
+    fast = accelerated_copy(peft_model)  # one active adapter now: served
+    for m in (peft_model, fast):
+        m.base_model.set_adapter(["default", "other"])
+    ids = input_ids()
+    with pytest.warns(UserWarning, match="several active adapters"):
+        got = fast(input_ids=ids).logits
+    assert not fused_calls
+    assert_close("two adapters", got, peft_model(input_ids=ids).logits)
+    for m in (peft_model, fast):
+        m.set_adapter("other")
+    assert_close("adapter 'other'", fast(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+    assert fused_calls
+
+
+def test_restore_and_errors():
+    fast = accelerated_copy(make("gpt2_lm"))
+    assert flp.is_accelerated(fast)
+    flp.restore(fast)
+    assert not flp.is_accelerated(fast)
+    assert type(fast.base_model.model.transformer.h[0].attn.c_attn) is peft.tuners.lora.Linear
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        flp.accelerate(build("gpt2_lm"))

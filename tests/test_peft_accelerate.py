@@ -193,3 +193,19 @@ def test_restore_and_errors():
     assert type(fast.base_model.model.transformer.h[0].attn.c_attn) is peft.tuners.lora.Linear
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         flp.accelerate(build("gpt2_lm"))
+
+
+class SubclassedLinear(nn.Linear):
+    """Stands for a quantized layer (bitsandbytes' Linear4bit subclasses nn.Linear too): not served."""
+
+
+def test_custom_base_keeps_peft_path(fused_calls):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), SubclassedLinear(8, 8))
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0", "2"], r=2, init_lora_weights=False))
+    with pytest.warns(UserWarning, match=r"1 of 2 LoRA layers.*SubclassedLinear") as record:
+        fast = flp.accelerate(copy.deepcopy(peft_model))
+    assert len([w for w in record if "fused_lora" in str(w.message)]) == 1
+    x = torch.randn(3, 8)
+    assert_close("output", fast(x), peft_model(x))
+    assert len(fused_calls) == 1  # the nn.Linear layer only

@@ -49,26 +49,26 @@ def _signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict
     return sig
 
 
-def kernel_specs(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
+def kernel_specs(dtype: str, adapter_dtype: str | None = None) -> list[tuple[str, object, dict[str, str], dict]]:
     """(name, autotuned kernel, pointer types, constexprs) for each kernel at one realistic setting:
-    adapters in the base dtype, dropout on, rank 16 (BLOCK_R=16), bias on."""
-    t = f"*{dtype}"
+    adapters in ``adapter_dtype`` (default: the base dtype), dropout on, rank 16 (BLOCK_R=16), bias on."""
+    adapter_dtype = adapter_dtype or dtype
+    t, ta = f"*{dtype}", f"*{adapter_dtype}"
     f32 = "*fp32"
-    dot = DTYPES[dtype]
-    prec = "ieee" if dtype == "fp32" else "tf32"
-    lora = {"LORA_DOT": dot, "LORA_PREC": prec, "BLOCK_R": 16}
-    base = {"BASE_DOT": dot, "BASE_PREC": prec}
+    prec = lambda d: "ieee" if d == "fp32" else "tf32"  # noqa: E731
+    lora = {"LORA_DOT": DTYPES[adapter_dtype], "LORA_PREC": prec(adapter_dtype), "BLOCK_R": 16}
+    base = {"BASE_DOT": DTYPES[dtype], "BASE_PREC": prec(dtype)}
     return [
-        ("lora_down_kernel", kernels.lora_down_kernel, {"x_ptr": t, "a_ptr": t, "s_ptr": f32},
+        ("lora_down_kernel", kernels.lora_down_kernel, {"x_ptr": t, "a_ptr": ta, "s_ptr": f32},
          {"HAS_DROPOUT": True, **lora}),
         ("lora_fwd_kernel", kernels.lora_fwd_kernel,
-         {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "s_ptr": f32, "b_ptr": t, "y_ptr": t},
+         {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "s_ptr": f32, "b_ptr": ta, "y_ptr": t},
          {"HAS_BIAS": True, **base, **lora}),
         ("lora_dy_kernel", kernels.lora_dy_kernel,
-         {"dy_ptr": t, "b_ptr": t, "s_ptr": f32, "ds_ptr": f32, "db_ptr": f32, "dbias_ptr": f32},
+         {"dy_ptr": t, "b_ptr": ta, "s_ptr": f32, "ds_ptr": f32, "db_ptr": f32, "dbias_ptr": f32},
          {"SPLIT_N": 2, "HAS_DBIAS": True, "NEED_DS": True, "NEED_DB": True, **lora}),
         ("lora_dx_kernel", kernels.lora_dx_kernel,
-         {"dy_ptr": t, "w_ptr": t, "ds_ptr": f32, "a_ptr": t, "dx_ptr": t},
+         {"dy_ptr": t, "w_ptr": t, "ds_ptr": f32, "a_ptr": ta, "dx_ptr": t},
          {"HAS_DROPOUT": True, **base, **lora}),
         ("lora_da_kernel", kernels.lora_da_kernel, {"ds_ptr": f32, "x_ptr": t, "da_ptr": f32},
          {"SPLIT_M": 2, "HAS_DROPOUT": True, **lora}),
@@ -108,16 +108,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="SM version: 80 (A100) or 90 (H100/H200)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--adapter-dtype", choices=sorted(DTYPES), help="default: --dtype (PEFT's is fp32)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the first")
     args = parser.parse_args(argv)
     report = {}
-    for name, kernel, types, constexprs in kernel_specs(args.dtype):
+    for name, kernel, types, constexprs in kernel_specs(args.dtype, args.adapter_dtype):
         configs = kernel.configs if args.all_configs else kernel.configs[:1]
         for i, config in enumerate(configs):
             r = compile_kernel(kernel, types, constexprs, args.arch, config)
             report[name if i == 0 else f"{name}#{i}"] = r
-            print(f"sm_{args.arch} {args.dtype} {name:18s} regs={r['registers']:3d} stack={r['stack_bytes']:4d} "
+            dtypes = f"{args.dtype}/{args.adapter_dtype or args.dtype}"
+            print(f"sm_{args.arch} {dtypes} {name:18s} regs={r['registers']:3d} stack={r['stack_bytes']:4d} "
                   f"HGMMA={r['hgmma']:3d} HMMA={r['hmma']:3d} {r['config']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

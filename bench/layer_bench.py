@@ -236,7 +236,9 @@ def _qkv_saved(shape: LayerShape, device, dtype, adapter_dtype, opts) -> dict[st
         if name == "base":
             continue
         try:
-            provs = [build(name, c, backend=opts.fused_backend) for c in cases]
+            # fresh_compile=False: the timed case just compiled this shape; three more compiles would cost
+            # more than the whole case on GPU.
+            provs = [build(name, c, backend=opts.fused_backend, fresh_compile=False) for c in cases]
             exclude = [t for p in provs for t in p.frozen + p.params]
             out[name], _ = measure.saved_activation_bytes(lambda provs=provs: [p.forward(x0) for p in provs], exclude)
         except Exception as exc:
@@ -270,6 +272,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up")
     ap.add_argument("--rep-ms", type=float, default=100, help="GPU: do_bench repetition time")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new case after this (0: none)")
+    ap.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's, one per core)")
+    ap.add_argument("--wait-quiet", type=float, default=0,
+                    help="CPU: wait up to this many seconds for the load average to drop under cores/2")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -284,6 +289,10 @@ def main(argv=None) -> int:
         sys.exit("--device cuda: no CUDA device visible")
     if device.type == "cpu" and args.fused_backend is None:
         args.fused_backend = "torch"  # even under TRITON_INTERPRET=1: interpreted kernels are not a benchmark
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu" and args.wait_quiet:
+        report.wait_for_quiet(args.wait_quiet)
     custom = any(v is not None for v in (args.dtypes, args.M, args.shapes, args.ranks, args.ps))
     cases = custom_cases(args, device.type) if custom else plan_cases(args.plan, device.type)
     out_dir = args.out or report.default_out_dir(device)

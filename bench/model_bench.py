@@ -72,8 +72,9 @@ def build_base(name: str, cfg, device: torch.device, dtype: torch.dtype) -> nn.M
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    return model.to(device=device, dtype=dtype).train()
+    with torch.device(device):  # initialise on the device: a 2.5B-parameter CPU init takes a minute
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.to(dtype=dtype).train()
 
 
 def add_fused(model: nn.Module, name: str, r: int, p: float) -> nn.Module:
@@ -214,6 +215,18 @@ def model_table(runs: list[dict]) -> str:
     return report.markdown_table(header, rows)
 
 
+def write_outputs(payload: dict, out_dir: Path) -> str:
+    """model.json and model.md; returns the table."""
+    report.write_json(out_dir / "model.json", payload)
+    env = payload["environment"]
+    head = (f"# Model benchmark: {env['device']}\n\n{env['date']}; torch {env['torch']}, peft {env['peft']}, "
+            f"transformers {env['transformers']}, {env['torch_threads']} threads; load average before/after "
+            f"{payload['load_before']} / {payload.get('load_after')}; commit {env['git_commit']}.\n")
+    table = model_table(payload["runs"])
+    (out_dir / "model.md").write_text(f"{head}\n{table}\n")
+    return table
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -229,6 +242,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
+    ap.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's, one per core)")
+    ap.add_argument("--wait-quiet", type=float, default=0,
+                    help="CPU: wait up to this many seconds for the load average to drop under cores/2")
     ap.add_argument("--out", type=Path)
     return ap.parse_args(argv)
 
@@ -240,13 +256,17 @@ def main(argv=None) -> int:
         sys.exit("--device cuda: no CUDA device visible")
     if device.type == "cpu":
         os.environ["FUSED_LORA_BACKEND"] = "torch"  # never the interpreted kernels, even under TRITON_INTERPRET=1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu" and args.wait_quiet:
+        report.wait_for_quiet(args.wait_quiet)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out_dir = args.out or report.default_out_dir(device)
     payload = {"kind": "model", "environment": report.environment(device), "argv": sys.argv[1:],
                "load_before": report.load_average(), "runs": []}
     print(f"# model benchmark on {payload['environment']['device']} → {out_dir}", flush=True)
-    for name in args.models:
-        for p in args.ps:
+    for p in args.ps:  # p-major: under a time cap, both models' p = 0.1 runs (the usual setting) come first
+        for name in args.models:
             t0 = time.time()
             try:
                 runs = run_model(name, p, device, dtype, args)
@@ -257,16 +277,10 @@ def main(argv=None) -> int:
             payload["runs"].extend(runs)
             print(model_table(runs), flush=True)
             payload["load_after"] = report.load_average()
-            report.write_json(out_dir / "model.json", payload)
+            write_outputs(payload, out_dir)  # after every run: a run cut off keeps what it measured
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    env = payload["environment"]
-    head = (f"# Model benchmark: {env['device']}\n\n{env['date']}; torch {env['torch']}, peft {env['peft']}, "
-            f"transformers {env['transformers']}, {env['torch_threads']} threads; load average before/after "
-            f"{payload['load_before']} / {payload.get('load_after')}; commit {env['git_commit']}.\n")
-    table = model_table(payload["runs"])
-    (out_dir / "model.md").write_text(f"{head}\n{table}\n")
-    print("\n" + table, flush=True)
+    print("\n" + write_outputs(payload, out_dir), flush=True)
     print(report.plot_model(payload["runs"], out_dir / "model.png"), flush=True)
     return 0
 

@@ -146,8 +146,9 @@ def _peft_layer(case: LayerCase) -> nn.Module:
     return layer
 
 
-def build(name: str, case: LayerCase, backend: str | None = None) -> Provider:
-    """Provider ``name`` for ``case``. ``backend`` forces fused-lora's backend ("torch"/"triton")."""
+def build(name: str, case: LayerCase, backend: str | None = None, fresh_compile: bool = True) -> Provider:
+    """Provider ``name`` for ``case``. ``backend`` forces fused-lora's backend ("torch"/"triton").
+    ``fresh_compile=False`` keeps dynamo's cache, so a shape compiled before is not compiled again."""
     p, s = case.shape.p, case.scaling
     W, b, A, B = case.weight, case.bias, case.lora_A, case.lora_B
     frozen = [t for t in (W, b) if t is not None]
@@ -159,7 +160,8 @@ def build(name: str, case: LayerCase, backend: str | None = None) -> Provider:
     if name == "compile":
         # A fresh dynamo cache per case: the cache is keyed on the code object, and hitting its recompile
         # limit (8 shapes) silently falls back to eager, which would make "compile" measure "naive".
-        torch._dynamo.reset()
+        if fresh_compile:
+            torch._dynamo.reset()
         # Donated buffers let the compiled backward reuse saved tensors' memory, which forbids
         # retain_graph=True: the backward-only timing calls backward on one graph repeatedly.
         import torch._functorch.config as functorch_config

@@ -105,6 +105,22 @@ def load_average() -> list[float] | None:
         return None
 
 
+def wait_for_quiet(max_wait_s: float, threshold: float | None = None, poll_s: float = 15) -> list[float] | None:
+    """Waits (up to ``max_wait_s``) until the 1-minute load average drops under ``threshold`` (default: half
+    the cores). On a shared CPU, other processes' load doubles timings and makes them noisy; waiting is
+    cheaper than a meaningless run. Returns the load average it stopped at."""
+    import time
+
+    threshold = threshold if threshold is not None else max(0.5, (os.cpu_count() or 1) / 2)
+    deadline = time.time() + max_wait_s
+    load = load_average()
+    while load and load[0] > threshold and time.time() < deadline:
+        print(f"# waiting for a quiet CPU: load average {load[0]} > {threshold}", flush=True)
+        time.sleep(poll_s)
+        load = load_average()
+    return load
+
+
 # ------------------------------------------------------------------------------------------ output
 
 

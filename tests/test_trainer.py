@@ -97,15 +97,20 @@ def test_plain_trainer_trains_an_injected_model(tmp_path):
 
 
 def test_checkpoints_hold_adapters_and_resume(tmp_path):
-    run = args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    uninterrupted = FusedLoRATrainer(model=injected_gpt2(), args=run, train_dataset=OneSequence())
+    # load_best_model_at_end too: the parent Trainer would look for full weights in the best checkpoint.
+    run = args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+               load_best_model_at_end=True)
+    uninterrupted = FusedLoRATrainer(model=injected_gpt2(), args=run, train_dataset=OneSequence(),
+                                     eval_dataset=OneSequence())
     uninterrupted.train()
+    assert uninterrupted.state.best_model_checkpoint is not None
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file()
     assert not (checkpoint / "model.safetensors").is_file()
     # Resume from step 2 in a fresh model: adapter, optimizer and RNG state come back, and steps 3-4 give the
     # uninterrupted run's adapters.
-    resumed = FusedLoRATrainer(model=injected_gpt2(), args=run, train_dataset=OneSequence())
+    resumed = FusedLoRATrainer(model=injected_gpt2(), args=run, train_dataset=OneSequence(),
+                               eval_dataset=OneSequence())
     resumed.train(resume_from_checkpoint=str(checkpoint))
     want = dict(uninterrupted.model.named_parameters())
     for n, p in resumed.model.named_parameters():

@@ -17,6 +17,7 @@ Not served by the fused path (documented, not a bug): forward hooks registered o
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import defaultdict
 
@@ -39,6 +40,7 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _reported: set[str] = set()
 
 
+@functools.cache  # looked up on every forward call
 def _conv1d_class() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D

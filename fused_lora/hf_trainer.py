@@ -61,8 +61,9 @@ class FusedLoRATrainerMixin:
         os.makedirs(output_dir, exist_ok=True)
         logger.info(f"Saving the fused LoRA adapter to {output_dir}")
         save_adapter(model, output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        processing_class = getattr(self, "processing_class", None)  # named `tokenizer` before transformers 4.46
+        if processing_class is not None:
+            processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:

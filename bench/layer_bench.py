@@ -274,7 +274,8 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new case after this (0: none)")
     ap.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's, one per core)")
     ap.add_argument("--wait-quiet", type=float, default=0,
-                    help="CPU: wait up to this many seconds for the load average to drop under cores/2")
+                    help="CPU: before each case, wait for the load average to drop under cores/2 (at most this "
+                         "many seconds over the whole run)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -291,8 +292,7 @@ def main(argv=None) -> int:
         args.fused_backend = "torch"  # even under TRITON_INTERPRET=1: interpreted kernels are not a benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cpu" and args.wait_quiet:
-        report.wait_for_quiet(args.wait_quiet)
+    wait_until = time.time() + args.wait_quiet  # one waiting allowance for the whole run
     custom = any(v is not None for v in (args.dtypes, args.M, args.shapes, args.ranks, args.ps))
     cases = custom_cases(args, device.type) if custom else plan_cases(args.plan, device.type)
     out_dir = args.out or report.default_out_dir(device)
@@ -308,6 +308,8 @@ def main(argv=None) -> int:
             payload["skipped_for_budget"] = [f"{dt} {s}" for dt, s in cases[i:]]
             print(f"# time budget {args.time_budget:.0f}s reached: {len(cases) - i} cases skipped", flush=True)
             break
+        if device.type == "cpu" and wait_until > time.time():  # before every case: load comes and goes
+            report.wait_for_quiet(wait_until - time.time())
         t0 = time.time()
         try:
             rec = run_case(dtype_name, shape, device, args)
@@ -315,6 +317,7 @@ def main(argv=None) -> int:
             rec = {"device_type": device.type, "dtype": dtype_name, "shape": shape.as_dict(), "providers": {},
                    "error": f"{type(exc).__name__}: {exc}"}
         rec["seconds"] = round(time.time() - t0, 1)
+        rec["load_after"] = report.load_average()
         payload["cases"].append(rec)
         _print_case(rec)
         payload["load_after"] = report.load_average()

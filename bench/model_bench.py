@@ -244,7 +244,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="timed steps per provider per round")
     ap.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's, one per core)")
     ap.add_argument("--wait-quiet", type=float, default=0,
-                    help="CPU: wait up to this many seconds for the load average to drop under cores/2")
+                    help="CPU: before each run, wait for the load average to drop under cores/2 (at most this "
+                         "many seconds over the whole run)")
     ap.add_argument("--out", type=Path)
     return ap.parse_args(argv)
 
@@ -258,8 +259,7 @@ def main(argv=None) -> int:
         os.environ["FUSED_LORA_BACKEND"] = "torch"  # never the interpreted kernels, even under TRITON_INTERPRET=1
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cpu" and args.wait_quiet:
-        report.wait_for_quiet(args.wait_quiet)
+    wait_until = time.time() + args.wait_quiet  # one waiting allowance for the whole run
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out_dir = args.out or report.default_out_dir(device)
     payload = {"kind": "model", "environment": report.environment(device), "argv": sys.argv[1:],
@@ -267,6 +267,8 @@ def main(argv=None) -> int:
     print(f"# model benchmark on {payload['environment']['device']} → {out_dir}", flush=True)
     for p in args.ps:  # p-major: under a time cap, both models' p = 0.1 runs (the usual setting) come first
         for name in args.models:
+            if device.type == "cpu" and wait_until > time.time():  # before every run: load comes and goes
+                report.wait_for_quiet(wait_until - time.time())
             t0 = time.time()
             try:
                 runs = run_model(name, p, device, dtype, args)

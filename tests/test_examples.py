@@ -164,8 +164,10 @@ def test_gemma2_quantized_head_error_is_clear():
 
 def test_compare_with_peft_same_run_same_outputs(tmp_path):
     example = load("compare_with_peft")
+    # matplotlib comes with the `examples` and `bench` extras; without it the comparison is still tested.
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     png = tmp_path / "curves.png"
-    result = example.main(["--steps", "15", "--plot", str(png)])
+    result = example.main(["--steps", "15", "--plot", str(png) if has_matplotlib else ""])
     # On CPU the fused layer's PyTorch path does PEFT's arithmetic in PEFT's order: measured 0.0 exactly. On a
     # GPU the Triton kernels sum in another order (fp32, no TF32 by default), which 15 AdamW steps may amplify.
     tol = 1e-3 if torch.cuda.is_available() else 1e-4
@@ -173,7 +175,8 @@ def test_compare_with_peft_same_run_same_outputs(tmp_path):
     assert result["max_abs_diff"] < tol, result["max_abs_diff"]
     assert result["max_loss_diff"] < tol
     assert len(result["losses"]["PEFT"]) == len(result["losses"]["fused-lora"]) == 15
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if has_matplotlib:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_with_peft_dropout_saves_less_for_backward(tmp_path):

@@ -156,6 +156,7 @@ def run_case(dtype_name: str, shape: LayerShape, device: torch.device, opts) -> 
         except Exception as exc:
             rec["providers"][name] = {"error": f"build: {type(exc).__name__}: {exc}"}
 
+    rec["providers"] = {n: rec["providers"].get(n, {}) for n in opts.providers}  # table order = --providers
     x0 = case_.xs[0]
     # Cross-check (p = 0 only: with dropout each provider draws its own mask): every LoRA provider
     # must agree with the naive one, so a mis-built provider cannot produce a fast, wrong number.

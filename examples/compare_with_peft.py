@@ -147,10 +147,7 @@ def plot(path: str, losses: dict[str, list[float]], summary: dict[str, str], tit
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = sentiment_data.pick_device(args.device)
 
     tokenizer = sentiment_data.word_tokenizer(sentiment_data.synthetic_vocabulary())
     train_rows, test_rows = sentiment_data.synthetic_sentiment(args.steps * args.batch_size, 500, seed=args.seed)

@@ -96,14 +96,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch (use --device auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -186,7 +178,7 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = sentiment_data.pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     progress = not args.no_progress
     torch.manual_seed(args.seed)  # the tiny model's random weights and the adapters' init

@@ -148,10 +148,7 @@ def evaluate(model, loader, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = sentiment_data.pick_device(args.device)
     torch.manual_seed(args.seed)
     tokenizer = sentiment_data.word_tokenizer(sentiment_data.synthetic_vocabulary())
     if args.show_quantized_error:

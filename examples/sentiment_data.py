@@ -26,6 +26,8 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import torch
+
 POSITIVE = ["good", "great", "superb", "wonderful", "brilliant", "charming", "moving", "delightful", "fun",
             "gripping", "beautiful", "clever"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "terrible", "clumsy", "tedious", "bland", "messy", "weak",
@@ -157,3 +159,12 @@ def load_sst2(max_train: int | None = None, max_test: int | None = None
         return [(row["sentence"], int(row["label"])) for row in rows]
 
     return pairs(data["train"], max_train), pairs(data["validation"], max_test)
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda for every example: auto takes the GPU when there is one."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch (use --device auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

@@ -97,7 +97,9 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.dropout_p, ctx.weight_layout, ctx.backend = scaling, dropout_p, weight_layout, backend
         ctx.x_shape = x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(*x.shape[:-1], lora_B.shape[0])
+        # _unsafe_view, as torch.matmul does for N-D inputs: the output is not an autograd view of the 2-D
+        # result, so wrappers that hook module outputs (FSDP2 warns on views) and in-place ops on y work.
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], lora_B.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
@@ -110,6 +112,11 @@ class LoRALinearFunction(torch.autograd.Function):
         return (dx.view(ctx.x_shape) if need_dx else None, None,
                 dbias.to(ctx.bias_dtype) if need_dbias else None,
                 da if need_da else None, db if need_db else None, None, None, None, None, None)
+
+
+def _is_number(value) -> bool:
+    """Not None, a string or a bool (the usual wrong values); numbers, numpy and 0-d tensors pass."""
+    return value is not None and not isinstance(value, (str, bytes, bool))
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout) -> None:
@@ -127,11 +134,17 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_la
                          f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
     n_out, n_in = weight.shape if weight_layout == "linear" else weight.shape[::-1]
     layout_words = "out×in" if weight_layout == "linear" else "in×out"
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"{where}: the weight {tuple(weight.shape)} ({weight_layout} layout, {layout_words}) has "
+                         f"in_features={n_in}, out_features={n_out}; a LoRA layer needs both >= 1")
     if x.shape[-1] != n_in:
         raise ValueError(f"{where}: x has shape {tuple(x.shape)} but the weight {tuple(weight.shape)} "
                          f"({weight_layout} layout, {layout_words}) expects in_features={n_in} as x's last dim")
     r = lora_A.shape[0]
-    if r < 1 or lora_A.shape != (r, n_in) or lora_B.shape != (n_out, r):
+    if r < 1:
+        raise ValueError(f"{where}: lora_A {tuple(lora_A.shape)} has rank r=0; the rank must be >= 1 (lora_A is "
+                         "r×in_features, lora_B out_features×r)")
+    if lora_A.shape != (r, n_in) or lora_B.shape != (n_out, r):
         raise ValueError(f"{where}: lora_A must be r×in_features and lora_B out_features×r; got lora_A "
                          f"{tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} for in_features={n_in}, "
                          f"out_features={n_out}")
@@ -151,11 +164,15 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_la
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"{where}: all tensors must be on one device; got {listing}")
+        raise ValueError(f"{where}: all tensors must be on one device; got {listing}. Move the input or the "
+                         "layer (module.to(device)) so they match")
+    for name, value in (("dropout_p", dropout_p), ("scaling", scaling)):
+        if not _is_number(value):
+            raise TypeError(f"{where}: {name}={value!r} must be a number")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}: dropout_p={dropout_p} must be in [0, 1)")
+        raise ValueError(f"{where}: dropout_p={dropout_p!r} must be in [0, 1)")
     if not math.isfinite(scaling):
-        raise ValueError(f"{where}: scaling={scaling} must be a finite number")
+        raise ValueError(f"{where}: scaling={scaling!r} must be a finite number")
     if weight.requires_grad:
         raise ValueError(f"{where}: the base weight {tuple(weight.shape)} requires grad; this layer trains only "
                          "the adapters (and optionally the bias). Freeze it with weight.requires_grad_(False); "

@@ -144,3 +144,20 @@ def test_split_reductions_match_single_pass():
     torch.testing.assert_close(da_single, da_split, rtol=1e-5, atol=1e-5)
     mask = triton_ops.dropout_mask(11, (M, K), 0.3, x.device)
     torch.testing.assert_close(da_single, single[0].t() @ (x * mask), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nd_output_is_not_a_view(backend):
+    """An N-D output is its own tensor, as nn.Linear's (torch.matmul's _unsafe_view): FSDP2 warns on module
+    outputs that are views, and an in-place op on y must keep the gradients right."""
+    x, weight, bias, lora_A, lora_B = make_problem((3, 5), 20, 12, 4, torch.float32, "linear", True)
+    y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend=backend)
+    assert y.shape == (3, 5, 12) and y._base is None
+    y.mul_(2.0)  # in place on the output: the gradient of every input doubles
+    y.sum().backward()
+    grads = [x.grad.clone(), lora_A.grad.clone(), lora_B.grad.clone(), bias.grad.clone()]
+    for t in (x, lora_A, lora_B, bias):
+        t.grad = None
+    fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend=backend).sum().backward()
+    for got, once in zip(grads, (x.grad, lora_A.grad, lora_B.grad, bias.grad), strict=True):
+        torch.testing.assert_close(got, 2 * once)

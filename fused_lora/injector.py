@@ -287,20 +287,29 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     plan = plan_injection(model, config)
     _warn_tied(model, plan.modules_to_save)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
     originals: dict[str, nn.Module] = {}
-    for path in plan.targets:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        original = getattr(parent, child)
-        layer = LoRALinear.from_linear(original, r=config.r, lora_alpha=config.lora_alpha,
-                                       lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                                       init_lora_weights=config.init_lora_weights)
-        layer.train(original.training)
-        setattr(parent, child, layer)
-        originals[path] = original
-    _set_trainable(model, plan)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for path in plan.targets:
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            layer = LoRALinear.from_linear(original, r=config.r, lora_alpha=config.lora_alpha,
+                                           lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                           init_lora_weights=config.init_lora_weights)
+            layer.train(original.training)
+            setattr(parent, child, layer)
+            originals[path] = original
+        _set_trainable(model, plan)
+    except BaseException:
+        # Nothing half-injected: put the original modules and requires_grad flags back, then re-raise.
+        for path, original in originals.items():
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, original)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     model.__dict__[STATE_ATTR] = _LoRAState(plan, originals, flags)
     return model
 
@@ -342,17 +351,31 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
 
 
+def _all_or_none(layers: list[LoRALinear], merge: bool) -> None:
+    """Merges (or unmerges) every layer, or none: when one layer refuses (non-finite adapters), the layers this call
+    already changed are changed back before the error propagates, so the model is never half merged."""
+    done: list[LoRALinear] = []
+    try:
+        for layer in layers:
+            if layer.merged != merge:
+                (layer.merge if merge else layer.unmerge)()
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            (layer.unmerge if merge else layer.merge)()
+        raise
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its base weight (W += scaling·BA); forward then runs the base GEMMs only."""
-    for layer in _require_lora(model, "merge_lora").values():
-        layer.merge()
+    """Folds every adapter into its base weight (W += scaling·BA); forward then runs the base GEMMs only. Layers
+    already merged are left as they are; if any layer refuses (non-finite adapters), no layer is merged."""
+    _all_or_none(list(_require_lora(model, "merge_lora").values()), merge=True)
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undoes :func:`merge_lora` (exact up to the weight dtype's rounding)."""
-    for layer in _require_lora(model, "unmerge_lora").values():
-        layer.unmerge()
+    """Undoes :func:`merge_lora` (exact up to the weight dtype's rounding); unmerged layers are left as they are."""
+    _all_or_none(list(_require_lora(model, "unmerge_lora").values()), merge=False)
     return model
 
 
@@ -375,11 +398,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     layers = _require_lora(model, "unload_lora")
     state = get_state(model)
     originals = state.originals if state is not None else {}
+    _all_or_none(list(layers.values()), merge=merge)  # first, so that a refused merge leaves the model as it was
     for path, layer in layers.items():
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
         original = originals.get(path)
         if original is None:
             original = _plain_module(layer)
@@ -404,8 +424,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     they keep their trained values here, unlike PEFT, which keeps frozen copies for this."""
     layers = _require_lora(model, "disable_lora")
     merged = [layer for layer in layers.values() if layer.merged]
-    for layer in merged:
-        layer.unmerge()
+    _all_or_none(merged, merge=False)
     try:
         with contextlib.ExitStack() as stack:
             for layer in layers.values():

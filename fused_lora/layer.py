@@ -84,6 +84,9 @@ class LoRALinear(nn.Module):
     ) -> LoRALinear:
         """Wraps an ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias."""
         conv1d = _conv1d_class()
+        if isinstance(layer, LoRALinear):
+            raise TypeError("LoRALinear.from_linear: the layer is already a LoRALinear; adapters are not stacked. "
+                            "Use it as it is, or wrap its base layer instead")
         if isinstance(layer, nn.Linear):
             layout, in_features, out_features = "linear", layer.in_features, layer.out_features
         elif conv1d is not None and isinstance(layer, conv1d):
@@ -108,8 +111,11 @@ class LoRALinear(nn.Module):
 
     def _setup_adapter(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
                        init_lora_weights, weight_layout, adapter_dtype) -> None:
-        if not isinstance(r, int) or r < 1:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"LoRALinear: in_features={in_features}, out_features={out_features}; a LoRA layer "
+                             "needs both >= 1")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout={lora_dropout} must be in [0, 1)")
         if init_lora_weights not in (True, False, "gaussian"):
@@ -151,7 +157,37 @@ class LoRALinear(nn.Module):
             return (x2d @ self.weight).view(out_shape)
         return torch.addmm(self.bias, x2d, self.weight).view(out_shape)
 
+    def _name(self) -> str:
+        return f"LoRALinear(in_features={self.in_features}, out_features={self.out_features}, r={self.r})"
+
+    def _check_adapter_shapes(self) -> None:
+        """lora_A / lora_B replaced by tensors of another shape than the layer's r, in_features, out_features."""
+        want_a, want_b = (self.r, self.in_features), (self.out_features, self.r)
+        if tuple(self.lora_A.shape) != want_a or tuple(self.lora_B.shape) != want_b:
+            raise ValueError(f"{self._name()}: lora_A has shape {tuple(self.lora_A.shape)} and lora_B "
+                             f"{tuple(self.lora_B.shape)}, but the layer needs {want_a} and {want_b}. Assign adapters "
+                             "of those shapes (copy_ into the existing ones), or build a layer with the new rank")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Errors that name this layer, before either path (fused or base-only) runs."""
+        if x.device != self.weight.device:
+            raise ValueError(f"{self._name()}: x is on {x.device} but the layer's weight is on {self.weight.device}; "
+                             "move the input or the layer (module.to(device)) so they match")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._name()}: x has shape {tuple(x.shape)}; its last dim must be "
+                             f"in_features={self.in_features}")
+        if self.merged or not self.enabled:
+            return
+        self._check_adapter_shapes()
+        if self.weight.requires_grad:
+            raise ValueError(
+                f"{self._name()}: the frozen base weight {tuple(self.weight.shape)} requires grad (something "
+                "unfroze it, e.g. model.requires_grad_(True)). The fused layer trains only lora_A, lora_B and "
+                "optionally the bias, and never computes the weight's gradient: freeze it again with "
+                "layer.weight.requires_grad_(False), or unload_lora(model) for full fine-tuning")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if self.merged or not self.enabled:
             return self.base_forward(x)
         return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
@@ -166,17 +202,34 @@ class LoRALinear(nn.Module):
         return delta.to(self.weight.dtype)
 
     @torch.no_grad()
+    def _merged_weight(self, sign: int, what: str) -> torch.Tensor:
+        """W ± scaling · B A, checked before anything is written: non-finite adapters (or a sum that overflows the
+        weight's dtype) would destroy the base weight for good, so the weight is left as it is and an error raised."""
+        self._check_adapter_shapes()
+        delta = self.delta_weight()
+        new = self.weight + delta if sign > 0 else self.weight - delta
+        if self.weight.device.type == "meta":  # no values to check (shape-only models)
+            return new
+        if not torch.isfinite(delta).all() or not (torch.isfinite(new) | ~torch.isfinite(self.weight)).all():
+            cause = ("lora_A / lora_B hold NaN or Inf" if not torch.isfinite(delta).all()
+                     else f"W {'+' if sign > 0 else '-'} scaling·BA overflows {self.weight.dtype}")
+            raise ValueError(f"{self._name()}: {what} refused, {cause}; the base weight was left unchanged. "
+                             "Fix or re-initialize the adapters (reset_lora_parameters()) first")
+        return new
+
+    @torch.no_grad()
     def merge(self) -> None:
-        """W += scaling · B A; forward then runs the base GEMM only. No-op when already merged."""
+        """W += scaling · B A; forward then runs the base GEMM only. No-op when already merged. Refused (weight
+        unchanged) when the adapters are not finite."""
         if not self.merged:
-            self.weight.add_(self.delta_weight())
+            self.weight.copy_(self._merged_weight(+1, "merge"))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact up to the weight dtype's rounding)."""
+        """Undo :meth:`merge` (exact up to the weight dtype's rounding). No-op when not merged."""
         if self.merged:
-            self.weight.sub_(self.delta_weight())
+            self.weight.copy_(self._merged_weight(-1, "unmerge"))
             self.merged = False
 
     @contextlib.contextmanager

@@ -15,14 +15,18 @@ it without that infix, so the file key is the module's own key: we train the mod
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
@@ -34,12 +38,16 @@ from .injector import (
     inject_lora,
     lora_layers,
     plan_injection,
+    unload_lora,
 )
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"  # older PEFT saves (safe_serialization=False)
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+# save_adapter stores a SHA-256 of the tensors in the safetensors metadata (PEFT ignores it): load_adapter checks it,
+# so a file corrupted inside its data (which safetensors cannot notice) is refused instead of loaded as noise.
+DIGEST_KEY = "fused_lora.sha256"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,44 +103,138 @@ def _is_peft_modules_to_save_copy(key: str, plan: InjectionPlan) -> bool:
 # Files
 # ---------------------------------------------------------------------------------------------------------------
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """Writes through a temporary file in the same folder, then renames it over ``target`` (``os.replace`` is
-    atomic on POSIX and Windows), so a crash never leaves a half-written adapter under the real name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+def _write_temp(directory: Path, name: str, write: Callable[[str], None]) -> str:
+    """``write``s a hidden temporary file beside ``name`` and flushes it to disk; returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+def _backup(target: Path) -> str | None:
+    """A second name for ``target``'s current content (a hard link, else a copy), or None when it does not exist."""
+    if not target.exists():
+        return None
+    fd, backup = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bak", dir=target.parent)
+    os.close(fd)
+    os.unlink(backup)
+    try:
+        os.link(target, backup)
+    except OSError:  # a file system without hard links
+        shutil.copy2(target, backup)
+    return backup
+
+
+def _atomic_write_all(directory: Path, writers: dict[str, Callable[[str], None]]) -> None:
+    """Writes every file of ``writers`` (name → writer of a path), all or none.
+
+    Every file is written in full to a temporary file first, so a failing write (disk full, an exception, a bad
+    tensor) leaves the folder exactly as it was. Then each temporary file is renamed over its target
+    (``os.replace``, atomic on POSIX and Windows) after keeping a second name for the old file; if a rename fails,
+    the files already replaced get their old content back. Only a hard kill between the renames (microseconds)
+    can leave new weights beside the old config, which load_adapter then refuses with a shape/key error."""
+    temps: dict[str, str] = {}
+    backups: dict[str, str | None] = {}
+    try:
+        for name, write in writers.items():
+            temps[name] = _write_temp(directory, name, write)
+        try:
+            for name, tmp in temps.items():
+                backups[name] = _backup(directory / name)
+                os.replace(tmp, directory / name)
+        except BaseException:
+            for name, backup in backups.items():
+                if backup is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(directory / name)  # there was no previous file
+                else:
+                    os.replace(backup, directory / name)
+            raise
+        with contextlib.suppress(OSError):  # make the renames durable (POSIX; not possible on Windows)
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        for leftover in [*temps.values(), *(b for b in backups.values() if b is not None)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _read_config_json(directory: Path) -> tuple[dict, LoRAConfig]:
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {os.fspath(directory)!r}; pass the folder that "
+                                "save_adapter or peft's save_pretrained wrote")
+    source = os.fspath(config_file)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"load_adapter: {source} is not valid JSON ({err}); the file is truncated or corrupted. "
+                         "Save the adapter again (the model was not changed)") from err
+    return data, LoRAConfig.from_peft_dict(data, source=source)
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
     """The :class:`LoRAConfig` of an adapter folder (written by :func:`save_adapter` or PEFT)."""
-    config_file = Path(path) / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {os.fspath(path)!r}; pass the folder that "
-                                "save_adapter or peft's save_pretrained wrote")
-    with open(config_file, encoding="utf-8") as f:
-        data = json.load(f)
-    return LoRAConfig.from_peft_dict(data, source=os.fspath(config_file))
+    return _read_config_json(Path(path))[1]
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (what ``DIGEST_KEY`` holds)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    source = os.fspath(file)
+    try:
+        with safe_open(source, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors' SafetensorError, OSError, ...: the file cannot be read as safetensors
+        raise ValueError(f"load_adapter: {source} is not a readable safetensors file ({err}); it is truncated or "
+                         "corrupted. Save the adapter again (the model was not changed)") from err
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and tensors_digest(tensors) != expected:
+        raise ValueError(f"load_adapter: {source} is corrupted: its tensors do not match the SHA-256 save_adapter "
+                         "stored in it. Save the adapter again (the model was not changed)")
+    return tensors
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / WEIGHTS_NAME).is_file():
-        return load_file(directory / WEIGHTS_NAME)
+        return _read_safetensors(directory / WEIGHTS_NAME)
     if (directory / WEIGHTS_NAME_BIN).is_file():
-        return torch.load(directory / WEIGHTS_NAME_BIN, map_location="cpu", weights_only=True)
+        source = os.fspath(directory / WEIGHTS_NAME_BIN)
+        try:
+            tensors = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"load_adapter: {source} cannot be read ({err}); it is truncated or corrupted "
+                             "(the model was not changed)") from err
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"load_adapter: {source} does not hold a dict of tensors (the model was not changed)")
+        return tensors
     raise FileNotFoundError(f"load_adapter: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} in {os.fspath(directory)!r}")
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path`` in PEFT's format,
-    so that ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. Each file is written atomically."""
+    so that ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. The pair is written atomically: if saving
+    fails, the folder keeps the previous adapter byte for byte, and no temporary file is left."""
     state = get_state(model)
     if state is None:
         what = "fused LoRA layers not made by inject_lora" if lora_layers(model) else "no fused LoRA layers"
@@ -152,6 +254,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config_json = json.dumps(plan.config.to_peft_dict(base_model_name_or_path=name_or_path, fan_in_fan_out=conv1d),
                              indent=2, sort_keys=True)
+    metadata = {"format": "pt", DIGEST_KEY: tensors_digest(tensors)}
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -159,9 +262,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(config_json + "\n")
 
-    # Weights first: a crash in between leaves the old config beside new weights, never a config without weights.
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, write_config)
+    _atomic_write_all(directory, {WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                                  CONFIG_NAME: write_config})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,8 +317,9 @@ def _match_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int
         tensor, want = named[fkey], shapes[by_file_key[fkey]]
         if tuple(tensor.shape) != want:
             problems.append(f"{fkey} has shape {tuple(tensor.shape)}, the model needs {want}")
-        elif not tensor.dtype.is_floating_point and by_file_key[fkey].rpartition(".")[2] in ("lora_A", "lora_B"):
-            problems.append(f"{fkey} has dtype {tensor.dtype}; LoRA weights must be floating point")
+        elif not tensor.dtype.is_floating_point and by_file_key[fkey].rpartition(".")[2] in ("lora_A", "lora_B",
+                                                                                               "bias"):
+            problems.append(f"{fkey} has dtype {tensor.dtype}; LoRA weights and biases must be floating point")
     if problems:
         raise ValueError(f"load_adapter: the adapter in {source} does not fit this model: "
                          + "; ".join(problems[:6]) + ". The model was left unchanged")
@@ -232,7 +335,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise NotADirectoryError(f"load_adapter: {os.fspath(path)!r} is not a folder; pass the folder holding "
                                  f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     source = os.fspath(directory)
-    config = read_adapter_config(directory)
+    config_data, config = _read_config_json(directory)
     tensors = _read_weights(directory)
     injected = bool(lora_layers(model))
     if not injected:
@@ -241,10 +344,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if injected:
         _check_injected_matches(model, plan, source)
     by_model_key = _match_tensors(tensors, adapter_shapes(model, plan), plan, source)
+    _warn_other_base_model(model, config_data, source)
     if not injected:
         inject_lora(model, config)
     params = model.state_dict()  # detached views sharing the parameters' storage: copy_ writes into the model
     with torch.no_grad():
-        for key, tensor in by_model_key.items():
-            params[key].copy_(tensor)
+        before = {key: params[key].clone() for key in by_model_key}
+        try:
+            for key, tensor in by_model_key.items():
+                params[key].copy_(tensor)
+        except BaseException:  # nothing half-loaded: old values back, and the layers this call injected removed
+            for key, value in before.items():
+                params[key].copy_(value)
+            if not injected:
+                unload_lora(model, merge=False)
+            raise
     return model
+
+
+def _base_name(name: object) -> str | None:
+    """The last path component of a model name or folder ("openai-community/gpt2" and "/models/gpt2/" → "gpt2")."""
+    if not isinstance(name, str) or not name.strip("/\\"):
+        return None
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _warn_other_base_model(model: nn.Module, config_data: dict, source: str) -> None:
+    """Keys and shapes fit (checked before); a different base model *name* only warns: the same weights are often
+    known under several names (hub id, local folder), and fine-tuned variants share the architecture."""
+    theirs = config_data.get("base_model_name_or_path")
+    ours = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if _base_name(theirs) and _base_name(ours) and _base_name(theirs) != _base_name(ours):
+        warnings.warn(f"load_adapter: {source} was trained on base model {theirs!r} but this model is {ours!r}; "
+                      "every key and shape fits, so it is loaded, but its outputs are only meaningful on the base "
+                      "model it was trained on", UserWarning, stacklevel=3)

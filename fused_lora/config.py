@@ -95,6 +95,8 @@ def _string_list(value: Any, field: str) -> list[str] | None:
         return None
     if isinstance(value, str):
         raise TypeError(f"LoRAConfig: {field} must be a list of module names, got the string {value!r}")
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"LoRAConfig: {field} must be a list of module names, got {value!r}")
     names = list(dict.fromkeys(value))
     if not all(isinstance(n, str) for n in names):
         raise TypeError(f"LoRAConfig: {field} must hold strings, got {names!r}")
@@ -149,6 +151,8 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig: r={self.r!r} must be a positive integer")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"LoRAConfig: lora_alpha={self.lora_alpha!r} must be a number")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
+            raise TypeError(f"LoRAConfig: lora_dropout={self.lora_dropout!r} must be a number in [0, 1)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoRAConfig: lora_dropout={self.lora_dropout} must be in [0, 1)")
         if self.bias not in BIAS_MODES:
@@ -221,7 +225,11 @@ class LoRAConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> LoRAConfig:
-        """Reads a PEFT LoRA ``adapter_config.json`` dict; refuses features the fused layer does not compute."""
+        """Reads a PEFT LoRA ``adapter_config.json`` dict; refuses features the fused layer does not compute. Every
+        error names ``source``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of LoRA settings, got {type(data).__name__}; this is "
+                             "not an adapter_config.json")
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"{source}: peft_type={peft_type!r}; fused_lora loads LoRA adapters only")
@@ -230,9 +238,22 @@ class LoRAConfig:
             if value not in (neutral, None, False, {}, []):
                 raise ValueError(f"{source}: {field}={value!r} is a PEFT feature fused_lora does not implement; "
                                  "load this adapter with peft instead")
+        if "r" not in data:
+            raise ValueError(f"{source}: no 'r' (the adapter rank); a LoRA adapter_config.json always has one. "
+                             "Save the adapter again")
+        use_rslora = data.get("use_rslora", False)
+        if not isinstance(use_rslora, bool) and use_rslora is not None:
+            raise ValueError(f"{source}: use_rslora={use_rslora!r} must be true or false")
         init = data.get("init_lora_weights", True)
         # PiSSA/OLoRA/LoftQ/... only decide the *initial* A and B, which the file's tensors overwrite.
         init = init if init in INIT_MODES and isinstance(init, (bool, str)) else True
+        try:
+            return cls._from_checked_peft_dict(data, bool(use_rslora), init)
+        except (TypeError, ValueError) as err:  # LoRAConfig's own checks: say which file holds the bad value
+            raise type(err)(f"{source}: {err}. Fix the file or save the adapter again") from None
+
+    @classmethod
+    def _from_checked_peft_dict(cls, data: dict, use_rslora: bool, init: bool | str) -> LoRAConfig:
         return cls(
             r=data["r"],
             lora_alpha=data.get("lora_alpha", 8),
@@ -243,7 +264,7 @@ class LoRAConfig:
             layers_pattern=data.get("layers_pattern"),
             bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save"),
-            use_rslora=bool(data.get("use_rslora", False)),
+            use_rslora=use_rslora,
             init_lora_weights=init,
             task_type=data.get("task_type"),
         )

@@ -31,9 +31,12 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow PyTorch's switch: TF32 only when ``torch.backends.cuda.matmul.allow_tf32``."""
+    """fp32 dots follow PyTorch's switch: TF32 when ``torch.backends.cuda.matmul.allow_tf32``, else 3xTF32
+    (``kernels/precision.py``: about fp32 accuracy on tensor cores; IEEE fp32 dots ran on the FMA units and
+    spilled, bench/compile_report.py). The interpreter computes every fp32 dot exactly and accepts both
+    names, so the CPU tests run the same split code the GPU does. Half operands ignore the precision."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 

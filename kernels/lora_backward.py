@@ -16,6 +16,7 @@ import triton.language as tl
 from .configs import GEMM_CONFIGS, SKINNY_CONFIGS
 from .dropout import dropout_scale
 from .lora_forward import grouped_tile
+from .precision import dot_fp32
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "SPLIT_N"],
@@ -40,6 +41,7 @@ def lora_dy_kernel(
     pid_r = tl.program_id(1)
     pid_split = tl.program_id(2)
     BLOCK_N: tl.constexpr = BLOCK_K
+    HALF_DY: tl.constexpr = dy_ptr.dtype.element_ty != tl.float32  # exact in TF32 (precision.py)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows[:, None] < M
@@ -55,9 +57,10 @@ def lora_dy_kernel(
         if NEED_DS:
             b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                         mask=col_ok[:, None] & rank_ok, other=0.0)
-            ds = tl.dot(dy.to(LORA_DOT), b.to(LORA_DOT), ds, input_precision=LORA_PREC)
+            ds = dot_fp32(dy.to(LORA_DOT), b.to(LORA_DOT), ds, LORA_PREC, HALF_DY, False)
         if NEED_DB:
-            db = tl.dot(tl.trans(dy.to(LORA_DOT)), s, input_precision=LORA_PREC)
+            db = dot_fp32(tl.trans(dy.to(LORA_DOT)), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), LORA_PREC,
+                          HALF_DY, False)
             tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + ranks[None, :] * stride_dbr, scaling * db,
                           mask=col_ok[:, None] & rank_ok, sem="relaxed")
         if HAS_DBIAS:
@@ -148,9 +151,12 @@ def lora_da_kernel(
                      mask=row_ok & rank_ok, other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok & col_ok, other=0.0)
-        if HAS_DROPOUT:
-            x = x.to(tl.float32) * dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_K)
-        acc = tl.dot(tl.trans(ds.to(LORA_DOT)), x.to(LORA_DOT), acc, input_precision=LORA_PREC)
+        if HAS_DROPOUT:  # the 0/1 keep mask: x stays exact (dot_fp32), 1/(1-p) scales dA once below
+            x = x.to(tl.float32) * dropout_scale(seed, rows, k_start, p, 1.0, BLOCK_M, BLOCK_K)
+        acc = dot_fp32(tl.trans(ds.to(LORA_DOT)), x.to(LORA_DOT), acc, LORA_PREC, False,
+                       x_ptr.dtype.element_ty != tl.float32)
+    if HAS_DROPOUT:
+        acc *= drop_scale
     da_ptrs = da_ptr + ranks[:, None] * stride_dar + cols[None, :] * stride_dak
     da_mask = (ranks[:, None] < R) & col_ok
     if SPLIT_M == 1:

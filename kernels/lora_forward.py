@@ -6,7 +6,8 @@ Dtype handling is passed in as constexprs chosen by the launcher:
   for the base GEMM, the adapters' dtype for the rank-r GEMMs, as PyTorch/PEFT compute them). Under
   the interpreter half types map to fp32 (the upstream bf16 interpreter bug, NOTES §3): the products of
   two half values are exact in fp32, so this is what a tensor core computes, not an approximation.
-- ``*_PREC``: ``"ieee"`` or ``"tf32"`` for fp32 operands, following ``torch.backends.cuda.matmul.allow_tf32``.
+- ``*_PREC``: ``"tf32x3"`` or ``"tf32"`` for fp32 operands, following ``torch.backends.cuda.matmul.allow_tf32``
+  (``precision.dot_fp32``: 3xTF32, or two TF32 products when one operand is an upcast half value).
 """
 
 import triton
@@ -14,6 +15,7 @@ import triton.language as tl
 
 from .configs import GEMM_CONFIGS, SKINNY_CONFIGS
 from .dropout import dropout_scale
+from .precision import dot_fp32
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"])
@@ -36,11 +38,13 @@ def lora_down_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        if HAS_DROPOUT:
-            x = x.to(tl.float32) * dropout_scale(seed, rows, k0, p, drop_scale, BLOCK_M, BLOCK_K)
+        if HAS_DROPOUT:  # the 0/1 keep mask: x stays exact (dot_fp32), 1/(1-p) scales S once below
+            x = x.to(tl.float32) * dropout_scale(seed, rows, k0, p, 1.0, BLOCK_M, BLOCK_K)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
-        acc = tl.dot(x.to(LORA_DOT), a_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
+        acc = dot_fp32(x.to(LORA_DOT), a_t.to(LORA_DOT), acc, LORA_PREC, x_ptr.dtype.element_ty != tl.float32, False)
+    if HAS_DROPOUT:
+        acc *= drop_scale
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc,
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
 

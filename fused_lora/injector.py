@@ -352,18 +352,14 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def _all_or_none(layers: list[LoRALinear], merge: bool) -> None:
-    """Merges (or unmerges) every layer, or none: when one layer refuses (non-finite adapters), the layers this call
-    already changed are changed back before the error propagates, so the model is never half merged."""
-    done: list[LoRALinear] = []
-    try:
-        for layer in layers:
-            if layer.merged != merge:
-                (layer.merge if merge else layer.unmerge)()
-                done.append(layer)
-    except BaseException:
-        for layer in reversed(done):
-            (layer.unmerge if merge else layer.merge)()
-        raise
+    """Merges (or unmerges) every layer, or none: every layer's new weight is checked first (one at a time, so no
+    more memory than one merge), and only then are the weights written. A layer that would refuse (non-finite
+    adapters, overflow) raises before any weight changed."""
+    todo = [layer for layer in layers if layer.merged != merge]
+    for layer in todo:
+        layer._merged_weight(merge)  # raises, naming the layer, when this layer's merge would be refused
+    for layer in todo:
+        (layer.merge if merge else layer.unmerge)()
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

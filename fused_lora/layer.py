@@ -56,6 +56,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if weight_layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"LoRALinear: weight_layout={weight_layout!r}; use one of {WEIGHT_LAYOUTS}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"LoRALinear: dtype={dtype}; the base weight must be floating point (float32, float16 or "
+                            "bfloat16)")
         shape = (out_features, in_features) if weight_layout == "linear" else (in_features, out_features)
         weight = torch.empty(shape, device=device, dtype=dtype)
         # nn.Linear's init (the weight's fan-in is in_features in both layouts).
@@ -127,6 +130,9 @@ class LoRALinear(nn.Module):
         self.weight_layout = weight_layout
         self.merged = False
         self.enabled = True
+        if adapter_dtype is not None and not adapter_dtype.is_floating_point:
+            raise TypeError(f"LoRALinear: adapter_dtype={adapter_dtype}; adapters are trained, so they must be "
+                            "floating point: the weight's dtype or float32")
         if adapter_dtype is None:
             adapter_dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
         factory = {"device": self.weight.device, "dtype": adapter_dtype}
@@ -202,19 +208,23 @@ class LoRALinear(nn.Module):
         return delta.to(self.weight.dtype)
 
     @torch.no_grad()
-    def _merged_weight(self, sign: int, what: str) -> torch.Tensor:
-        """W ± scaling · B A, checked before anything is written: non-finite adapters (or a sum that overflows the
-        weight's dtype) would destroy the base weight for good, so the weight is left as it is and an error raised."""
+    def _merged_weight(self, merge: bool) -> torch.Tensor:
+        """W + scaling · B A (``merge``) or W - scaling · B A, checked before anything is written: non-finite adapters,
+        or a result that overflows the weight's dtype, would destroy the base weight for good, so they raise instead
+        (naming the layer) and nothing changes."""
+        what = "merge" if merge else "unmerge"
         self._check_adapter_shapes()
-        delta = self.delta_weight()
-        new = self.weight + delta if sign > 0 else self.weight - delta
-        if self.weight.device.type == "meta":  # no values to check (shape-only models)
-            return new
-        if not torch.isfinite(delta).all() or not (torch.isfinite(new) | ~torch.isfinite(self.weight)).all():
-            cause = ("lora_A / lora_B hold NaN or Inf" if not torch.isfinite(delta).all()
-                     else f"W {'+' if sign > 0 else '-'} scaling·BA overflows {self.weight.dtype}")
-            raise ValueError(f"{self._name()}: {what} refused, {cause}; the base weight was left unchanged. "
-                             "Fix or re-initialize the adapters (reset_lora_parameters()) first")
+        if self.weight.device.type != "meta":  # (meta: shapes only, no values to check)
+            for name in ("lora_A", "lora_B"):
+                if not torch.isfinite(getattr(self, name)).all():
+                    raise ValueError(f"{self._name()}: {what} refused, {name} holds NaN or Inf; the base weight was "
+                                     "left unchanged. Fix or re-initialize the adapters (reset_lora_parameters()) "
+                                     "first")
+        new = self.weight + self.delta_weight() if merge else self.weight - self.delta_weight()
+        if self.weight.device.type != "meta" and not (torch.isfinite(new) | ~torch.isfinite(self.weight)).all():
+            raise ValueError(f"{self._name()}: {what} refused, W {'+' if merge else '-'} scaling·BA overflows "
+                             f"{self.weight.dtype}; the base weight was left unchanged. Keep the layer unmerged, or "
+                             "merge in a wider dtype (module.float())")
         return new
 
     @torch.no_grad()
@@ -222,14 +232,14 @@ class LoRALinear(nn.Module):
         """W += scaling · B A; forward then runs the base GEMM only. No-op when already merged. Refused (weight
         unchanged) when the adapters are not finite."""
         if not self.merged:
-            self.weight.copy_(self._merged_weight(+1, "merge"))
+            self.weight.copy_(self._merged_weight(merge=True))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` (exact up to the weight dtype's rounding). No-op when not merged."""
         if self.merged:
-            self.weight.copy_(self._merged_weight(-1, "unmerge"))
+            self.weight.copy_(self._merged_weight(merge=False))
             self.merged = False
 
     @contextlib.contextmanager

@@ -78,4 +78,9 @@ REGRESSIONS: list[tuple[Case, str]] = [
      "frozen lora_B and x: only dA, the dS pass without dB"),
     (Case(lead=(19,), K=28, N=14, r=5, p=0.6, training=False),
      "eval mode with p > 0: no mask at all"),
+    # --- found by hypothesis (HYPOTHESIS_PROFILE=dev) ---
+    (Case(lead=(), K=58, N=30, r=1, dtype=torch.float16, adapter_fp32=True, training=False, scaling=1.0,
+          x_grad=False, bias_grad=False, data_seed=261, dropout_seed=0),
+     "failed on torch (dA 7.2e-7 vs 2x2.6e-7 + 1.2e-7): cancellation in a 30-term fp32 dS; not a bug, the atol "
+     "was scaled by max|dA| and is now scaled by the terms' magnitude (test_properties.magnitudes)"),
 ]

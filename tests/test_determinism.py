@@ -67,12 +67,12 @@ def run_once(inputs, backend, p=0.3, seed=1234, layout="linear", scaling=2.0):
     return {"y": y.detach(), **dict(zip(GRADS, grads, strict=True))}
 
 
-def poison_freed_memory(device, nbytes=1 << 22) -> None:
-    """Fill and free blocks of common sizes with NaN, so the next run's torch.empty buffers hold NaN, not the
-    previous run's results: an output element a kernel forgot to write then shows up as a difference."""
-    for numel in (1 << k for k in range(6, int(math.log2(nbytes // 4)) + 1)):
-        block = torch.full((numel,), float("nan"), device=device)
-        del block
+def poison_freed_memory(like: dict, copies: int = 4) -> None:
+    """Fill and free NaN blocks of the results' sizes, so the next run's ``torch.empty`` buffers (which the
+    allocator takes from the blocks freed last) hold NaN rather than the previous run's values: an output
+    element a kernel forgot to write then shows up as a difference instead of passing unseen."""
+    blocks = [torch.full_like(t, float("nan")) for t in like.values() for _ in range(copies)]
+    del blocks
 
 
 def assert_same(a: dict, b: dict, bitwise_grads: bool = True) -> None:
@@ -103,7 +103,7 @@ def test_bitwise_identical_run_after_run(backend, config, device):
     inputs = make_inputs(device, **cfg)
     first = run_once(inputs, backend, p=p, layout=layout)
     for _ in range(2):
-        poison_freed_memory(device)
+        poison_freed_memory(first)
         assert_same(first, run_once(inputs, backend, p=p, layout=layout), atomics_are_ordered(backend, device))
     for value in first.values():
         assert torch.isfinite(value).all()
@@ -128,7 +128,7 @@ def test_split_reductions_bitwise_identical_run_after_run(monkeypatch, device):
     calls = force_split(monkeypatch)
     first = run_once(inputs, "triton")
     assert calls == [3, 3], "the dS pass and the dA kernel should each have asked for a split factor"
-    poison_freed_memory(device)
+    poison_freed_memory(first)
     assert_same(first, run_once(inputs, "triton"), atomics_are_ordered("triton", device))
     # the split path is a different summation order, not a different result
     for name in GRADS:
@@ -324,7 +324,8 @@ def test_lora_linear_training_reproducible_under_manual_seed(backend, layout, mo
     outs_a, state_a = train_steps(layout, init_seed=0, run_seed=0)
     outs_b, state_b = train_steps(layout, init_seed=0, run_seed=0)
     assert all(torch.equal(a, b) for a, b in zip(outs_a, outs_b, strict=True))
-    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), f"{key} differs after the same training steps"
     # same initial weights, another RNG stream: other masks, so other updates
     outs_c, state_c = train_steps(layout, init_seed=0, run_seed=1)
     assert torch.equal(state_a["weight"], state_c["weight"]) and not torch.equal(state_a["lora_A"], state_c["lora_A"])

@@ -13,7 +13,7 @@ Dtype constexprs as in ``lora_forward``.
 import triton
 import triton.language as tl
 
-from .configs import GEMM_CONFIGS, SKINNY_CONFIGS
+from .configs import GEMM_CONFIGS, SKINNY_CONFIGS, fit_to_base_dtype
 from .dropout import dropout_scale
 from .lora_forward import grouped_tile
 from .precision import dot_fp32
@@ -74,7 +74,8 @@ def lora_dy_kernel(
             tl.atomic_add(ds_ptrs, scaling * ds, mask=row_ok & rank_ok, sem="relaxed")
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+                 prune_configs_by={"early_config_prune": fit_to_base_dtype("dy_ptr")})
 @triton.jit
 def lora_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,

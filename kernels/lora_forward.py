@@ -13,7 +13,7 @@ Dtype handling is passed in as constexprs chosen by the launcher:
 import triton
 import triton.language as tl
 
-from .configs import GEMM_CONFIGS, SKINNY_CONFIGS
+from .configs import GEMM_CONFIGS, SKINNY_CONFIGS, fit_to_base_dtype
 from .dropout import dropout_scale
 from .precision import dot_fp32
 
@@ -61,7 +61,8 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+                 prune_configs_by={"early_config_prune": fit_to_base_dtype("x_ptr")})
 @triton.jit
 def lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,

@@ -12,7 +12,8 @@ What this file adds to the tests that already touch the subject (not repeated he
 Here: bitwise identical outputs *and gradients* run after run (with freed memory poisoned between runs,
 so an unwritten output element cannot pass by reusing the same block), with the split-reduction paths
 forced, and in a fresh process; the mask used by the backward kernels read off the gradients and
-compared with the forward's, element by element; checkpointed recompute of a block with two LoRA
+compared with the forward's, element by element (plain, split, and through a checkpointed recompute
+whose seed comes from the restored global RNG); checkpointed recompute of a block with two LoRA
 layers and an ``nn.Dropout`` (half base, fp32 adapters, trainable bias) bitwise equal to the plain run,
 and a control showing the same test fails when the RNG state is not restored; different seeds give
 unrelated masks (not a shifted copy); a ``LoRALinear`` training loop reproducible under
@@ -167,35 +168,49 @@ def test_same_bits_in_a_fresh_process():
 # ---------------------------------------------------------------------------- one mask per call
 
 
+MASK_MODES = ["single-pass", "split", "checkpoint", "checkpoint-reentrant"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("split", [False, True], ids=["single-pass", "split"])
-def test_backward_regenerates_the_forward_mask(backend, split, device, monkeypatch):
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_backward_regenerates_the_forward_mask(backend, mode, device, monkeypatch):
     """Identity adapters and a zero base weight make every result show its mask:
-    y = m ⊙ x (the forward's mask), dX = m ⊙ dY (the dX kernel's), dA = dB = dYᵀ y (the dA kernel's)."""
-    if split and backend == "torch":
+    y = m ⊙ x (the forward's mask), dX = m ⊙ dY (the dX kernel's), dA = dB = dYᵀ y (the dA kernel's).
+    split: the atomics reductions forced; checkpoint: y is the first forward's, the gradients come from the
+    recomputed forward with the seed drawn from the global RNG (restored by torch.utils.checkpoint)."""
+    if mode == "split" and backend == "torch":
         pytest.skip("the split reductions are the Triton launchers'")
-    calls = force_split(monkeypatch) if split else []
+    calls = force_split(monkeypatch) if mode == "split" else []
     M, K, p, seed = 37, 70, 0.4, 99  # K = r = 70 > 64: two rank chunks in every kernel
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(M, K, generator=gen) + 0.5).to(device).requires_grad_()  # no zeros: y = 0 only if dropped
     dy = (torch.rand(M, K, generator=gen) + 0.5).to(device)
     eye = torch.eye(K, device=device)
     lora_A, lora_B = eye.clone().requires_grad_(), eye.clone().requires_grad_()
-    y = fused_lora_linear(x, torch.zeros(K, K, device=device), None, lora_A, lora_B, 1.0, p, dropout_seed=seed,
-                          backend=backend)
+    zero_weight = torch.zeros(K, K, device=device)
+    layer = lambda t, dropout_seed=None: fused_lora_linear(t, zero_weight, None, lora_A, lora_B, 1.0, p,
+                                                           dropout_seed=dropout_seed, backend=backend)
+    if mode.startswith("checkpoint"):
+        torch.manual_seed(seed)
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=mode.endswith("reentrant"))
+    else:
+        y = layer(x, dropout_seed=seed)
     y.backward(dy)
-    assert calls == ([3, 3] if split else [])
+    assert calls == ([3, 3] if mode == "split" else [])
     kept = y.detach() != 0
     dropped_fraction = 1 - kept.double().mean().item()
     assert abs(dropped_fraction - p) < 0.05, f"dropped {dropped_fraction:.3f}, expected about {p}"
-    expected = dropout_mask(seed, (M, K), p, device, backend=backend)
-    assert torch.equal(kept, expected != 0), "forward mask differs from dropout_mask(seed)"
-    assert torch.equal(x.grad != 0, kept), "dX kernel used another mask than the forward"
-    torch.testing.assert_close(y.detach(), x.detach() * expected, rtol=1e-6, atol=0)
-    torch.testing.assert_close(x.grad, dy * expected, rtol=1e-6, atol=0)
+    assert torch.equal(x.grad != 0, kept), "the dX kernel used another mask than the forward"
+    scaled = kept / (1 - p)
+    if not mode.startswith("checkpoint"):
+        expected = dropout_mask(seed, (M, K), p, device, backend=backend)
+        assert torch.equal(kept, expected != 0), "the forward mask differs from dropout_mask(seed)"
+        scaled = expected
+    torch.testing.assert_close(y.detach(), x.detach() * scaled, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad, dy * scaled, rtol=1e-6, atol=0)
     dyt_y = dy.t() @ y.detach()
-    torch.testing.assert_close(lora_A.grad, dyt_y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lora_B.grad, dyt_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_A.grad, dyt_y, rtol=1e-5, atol=1e-5, msg="the dA kernel used another mask")
+    torch.testing.assert_close(lora_B.grad, dyt_y, rtol=1e-5, atol=1e-5, msg="dB = dYᵀ S: S is not the forward's")
 
 
 class Block(torch.nn.Module):

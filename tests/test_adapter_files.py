@@ -326,3 +326,20 @@ def test_failure_while_copying_rolls_back(saved, target, monkeypatch):
     with pytest.raises(RuntimeError):
         load_adapter(target[0], saved)
     assert_model_unchanged(target)
+
+
+def test_half_precision_file_is_cast_into_the_model_dtype(saved):
+    tensors = {k: v.half() for k, v in load_file(saved / WEIGHTS).items()}
+    save_file(tensors, saved / WEIGHTS, metadata={"format": "pt"})
+    model = load_adapter(build("gpt2_cls"), saved)
+    lora_B = model.transformer.h[0].attn.c_attn.lora_B
+    assert lora_B.dtype == torch.float32
+    assert torch.equal(lora_B, tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].float())
+
+
+def test_stale_temporary_files_of_a_killed_save_are_ignored(saved):
+    (saved / f".{WEIGHTS}.abc123.tmp").write_bytes(b"half a file")
+    (saved / f".{CONFIG_JSON}.def456.bak").write_bytes(b"{")
+    load_adapter(build("gpt2_cls"), saved)
+    save_adapter(trained(seed=2), saved)  # and a new save works beside them
+    assert read_adapter_config(saved).r == 4

@@ -212,7 +212,8 @@ def test_nan_inf_at_a_dropped_element_propagate_like_the_reference(backend, valu
     ("torch", (1, 1), 4, 16384, 4),  # narrow input, very wide output
     ("triton", (1,), 256, 512, 8),
     ("triton", (1,), 512, 256, 16),
-])
+], ids=["torch-M1-K4096-N4096", "torch-M1-K16384-N4", "torch-M1-K4-N16384", "triton-M1-K256-N512",
+        "triton-M1-K512-N256"])
 def test_very_wide(backend, lead, K, N, r):
     x, weight, bias, lora_A, lora_B = make_problem(lead, K, N, r, torch.float32, "linear", True)
     run_and_check(x, weight, bias, lora_A, lora_B, scaling=2.0, p=0.1, layout="linear", backend=backend)

@@ -78,6 +78,10 @@ REGRESSIONS: list[tuple[Case, str]] = [
      "frozen lora_B and x: only dA, the dS pass without dB"),
     (Case(lead=(19,), K=28, N=14, r=5, p=0.6, training=False),
      "eval mode with p > 0: no mask at all"),
+    (Case(lead=(2, 32), K=64, N=64, r=32, dtype=torch.float16, p=0.5),
+     "every size an exact multiple of the tiles: no masked edge at all"),
+    (Case(lead=(65,), K=65, N=65, r=17, p=0.01, layout="conv1d"),
+     "one past the tiles everywhere (a tile with a single valid row/column); tiny p (the torch path rounds p)"),
     # --- found by hypothesis (HYPOTHESIS_PROFILE=dev) ---
     (Case(lead=(), K=58, N=30, r=1, dtype=torch.float16, adapter_fp32=True, training=False, scaling=1.0,
           x_grad=False, bias_grad=False, data_seed=261, dropout_seed=0),

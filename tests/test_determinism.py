@@ -298,6 +298,8 @@ def test_changing_the_seed_changes_every_result(backend):
     assert torch.equal(a["dbias"], b["dbias"])
 
 
+# If the fix is to refuse seeds outside [0, 2**32) instead, make this test expect that error (an xfail
+# would also swallow the new ValueError).
 @pytest.mark.parametrize("backend", [
     "triton",
     pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason=(

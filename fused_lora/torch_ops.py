@@ -12,6 +12,24 @@ from __future__ import annotations
 import torch
 
 
+def generator_seed(seed: int) -> int:
+    """The 32-bit seed of the Generator for a 64-bit dropout seed.
+
+    The CPU Generator's Mersenne Twister keeps only the low 32 bits of what ``manual_seed`` gets, so seeds
+    that differ above bit 31 would share a mask. The high word is hashed (splitmix64's finalizer) into the
+    low one; seeds in [0, 2**32), every seed the layer draws itself, map to themselves. A 32-bit state can
+    still not tell every pair of 64-bit seeds apart (the kernels' Philox key uses all 64 bits).
+    """
+    seed &= 2**64 - 1
+    low, high = seed & 0xFFFFFFFF, seed >> 32
+    if high == 0:
+        return low
+    z = (high * 0x9E3779B97F4A7C15) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return low ^ ((z ^ (z >> 31)) & 0xFFFFFFFF)
+
+
 def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
     """Boolean keep mask for ``seed``: 64-bit random words from a seeded Generator, cut into four 16-bit
     lanes, kept where a lane is >= round(p·65536) - 32768.
@@ -22,7 +40,7 @@ def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device)
     1/65536 (|error| <= 7.6e-6); the kept values are scaled by exactly 1/(1-p), as nn.Dropout does.
     """
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(generator_seed(seed))
     n = shape[0] * shape[1]
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=device)
     return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768

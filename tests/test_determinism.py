@@ -298,19 +298,14 @@ def test_changing_the_seed_changes_every_result(backend):
     assert torch.equal(a["dbias"], b["dbias"])
 
 
-# If the fix is to refuse seeds outside [0, 2**32) instead, make this test expect that error (an xfail
-# would also swallow the new ValueError).
-@pytest.mark.parametrize("backend", [
-    "triton",
-    pytest.param("torch", marks=pytest.mark.xfail(strict=True, reason=(
-        "torch backend: keep_mask seeds a CPU torch.Generator, whose Mersenne Twister keeps only the low 32 "
-        "bits of the seed, so dropout_seed=s and s + 2**32 give the same mask (the kernels' Philox key uses "
-        "all 64 bits)"))),
-])
-def test_seeds_differing_above_32_bits_give_different_masks(backend):
+# The torch backend's Mersenne Twister keeps 32 bits of its seed: torch_ops.generator_seed folds the high
+# word in, so seeds that differ only above bit 31 (or by sign) still get different masks.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("other", [5 + 2**32, 5 + 2**40, 5 - 2**63, -5])
+def test_seeds_differing_above_32_bits_give_different_masks(backend, other):
     shape = (16, 32)
     assert not torch.equal(dropout_mask(5, shape, 0.5, backend=backend),
-                           dropout_mask(5 + 2**32, shape, 0.5, backend=backend))
+                           dropout_mask(other, shape, 0.5, backend=backend))
 
 
 # ------------------------------------------------------------------------------ LoRALinear

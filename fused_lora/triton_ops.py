@@ -47,9 +47,14 @@ def _weight_strides(weight: torch.Tensor, weight_layout: str) -> tuple[int, int]
     return weight.stride(0), weight.stride(1)  # conv1d: K×N
 
 
-def _block_r(r: int) -> int:
-    # tl.dot needs every dimension >= 16; ranks above 64 are looped over (forward GEMM epilogue) or
-    # spread over programs (skinny kernels) in chunks of 64, which keeps the fp32 accumulators small.
+def _block_r(r: int, adapter_dtype: torch.dtype) -> int:
+    # tl.dot needs every dimension >= 16; ranks above the chunk are looped over (GEMM kernels) or spread
+    # over programs (skinny kernels) in chunks of 64, which keeps the fp32 accumulators small. fp32 adapters
+    # take chunks of 16: their 3xTF32 dots hold split operands, and 32-rank chunks spilled 8-88 B per thread,
+    # 64-rank ones 80-8288 B (bench/compile_report.py, sm_80/sm_90). The price: the skinny kernels read
+    # x or dY once per 16 ranks instead of once per 64 (open: measure on a GPU).
+    if adapter_dtype == torch.float32:
+        return 16
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
@@ -77,7 +82,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tor
     M, K = x.shape
     R = lora_A.shape[0]
     s = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    block_r = _block_r(R)
+    block_r = _block_r(R, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
     kernels.lora_down_kernel[grid](
         x, lora_A, s, M, K, R, _m_bucket(M),
@@ -106,7 +111,7 @@ def lora_forward(
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         scaling,
         HAS_BIAS=bias is not None, BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype),
-        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype), BLOCK_R=_block_r(R),
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype), BLOCK_R=_block_r(R, lora_B.dtype),
     )
     return y
 
@@ -118,7 +123,7 @@ def lora_dy_pass(
     """One pass over dY: (dS fp32 M×r, dB fp32 N×r, dbias fp32 N), each None when not needed."""
     M, N = dy.shape
     R = lora_B.shape[1]
-    block_r = _block_r(R)
+    block_r = _block_r(R, lora_B.dtype)
     m_programs = triton.cdiv(M, 64) * triton.cdiv(R, block_r)
     if split_n is None:
         split_n = _split_factor(m_programs, triton.cdiv(N, 128), dy.device)
@@ -154,7 +159,7 @@ def lora_dx(
         lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
         seed, p, 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype),
-        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype), BLOCK_R=_block_r(R),
+        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype), BLOCK_R=_block_r(R, lora_A.dtype),
     )
     return dx
 
@@ -166,7 +171,7 @@ def lora_da(
     """dA = dSᵀ (m ⊙ x) in fp32 (r×K)."""
     M, K = x.shape
     R = lora_A.shape[0]
-    block_r = _block_r(R)
+    block_r = _block_r(R, lora_A.dtype)
     if split_m is None:
         split_m = _split_factor(triton.cdiv(K, 64) * triton.cdiv(R, block_r), triton.cdiv(M, 128), x.device)
     alloc = torch.zeros if split_m > 1 else torch.empty

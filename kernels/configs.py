@@ -22,46 +22,26 @@ def pick(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Co
     return [interpreter] if INTERPRET else gpu
 
 
-# Every config below is compiled for sm_80 and sm_90 with triton 3.6 and the newest by CI (bench/compile_report.py,
-# tests/test_compile_targets.py): no spills, registers and shared memory within the limits, tensor cores;
-# the numbers are in bench/results/compile/.
+# Every config below is compiled for sm_80 and sm_90 with triton 3.6 and the newest by CI
+# (bench/compile_report.py, tests/test_compile_targets.py): no spills, registers and shared memory within the
+# limits, tensor cores; the numbers are in bench/results/compile/. Spill figures quoted below are from it.
 
 # Base GEMM with the rank-r term folded in (forward y, backward dX). Tiles from the Triton matmul
 # tutorial's Hopper list, pruned to the ones that suit K, N >= 768 (transformer projections) and do not
-# spill on sm_90 in bf16 (bench/compile_report.py before it reproduced the JIT's specialization, which
-# counts more registers: 128×256 with 8 warps spilled 248 B, 128×128 with 4 warps 424 B). fp32 operands
-# halve BLOCK_K (fit_to_base_dtype).
-GEMM_CONFIGS = pick(
-    [
-        _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    ],
-    _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
-)
-
-
-
-def fit_to_base_dtype(operand: str):
-    """``early_config_prune`` of the GEMM kernels: the tiles above are sized for 16-bit operands; with fp32
-    ``operand`` BLOCK_K is halved so that a pipeline stage takes the same shared memory. (Unhalved, a
-    128×128×64 fp32 stage is 64 KiB: 4 stages need 256 KiB, over sm_90's 227 KiB a block, 3 over sm_80's
-    163 KiB; bench/compile_report.py checks every config that remains.)"""
-
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if INTERPRET or named_args[operand].element_size() < 4:
-            return configs
-        return [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
-                              num_stages=c.num_stages) for c in configs]
-
-    return prune
-
+# spill on sm_90 in bf16 (measured before the report reproduced the JIT's specialization, which counts more
+# registers: 128×256 with 8 warps spilled 248 B, 128×128 with 4 warps 424 B).
+_GEMM_128_S4 = _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+_GEMM_128_S3 = _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+_GEMM_64x128 = _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+_GEMM_64x64 = _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+_GEMM_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+GEMM_CONFIGS = pick([_GEMM_128_S4, _GEMM_128_S3, _GEMM_64x128, _GEMM_64x64], _GEMM_INTERP)
 
 # Skinny GEMMs of the rank-r branch (S = x_d Aᵀ, dS/dB pass over dY, dA = dSᵀ x_d): memory-bound
 # streams over an M×K or M×N operand; BLOCK_R covers the (padded) rank, up to 64 per program.
 # Pruned with bench/compile_report.py (sm_90, bf16, r=16, dropout on): 128×128 tiles spill 40-352 B of
-# stack per thread (the Philox state and the fp32 accumulators), these five do not.
+# stack per thread (the Philox state and the fp32 accumulators), these four do not.
+_SKINNY_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_K=32)
 SKINNY_CONFIGS = pick(
     [
         _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
@@ -69,5 +49,38 @@ SKINNY_CONFIGS = pick(
         _cfg(8, 3, BLOCK_M=128, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
     ],
-    _cfg(4, 1, BLOCK_M=32, BLOCK_K=32),
+    _SKINNY_INTERP,
 )
+
+# fp32 base operands (x, dY fp32; 3xTF32 splits both operands of the base dots): BLOCK_K halved, so a
+# pipeline stage takes the shared memory of its 16-bit tile (unhalved, 128×128×64 in fp32 is 64 KiB a stage:
+# 4 stages are over sm_90's 227 KiB a block, 3 over sm_80's 163 KiB), and only the tiles that do not spill:
+# on sm_80 128×128×32 spilled 8-376 B, 64×128×32 96-216 B; the dy pass spilled 48-568 B at every 16-bit
+# tile and 40 B at 64×64 with 8 warps.
+GEMM_CONFIGS_FP32 = pick([_cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
+SKINNY_CONFIGS_FP32 = pick(
+    [
+        _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
+        _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
+    ],
+    _SKINNY_INTERP,
+)
+
+# fp32 adapters on a half base (LoRALinear's default): the GEMMs' 64×128 tile with 4 warps spilled 8 B
+# in dX on sm_80 (the 3xTF32 rank-r prologue); the other three tiles do not.
+GEMM_FP32_ADAPTER_DROPS = (_GEMM_64x128,)
+
+
+def by_dtype(base: str, adapter: str | None, fp32_base: list[triton.Config], fp32_adapter_drops=()):
+    """``early_config_prune``: the configs for the dtypes of the ``base`` and ``adapter`` pointer arguments
+    (the autotuner keys on argument dtypes too, so each dtype pair is tuned over its own list)."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if named_args[base].element_size() == 4:
+            return fp32_base
+        if adapter and named_args[adapter].element_size() == 4:
+            return [c for c in configs if not any(c is d for d in fp32_adapter_drops)]
+        return configs
+
+    return prune

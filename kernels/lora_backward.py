@@ -13,14 +13,22 @@ Dtype constexprs as in ``lora_forward``.
 import triton
 import triton.language as tl
 
-from .configs import GEMM_CONFIGS, SKINNY_CONFIGS, fit_to_base_dtype
+from .configs import (
+    GEMM_CONFIGS,
+    GEMM_CONFIGS_FP32,
+    GEMM_FP32_ADAPTER_DROPS,
+    SKINNY_CONFIGS,
+    SKINNY_CONFIGS_FP32,
+    by_dtype,
+)
 from .dropout import dropout_scale
 from .lora_forward import grouped_tile
 from .precision import dot_fp32
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "SPLIT_N"],
-                 reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"])
+                 reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
+                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", "b_ptr", SKINNY_CONFIGS_FP32)})
 @triton.jit
 def lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr,
@@ -75,7 +83,8 @@ def lora_dy_kernel(
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": fit_to_base_dtype("dy_ptr")})
+                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", "a_ptr", GEMM_CONFIGS_FP32,
+                                                                   GEMM_FP32_ADAPTER_DROPS)})
 @triton.jit
 def lora_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
@@ -122,7 +131,8 @@ def lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "SPLIT_M"], reset_to_zero=["da_ptr"])
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "SPLIT_M"], reset_to_zero=["da_ptr"],
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", None, SKINNY_CONFIGS_FP32)})
 @triton.jit
 def lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,

@@ -13,12 +13,20 @@ Dtype handling is passed in as constexprs chosen by the launcher:
 import triton
 import triton.language as tl
 
-from .configs import GEMM_CONFIGS, SKINNY_CONFIGS, fit_to_base_dtype
+from .configs import (
+    GEMM_CONFIGS,
+    GEMM_CONFIGS_FP32,
+    GEMM_FP32_ADAPTER_DROPS,
+    SKINNY_CONFIGS,
+    SKINNY_CONFIGS_FP32,
+    by_dtype,
+)
 from .dropout import dropout_scale
 from .precision import dot_fp32
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", "a_ptr", SKINNY_CONFIGS_FP32)})
 @triton.jit
 def lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
@@ -62,7 +70,8 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": fit_to_base_dtype("x_ptr")})
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", "b_ptr", GEMM_CONFIGS_FP32,
+                                                                   GEMM_FP32_ADAPTER_DROPS)})
 @triton.jit
 def lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,

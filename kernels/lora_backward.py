@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from .configs import (
-    GEMM_CONFIGS,
+    DA_CONFIGS_FP32_ADAPTERS,
+    DX_CONFIGS,
+    DY_CONFIGS_FP32_ADAPTERS,
     GEMM_CONFIGS_FP32,
-    GEMM_FP32_ADAPTER_DROPS,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
     by_dtype,
@@ -28,7 +29,8 @@ from .precision import dot_fp32
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "SPLIT_N"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
-                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", "b_ptr", SKINNY_CONFIGS_FP32)})
+                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", SKINNY_CONFIGS_FP32,
+                                                                   fp32_adapters=DY_CONFIGS_FP32_ADAPTERS)})
 @triton.jit
 def lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr,
@@ -82,9 +84,8 @@ def lora_dy_kernel(
             tl.atomic_add(ds_ptrs, scaling * ds, mask=row_ok & rank_ok, sem="relaxed")
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", "a_ptr", GEMM_CONFIGS_FP32,
-                                                                   GEMM_FP32_ADAPTER_DROPS)})
+@triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", GEMM_CONFIGS_FP32)})
 @triton.jit
 def lora_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
@@ -131,8 +132,10 @@ def lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "SPLIT_M"], reset_to_zero=["da_ptr"],
-                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", None, SKINNY_CONFIGS_FP32)})
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "SPLIT_M", "LORA_DOT"],
+                 reset_to_zero=["da_ptr"],
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
+                                                                   fp32_adapters=DA_CONFIGS_FP32_ADAPTERS)})
 @triton.jit
 def lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 
 from .configs import (
+    DOWN_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS,
     GEMM_CONFIGS_FP32,
-    GEMM_FP32_ADAPTER_DROPS,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
     by_dtype,
@@ -26,7 +26,8 @@ from .precision import dot_fp32
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"],
-                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", "a_ptr", SKINNY_CONFIGS_FP32)})
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
+                                                                   half_adapters=DOWN_CONFIGS_HALF_ADAPTERS)})
 @triton.jit
 def lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
@@ -70,8 +71,7 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", "b_ptr", GEMM_CONFIGS_FP32,
-                                                                   GEMM_FP32_ADAPTER_DROPS)})
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", GEMM_CONFIGS_FP32)})
 @triton.jit
 def lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,

@@ -185,6 +185,8 @@ def _autocast_inputs(x, weight, bias):
     keep their dtype: fp32 adapters (PEFT's default on a half base) are computed in fp32, which the kernels
     take natively, and their gradients arrive in fp32."""
     device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):  # 'meta' and others: no autocast state to ask
+        return x, weight, bias
     if not torch.is_autocast_enabled(device_type) or not x.dtype.is_floating_point:
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)

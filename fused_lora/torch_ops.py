@@ -52,8 +52,9 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # torch.where is ~5× faster than x * bool_mask on CPU (3.1 ms vs 14.8 ms at 2048×1024).
-    return torch.where(keep, x, 0.0)
+    # x · keep, not torch.where(keep, x, 0): a NaN/Inf at a dropped element stays NaN (NaN·0), as in the
+    # reference, the kernels and nn.Dropout. Single-threaded at 2048×1024 fp32: 2.3 ms, where's 2.9 ms.
+    return x * keep
 
 
 def _base_weight(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:

@@ -99,9 +99,6 @@ def test_functional_bad_input_is_named(overrides, error, words):
     assert message.startswith("fused_lora_linear:"), message
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="_autocast_inputs asks torch.is_autocast_enabled('meta') before the checks run, which "
-                          "raises 'unknown device type for autocast'; lead's part of functional.py")
 def test_functional_x_on_other_device_than_layer():
     raises_naming(ValueError, lambda: call(x=torch.randn(4, 10, device="meta")), "x on meta", "weight on cpu")
 
@@ -151,20 +148,11 @@ def assert_same_propagation(got: dict[str, torch.Tensor], want: dict[str, torch.
         torch.testing.assert_close(g[finite], w[finite], rtol=1e-5, atol=1e-5, msg=f"{name}: finite values differ")
 
 
-# The PyTorch backend drops with torch.where(keep, v, 0): a NaN/Inf at a dropped element becomes 0, where the
-# reference (and the kernels, and nn.Dropout) compute NaN·0 = NaN. With dropout on, NaN/Inf in an adapter reaches
-# dropped elements of dX (through dS·A), so those cases differ until torch_ops._masked is changed (lead's file).
-TORCH_DROPS_NAN = pytest.mark.xfail(
-    strict=True, reason="torch_ops._masked uses torch.where(keep, v, 0): dropped NaN/Inf become 0 instead of NaN")
-
-
 def nan_cases():
     for p in (0.0, 0.3):
         for case in POISON:
             for backend in BACKENDS:
-                known = backend == "torch" and p > 0 and POISON[case][0] in ("lora_A", "lora_B")
-                yield pytest.param(backend, case, p, marks=[TORCH_DROPS_NAN] if known else [],
-                                   id=f"{backend}-{case}-p{p}")
+                yield pytest.param(backend, case, p, id=f"{backend}-{case}-p{p}")
 
 
 NUMPY_NAN_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
@@ -188,7 +176,7 @@ def test_nan_inf_propagate_like_the_reference(backend, case, p):
 
 
 @NUMPY_NAN_WARNING
-@pytest.mark.parametrize("backend", [pytest.param("torch", marks=TORCH_DROPS_NAN), "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_nan_inf_at_a_dropped_element_propagate_like_the_reference(backend, value):
     p, seed = 0.5, 11

@@ -1,78 +1,48 @@
-"""Compile every kernel for a GPU target without a GPU and report registers, spills and tensor-core use.
+"""Compile every kernel for real GPUs without one; report and check registers, spills, shared memory and
+tensor-core instructions per kernel, autotune config and launch variant.
 
-    python bench/compile_report.py --arch 90 --dtype bf16     # Hopper: expect HGMMA (wgmma)
-    python bench/compile_report.py --arch 80 --dtype fp16     # Ampere: expect HMMA (mma.sync)
+    python bench/compile_report.py                        # sm_80 + sm_90, the CI matrix, table on stdout
+    python bench/compile_report.py --check                # exit 1 when a variant breaks a check (CI)
+    python bench/compile_report.py --out bench/results/compile    # refresh the committed reports
+    python bench/compile_report.py --matrix full --arch 90        # every axis value (slow; for tuning)
+    python bench/compile_report.py --kernel lora_fwd_kernel --dtype bf16/fp32 --arch 90
 
-Triton compiles to PTX/cubin for any target on a CPU-only machine (NOTES §3); cuobjdump from Triton's
-bundled CUDA tools reads the cubin. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces jit
-functions). Each kernel is compiled with the first GPU config of its autotune list (--all-configs: each).
-Shared memory is not reported: Triton allocates it dynamically, cuobjdump shows only the static part.
+Triton compiles to a cubin for any target on a CPU-only machine (NOTES §3); cuobjdump from Triton's
+bundled CUDA tools reads it. The launch arguments are specialized the way Triton's JIT specializes real
+launches (``compile_matrix.py``), so both weight layouts and the rank's alignment compile the variants a GPU
+runs. Needs no torch: the kernels are loaded from ``kernels/`` by path, so a bare ``pip install triton``
+venv runs it (CI checks triton 3.6.0, the GPU image's, that way). Must run WITHOUT TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_report.py: unset TRITON_INTERPRET (the interpreter replaces the jit functions)")
+# Triton 3.9 warns that its FP-fusion default will change; 1 is the default of both 3.6 and 3.9.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compile_matrix as cm  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fused_lora import kernels  # noqa: E402
-
-DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
-
-
-def _signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in types:
-            sig[name] = types[name]
-        elif name.endswith("_ptr"):
-            raise KeyError(f"{fn.__name__}: no pointer type for {name}")
-        elif name in ("scaling", "p", "drop_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def kernel_specs(dtype: str, adapter_dtype: str | None = None) -> list[tuple[str, object, dict[str, str], dict]]:
-    """(name, autotuned kernel, pointer types, constexprs) for each kernel at one realistic setting:
-    adapters in ``adapter_dtype`` (default: the base dtype), dropout on, rank 16 (BLOCK_R=16), bias on."""
-    adapter_dtype = adapter_dtype or dtype
-    t, ta = f"*{dtype}", f"*{adapter_dtype}"
-    f32 = "*fp32"
-    prec = lambda d: "ieee" if d == "fp32" else "tf32"  # noqa: E731
-    lora = {"LORA_DOT": DTYPES[adapter_dtype], "LORA_PREC": prec(adapter_dtype), "BLOCK_R": 16}
-    base = {"BASE_DOT": DTYPES[dtype], "BASE_PREC": prec(dtype)}
-    return [
-        ("lora_down_kernel", kernels.lora_down_kernel, {"x_ptr": t, "a_ptr": ta, "s_ptr": f32},
-         {"HAS_DROPOUT": True, **lora}),
-        ("lora_fwd_kernel", kernels.lora_fwd_kernel,
-         {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "s_ptr": f32, "b_ptr": ta, "y_ptr": t},
-         {"HAS_BIAS": True, **base, **lora}),
-        ("lora_dy_kernel", kernels.lora_dy_kernel,
-         {"dy_ptr": t, "b_ptr": ta, "s_ptr": f32, "ds_ptr": f32, "db_ptr": f32, "dbias_ptr": f32},
-         {"SPLIT_N": 2, "HAS_DBIAS": True, "NEED_DS": True, "NEED_DB": True, **lora}),
-        ("lora_dx_kernel", kernels.lora_dx_kernel,
-         {"dy_ptr": t, "w_ptr": t, "ds_ptr": f32, "a_ptr": ta, "dx_ptr": t},
-         {"HAS_DROPOUT": True, **base, **lora}),
-        ("lora_da_kernel", kernels.lora_da_kernel, {"ds_ptr": f32, "x_ptr": t, "da_ptr": f32},
-         {"SPLIT_M": 2, "HAS_DROPOUT": True, **lora}),
-    ]
+# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, which Triton's
+# launcher checks): 227 KiB on H100/H200, 163 KiB on A100, 1 KiB under the SM's 228/164 KiB (reserved).
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90): one block of the launch must fit
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -83,48 +53,134 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def compile_kernel(kernel, types, constexprs, arch: int, config: triton.Config) -> dict[str, object]:
-    consts = {**constexprs, **config.kwargs}
-    fn = kernel.fn
-    src = ASTSource(fn, _signature(fn, types, consts), constexprs=consts)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    cubin = compiled.asm["cubin"]
+def cubin_stats(cubin: bytes) -> dict[str, int]:
+    """Registers, spills, static shared memory and tensor-core instruction counts read from the cubin.
+
+    cuobjdump costs ~0.5 s a kernel; results are cached by the cubin's hash (Triton's own cache already
+    skips the compile of unchanged kernels), so a re-run with unchanged kernels takes seconds."""
+    cache = Path(os.environ.get("FUSED_LORA_COMPILE_CACHE", Path.home() / ".cache" / "fused-lora" / "cubin-stats"))
+    entry = cache / f"{hashlib.sha256(cubin).hexdigest()}.json"
+    if entry.exists():
+        return json.loads(entry.read_text())
     usage = _cuobjdump(cubin, "--dump-resource-usage")
     sass = _cuobjdump(cubin, "--dump-sass")
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    spill_st = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return {
+    field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
+    stats = {"registers": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
+             "static_shared": field("SHARED"),
+             "hgmma": len(re.findall(r"\bHGMMA\.", sass)), "hmma": len(re.findall(r"\bHMMA\.", sass))}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(entry)
+    return stats
+
+
+def compile_one(job: tuple[cm.Variant, int, int]) -> dict[str, object]:
+    """Compile one (variant, arch, config index); the record carries the measurements and broken checks."""
+    variant, arch, config_index = job
+    kernel = cm.KERNELS[variant.kernel]
+    configs = cm.configs_for(kernel, variant)
+    config = configs[config_index]
+    signature, constexprs, attrs = cm.specialize(kernel.fn, variant, config)
+    record: dict[str, object] = {
+        "kernel": variant.kernel, "variant": variant.label(), "arch": arch, "triton": triton.__version__,
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
-        "registers": regs,
-        "stack_bytes": spill_st,
-        "spills": "spill" in compiled.asm["ptx"].lower() or spill_st > 0,
-        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
-        "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "configs_of_variant": len(configs),
     }
+    src = ASTSource(kernel.fn, signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as e:  # a config that does not compile is a failed check, not a crashed report
+        record.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", problems=["compile error"])
+        return record
+    stats = cubin_stats(compiled.asm["cubin"])
+    # Triton allocates shared memory dynamically: the cubin's SHARED is only the static part.
+    record.update(stats, shared=compiled.metadata.shared + stats.pop("static_shared"))
+    record["problems"] = problems(record, variant, config.num_warps)
+    return record
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
+def problems(r: dict, variant: cm.Variant, num_warps: int) -> list[str]:
+    """The checks the issue asks for, per record; empty when all pass."""
+    out = []
+    if r["stack"] or r["local"]:
+        out.append(f"spills: STACK {r['stack']} B, LOCAL {r['local']} B per thread")
+    reg_budget = min(255, REGISTER_FILE // (32 * num_warps))
+    if r["registers"] > reg_budget:
+        out.append(f"{r['registers']} registers > {reg_budget} for {num_warps} warps")
+    if r["shared"] > SHARED_LIMIT[r["arch"]]:
+        out.append(f"shared {r['shared']} B > {SHARED_LIMIT[r['arch']]} B on sm_{r['arch']}")
+    want = cm.expected_tensor_ops(variant, r["arch"])
+    if sum(r[op] for op in want.split("+")) == 0:
+        out.append(f"no {want.upper().replace('+', '/')} (tensor-core) instruction")
+    return out
+
+
+def run(variants: list[cm.Variant], archs: list[int], jobs: int) -> list[dict]:
+    work = [(v, arch, i) for arch in archs for v in variants
+            for i in range(len(cm.configs_for(cm.KERNELS[v.kernel], v)))]
+    if jobs <= 1:
+        return [compile_one(w) for w in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(compile_one, work, chunksize=4))
+
+
+def _config_str(c: dict) -> str:
+    tiles = "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
+    return f"{tiles} w{c['num_warps']} s{c['num_stages']}"
+
+
+def table(records: list[dict]) -> str:
+    head = ("| target | kernel | variant | config | regs | shared KiB | stack/local B | HGMMA | HMMA | check |\n"
+            "|---|---|---|---|---:|---:|---:|---:|---:|---|\n")
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append(f"| sm_{r['arch']} | {r['kernel']} | {r['variant']} | {_config_str(r['config'])} "
+                        f"| | | | | | {r['error']} |")
+            continue
+        check = "; ".join(r["problems"]) or "ok"
+        rows.append(f"| sm_{r['arch']} | {r['kernel']} | {r['variant']} | {_config_str(r['config'])} "
+                    f"| {r['registers']} | {r['shared'] / 1024:.1f} | {r['stack']}/{r['local']} | {r['hgmma']} "
+                    f"| {r['hmma']} | {check} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="SM version: 80 (A100) or 90 (H100/H200)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--adapter-dtype", choices=sorted(DTYPES), help="default: --dtype (PEFT's is fp32)")
-    parser.add_argument("--json", type=Path, help="write the report here")
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the first")
+    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_LIMIT), default=[80, 90])
+    parser.add_argument("--matrix", choices=sorted(cm.MATRICES), default="ci", help="variants: compile_matrix.py")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels")
+    parser.add_argument("--dtype", nargs="+", help="only these base/adapter dtypes, e.g. bf16/fp32")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--out", type=Path, help="write sm_<arch>-triton-<version>.{md,json} into this folder")
+    parser.add_argument("--json", type=Path, help="write all records here")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a check fails")
+    parser.add_argument("--quiet", action="store_true", help="print only the failed rows and the summary")
     args = parser.parse_args(argv)
-    report = {}
-    for name, kernel, types, constexprs in kernel_specs(args.dtype, args.adapter_dtype):
-        configs = kernel.configs if args.all_configs else kernel.configs[:1]
-        for i, config in enumerate(configs):
-            r = compile_kernel(kernel, types, constexprs, args.arch, config)
-            report[name if i == 0 else f"{name}#{i}"] = r
-            dtypes = f"{args.dtype}/{args.adapter_dtype or args.dtype}"
-            print(f"sm_{args.arch} {dtypes} {name:18s} regs={r['registers']:3d} stack={r['stack_bytes']:4d} "
-                  f"HGMMA={r['hgmma']:3d} HMMA={r['hmma']:3d} {r['config']}")
+
+    variants = [v for v in cm.MATRICES[args.matrix]()
+                if (not args.kernel or v.kernel in args.kernel) and (not args.dtype or v.dtypes in args.dtype)]
+    start = time.perf_counter()
+    records = run(variants, args.arch, args.jobs)
+    wall = time.perf_counter() - start
+    failed = [r for r in records if r["problems"]]
+    print(table(failed if args.quiet else records), end="")
+    print(f"\n{len(records)} compiles ({len(variants)} variants × configs × sm_{'/sm_'.join(map(str, args.arch))}) "
+          f"with triton {triton.__version__} in {wall:.0f} s on {args.jobs} processes; {len(failed)} failed checks")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return report
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for arch in args.arch:
+            mine = [r for r in records if r["arch"] == arch]
+            stem = f"sm_{arch}-triton-{triton.__version__}"
+            (args.out / f"{stem}.json").write_text(json.dumps(mine, indent=1) + "\n")
+            title = f"# Compile report: sm_{arch}, triton {triton.__version__}, matrix `{args.matrix}`\n\n"
+            (args.out / f"{stem}.md").write_text(title + cm.LEGEND + "\n" + table(mine))
+    return 1 if args.check and failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -57,6 +57,8 @@ SKINNY_CONFIGS = pick([_SK_64x64, _SK_64x128, _SK_128x64, _SK_32x128], _SKINNY_I
 # - the dy pass with fp32 adapters: both 8-warp tiles spilled 8 B on sm_90 with triton 3.6 (255 registers:
 #   dY is used in two layouts, B and S split for 3xTF32);
 DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, _SK_32x128], _SKINNY_INTERP)
+# - the dy pass with half adapters at 32×128: rank 64 (BLOCK_R 64) spilled 288 B on sm_80 with triton 3.9;
+DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INTERP)
 # - S = x Aᵀ with half adapters at 32×128 and dA with fp32 adapters at 128×64 (no dropout, SPLIT_M 1) spill
 #   12-16 B with triton 3.9 only, at 80 and 128 registers: its ptxas 13.4 under Triton's
 #   --regAllocOptLevel=2 workaround; the same PTX through that ptxas without the flag has no stack, and
@@ -78,6 +80,8 @@ SKINNY_CONFIGS_FP32 = pick(
     ],
     _SKINNY_INTERP,
 )
+# The dy pass in fp32 also spilled 8 B at 128×32 with 8 warps on sm_80 (triton 3.6).
+DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
 
 
 def by_dtype(base: str, fp32_base: list[triton.Config], fp32_adapters=None, half_adapters=None):

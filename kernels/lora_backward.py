@@ -16,7 +16,9 @@ import triton.language as tl
 from .configs import (
     DA_CONFIGS_FP32_ADAPTERS,
     DX_CONFIGS,
+    DY_CONFIGS_FP32,
     DY_CONFIGS_FP32_ADAPTERS,
+    DY_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS_FP32,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
@@ -29,8 +31,9 @@ from .precision import dot_fp32
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "SPLIT_N"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
-                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", SKINNY_CONFIGS_FP32,
-                                                                   fp32_adapters=DY_CONFIGS_FP32_ADAPTERS)})
+                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
+                                                                   fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
+                                                                   half_adapters=DY_CONFIGS_HALF_ADAPTERS)})
 @triton.jit
 def lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr,

@@ -1,0 +1,241 @@
+"""Which kernel variants ``compile_report.py`` compiles, and their launch arguments as Triton's JIT sees them.
+
+A variant is one kernel with the constexprs and argument specialization a launcher in
+``fused_lora/triton_ops.py`` really produces. Triton's JIT specializes a launch on more than the
+constexprs: an int argument equal to 1 becomes the constant 1, an int or pointer divisible by 16 gets
+``tt.divisibility = 16`` (vectorized, TMA/cp.async-able loads). So the weight layouts compile differently:
+"linear" (N×K) has stride_wk == 1 and stride_wn == K, "conv1d" (K×N) the reverse, and a rank that is not a
+multiple of 16 (r=8, PEFT's default) loses the alignment of every stride over the rank. ``specialize``
+reproduces this with the JIT's own ``native_specialize_impl`` on the argument values of a transformer-shaped
+problem: K, N multiples of 16 (real projections are), M = 1000 tokens (not a multiple of 16: the general
+case; M only bounds masks along rows, never a contiguous axis), contiguous tensors, 16-byte aligned pointers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import native_specialize_impl
+
+
+def _load_kernels():
+    """``kernels/`` as a package without importing fused_lora (and torch): a triton-only venv can run this."""
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    spec = importlib.util.spec_from_file_location("fused_lora_kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+kernels = _load_kernels()
+KERNELS = {name: getattr(kernels, name) for name in
+           ("lora_down_kernel", "lora_fwd_kernel", "lora_dy_kernel", "lora_dx_kernel", "lora_da_kernel")}
+GEMM_KERNELS = ("lora_fwd_kernel", "lora_dx_kernel")  # M×N×K base GEMMs; the other three are rank-r skinny
+TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+M, N, K, SEED = 1000, 2304, 2048, 12345  # SEED: an i32 like draw_dropout_seed's, not a multiple of 16
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str
+    base: str = "bf16"          # x, W, y, dY, dX
+    adapter: str = "fp32"       # A, B: LoRALinear's default on a half base (as PEFT); else the base dtype
+    layout: str = "linear"      # weight layout, only read by the GEMM kernels
+    rank: int = 16              # → BLOCK_R = min(64, max(16, next_pow2(r))), and R's alignment
+    dropout: bool = True        # HAS_DROPOUT (p > 0)
+    bias: bool = True           # HAS_BIAS (forward), HAS_DBIAS (dy pass)
+    split: int = 2              # SPLIT_N (dy pass), SPLIT_M (dA); 1 = plain store, > 1 = atomics
+    need: str = "ds+db"         # the dy pass's NEED_DS / NEED_DB
+    tf32: bool = False          # torch.backends.cuda.matmul.allow_tf32: fp32 dots in TF32, else 3xTF32
+
+    @property
+    def dtypes(self) -> str:
+        return f"{self.base}/{self.adapter}"
+
+    def label(self) -> str:
+        parts = [self.dtypes]
+        if self.kernel in GEMM_KERNELS:
+            parts.append(self.layout)
+        parts.append(f"r{self.rank}")
+        if self.kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel"):
+            parts.append("drop" if self.dropout else "nodrop")
+        if self.kernel in ("lora_fwd_kernel", "lora_dy_kernel"):
+            parts.append("bias" if self.bias else "nobias")
+        if self.kernel in ("lora_dy_kernel", "lora_da_kernel"):
+            parts.append(f"split{self.split}")
+        if self.kernel == "lora_dy_kernel":
+            parts.append(self.need)
+        if self.tf32 and "fp32" in (self.base, self.adapter):
+            parts.append("tf32")
+        return " ".join(parts)
+
+
+def block_r(r: int, adapter: str) -> int:
+    """As ``triton_ops._block_r`` (tests/test_compile_targets.py checks they agree)."""
+    return 16 if adapter == "fp32" else min(64, max(16, triton.next_power_of_2(r)))
+
+
+def precision(dtype: str, tf32: bool) -> str:
+    """As ``triton_ops.dot_precision`` on a GPU (checked by tests/test_compile_targets.py)."""
+    return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "tf32"
+
+
+class Ptr(str):
+    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are)."""
+
+    def element_size(self) -> int:  # as torch.Tensor's, for the kernels' early_config_prune
+        return 4 if self == "fp32" else 2
+
+
+def launch_args(v: Variant) -> tuple[dict[str, object], dict[str, object]]:
+    """(runtime arguments by name, constexprs) as the launcher in triton_ops passes them for ``v``."""
+    R = v.rank
+    base, ad, f32 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32")
+    wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_ops._weight_strides
+    lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32), "BLOCK_R": block_r(R, v.adapter)}
+    gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32), **lora}
+    drop = {"seed": SEED, "p": 0.1 if v.dropout else 0.0, "drop_scale": 1 / 0.9 if v.dropout else 1.0}
+    bucket = triton.next_power_of_2(M)
+    if v.kernel == "lora_down_kernel":
+        args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, M=M, K=K, R=R, M_BUCKET=bucket, stride_xm=K, stride_xk=1,
+                    stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, **drop)
+        return args, {"HAS_DROPOUT": v.dropout, **lora}
+    if v.kernel == "lora_fwd_kernel":
+        args = dict(x_ptr=base, w_ptr=base, bias_ptr=base, s_ptr=f32, b_ptr=ad, y_ptr=base,
+                    M=M, N=N, K=K, R=R, M_BUCKET=bucket, stride_xm=K, stride_xk=1, stride_wk=wk, stride_wn=wn,
+                    stride_sm=R, stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, scaling=2.0)
+        return args, {"HAS_BIAS": v.bias, **gemm}
+    if v.kernel == "lora_dy_kernel":
+        need_ds, need_db = "ds" in v.need, "db" in v.need
+        # Buffers not needed are zeros(1, 1): strides (1, 1), specialized to the constant 1.
+        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, ds_ptr=f32, db_ptr=f32, dbias_ptr=f32,
+                    M=M, N=N, R=R, M_BUCKET=bucket, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
+                    stride_sm=R, stride_sr=1, stride_dsm=R if need_ds else 1, stride_dsr=1,
+                    stride_dbn=R if need_db else 1, stride_dbr=1, scaling=2.0)
+        return args, {"SPLIT_N": v.split, "HAS_DBIAS": v.bias, "NEED_DS": need_ds, "NEED_DB": need_db, **lora}
+    if v.kernel == "lora_dx_kernel":
+        args = dict(dy_ptr=base, w_ptr=base, ds_ptr=f32, a_ptr=ad, dx_ptr=base, M=M, N=N, K=K, R=R,
+                    M_BUCKET=bucket, stride_dym=N, stride_dyn=1, stride_wk=wk, stride_wn=wn, stride_dsm=R,
+                    stride_dsr=1, stride_ar=K, stride_ak=1, stride_dxm=K, stride_dxk=1, **drop)
+        return args, {"HAS_DROPOUT": v.dropout, **gemm}
+    if v.kernel == "lora_da_kernel":
+        args = dict(ds_ptr=f32, x_ptr=base, da_ptr=f32, M=M, K=K, R=R, M_BUCKET=bucket, stride_dsm=R, stride_dsr=1,
+                    stride_xm=K, stride_xk=1, stride_dar=K, stride_dak=1, **drop)
+        return args, {"SPLIT_M": v.split, "HAS_DROPOUT": v.dropout, **lora}
+    raise KeyError(v.kernel)
+
+
+def configs_for(kernel, v: Variant) -> list[triton.Config]:
+    """The configs the autotuner may pick for ``v``: its list after the kernel's early pruning, if any."""
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is None:
+        return list(kernel.configs)
+    args, consts = launch_args(v)
+    return list(prune(kernel.configs, args, **consts))  # as Autotuner.prune_configs calls it
+
+
+def specialize(fn, v: Variant, config: triton.Config):
+    """(signature, constexprs, attrs) for ASTSource, specialized as the JIT specializes the launch."""
+    args, constexprs = launch_args(v)
+    constexprs = {**constexprs, **config.kwargs}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, Ptr):
+            ty, spec = f"*{value}", "D"
+        else:  # the JIT's own rule: == 1 → constant, % 16 == 0 → divisibility 16; floats unspecialized
+            ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        if ty == "constexpr":
+            signature[name], constexprs[name] = "constexpr", spec
+        else:
+            signature[name] = ty
+            if spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def expected_tensor_ops(v: Variant, arch: int) -> str:
+    """The tensor-core instructions a variant must contain. Every dot has tensor-core inputs (half, or
+    fp32 as TF32/3xTF32): sm_80 has only mma.sync (HMMA); on sm_90 the base GEMMs must use Hopper's
+    warpgroup MMA (HGMMA), the rank-r kernels either (Triton lowers 32-row tiles and some transposed
+    operands to mma.sync)."""
+    if arch == 80:
+        return "hmma"
+    return "hgmma" if v.kernel in GEMM_KERNELS else "hgmma+hmma"
+
+
+def _product(kernel: str, **axes) -> list[Variant]:
+    names = list(axes)
+    return [Variant(kernel, **dict(zip(names, values, strict=True))) for values in itertools.product(*axes.values())]
+
+
+DTYPES = [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32")]
+CI_DTYPES = [("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")]  # see ci_matrix
+
+
+def full_matrix() -> list[Variant]:
+    """Every axis value the launchers can produce (ranks 8/16/32/64 cover every BLOCK_R and both alignments)."""
+    out = []
+    for (b, a), kernel in itertools.product(DTYPES, KERNELS):
+        layouts = ["linear", "conv1d"] if kernel in GEMM_KERNELS else ["linear"]
+        common = dict(base=[b], adapter=[a], layout=layouts, rank=[8, 16, 32, 64])
+        if kernel in ("lora_down_kernel", "lora_dx_kernel"):
+            out += _product(kernel, dropout=[True, False], **common)
+        elif kernel == "lora_fwd_kernel":
+            out += _product(kernel, bias=[True, False], **common)
+        elif kernel == "lora_dy_kernel":
+            out += _product(kernel, bias=[True, False], split=[1, 2], need=["ds+db", "ds", "db"], **common)
+        else:
+            out += _product(kernel, dropout=[True, False], split=[1, 2], **common)
+    return out
+
+
+def ci_matrix() -> list[Variant]:
+    """The distinct variants CI compiles, each at every autotune config, for sm_80 and sm_90.
+
+    A cold compile costs ~2 s of CPU (LLVM and ptxas), so the full product (520 variants × 4 configs × 2 targets) is
+    out of a CI budget; what is kept is what changes the code the checks look at:
+    - every dtype pair LoRALinear produces except fp16/fp16: base bf16, fp16, fp32 with fp32 adapters (its
+      default on a half base, as PEFT) and adapters in the base dtype for bf16 and fp32. fp16/fp16 lowers
+      to the same MMA shapes, layouts and pipelining as bf16/bf16 (only the cvt opcode differs);
+    - both weight layouts for the GEMM kernels (they swap which stride is the constant 1);
+    - the heavy form of every flag (dropout, bias, dbias, both dy outputs, SPLIT > 1: atomics), whose code
+      contains the light form's, and rank 16 (BLOCK_R 16, the common rank);
+    - rank 64 with bf16 adapters (BLOCK_R 64: the largest rank-r tiles; fp32 adapters always take 16-rank
+      chunks, so their rank 64 compiles as rank 16) for every kernel, and, at the default dtypes, the light
+      forms that change the data path rather than drop code: no dropout (x goes straight from shared memory
+      into the MMA) and SPLIT 1 (a plain store epilogue).
+    Not compiled in CI: bias off and single-output dy passes (strict subsets of the code), rank 8 (only the
+    rank strides lose their 16-alignment), TF32 on (one MMA where 3xTF32 has two or three), fp16/fp16.
+    ``--matrix full`` compiles all of them.
+    """
+    out = []
+    for (b, a), kernel in itertools.product(CI_DTYPES, KERNELS):
+        for layout in (["linear", "conv1d"] if kernel in GEMM_KERNELS else ["linear"]):
+            out.append(Variant(kernel, base=b, adapter=a, layout=layout))
+    out += [Variant(kernel, adapter="bf16", rank=64) for kernel in KERNELS]
+    out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel")]
+    out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False)]
+    return out
+
+
+MATRICES = {"ci": ci_matrix, "full": full_matrix}
+LEGEND = """Variant: base/adapter dtypes, weight layout (GEMM kernels), rank r (BLOCK_R = 16 for r ≤ 16 and
+for fp32 adapters, else r up to 64; r = 8 also drops the 16-alignment of the rank strides), dropout, bias,
+SPLIT_N/SPLIT_M, the dy pass's outputs. Config: BLOCK_M×BLOCK_N×BLOCK_K (skinny kernels: BLOCK_M×BLOCK_K),
+warps, pipeline stages. Shared memory as Triton allocates it (the kernel's metadata plus the cubin's static
+part); stack/local: spill bytes per thread. Refresh: `python bench/compile_report.py --out
+bench/results/compile` (see bench/README.md).
+"""

@@ -148,7 +148,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_LIMIT), default=[80, 90])
     parser.add_argument("--matrix", choices=sorted(cm.MATRICES), default="ci", help="variants: compile_matrix.py")
     parser.add_argument("--kernel", nargs="+", help="only these kernels")

@@ -59,4 +59,4 @@ def test_tf32_follows_torch_switch():
     x, w, _, a, b = problem
     ref = (x.double() @ w.double().t() + 2.0 * (x.double() @ a.double().t()) @ b.double().t())
     y = fused_lora_linear(x, w, None, a, b, 2.0)
-    assert (y.double() - ref).abs().max().item() < 1e-3  # IEEE fp32 by default, like torch.matmul
+    assert (y.double() - ref).abs().max().item() < 1e-3  # 3xTF32 by default: about fp32 accuracy

@@ -59,3 +59,24 @@ def reference_pair(x, weight, bias, lora_A, lora_B, scaling, weight_layout, mask
         results.append({"y": y.detach(), "dx": xs.grad, "dA": As.grad, "dB": Bs.grad,
                         "dbias": bs.grad if bs is not None else None})
     return results
+
+
+def assert_matches_references(y, x, weight, bias, lora_A, lora_B, ref: dict, same: dict,
+                              scales: dict | None = None) -> None:
+    """y and the gradients left on x, lora_A, lora_B and bias against ``reference_pair``'s results: the
+    same gradients present, the same dtypes, errors within the rule; the frozen weight gets no gradient.
+    ``scales``: the atol's scale per result (default: the reference's largest magnitude)."""
+    got = {"y": y.detach(), "dx": x.grad, "dA": lora_A.grad, "dB": lora_B.grad,
+           "dbias": bias.grad if bias is not None else None}
+    assert weight.grad is None
+    for name, value in got.items():
+        if ref[name] is None:
+            assert value is None, f"{name} should not have a gradient"
+            continue
+        assert value is not None, f"{name} is missing"
+        assert value.dtype == same[name].dtype, f"{name}: dtype {value.dtype} != {same[name].dtype}"
+        if not ref[name].numel():
+            scale = 1.0
+        else:
+            scale = (scales[name] if scales is not None else ref[name].abs()).max().item()
+        assert_within_torch_error(name, value, same[name], ref[name], atol_for(value.dtype, scale))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_within_torch_error, atol_for, reference_pair
+from helpers import BACKENDS, assert_matches_references, reference_pair
 
 from fused_lora import dropout_mask, fused_lora_linear
 
@@ -38,17 +38,7 @@ def run_and_check(x, weight, bias, lora_A, lora_B, scaling, p, layout, backend, 
         mask = dropout_mask(seed, (x.numel() // x.shape[-1], x.shape[-1]), p, x.device, backend=backend)
         mask = mask.view(x.shape)
     ref, same = reference_pair(x, weight, bias, lora_A, lora_B, scaling, layout, mask, grad_out)
-    got = {"y": y.detach(), "dx": x.grad, "dA": lora_A.grad, "dB": lora_B.grad,
-           "dbias": bias.grad if bias is not None else None}
-    assert weight.grad is None
-    for name, value in got.items():
-        if ref[name] is None:
-            assert value is None, f"{name} should not have a gradient"
-            continue
-        assert value is not None, f"{name} is missing"
-        assert value.dtype == same[name].dtype, f"{name}: dtype {value.dtype} != {same[name].dtype}"
-        scale = ref[name].abs().max().item() if ref[name].numel() else 1.0
-        assert_within_torch_error(name, value, same[name], ref[name], atol_for(value.dtype, scale))
+    assert_matches_references(y, x, weight, bias, lora_A, lora_B, ref, same)
     return y
 
 

@@ -27,7 +27,7 @@ import os
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_within_torch_error, atol_for, reference_pair
+from helpers import BACKENDS, assert_matches_references, reference_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from property_regressions import REGRESSIONS, Case
@@ -120,17 +120,7 @@ def check(case: Case, backend: str) -> None:
         mask = mask.view(x.shape)
     ref, same = reference_pair(x, weight, bias, lora_A, lora_B, case.scaling, case.layout, mask, grad_out)
     magnitude = magnitudes(x, weight, bias, lora_A, lora_B, case.scaling, case.layout, mask, grad_out)
-    got = {"y": y.detach(), "dx": x.grad, "dA": lora_A.grad, "dB": lora_B.grad,
-           "dbias": bias.grad if bias is not None else None}
-    assert weight.grad is None
-    for name, value in got.items():
-        if ref[name] is None:
-            assert value is None, f"{name} should not have a gradient"
-            continue
-        assert value is not None, f"{name} is missing"
-        assert value.dtype == same[name].dtype, f"{name}: dtype {value.dtype} != {same[name].dtype}"
-        scale = magnitude[name].max().item() if ref[name].numel() else 1.0
-        assert_within_torch_error(name, value, same[name], ref[name], atol_for(value.dtype, scale))
+    assert_matches_references(y, x, weight, bias, lora_A, lora_B, ref, same, scales=magnitude)
 
 
 def magnitudes(x, weight, bias, lora_A, lora_B, scaling, layout, mask, grad_out) -> dict:

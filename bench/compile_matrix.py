@@ -38,8 +38,10 @@ def _load_kernels():
 
 kernels = _load_kernels()
 KERNELS = {name: getattr(kernels, name) for name in
-           ("lora_down_kernel", "lora_fwd_kernel", "lora_dy_kernel", "lora_dx_kernel", "lora_da_kernel")}
+           ("lora_down_kernel", "lora_fwd_kernel", "lora_dy_kernel", "lora_dx_kernel", "lora_da_kernel",
+            "lora_up_add_kernel", "lora_dx_add_kernel")}
 GEMM_KERNELS = ("lora_fwd_kernel", "lora_dx_kernel")  # M×N×K base GEMMs; the other three are rank-r skinny
+ADD_KERNELS = ("lora_up_add_kernel", "lora_dx_add_kernel")  # the composed path's in-place rank-r adds
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 M, N, K, SEED = 1000, 2304, 2048, 12345  # SEED: an i32 like draw_dropout_seed's, not a multiple of 16
 
@@ -56,6 +58,7 @@ class Variant:
     split: int = 2              # SPLIT_N (dy pass), SPLIT_M (dA); 1 = plain store, > 1 = atomics
     need: str = "ds+db"         # the dy pass's NEED_DS / NEED_DB
     tf32: bool = False          # torch.backends.cuda.matmul.allow_tf32: fp32 dots in TF32, else 3xTF32
+    wide: bool = False          # WIDE: int64 offsets (a tensor of the launch spans >= 2³¹ elements)
 
     @property
     def dtypes(self) -> str:
@@ -66,7 +69,7 @@ class Variant:
         if self.kernel in GEMM_KERNELS:
             parts.append(self.layout)
         parts.append(f"r{self.rank}")
-        if self.kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel"):
+        if self.kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_dx_add_kernel"):
             parts.append("drop" if self.dropout else "nodrop")
         if self.kernel in ("lora_fwd_kernel", "lora_dy_kernel"):
             parts.append("bias" if self.bias else "nobias")
@@ -76,6 +79,8 @@ class Variant:
             parts.append(self.need)
         if self.tf32 and "fp32" in (self.base, self.adapter):
             parts.append("tf32")
+        if self.wide:
+            parts.append("wide")
         return " ".join(parts)
 
 
@@ -84,25 +89,37 @@ def block_r(r: int, adapter: str) -> int:
     return 16 if adapter == "fp32" else min(64, max(16, triton.next_power_of_2(r)))
 
 
-def precision(dtype: str, tf32: bool) -> str:
-    """As ``triton_ops.dot_precision`` on a GPU (checked by tests/test_compile_targets.py)."""
+def precision(dtype: str, tf32: bool, arch: int = 90) -> str:
+    """As ``triton_ops.dot_precision`` on a GPU of ``arch`` (checked by tests/test_compile_targets.py)."""
+    if arch < 80:
+        return "ieee"
     return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "tf32"
 
 
 class Ptr(str):
-    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are)."""
+    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are). ``arch``: the
+    target, which the kernels' config pruning reads from a real launch's device."""
+
+    arch: int = 90
 
     def element_size(self) -> int:  # as torch.Tensor's, for the kernels' early_config_prune
         return 4 if self == "fp32" else 2
 
 
-def launch_args(v: Variant) -> tuple[dict[str, object], dict[str, object]]:
-    """(runtime arguments by name, constexprs) as the launcher in triton_ops passes them for ``v``."""
+def _ptr(dtype: str, arch: int) -> Ptr:
+    p = Ptr(dtype)
+    p.arch = arch
+    return p
+
+
+def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str, object]]:
+    """(runtime arguments by name, constexprs) as the launcher in triton_ops passes them for ``v`` on ``arch``."""
     R = v.rank
-    base, ad, f32 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32")
+    base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_ops._weight_strides
-    lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32), "BLOCK_R": block_r(R, v.adapter)}
-    gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32), **lora}
+    lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
+            "BLOCK_R": block_r(R, v.adapter), "WIDE": v.wide}
+    gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
     drop = {"seed": SEED, "p": 0.1 if v.dropout else 0.0, "drop_scale": 1 / 0.9 if v.dropout else 1.0}
     bucket = triton.next_power_of_2(M)
     if v.kernel == "lora_down_kernel":
@@ -110,9 +127,10 @@ def launch_args(v: Variant) -> tuple[dict[str, object], dict[str, object]]:
                     stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, **drop)
         return args, {"HAS_DROPOUT": v.dropout, **lora}
     if v.kernel == "lora_fwd_kernel":
-        args = dict(x_ptr=base, w_ptr=base, bias_ptr=base, s_ptr=f32, b_ptr=ad, y_ptr=base,
+        args = dict(x_ptr=base, w_ptr=base, bias_ptr=base if v.bias else f32, s_ptr=f32, b_ptr=ad, y_ptr=base,
                     M=M, N=N, K=K, R=R, M_BUCKET=bucket, stride_xm=K, stride_xk=1, stride_wk=wk, stride_wn=wn,
-                    stride_sm=R, stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, scaling=2.0)
+                    stride_sm=R, stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, stride_bias=1,
+                    scaling=2.0)
         return args, {"HAS_BIAS": v.bias, **gemm}
     if v.kernel == "lora_dy_kernel":
         need_ds, need_db = "ds" in v.need, "db" in v.need
@@ -121,7 +139,7 @@ def launch_args(v: Variant) -> tuple[dict[str, object], dict[str, object]]:
                     M=M, N=N, R=R, M_BUCKET=bucket, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
                     stride_sm=R, stride_sr=1, stride_dsm=R if need_ds else 1, stride_dsr=1,
                     stride_dbn=R if need_db else 1, stride_dbr=1, scaling=2.0)
-        return args, {"SPLIT_N": v.split, "HAS_DBIAS": v.bias, "NEED_DS": need_ds, "NEED_DB": need_db, **lora}
+        return args, {"DS_ATOMIC": v.split > 1, "HAS_DBIAS": v.bias, "NEED_DS": need_ds, "NEED_DB": need_db, **lora}
     if v.kernel == "lora_dx_kernel":
         args = dict(dy_ptr=base, w_ptr=base, ds_ptr=f32, a_ptr=ad, dx_ptr=base, M=M, N=N, K=K, R=R,
                     M_BUCKET=bucket, stride_dym=N, stride_dyn=1, stride_wk=wk, stride_wn=wn, stride_dsm=R,
@@ -130,22 +148,33 @@ def launch_args(v: Variant) -> tuple[dict[str, object], dict[str, object]]:
     if v.kernel == "lora_da_kernel":
         args = dict(ds_ptr=f32, x_ptr=base, da_ptr=f32, M=M, K=K, R=R, M_BUCKET=bucket, stride_dsm=R, stride_dsr=1,
                     stride_xm=K, stride_xk=1, stride_dar=K, stride_dak=1, **drop)
-        return args, {"SPLIT_M": v.split, "HAS_DROPOUT": v.dropout, **lora}
+        return args, {"DA_ATOMIC": v.split > 1, "HAS_DROPOUT": v.dropout, **lora}
+    if v.kernel == "lora_up_add_kernel":
+        args = dict(y_ptr=base, s_ptr=f32, b_ptr=ad, M=M, N=N, R=R, M_BUCKET=bucket, stride_ym=N, stride_yn=1,
+                    stride_sm=R, stride_sr=1, stride_bn=R, stride_br=1, scaling=2.0)
+        return args, lora
+    if v.kernel == "lora_dx_add_kernel":
+        args = dict(dx_ptr=base, ds_ptr=f32, a_ptr=ad, M=M, K=K, R=R, M_BUCKET=bucket, stride_dxm=K, stride_dxk=1,
+                    stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1, **drop)
+        return args, {"HAS_DROPOUT": v.dropout, **lora}
     raise KeyError(v.kernel)
 
 
-def configs_for(kernel, v: Variant) -> list[triton.Config]:
-    """The configs the autotuner may pick for ``v``: its list after the kernel's early pruning, if any."""
+def configs_for(kernel, v: Variant, arch: int = 90) -> list[triton.Config]:
+    """The configs the autotuner may pick for ``v`` on ``arch``: its list after the kernel's early pruning."""
     prune = getattr(kernel, "early_config_prune", None)
     if prune is None:
         return list(kernel.configs)
-    args, consts = launch_args(v)
+    args, consts = launch_args(v, arch)
     return list(prune(kernel.configs, args, **consts))  # as Autotuner.prune_configs calls it
 
 
-def specialize(fn, v: Variant, config: triton.Config):
-    """(signature, constexprs, attrs) for ASTSource, specialized as the JIT specializes the launch."""
-    args, constexprs = launch_args(v)
+def specialize(fn, v: Variant, config: triton.Config, overrides: dict[str, object] | None = None,
+               arch: int = 90):
+    """(signature, constexprs, attrs) for ASTSource, specialized as the JIT specializes the launch on ``arch``;
+    ``overrides`` replaces runtime argument values (tests: another M or seed must give the same signature)."""
+    args, constexprs = launch_args(v, arch)
+    args = {**args, **(overrides or {})}
     constexprs = {**constexprs, **config.kwargs}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -155,8 +184,10 @@ def specialize(fn, v: Variant, config: triton.Config):
         value = args[name]
         if isinstance(value, Ptr):
             ty, spec = f"*{value}", "D"
-        else:  # the JIT's own rule: == 1 → constant, % 16 == 0 → divisibility 16; floats unspecialized
-            ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        else:  # the JIT's own rule: == 1 → constant, % 16 == 0 → divisibility 16; floats unspecialized;
+            # none of it for the kernel's do_not_specialize arguments (M, its bucket, the seed)
+            specialize_value = not fn.params[i].do_not_specialize
+            ty, spec = native_specialize_impl(BaseBackend, value, False, specialize_value, specialize_value)
         if ty == "constexpr":
             signature[name], constexprs[name] = "constexpr", spec
         else:
@@ -166,14 +197,36 @@ def specialize(fn, v: Variant, config: triton.Config):
     return signature, constexprs, attrs
 
 
+ARCHS = (75, 80, 86, 89, 90, 100, 120)
+SHARED_PER_BLOCK = kernels.configs.SHARED_PER_BLOCK
+
+
 def expected_tensor_ops(v: Variant, arch: int) -> str:
-    """The tensor-core instructions a variant must contain. Every dot has tensor-core inputs (half, or
-    fp32 as TF32/3xTF32): sm_80 has only mma.sync (HMMA); on sm_90 the base GEMMs must use Hopper's
-    warpgroup MMA (HGMMA), the rank-r kernels either (Triton lowers 32-row tiles and some transposed
-    operands to mma.sync)."""
-    if arch == 80:
-        return "hmma"
-    return "hgmma" if v.kernel in GEMM_KERNELS else "hgmma+hmma"
+    """The tensor-core instructions a variant must contain ("" = none required). Every dot has tensor-core inputs
+    (half, or fp32 as TF32/3xTF32):
+    - sm_75 (Turing): none. Triton lowers ``tl.dot`` to FMA before sm_80 (its AccelerateMatmul pass: "Dot op using
+      MMA for compute capability 75 has been deprecated. It falls back to the FMA path"), so no kernel of ours has
+      HMMA there; the package runs cuBLAS's base GEMM on Turing (backend.resolve_gemm) and these rank-r kernels
+      with FMA dots (memory-bound, so what is checked there is that they do not spill);
+    - sm_80, sm_86, sm_89, sm_120: mma.sync (HMMA) only (consumer Blackwell has no tcgen05; checked in its SASS);
+    - sm_90: the base GEMMs must use Hopper's warpgroup MMA (HGMMA), the rank-r kernels either (Triton lowers
+      32-row tiles and some transposed operands to mma.sync);
+    - sm_100: Blackwell's tcgen05 MMA (UTCHMMA in SASS) in the base GEMMs, tcgen05 or HMMA in the others."""
+    if arch < 80:
+        return ""
+    if arch == 90:
+        return "hgmma" if v.kernel in GEMM_KERNELS else "hgmma+hmma"
+    if arch == 100:
+        return "utcmma" if v.kernel in GEMM_KERNELS else "utcmma+hmma"
+    return "hmma"
+
+
+def launched_on(v: Variant, arch: int) -> bool:
+    """Whether the package launches ``v`` on ``arch`` (fused_lora.backend: ``auto`` runs cuBLAS's base GEMM on
+    Turing, so not the GEMM kernels, and no kernels with bf16 inputs there: the PyTorch path serves bf16)."""
+    if arch < 80:
+        return v.kernel not in GEMM_KERNELS and v.base != "bf16" and v.adapter != "bf16"
+    return True
 
 
 def _product(kernel: str, **axes) -> list[Variant]:
@@ -197,6 +250,10 @@ def full_matrix() -> list[Variant]:
             out += _product(kernel, bias=[True, False], **common)
         elif kernel == "lora_dy_kernel":
             out += _product(kernel, bias=[True, False], split=[1, 2], need=["ds+db", "ds", "db"], **common)
+        elif kernel == "lora_up_add_kernel":
+            out += _product(kernel, **common)
+        elif kernel == "lora_dx_add_kernel":
+            out += _product(kernel, dropout=[True, False], **common)
         else:
             out += _product(kernel, dropout=[True, False], split=[1, 2], **common)
     return out
@@ -217,6 +274,7 @@ def ci_matrix() -> list[Variant]:
       chunks, so their rank 64 compiles as rank 16) for every kernel, and, at the default dtypes, the light
       forms that change the data path rather than drop code: no dropout (x goes straight from shared memory
       into the MMA) and SPLIT 1 (a plain store epilogue).
+    - every kernel's WIDE variant (int64 offsets) at the default dtypes.
     Not compiled in CI: bias off and single-output dy passes (strict subsets of the code), rank 8 (only the
     rank strides lose their 16-alignment), TF32 on (one MMA where 3xTF32 has two or three), fp16/fp16.
     ``--matrix full`` compiles all of them.
@@ -228,10 +286,32 @@ def ci_matrix() -> list[Variant]:
     out += [Variant(kernel, adapter="bf16", rank=64) for kernel in KERNELS]
     out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel")]
     out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False)]
+    out += [Variant(kernel, wide=True) for kernel in KERNELS]  # int64 offsets: the rare launch past 2³¹ elements
     return out
 
 
-MATRICES = {"ci": ci_matrix, "full": full_matrix}
+def sample_matrix() -> list[Variant]:
+    """A small matrix for every arch in CI (``ci_matrix`` for all seven archs is over CI's time budget): each kernel
+    at the default dtypes (bf16 base, fp32 adapters; fp16 on Turing, which runs no bf16 kernels) with every heavy
+    flag, and at rank 64 with half adapters (BLOCK_R 64: the most registers and shared memory of the rank-r tiles).
+    ``launched_on`` drops what an arch does not run."""
+    out = []
+    for kernel in KERNELS:
+        out += [Variant(kernel), Variant(kernel, adapter="bf16", rank=64)]
+        out += [Variant(kernel, base="fp16"), Variant(kernel, base="fp16", adapter="fp16", rank=64)]
+    return out
+
+
+def variants_for(matrix: str, arch: int) -> list[Variant]:
+    """The variants of ``matrix`` that the package launches on ``arch``. In the sample, fp16 bases stand in for bf16
+    only on Turing."""
+    variants = [v for v in MATRICES[matrix]() if launched_on(v, arch)]
+    if matrix == "sample" and arch >= 80:
+        variants = [v for v in variants if v.base != "fp16"]
+    return variants
+
+
+MATRICES = {"ci": ci_matrix, "full": full_matrix, "sample": sample_matrix}
 LEGEND = """Variant: base/adapter dtypes, weight layout (GEMM kernels), rank r (BLOCK_R = 16 for r ≤ 16 and
 for fp32 adapters, else r up to 64; r = 8 also drops the 16-alignment of the rank strides), dropout, bias,
 SPLIT_N/SPLIT_M, the dy pass's outputs. Config: BLOCK_M×BLOCK_N×BLOCK_K (skinny kernels: BLOCK_M×BLOCK_K),

@@ -5,7 +5,7 @@
 """
 
 from .adapters import load_adapter, read_adapter_config, save_adapter
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, FallbackWarning, resolve_backend
 from .config import LoRAConfig
 from .functional import LoRALinearFunction, draw_dropout_seed, dropout_mask, fused_lora_linear
 from .injector import (
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FallbackWarning",
     "LoRAConfig",
     "LoRALinear",
     "LoRALinearFunction",

@@ -2,8 +2,12 @@
 
     y = x Wᵀ + b + scaling · B A dropout(x)
 
-Saved for backward: x (a 2-D view of it), S = dropout(x) Aᵀ (M×r), the dropout seed, and the
-parameters. No mask and no dropped copy of x: the backward regenerates the mask from the seed.
+Saved for backward: x, S = dropout(x) Aᵀ (M×r), the dropout seed, and the parameters. No mask and no dropped
+copy of x: the backward regenerates the mask from the seed.
+
+Every autograd mode works: ``backward(create_graph=True)`` takes a differentiable backward made of plain ops
+(same mask); under torch.func transforms (grad, vmap, jvp) and forward-mode AD the call runs PEFT's plain ops
+instead of the Function (same semantics; ``nn.functional.dropout`` draws the mask there).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 
 import torch
 
-from .backend import backend_ops, resolve_backend
+from .backend import backend_ops, resolve_backend, resolve_gemm
 
 WEIGHT_LAYOUTS = ("linear", "conv1d")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,25 +41,47 @@ def _s_dtype(backend: str, lora_A: torch.Tensor) -> torch.dtype:
     return torch.float32 if backend == "triton" else lora_A.dtype
 
 
-# The two entry points below are registered as custom ops so that torch.compile(fullgraph=True) sees one
-# opaque node per direction instead of tracing into Triton launches (autotuning, atomics buffers) or
-# breaking the graph. Autocast is switched off inside: the Function has already chosen the dtypes, and
-# the fp32 rank-r GEMMs of fp32 adapters must not be re-cast to half by autocast.
+def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm):
+    """The backend's forward with autocast off: the Function has already chosen the dtypes, and the fp32 rank-r
+    GEMMs of fp32 adapters must not be re-cast to half by autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend,
+                                gemm)
+    y, s = backend_ops(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_value(seed),
+                                        weight_layout, gemm)
+    return y, s.to(_s_dtype(backend, lora_A))
+
+
+def _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend, gemm,
+                  need_dx, need_da, need_db, need_dbias):
+    """(dX, dA, dB, dbias fp32), None where not needed; autocast off as in :func:`_run_forward`."""
+    if torch.is_autocast_enabled(dy.device.type):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend,
+                                 gemm, need_dx, need_da, need_db, need_dbias)
+    grads = backend_ops(backend).backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, _seed_value(seed),
+                                          weight_layout, need_dx, need_da, need_db, need_dbias, gemm)
+    dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32)
+    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
+
+
+# Under torch.compile the two directions are custom ops, so that torch.compile(fullgraph=True) sees one opaque node
+# per direction instead of tracing into Triton launches (autotuning, atomics buffers) or breaking the graph. In
+# eager mode the Function calls the backends directly: a custom op's dispatch costs tens of microseconds per call
+# (issue 14), which small layers on a GPU would wait for.
 
 
 @torch.library.custom_op("fused_lora::lora_forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str, backend: str,
+    scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str, backend: str, gemm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast(x.device.type, enabled=False):
-        y, s = backend_ops(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                            _seed_value(seed), weight_layout)
-    return y, s.to(_s_dtype(backend, lora_A))
+    return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm):
     return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0],
                                                                  dtype=_s_dtype(backend, lora_A))
 
@@ -64,19 +90,16 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, 
 def _backward_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str,
-    backend: str, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
+    backend: str, gemm: str, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX in x's dtype, dA in A's, dB in B's, dbias fp32); an empty tensor for each one not needed."""
-    with torch.autocast(dy.device.type, enabled=False):
-        grads = backend_ops(backend).backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p,
-                                              _seed_value(seed), weight_layout, need_dx, need_da, need_db,
-                                              need_dbias)
-    dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32)
-    return tuple(dy.new_empty(0) if g is None else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
+    grads = _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend, gemm,
+                          need_dx, need_da, need_db, need_dbias)
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend,
+def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend, gemm,
       need_dx, need_da, need_db, need_dbias):
     empty = dy.new_empty(0)
     return (x.new_empty(x.shape) if need_dx else empty,
@@ -85,17 +108,52 @@ def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout,
             dy.new_empty(lora_B.shape[0], dtype=torch.float32) if need_dbias else empty)
 
 
+def _differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed):
+    """The gradients as plain autograd ops, for ``backward(create_graph=True)`` (gradient penalties, Hessian-vector
+    products): their own graph reaches x, A, B and dY, so a second derivative is exact. Same mask as the forward
+    (the backend's, from the seed); S is recomputed from x and A rather than read from the forward's buffer, which
+    is outside the graph."""
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    x_a = x2d.to(lora_A.dtype)
+    if ctx.dropout_p > 0:
+        mask = backend_ops(ctx.backend).dropout_mask(_seed_value(seed), tuple(x2d.shape), ctx.dropout_p, x.device)
+        x_a = x_a * mask.to(x_a.dtype)
+    else:
+        mask = None
+    dy_a = dy2d.to(lora_A.dtype)
+    ds = (dy_a @ lora_B) * ctx.scaling
+    need_dx, _, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+    dx = da = db = dbias = None
+    if need_dx:
+        w = weight if ctx.weight_layout == "linear" else weight.t()  # N×K
+        lora_dx = ds @ lora_A
+        if mask is not None:
+            lora_dx = lora_dx * mask.to(lora_dx.dtype)
+        dx = (dy2d @ w.to(dy2d.dtype) + lora_dx.to(dy2d.dtype)).to(x.dtype).view(x.shape)
+    if need_da:
+        da = ds.t() @ x_a
+    if need_db:
+        db = (dy_a.t() @ (x_a @ lora_A.t())) * ctx.scaling
+    if need_dbias:
+        dbias = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return dx, None, dbias, da, db, None, None, None, None, None, None
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd Function of the fused LoRA linear layer. Use :func:`fused_lora_linear`, which validates
     its inputs and draws the dropout seed, rather than calling ``apply`` directly."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm):
         x2d = x.reshape(-1, x.shape[-1])
-        y, s = _forward_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, s, seed)
+        run = _forward_op if torch.compiler.is_compiling() else _run_forward
+        y, s = run(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm)
+        # x itself, not its 2-D view: an input of the Function stays connected to the graph when a backward with
+        # create_graph=True reads it back (a view made in here would not be).
+        ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_layout, ctx.backend = scaling, dropout_p, weight_layout, backend
-        ctx.x_shape = x.shape
+        ctx.gemm = gemm
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # _unsafe_view, as torch.matmul does for N-D inputs: the output is not an autograd view of the 2-D
         # result, so wrappers that hook module outputs (FSDP2 warns on views) and in-place ops on y work.
@@ -103,15 +161,45 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): a backward that is itself differentiable
+            return _differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed)
         need_dx, _, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        dx, da, db, dbias = _backward_op(
-            dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed,
-            ctx.weight_layout, ctx.backend, need_dx, need_da, need_db, need_dbias,
-        )
-        return (dx.view(ctx.x_shape) if need_dx else None, None,
+        args = (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, s, ctx.scaling,
+                ctx.dropout_p, seed, ctx.weight_layout, ctx.backend, ctx.gemm, need_dx, need_da, need_db, need_dbias)
+        if torch.compiler.is_compiling():
+            dx, da, db, dbias = _backward_op(*args)
+        else:
+            dx, da, db, dbias = _run_backward(*args)
+        return (dx.view(x.shape) if need_dx else None, None,
                 dbias.to(ctx.bias_dtype) if need_dbias else None,
-                da if need_da else None, db if need_db else None, None, None, None, None, None)
+                da if need_da else None, db if need_db else None, None, None, None, None, None, None)
+
+
+def _in_function_transform(tensors) -> bool:
+    """Whether a call runs under torch.func (grad, vmap, jvp, functional_call per-sample gradients) or with
+    forward-mode AD tangents: what an autograd Function with custom ops does not support, and PEFT's plain ops do."""
+    if torch.compiler.is_compiling():
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if any(t is not None and is_wrapped(t) for t in tensors):
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): any input with a tangent?
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
+def _plain_ops(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout) -> torch.Tensor:
+    """PEFT's computation, op for op (``result = base(x); result = result + lora_B(lora_A(dropout(x))) * scaling``,
+    then back to the result's dtype): differentiable by every autograd mode and transform. Dropout is
+    ``nn.functional.dropout``, so torch.func.vmap asks for ``randomness=`` exactly as it does with PEFT."""
+    w = weight if weight_layout == "linear" else weight.t()
+    result = torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    x_a = x.to(lora_A.dtype)
+    if p > 0:
+        x_a = torch.nn.functional.dropout(x_a, p, training=True)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(x_a, lora_A), lora_B) * scaling
+    return (result + lora).to(result.dtype)
 
 
 def _is_number(value) -> bool:
@@ -169,8 +257,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_la
     for name, value in (("dropout_p", dropout_p), ("scaling", scaling)):
         if not _is_number(value):
             raise TypeError(f"{where}: {name}={value!r} must be a number")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}: dropout_p={dropout_p!r} must be in [0, 1)")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{where}: dropout_p={dropout_p!r} must be in [0, 1]")
     if not math.isfinite(scaling):
         raise ValueError(f"{where}: scaling={scaling!r} must be a finite number")
     if weight.requires_grad:
@@ -217,7 +305,8 @@ def fused_lora_linear(
         bias: (out_features,) or None; it gets a gradient when it requires grad.
         lora_A: r×in; lora_B: out×r (PEFT's orientation); x's dtype or float32.
         scaling: alpha/r (or alpha/sqrt(r) for rsLoRA).
-        dropout_p: dropout on the LoRA branch only, applied when ``training``.
+        dropout_p: dropout on the LoRA branch only, applied when ``training``; in [0, 1] (1: the branch
+            contributes nothing and its adapters get zero gradients, as with ``nn.Dropout(p=1)`` in PEFT).
         dropout_seed: seed of the dropout mask (see :func:`dropout_mask`); drawn from PyTorch's default
             generator when None.
         backend: "auto" (default), "triton" or "torch"; overrides ``FUSED_LORA_BACKEND``.
@@ -227,11 +316,19 @@ def fused_lora_linear(
     x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout)
     p = float(dropout_p) if training else 0.0
+    scaling = float(scaling)
+    if p == 1.0:
+        # nn.Dropout(p=1), PEFT's meaning: the branch sees x·0, contributes 0 (NaN where x is not finite) and its
+        # adapters get zero gradients. Scaling by 0 computes exactly that without a mask of all zeros.
+        p, scaling = 0.0, 0.0
+    if _in_function_transform((x, weight, bias, lora_A, lora_B)):
+        return _plain_ops(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
     seed = None
     if p > 0:
         seed = draw_dropout_seed() if dropout_seed is None else torch.tensor([int(dropout_seed)])
-    name = resolve_backend(backend, x.device)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, weight_layout, name)
+    name = resolve_backend(backend, x.device, x.dtype)
+    gemm = resolve_gemm(x.device) if name == "triton" else "fused"
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout, name, gemm)
 
 
 def dropout_mask(

@@ -64,9 +64,12 @@ def _base_weight(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
 
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
+    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "",
+    *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y M×N in x's dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype)."""
+    """Returns (y M×N in x's dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean keep mask
+    to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands in);
+    ``gemm`` is the kernels' choice, ignored here."""
     w_t = _base_weight(weight, weight_layout)
     y = torch.addmm(bias.to(x.dtype), x, w_t) if bias is not None else x @ w_t
     x_a = x.to(lora_A.dtype)
@@ -74,7 +77,7 @@ def forward(
         s = x_a @ lora_A.t()
     else:
         # (keep ⊙ x) Aᵀ / (1-p): the 1/(1-p) goes on the M×r result, not on an M×K tensor.
-        x_d = _masked(x_a, keep_mask(seed, tuple(x.shape), p, x.device))
+        x_d = _masked(x_a, keep if keep is not None else keep_mask(seed, tuple(x.shape), p, x.device))
         s = (x_d @ lora_A.t()).mul_(1.0 / (1.0 - p))
     if lora_B.dtype == y.dtype:
         y.addmm_(s, lora_B.t(), alpha=scaling)
@@ -86,9 +89,11 @@ def forward(
 def backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
+    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "",
+    *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Returns (dX, dA, dB, dbias), None where not needed. The mask is regenerated once, for dA and dX."""
+    """Returns (dX, dA, dB, dbias), None where not needed. The mask is regenerated once, for dA and dX (or
+    ``keep`` is used, as in :func:`forward`)."""
     dx = da = db = dbias = None
     dy_lora = dy.to(lora_B.dtype)
     if need_db:
@@ -98,7 +103,10 @@ def backward(
     if not (need_dx or need_da):
         return dx, da, db, dbias
     ds = (dy_lora @ lora_B).mul_(scaling)
-    keep = keep_mask(seed, tuple(x.shape), p, x.device) if p > 0 else None
+    if p > 0 and keep is None:
+        keep = keep_mask(seed, tuple(x.shape), p, x.device)
+    elif p == 0:
+        keep = None
     drop_scale = 1.0 / (1.0 - p)
     if need_da:
         x_a = x.to(lora_A.dtype)

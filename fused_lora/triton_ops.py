@@ -2,18 +2,60 @@
 
 All functions take 2-D views (x: M×K, dY: M×N) whose strides the kernels follow, and the weight in
 either layout ("linear": N×K, "conv1d": K×N) read through strides, never transposed or copied.
+
+Two ways to run the layer (``gemm``):
+- ``"fused"``: the base GEMM is a Triton kernel with the rank-r term folded into its accumulator (forward 2
+  launches, backward 3).
+- ``"composed"``: the base GEMM is cuBLAS (``torch.addmm``/``mm``), and the rank-r term is added in place into
+  its output by a small kernel (forward: cuBLAS + 2 launches; backward: cuBLAS + 3). Turing GPUs take it
+  (Triton lowers ``tl.dot`` to FMA there, no tensor cores: ``backend.py``), and it is the base for layers
+  whose weight is not a dense matrix.
+
+Every launch runs on the tensors' device and that device's current stream (``_on``), never on whatever
+device happens to be current: a model spread over two GPUs runs each layer where it lives.
+
+A kernel that cannot be built or launched on the device (``KERNEL_FAILURES``: out of shared memory or
+registers, a ptxas or compiler error) does not stop the run: the call is computed by the PyTorch path with
+the kernels' own dropout mask (so forward and backward still agree), once-per-reason warning
+(``backend.warn_fallback``), and that signature is not tried again in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import AutotunerError, OutOfResources, PTXASError
 
-from . import kernels, torch_ops
+from . import backend, kernels, torch_ops
 from .kernels import INTERPRET
+from .kernels.configs import m_bucket
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+GEMMS = ("fused", "composed")
+# What a GPU can raise while building or launching a kernel that it cannot run. Not InterpreterError: under
+# TRITON_INTERPRET=1 a kernel bug must fail the tests, not be hidden by the fallback.
+KERNEL_FAILURES = (OutOfResources, PTXASError, CompilationError, AutotunerError)
+# (device, what) signatures whose kernels failed once: computed by the PyTorch path from then on.
+_failed: set[tuple] = set()
+
+
+def _on(device: torch.device):
+    """Launches inside go to ``device`` and its current stream (Triton launches on the *current* device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def _unused(device: torch.device) -> torch.Tensor:
+    """One fp32 element per device passed for outputs a launch does not need (never read or written by the
+    kernel, whose flag switches that code off): nothing allocated or zero-filled per call."""
+    return torch.zeros(1, device=device, dtype=torch.float32)
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -30,12 +72,28 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return _TL_DTYPES[dtype]
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow PyTorch's switch: TF32 when ``torch.backends.cuda.matmul.allow_tf32``, else 3xTF32
+def tf32_enabled() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32 on CUDA.
+
+    The new API (torch >= 2.9: ``torch.backends.fp32_precision`` / ``...cuda.matmul.fp32_precision``, which
+    ``TrainingArguments(tf32=True)`` sets) is read first; once it is set, reading the legacy ``allow_tf32`` raises
+    ("mix of the legacy and new APIs"), so the legacy flag is read only while the new one says "none"."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """fp32 dots follow PyTorch's switch: TF32 when it allows TF32 (``tf32_enabled``), else 3xTF32
     (``kernels/precision.py``: about fp32 accuracy on tensor cores; IEEE fp32 dots ran on the FMA units and
-    spilled, bench/compile_report.py). The interpreter computes every fp32 dot exactly and accepts both
-    names, so the CPU tests run the same split code the GPU does. Half operands ignore the precision."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    spilled, bench/compile_report.py). GPUs before Ampere have no TF32 and Triton lowers their dots to FMA
+    (``backend.py``): plain IEEE there. The interpreter computes every fp32 dot exactly and accepts both names,
+    so the CPU tests run the same split code the GPU does. Half operands ignore the precision."""
+    capability = backend.device_capability(device) if device is not None else None
+    if capability is not None and capability < (8, 0):
+        return "ieee"
+    if dtype == torch.float32 and not tf32_enabled():
         return "tf32x3"
     return "tf32"
 
@@ -45,6 +103,11 @@ def _weight_strides(weight: torch.Tensor, weight_layout: str) -> tuple[int, int]
     if weight_layout == "linear":  # N×K
         return weight.stride(1), weight.stride(0)
     return weight.stride(0), weight.stride(1)  # conv1d: K×N
+
+
+def _base_weight_t(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
+    """Wᵀ (K×N) as a view, for cuBLAS: ``x @ _base_weight_t(...)`` is the base layer's GEMM."""
+    return weight.t() if weight_layout == "linear" else weight
 
 
 def _block_r(r: int, adapter_dtype: torch.dtype) -> int:
@@ -58,11 +121,7 @@ def _block_r(r: int, adapter_dtype: torch.dtype) -> int:
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
-def _m_bucket(m: int) -> int:
-    # Autotune key: one tuning per power-of-two token count instead of one per distinct M.
-    return triton.next_power_of_2(max(m, 1))
-
-
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -77,6 +136,27 @@ def _split_factor(programs: int, max_split: int, device: torch.device) -> int:
     return max(1, min(want, max_split, 32))
 
 
+# Element offsets a kernel may form, tile overhang included (masked lanes past the last row or column of a
+# tile still compute their offsets): the largest tile edge is 256.
+_INT32_REACH = 2**31 - 1
+_TILE_OVERHANG = 256
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether a launch over these tensors needs 64-bit offsets (``kernels/indexing.py``): some tensor spans 2³¹
+    elements or more from its first element, counting the tiles' overhang."""
+    for t in tensors:
+        reach = sum((size - 1 + _TILE_OVERHANG) * abs(stride) for size, stride in zip(t.shape, t.stride(),
+                                                                                          strict=True))
+        if reach > _INT32_REACH:
+            return True
+    return False
+
+
+def _drop_args(seed: int, p: float) -> tuple[int, float, float]:
+    return seed, p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+
+
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """S = dropout(x) Aᵀ in fp32 (M×r)."""
     M, K = x.shape
@@ -85,11 +165,11 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tor
     block_r = _block_r(R, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
     kernels.lora_down_kernel[grid](
-        x, lora_A, s, M, K, R, _m_bucket(M),
+        x, lora_A, s, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
-        seed, p, 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype),
-        BLOCK_R=block_r,
+        *_drop_args(seed, p),
+        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
+        WIDE=wide_offsets(x, lora_A, s), BLOCK_R=block_r,
     )
     return s
 
@@ -98,22 +178,45 @@ def lora_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, weight_layout: str,
 ) -> torch.Tensor:
-    """y = x Wᵀ + b + scaling · S Bᵀ in x's dtype (M×N)."""
+    """y = x Wᵀ + b + scaling · S Bᵀ in x's dtype (M×N), one Triton GEMM."""
     M, K = x.shape
     N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     stride_wk, stride_wn = _weight_strides(weight, weight_layout)
+    bias_arg = bias if bias is not None else _unused(x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernels.lora_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, s, lora_B, y,
-        M, N, K, R, _m_bucket(M),
+        x, weight, bias_arg, s, lora_B, y,
+        M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), stride_wk, stride_wn, s.stride(0), s.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias_arg.stride(0),
         scaling,
-        HAS_BIAS=bias is not None, BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype),
-        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype), BLOCK_R=_block_r(R, lora_B.dtype),
+        HAS_BIAS=bias is not None, BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
+        WIDE=wide_offsets(x, weight, bias_arg, s, lora_B, y), BLOCK_R=_block_r(R, lora_B.dtype),
     )
     return y
+
+
+def lora_up_add(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y += scaling · S Bᵀ in place (y: the base layer's M×N output); returns y."""
+    M, N = y.shape
+    R = lora_B.shape[1]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    kernels.lora_up_add_kernel[grid](
+        y, s, lora_B, M, N, R, m_bucket(M),
+        y.stride(0), y.stride(1), s.stride(0), s.stride(1), lora_B.stride(0), lora_B.stride(1),
+        scaling,
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, y.device),
+        WIDE=wide_offsets(y, s, lora_B), BLOCK_R=_block_r(R, lora_B.dtype),
+    )
+    return y
+
+
+def base_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str) -> torch.Tensor:
+    """x Wᵀ + b by cuBLAS, in x's dtype (the composed path's base GEMM)."""
+    w_t = _base_weight_t(weight, weight_layout)
+    return torch.addmm(bias.to(x.dtype), x, w_t) if bias is not None else x @ w_t
 
 
 def lora_dy_pass(
@@ -127,18 +230,22 @@ def lora_dy_pass(
     m_programs = triton.cdiv(M, 64) * triton.cdiv(R, block_r)
     if split_n is None:
         split_n = _split_factor(m_programs, triton.cdiv(N, 128), dy.device)
-    zeros = lambda *shape: torch.zeros(shape, device=dy.device, dtype=torch.float32)
-    ds = (zeros(M, R) if split_n > 1 else torch.empty((M, R), device=dy.device)) if need_ds else zeros(1, 1)
-    db = zeros(N, R) if need_db else zeros(1, 1)
-    dbias = zeros(N) if need_dbias else zeros(1)
+    f32 = {"device": dy.device, "dtype": torch.float32}
+    unused = _unused(dy.device)
+    ds = (torch.zeros((M, R), **f32) if split_n > 1 else torch.empty((M, R), **f32)) if need_ds else unused
+    db = torch.zeros((N, R), **f32) if need_db else unused
+    dbias = torch.zeros((N,), **f32) if need_dbias else unused
+    ds_strides = (ds.stride(0), ds.stride(1)) if need_ds else (1, 1)
+    db_strides = (db.stride(0), db.stride(1)) if need_db else (1, 1)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_n)
     kernels.lora_dy_kernel[grid](
-        dy, lora_B, s, ds, db, dbias, M, N, R, _m_bucket(M),
+        dy, lora_B, s, ds, db, dbias, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-        ds.stride(0), ds.stride(1), db.stride(0), db.stride(1),
+        *ds_strides, *db_strides,
         scaling,
-        SPLIT_N=split_n, HAS_DBIAS=need_dbias, NEED_DS=need_ds, NEED_DB=need_db,
-        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype), BLOCK_R=block_r,
+        DS_ATOMIC=split_n > 1, HAS_DBIAS=need_dbias, NEED_DS=need_ds, NEED_DB=need_db,
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, dy.device),
+        WIDE=wide_offsets(dy, lora_B, s, ds, db), BLOCK_R=block_r,
     )
     return (ds if need_ds else None), (db if need_db else None), (dbias if need_dbias else None)
 
@@ -147,19 +254,35 @@ def lora_dx(
     dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor,
     weight_layout: str, seed: int, p: float, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``)."""
+    """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``), one Triton GEMM."""
     M, N = dy.shape
     R, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
     stride_wk, stride_wn = _weight_strides(weight, weight_layout)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
     kernels.lora_dx_kernel[grid](
-        dy, weight, ds, lora_A, dx, M, N, K, R, _m_bucket(M),
+        dy, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        seed, p, 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype),
-        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype), BLOCK_R=_block_r(R, lora_A.dtype),
+        *_drop_args(seed, p),
+        HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
+        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
+        WIDE=wide_offsets(dy, weight, ds, lora_A, dx), BLOCK_R=_block_r(R, lora_A.dtype),
+    )
+    return dx
+
+
+def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """dX += m ⊙ (dS A) in place (dX: the base layer's input gradient, M×K); returns dX."""
+    M, K = dx.shape
+    R = lora_A.shape[0]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
+    kernels.lora_dx_add_kernel[grid](
+        dx, ds, lora_A, M, K, R, m_bucket(M),
+        dx.stride(0), dx.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
+        *_drop_args(seed, p),
+        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dx.device),
+        WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=_block_r(R, lora_A.dtype),
     )
     return dx
 
@@ -178,11 +301,11 @@ def lora_da(
     da = alloc((R, K), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split_m)
     kernels.lora_da_kernel[grid](
-        ds, x, da, M, K, R, _m_bucket(M),
+        ds, x, da, M, K, R, m_bucket(M),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-        seed, p, 1.0 / (1.0 - p),
-        SPLIT_M=split_m, HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype),
-        LORA_PREC=dot_precision(lora_A.dtype), BLOCK_R=block_r,
+        *_drop_args(seed, p),
+        DA_ATOMIC=split_m > 1, HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype),
+        LORA_PREC=dot_precision(lora_A.dtype, x.device), WIDE=wide_offsets(ds, x, da), BLOCK_R=block_r,
     )
     return da
 
@@ -195,36 +318,92 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
         return out
     block = 32
     grid = (triton.cdiv(M, block), triton.cdiv(K, block))
-    kernels.dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), seed, p, 1.0 / (1.0 - p),
-                                      BLOCK_M=block, BLOCK_K=block)
+    with _on(device):
+        kernels.dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), *_drop_args(seed, p),
+                                          WIDE=wide_offsets(out), BLOCK_M=block, BLOCK_K=block)
     return out
+
+
+def _kernel_keep(seed: int, x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """The kernels' boolean keep mask for x (None without dropout), for the PyTorch fallback."""
+    if p == 0:
+        return None
+    try:
+        return dropout_mask(seed, tuple(x.shape), p, x.device) > 0
+    except KERNEL_FAILURES as err:
+        raise RuntimeError(
+            f"fused_lora: the Triton kernels cannot run on {x.device} (even the dropout-mask kernel failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Run the PyTorch path: "
+            "FUSED_LORA_BACKEND=torch (or backend='torch')") from err
+
+
+def _signature(device: torch.device, what: str, *tensors: torch.Tensor | None, **flags) -> tuple:
+    return (device, what, *(None if t is None else (t.dtype, t.stride()) for t in tensors), *sorted(flags.items()))
+
+
+def _failed_before(key: tuple) -> bool:
+    return key in _failed
+
+
+def _record_failure(key: tuple, what: str, err: Exception) -> None:
+    _failed.add(key)
+    first = str(err).splitlines()[0] if str(err) else ""
+    backend.warn_fallback(f"a Triton kernel of the {what} failed on {key[0]} ({type(err).__name__}: {first[:160]}); this "
+                  f"call and later ones with the same shapes and dtypes run the PyTorch path, with the kernels' "
+                  f"dropout mask")
 
 
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
+    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two launches. Returns (y M×N in x's dtype, S M×r fp32)."""
+    """Returns (y M×N in x's dtype, S M×r fp32). Two launches (fused), or cuBLAS + two (composed)."""
     if x.numel() == 0 or lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
-        return torch_ops.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout)
-    s = lora_down(x, lora_A, seed, p)
-    return lora_forward(x, weight, bias, s, lora_B, scaling, weight_layout), s
+        y, s = torch_ops.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout)
+        return y, s.float()
+    key = _signature(x.device, "forward", x, weight, bias, lora_A, gemm=gemm, layout=weight_layout, drop=p > 0)
+    with _on(x.device):
+        if not _failed_before(key):
+            try:
+                s = lora_down(x, lora_A, seed, p)
+                if gemm == "composed":
+                    return lora_up_add(base_forward(x, weight, bias, weight_layout), s, lora_B, scaling), s
+                return lora_forward(x, weight, bias, s, lora_B, scaling, weight_layout), s
+            except KERNEL_FAILURES as err:
+                _record_failure(key, "forward", err)
+        keep = _kernel_keep(seed, x, p)
+        y, s = torch_ops.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout, keep=keep)
+        return y, s.float()
 
 
 def backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
+    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "fused",
 ) -> tuple[torch.Tensor | None, ...]:
-    """At most three launches. Returns (dX, dA fp32, dB fp32, dbias fp32), None where not needed."""
+    """At most three launches (plus cuBLAS's dY W when composed). Returns (dX, dA fp32, dB fp32, dbias fp32),
+    None where not needed."""
     if x.numel() == 0 or dy.numel() == 0:
         return torch_ops.backward(dy, x, weight, lora_A, lora_B, s, scaling, p, seed, weight_layout,
                                   need_dx, need_da, need_db, need_dbias)
-    need_ds = need_dx or need_da
-    dx = da = None
-    ds, db, dbias = lora_dy_pass(dy, lora_B, s, scaling, need_ds, need_db, need_dbias)
-    if need_dx:
-        dx = lora_dx(dy, weight, ds, lora_A, weight_layout, seed, p, x.dtype)
-    if need_da:
-        da = lora_da(ds, x, lora_A, seed, p)
-    return dx, da, db, dbias
+    key = _signature(x.device, "backward", dy, x, weight, lora_A, gemm=gemm, layout=weight_layout, drop=p > 0,
+                     need=(need_dx, need_da, need_db, need_dbias))
+    with _on(x.device):
+        if not _failed_before(key):
+            try:
+                need_ds = need_dx or need_da
+                dx = da = None
+                ds, db, dbias = lora_dy_pass(dy, lora_B, s, scaling, need_ds, need_db, need_dbias)
+                if need_dx and gemm == "composed":
+                    dx = lora_dx_add((dy @ _base_weight_t(weight, weight_layout).t()).to(x.dtype), ds, lora_A,
+                                     seed, p)
+                elif need_dx:
+                    dx = lora_dx(dy, weight, ds, lora_A, weight_layout, seed, p, x.dtype)
+                if need_da:
+                    da = lora_da(ds, x, lora_A, seed, p)
+                return dx, da, db, dbias
+            except KERNEL_FAILURES as err:
+                _record_failure(key, "backward", err)
+        keep = _kernel_keep(seed, x, p)
+        return torch_ops.backward(dy, x, weight, lora_A, lora_B, s, scaling, p, seed, weight_layout,
+                                  need_dx, need_da, need_db, need_dbias, keep=keep)

@@ -10,6 +10,35 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FUSED_LORA_AUTOTUNE=0: every kernel takes the first config that fits the device, with no benchmarking (a GPU
+# check that must finish in a fixed time: bench/run_gpu.sh check). Read at import, like TRITON_INTERPRET.
+AUTOTUNE = os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
+
+# Kernel arguments whose value changes from call to call. Triton's JIT specializes an int argument that is 1 or
+# a multiple of 16 into a new variant, so without this one dropout seed in 16, or a batch of 1024 tokens after
+# one of 1000, would compile new kernels in the middle of a training run.
+RUNTIME_VALUES = ["M", "M_BUCKET", "seed"]
+
+
+# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, which Triton's launcher
+# checks), by compute capability: CUDA C Programming Guide, "Technical Specifications per Compute Capability".
+SHARED_PER_BLOCK = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                    120: 99 * 1024}
+
+
+def arch_family(arch: int) -> int:
+    """The listed compute capability a device's falls under (sm_87 → 86, sm_103 → 100, sm_121 → 120)."""
+    known = [a for a in sorted(SHARED_PER_BLOCK) if a <= arch]
+    return known[-1] if known else min(SHARED_PER_BLOCK)
+
+
+def m_bucket(m: int) -> int:
+    """The autotuner's token-count key: four buckets, so variable-length batches tune each kernel at most four
+    times per layer shape (the tile choice changes with the number of row tiles, not with M itself)."""
+    for bound in (256, 1024, 4096):
+        if m <= bound:
+            return bound
+    return 16384
 
 
 def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
@@ -53,6 +82,16 @@ _SK_32x128 = _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)
 _SKINNY_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_K=32)
 SKINNY_CONFIGS = pick([_SK_64x64, _SK_64x128, _SK_128x64, _SK_32x128], _SKINNY_INTERP)
 
+# The composed path's in-place rank-r adds (lora_compose.py): one read and one write of an M×N (M×K) tile plus a
+# rank-r dot, memory-bound; no K loop, so one pipeline stage. 32 elements per thread: 64 per thread (64×128 with
+# 4 warps, 128×128 with 8) took 176-254 registers and spilled 8-16 B with fp32 or rank-64 adapters (sm_80/sm_90,
+# bench/compile_report.py), and a memory-bound tile gains nothing from them.
+ADD_CONFIGS = pick(
+    [_cfg(8, 1, BLOCK_M=64, BLOCK_N=128), _cfg(4, 1, BLOCK_M=64, BLOCK_N=64), _cfg(8, 1, BLOCK_M=128, BLOCK_N=64),
+     _cfg(4, 1, BLOCK_M=32, BLOCK_N=128)],
+    _cfg(4, 1, BLOCK_M=32, BLOCK_N=32),
+)
+
 # Per dtype, where a config must go (kernels/*.py pass these to ``by_dtype``):
 # - the dy pass with fp32 adapters: both 8-warp tiles spilled 8 B on sm_90 with triton 3.6 (255 registers:
 #   dY is used in two layouts, B and S split for 3xTF32);
@@ -64,7 +103,9 @@ DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INT
 #   --regAllocOptLevel=2 workaround; the same PTX through that ptxas without the flag has no stack, and
 #   triton 3.6 (the GPU image's) compiles both cleanly. Dropped so that both tritons pass.
 DOWN_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INTERP)
-DA_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_32x128], _SKINNY_INTERP)
+# - dA with fp32 adapters at 64×64 (no dropout, one row slice: the loop's step a runtime value since issue 12) spills
+#   8 B at 128 registers on sm_90 with triton 3.9 (the same ptxas quirk).
+DA_CONFIGS_FP32_ADAPTERS = pick([_SK_64x128, _SK_32x128], _SKINNY_INTERP)
 
 # fp32 base operands (x, dY fp32; 3xTF32 splits both operands of the base dots): BLOCK_K halved, so a
 # pipeline stage takes the shared memory of its 16-bit tile (unhalved, 128×128×64 in fp32 is 64 KiB a stage:
@@ -84,15 +125,82 @@ SKINNY_CONFIGS_FP32 = pick(
 DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
 
 
-def by_dtype(base: str, fp32_base: list[triton.Config], fp32_adapters=None, half_adapters=None):
+def config_name(config: triton.Config) -> str:
+    """"128×128×64 w8 s4" (GEMM tiles BLOCK_M×BLOCK_N×BLOCK_K; skinny BLOCK_M×BLOCK_K; adds BLOCK_M×BLOCK_N), the
+    name bench/compile_report.py prints."""
+    tiles = "×".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in config.kwargs)
+    return f"{tiles} w{config.num_warps} s{config.num_stages}"
+
+
+def _device_arch(pointer) -> int:
+    """Compute capability (e.g. 86) of the device a launch runs on. bench/compile_matrix.py's stand-in pointers
+    carry their target as ``arch``; a real launch's tensor is asked through torch (imported here only: the compile
+    report runs without torch)."""
+    arch = getattr(pointer, "arch", None)
+    if arch is None:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(pointer.device)
+        arch = 10 * major + minor
+    return arch
+
+
+def kept_on(kernel: str, arch: int, case: str, block_r: int, configs: list[triton.Config]) -> list[triton.Config]:
+    """``configs`` less those ``EXCLUDED`` for ``kernel`` on ``arch``'s family, dtype case and rank chunk."""
+    family = arch_family(arch)
+    gone = {n for archs, k, cases, ranks, n, _ in EXCLUDED
+            if family in archs and k == kernel and case in cases and block_r in ranks}
+    return [c for c in configs if config_name(c) not in gone]
+
+
+def by_dtype(base: str, fp32_base: list[triton.Config], fp32_adapters=None, half_adapters=None, *, kernel: str):
     """``early_config_prune``: the config list for the dtype of the ``base`` pointer argument and of the
-    adapters (the ``LORA_DOT`` constexpr); None keeps the kernel's own list. The autotuner's key holds the
-    argument dtypes (and ``LORA_DOT`` where no adapter tensor is an argument), so each pair is tuned apart."""
+    adapters (the ``LORA_DOT`` constexpr), None keeping the kernel's own list, less the configs ``EXCLUDED`` on the
+    launch's GPU. The autotuner's key holds the argument dtypes (and ``LORA_DOT`` where no adapter tensor is an
+    argument), so each pair is tuned apart. With ``FUSED_LORA_AUTOTUNE=0``, the first config left."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         if named_args[base].element_size() == 4:
-            return fp32_base
-        chosen = fp32_adapters if kwargs["LORA_DOT"] == tl.float32 else half_adapters
-        return configs if chosen is None else chosen
+            chosen, case = fp32_base, "fp32"
+        elif kwargs["LORA_DOT"] == tl.float32:
+            chosen, case = fp32_adapters, "fp32-adapters"
+        else:
+            chosen, case = half_adapters, "half"
+        chosen = configs if chosen is None else chosen
+        kept = kept_on(kernel, _device_arch(named_args[base]), case, kwargs.get("BLOCK_R", 0), chosen)
+        kept = kept or chosen[:1]  # never empty (tests/test_compile_targets.py fails before that could ship)
+        return kept if AUTOTUNE else kept[:1]
 
     return prune
+
+
+ALL_RANKS = (16, 32, 64)
+# Configs a compile report (bench/compile_report.py, both tritons) found to break a check on a GPU family: spills,
+# or shared memory over the block limit. They stay in the lists for the other families. Each entry:
+# (arch families, kernel, dtype cases, BLOCK_R values, config, what was measured).
+# Spills are per thread; "3.6" / "3.9" name the triton (and so ptxas 12.8 / 12.9, 13.4 for sm_100) that showed them.
+_99K = (86, 89, 120)  # A10/A40/RTX 30xx, L4/L40/RTX 40xx, RTX 50xx: 99 KiB of shared memory per block
+_HALF_WIDE_R = (32, 64)  # BLOCK_R of half adapters at r > 16: the rank-r operand tiles add shared memory
+EXCLUDED: list[tuple[tuple[int, ...], str, tuple[str, ...], tuple[int, ...], str, str]] = [
+    # sm_86 / sm_89 / sm_120 (99 KiB)
+    (_99K, "lora_fwd_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4", "r64: 144-145 KiB of shared memory"),
+    (_99K, "lora_dx_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4", "r64: 144-145 KiB of shared memory"),
+    (_99K, "lora_da_kernel", ("half",), _HALF_WIDE_R, "128×64 w8 s3", "r64: 112-113 KiB of shared memory"),
+    (_99K, "lora_dy_kernel", ("fp32",), ALL_RANKS, "32×64 w4 s4", "spills 24 B (3.6 sm_86/89), 8-16 B (sm_120)"),
+    ((86, 89), "lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s4", "spills 8-16 B (3.9)"),
+    ((86, 89), "lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s3", "spills 8-16 B (3.9)"),
+    ((86, 89), "lora_down_kernel", ("fp32",), ALL_RANKS, "32×64 w4 s4", "spills 8 B at 128 registers (3.9)"),
+    ((120,), "lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "64×64×64 w4 s5", "spills 16 B (3.9)"),
+    ((120,), "lora_fwd_kernel", ("half",), _HALF_WIDE_R, "64×128×64 w4 s4", "r64: spills 16-48 B (3.6, 3.9)"),
+    ((120,), "lora_dx_kernel", ("fp32-adapters",), ALL_RANKS, "64×64×64 w4 s5", "spills 16 B (3.6)"),
+    ((120,), "lora_down_kernel", ("half",), ALL_RANKS, "64×128 w8 s3", "spills 8 B at 80 registers (3.9)"),
+    ((120,), "lora_down_kernel", ("fp32",), ALL_RANKS, "64×32 w4 s4", "spills 8 B (3.6)"),
+    # sm_100 (B200)
+    ((100,), "lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "64×64×64 w4 s5", "spills 8 B (3.6)"),
+    ((100,), "lora_dx_kernel", ("half",), ALL_RANKS, "64×64×64 w4 s5", "spills 16 B (3.6)"),
+    ((100,), "lora_down_kernel", ("fp32-adapters",), ALL_RANKS, "64×128 w8 s3", "spills 8 B (3.6, 3.9)"),
+    ((100,), "lora_down_kernel", ("half",), ALL_RANKS, "64×64 w4 s4", "r64: spills 16 B (3.9)"),
+    ((100,), "lora_dy_kernel", ("fp32",), ALL_RANKS, "64×32 w4 s4", "spills 16 B (3.9)"),
+    ((100,), "lora_da_kernel", ("fp32-adapters",), ALL_RANKS, "64×128 w8 s3", "spills 8 B at 128 registers (3.9)"),
+    ((100,), "lora_dx_add_kernel", ("fp32",), ALL_RANKS, "32×128 w4 s1", "spills 8 B at 128 registers (3.9)"),
+]

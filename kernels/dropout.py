@@ -1,14 +1,20 @@
 """Counter-based dropout: the mask is a pure function of (seed, row, column), so the backward
 kernels regenerate it instead of reading a saved one.
 
-Element (row, col) keeps its value when ``u >= p``, where u is output ``col % 4`` of
-Philox4x32-10 with key ``seed`` and counter ``(col // 4, row, 0, 0)``: one Philox call feeds four
-adjacent columns, a quarter of the integer work of one call per element. Rows and columns are
+Element (row, col) keeps its value when ``u >= p``. One Philox4x32-10 call, key ``seed`` and counter
+``(col // 4, row, 0, 0)``, feeds the four adjacent columns of a group, a quarter of the integer work of
+one call per element. Its outputs (r0, r1, r2, r3) land on columns 4g, 4g+1, 4g+2, 4g+3 in the order
+**r0, r2, r1, r3** (``tl.join(tl.join(r0, r1), tl.join(r2, r3))`` puts the pair index innermost, and the
+reshape flattens it first), and u = ``tl.random.uint_to_uniform_float`` of that word. Rows and columns are
 32-bit counters each, so the mask is defined for up to 2³² × 2³² elements (no 2³¹ offset limit).
+``tests/test_dropout.py`` recomputes masks with a plain-Python Philox from this description.
 """
 
 import triton
 import triton.language as tl
+
+from .configs import RUNTIME_VALUES
+from .indexing import index
 
 
 @triton.jit
@@ -27,14 +33,14 @@ def dropout_scale(seed, rows, col_start, p, scale, BLOCK_ROWS: tl.constexpr, BLO
     return tl.where(u >= p, scale, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed, p, scale,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Writes the scaled mask the LoRA kernels use (for tests and for users who want to inspect it)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = dropout_scale(seed, rows, pid_k * BLOCK_K, p, scale, BLOCK_M, BLOCK_K)
+                        WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the scaled mask the LoRA kernels use (for tests, users who want to inspect it, and the PyTorch
+    fallback after a kernel failure)."""
+    rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    col_start = tl.program_id(1) * BLOCK_K
+    cols = index(col_start + tl.arange(0, BLOCK_K), WIDE)
+    m = dropout_scale(seed, rows, col_start, p, scale, BLOCK_M, BLOCK_K)
     ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok
     tl.store(ptrs, m, mask=(rows[:, None] < M) & (cols[None, :] < K))

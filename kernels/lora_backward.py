@@ -5,8 +5,9 @@
     lora_da_kernel: dA = dSᵀ (m ⊙ x), the mask regenerated while x streams through
 
 Reductions that cross programs (dB and db over row tiles; dS over SPLIT_N column slices; dA over
-SPLIT_M row slices) use fp32 atomics into zeroed buffers. The SPLIT_* factors are chosen by the launcher
-to fill the GPU when M or R alone gives too few programs; tests force them above 1 to cover that path.
+SPLIT_M row slices) use fp32 atomics into zeroed buffers. The split factors are the grids' third
+dimension, chosen by the launcher to fill the GPU when M or R alone gives too few programs (tests force
+them above 1 to cover that path); only "split or not" is a constexpr. Offsets as in ``lora_forward``.
 Dtype constexprs as in ``lora_forward``.
 """
 
@@ -20,50 +21,55 @@ from .configs import (
     DY_CONFIGS_FP32_ADAPTERS,
     DY_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS_FP32,
+    RUNTIME_VALUES,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
     by_dtype,
 )
 from .dropout import dropout_scale
+from .indexing import index
 from .lora_forward import grouped_tile
 from .precision import dot_fp32
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "SPLIT_N"],
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
-                                                                   half_adapters=DY_CONFIGS_HALF_ADAPTERS)})
-@triton.jit
+                                                                   half_adapters=DY_CONFIGS_HALF_ADAPTERS,
+                                                                   kernel="lora_dy_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr,
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbn, stride_dbr,
     scaling,
-    SPLIT_N: tl.constexpr, HAS_DBIAS: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
-    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
+    DS_ATOMIC: tl.constexpr, HAS_DBIAS: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), SPLIT_N). BLOCK_K is the tile width along N.
 
-    ds/db/dbias are fp32 and zeroed by the launcher (every write is an atomic add, except dS when
-    SPLIT_N == 1, which one program owns).
+    The grid's third dimension splits the columns of dY into SPLIT_N interleaved slices (a runtime value,
+    so a new split never compiles a new variant); ``DS_ATOMIC`` (SPLIT_N > 1) makes the dS write an atomic
+    add. ds/db/dbias are fp32 and zeroed by the launcher (every write is an atomic add, except dS when one
+    program owns it).
     """
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
     pid_split = tl.program_id(2)
+    split_n = tl.num_programs(2)
     BLOCK_N: tl.constexpr = BLOCK_K
     HALF_DY: tl.constexpr = dy_ptr.dtype.element_ty != tl.float32  # exact in TF32 (precision.py)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    ranks = index(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
     row_ok = rows[:, None] < M
     rank_ok = ranks[None, :] < R
     s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
                 mask=row_ok & rank_ok, other=0.0).to(LORA_DOT)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(pid_split * BLOCK_N, N, SPLIT_N * BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(pid_split * BLOCK_N, N, split_n * BLOCK_N):
+        cols = index(n0 + tl.arange(0, BLOCK_N), WIDE)
         col_ok = cols < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & col_ok[None, :], other=0.0)
@@ -81,15 +87,16 @@ def lora_dy_kernel(
                 tl.atomic_add(dbias_ptr + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok, sem="relaxed")
     if NEED_DS:
         ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr
-        if SPLIT_N == 1:
-            tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
-        else:
+        if DS_ATOMIC:
             tl.atomic_add(ds_ptrs, scaling * ds, mask=row_ok & rank_ok, sem="relaxed")
+        else:
+            tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
 @triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", GEMM_CONFIGS_FP32)})
-@triton.jit
+                 prune_configs_by={"early_config_prune": by_dtype("dy_ptr", GEMM_CONFIGS_FP32,
+                                                                   kernel="lora_dx_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
     M, N, K, R, M_BUCKET,
@@ -97,7 +104,7 @@ def lora_dx_kernel(
     stride_dxm, stride_dxk,
     seed, p, drop_scale,
     HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
-    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dX[M, K] = dY[M, N] W + m ⊙ (dS[M, R] A[R, K]).
@@ -106,9 +113,9 @@ def lora_dx_kernel(
     (the config names are shared with the forward GEMM). Grid: (cdiv(M, BLOCK_M) · cdiv(K, BLOCK_N),).
     """
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k_start = pid_k.to(tl.int64) * BLOCK_N
-    cols = k_start + tl.arange(0, BLOCK_N)
+    rows = index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    k_start = pid_k * BLOCK_N
+    cols = index(k_start + tl.arange(0, BLOCK_N), WIDE)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < K
 
@@ -116,7 +123,7 @@ def lora_dx_kernel(
     # (see lora_fwd_kernel).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
+        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
                      mask=row_ok & (rs[None, :] < R), other=0.0)
         a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
@@ -125,7 +132,7 @@ def lora_dx_kernel(
     if HAS_DROPOUT:
         acc *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
     for n0 in range(0, N, BLOCK_K):
-        ns = n0 + tl.arange(0, BLOCK_K)
+        ns = index(n0 + tl.arange(0, BLOCK_K), WIDE)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=row_ok & (ns[None, :] < N), other=0.0)
         w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
@@ -135,34 +142,35 @@ def lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "SPLIT_M", "LORA_DOT"],
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "LORA_DOT"],
                  reset_to_zero=["da_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
-                                                                   fp32_adapters=DA_CONFIGS_FP32_ADAPTERS)})
-@triton.jit
+                                                                   fp32_adapters=DA_CONFIGS_FP32_ADAPTERS,
+                                                                   kernel="lora_da_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,
     M, K, R, M_BUCKET,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
     seed, p, drop_scale,
-    SPLIT_M: tl.constexpr, HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DA_ATOMIC: tl.constexpr, HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dA[R, K] (fp32) = dS[M, R]ᵀ (m ⊙ x)[M, K]. Grid: (cdiv(K, BLOCK_K), cdiv(R, BLOCK_R), SPLIT_M).
 
-    da is zeroed by the launcher when SPLIT_M > 1 (atomic adds of row-slice partial sums).
+    The grid's third dimension splits the rows into SPLIT_M interleaved slices (a runtime value);
+    ``DA_ATOMIC`` (SPLIT_M > 1): partial sums are atomic adds into da, zeroed by the launcher.
     """
-    pid_k = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
     pid_split = tl.program_id(2)
-    k_start = pid_k * BLOCK_K
-    cols = k_start + tl.arange(0, BLOCK_K)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    split_m = tl.num_programs(2)
+    k_start = tl.program_id(0) * BLOCK_K
+    cols = index(k_start + tl.arange(0, BLOCK_K), WIDE)
+    ranks = index(tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
     col_ok = cols[None, :] < K
     rank_ok = ranks[None, :] < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(pid_split * BLOCK_M, M, SPLIT_M * BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    for m0 in range(pid_split * BLOCK_M, M, split_m * BLOCK_M):
+        rows = index(m0 + tl.arange(0, BLOCK_M), WIDE)
         row_ok = rows[:, None] < M
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
                      mask=row_ok & rank_ok, other=0.0)
@@ -176,7 +184,7 @@ def lora_da_kernel(
         acc *= drop_scale
     da_ptrs = da_ptr + ranks[:, None] * stride_dar + cols[None, :] * stride_dak
     da_mask = (ranks[:, None] < R) & col_ok
-    if SPLIT_M == 1:
-        tl.store(da_ptrs, acc, mask=da_mask)
-    else:
+    if DA_ATOMIC:
         tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
+    else:
+        tl.store(da_ptrs, acc, mask=da_mask)

@@ -1,6 +1,11 @@
 """Forward kernels: S = dropout(x) Aᵀ, then y = x Wᵀ + b + s·S Bᵀ with the rank-r term folded into
 the base GEMM's fp32 accumulator (one write of y, no M×N temporary).
 
+Offsets are int32, or int64 in the ``WIDE`` variant a launch that reaches past 2³¹ elements compiles
+(``indexing.index``). The runtime values that change from call to call (M, the M bucket, the dropout seed)
+are not specialized by the JIT (``configs.RUNTIME_VALUES``), so a new batch length or seed never compiles a
+new variant.
+
 Dtype handling is passed in as constexprs chosen by the launcher:
 - ``BASE_DOT`` / ``LORA_DOT``: the dtype each operand is cast to right before ``tl.dot`` (x's dtype
   for the base GEMM, the adapters' dtype for the rank-r GEMMs, as PyTorch/PEFT compute them). Under
@@ -17,34 +22,35 @@ from .configs import (
     DOWN_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS,
     GEMM_CONFIGS_FP32,
+    RUNTIME_VALUES,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
     by_dtype,
 )
 from .dropout import dropout_scale
+from .indexing import index
 from .precision import dot_fp32
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
-                                                                   half_adapters=DOWN_CONFIGS_HALF_ADAPTERS)})
-@triton.jit
+                                                                   half_adapters=DOWN_CONFIGS_HALF_ADAPTERS,
+                                                                   kernel="lora_down_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     seed, p, drop_scale,
-    HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """S[M, R] (fp32) = (m ⊙ x)[M, K] @ A[R, K]ᵀ. Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    ranks = index(tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = index(k0 + tl.arange(0, BLOCK_K), WIDE)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
         if HAS_DROPOUT:  # the 0/1 keep mask: x stays exact (dot_fp32), 1/(1-p) scales S once below
@@ -71,16 +77,17 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", GEMM_CONFIGS_FP32)})
-@triton.jit
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", GEMM_CONFIGS_FP32,
+                                                                   kernel="lora_fwd_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_bn, stride_br,
-    stride_ym, stride_yn,
+    stride_ym, stride_yn, stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
-    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] Wᵀ + bias + scaling · S[M, R] B[N, R]ᵀ.
@@ -89,6 +96,8 @@ def lora_fwd_kernel(
     used in place. Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),).
     """
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # Row and column offsets are 64-bit in both variants (int32 ones made the 8-warp 128×128 tile spill 16 B on
+    # sm_80 with fp32 adapters, bench/compile_report.py); WIDE widens the loop's K offsets.
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows[:, None] < M
@@ -99,7 +108,7 @@ def lora_fwd_kernel(
     # 8 warps, on sm_90: bench/compile_report.py.)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
+        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
         s = tl.load(s_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
                     mask=row_ok & (rs[None, :] < R), other=0.0)
         b_t = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
@@ -107,14 +116,14 @@ def lora_fwd_kernel(
         acc = tl.dot(s.to(LORA_DOT), b_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
     acc *= scaling
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = index(k0 + tl.arange(0, BLOCK_K), WIDE)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok & (ks[None, :] < K), other=0.0)
         w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=(ks[:, None] < K) & col_ok, other=0.0)
         acc = tl.dot(x.to(BASE_DOT), w.to(BASE_DOT), acc, input_precision=BASE_PREC)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)

@@ -22,6 +22,7 @@ class Case:
     row and column of a larger buffer, non-zero offset) | "expanded_rows" (stride 0 between rows) |
     "expanded_cols" (stride 0 along K). weight_view: "contiguous" | "transposed" | "strided".
     adapter_view: "contiguous" | "transposed" (A and B are non-contiguous leaves).
+    bias_view: "contiguous" | "strided" (every other element of a larger buffer, offset 1).
     """
 
     lead: tuple[int, ...]
@@ -39,6 +40,7 @@ class Case:
     x_view: str = "contiguous"
     weight_view: str = "contiguous"
     adapter_view: str = "contiguous"
+    bias_view: str = "contiguous"
     x_grad: bool = True
     bias_grad: bool = True
     A_grad: bool = True
@@ -87,4 +89,6 @@ REGRESSIONS: list[tuple[Case, str]] = [
           x_grad=False, bias_grad=False, data_seed=261, dropout_seed=0),
      "failed on torch (dA 7.2e-7 vs 2x2.6e-7 + 1.2e-7): cancellation in a 30-term fp32 dS; not a bug, the atol "
      "was scaled by max|dA| and is now scaled by the terms' magnitude (test_properties.magnitudes)"),
+    (Case(lead=(13,), K=40, N=37, r=5, bias_view="strided", p=0.2),
+     "a strided bias: the forward kernel read bias[col] at stride 1 (issue 12); wrong outputs of order 1"),
 ]

@@ -1,9 +1,10 @@
-"""The kernels compile for real GPUs (sm_80, sm_90) on this CPU-only machine with the newest triton: every
-kernel, autotune config and launch variant of bench/compile_matrix.py's CI matrix, checked from the cubin
-for spills (STACK and LOCAL 0), registers within the launch's budget, shared memory within the device limit
-and tensor-core instructions. Runs bench/compile_report.py in a subprocess: the compiler needs the jit
-functions that TRITON_INTERPRET=1 (set for this test session on CPU) replaces. .ci/run runs the same
-report with triton 3.6.0, the GPU image's version, in a torch-free venv."""
+"""The kernels compile for real GPUs (sm_75 … sm_120) on this CPU-only machine with the newest triton: every
+kernel, autotune config and launch variant of bench/compile_matrix.py's sample matrix that the package launches on
+each arch, checked from the cubin for spills (STACK and LOCAL 0), registers within the launch's budget, shared
+memory within the device limit and tensor-core instructions. Runs bench/compile_report.py in a subprocess: the
+compiler needs the jit functions that TRITON_INTERPRET=1 (set for this test session on CPU) replaces. .ci/run runs
+the report with triton 3.6.0, the GPU image's version, in a torch-free venv: the CI matrix on sm_80/sm_90 and the
+sample on the others."""
 
 from __future__ import annotations
 
@@ -20,43 +21,120 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import compile_matrix as cm  # noqa: E402
 
-from fused_lora import triton_ops  # noqa: E402
+from fused_lora import backend, triton_ops  # noqa: E402
 
 
-def test_matrix_follows_the_launchers():
-    """compile_matrix mirrors triton_ops' BLOCK_R and precision choices (it cannot import torch)."""
+def test_matrix_follows_the_launchers(monkeypatch):
+    """compile_matrix mirrors triton_ops' BLOCK_R and precision choices and backend's choice of what runs on each
+    arch (it cannot import torch)."""
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for name, dtype in names.items():
         assert all(cm.block_r(r, name) == triton_ops._block_r(r, dtype) for r in range(1, 300))
         assert {cm.block_r(r, name) for r in range(1, 300)} <= {cm.block_r(v.rank, name) for v in cm.full_matrix()}
+    device = torch.device("cpu")
     before = torch.backends.cuda.matmul.allow_tf32
     try:
-        for tf32 in (False, True):
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            for name, dtype in names.items():
-                assert cm.precision(name, tf32) == triton_ops.dot_precision(dtype), (name, tf32)
+        for arch in cm.ARCHS:
+            monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
+            for tf32 in (False, True):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                for name, dtype in names.items():
+                    got = triton_ops.dot_precision(dtype, device)
+                    assert cm.precision(name, tf32, arch) == got, (arch, name, tf32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+    for arch in cm.ARCHS:
+        monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
+        gemm_kernels_run = backend.resolve_gemm(device) == "fused"
+        for v in cm.full_matrix():
+            runs = all(backend._hardware_reason(device, names[d]) is None for d in (v.base, v.adapter))
+            runs = runs and (gemm_kernels_run or v.kernel not in cm.GEMM_KERNELS)
+            assert cm.launched_on(v, arch) == runs, (arch, v)
 
 
-def test_kernels_compile_for_gpu(tmp_path):
+def _without_interpreter(script: str) -> str:
+    """Run ``script`` (with bench/ importable) where the kernels are the GPU's, not the interpreter's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r})\n{script}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_exclusions_name_real_configs():
+    """Every per-arch exclusion in kernels/configs.py names a config of its kernel's lists and a known arch (a typo
+    would silently exclude nothing), and no (arch, variant) is left without a config."""
+    out = _without_interpreter("""
+import compile_matrix as cm
+configs = cm.kernels.configs
+for archs, kernel, cases, ranks, name, why in configs.EXCLUDED:
+    assert set(archs) <= set(cm.ARCHS) and why
+    assert set(cases) <= {"fp32", "fp32-adapters", "half"} and set(ranks) <= {16, 32, 64}
+    names = {configs.config_name(c) for v in cm.full_matrix() if v.kernel == kernel
+             for c in cm.configs_for(cm.KERNELS[kernel], v, 80)}
+    assert name in names, (kernel, name, sorted(names))
+for arch in cm.ARCHS:
+    for v in cm.variants_for("full", arch):
+        listed = cm.configs_for(cm.KERNELS[v.kernel], v, 80)  # sm_80 excludes nothing
+        consts = cm.launch_args(v, arch)[1]
+        case = ("fp32" if v.base == "fp32" else "fp32-adapters" if v.adapter == "fp32" else "half")
+        assert configs.kept_on(v.kernel, arch, case, consts["BLOCK_R"], listed), (arch, v)
+print("ok", len(configs.EXCLUDED))
+""")
+    assert out.startswith("ok")
+
+
+def _compile_check(tmp_path, *args) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--check", "--quiet", "--jobs", "2",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+                           "--json", str(out), *args], env=env, capture_output=True, text=True, timeout=1200)
     assert out.exists(), proc.stdout + proc.stderr
     records = json.loads(out.read_text())
     failed = [f"sm_{r['arch']} {r['kernel']} {r['variant']} {r['config']}: {r['problems']}"
               for r in records if r["problems"]]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # Coverage: both targets, every kernel, the dtype pairs and both weight layouts, every config.
-    seen = {(r["arch"], r["kernel"], r["variant"].split()[0]) for r in records}
-    assert seen == {(a, k, f"{b}/{ad}") for a in (80, 90) for k in cm.KERNELS for b, ad in cm.CI_DTYPES}
-    for kernel in cm.GEMM_KERNELS:
-        assert {r["variant"].split()[1] for r in records if r["kernel"] == kernel} == {"linear", "conv1d"}
-    # Every (target, variant) of the CI matrix, at each config the autotuner may pick for it.
+    return records
+
+
+def test_kernels_compile_for_every_gpu_arch(tmp_path):
+    """The sampled matrix on all seven archs (sm_75 … sm_120) with the newest triton; .ci/run checks the same with
+    triton 3.6.0 plus the whole CI matrix on sm_80/sm_90. Every (arch, variant) the package launches there, at every
+    config the autotuner may pick there."""
+    records = _compile_check(tmp_path, "--arch", "all", "--matrix", "sample")
     groups = Counter((r["arch"], r["kernel"], r["variant"]) for r in records)
-    assert set(groups) == {(a, v.kernel, v.label()) for a in (80, 90) for v in cm.ci_matrix()}
+    assert set(groups) == {(a, v.kernel, v.label()) for a in cm.ARCHS for v in cm.variants_for("sample", a)}
     assert all(n == r["configs_of_variant"] for r in records
                for n in [groups[(r["arch"], r["kernel"], r["variant"])]])
+    for arch in cm.ARCHS:  # every kernel the arch runs is in the sample, and Turing runs no GEMM kernel
+        kernels = {r["kernel"] for r in records if r["arch"] == arch}
+        assert kernels == ({*cm.KERNELS} - (set(cm.GEMM_KERNELS) if arch < 80 else set())), arch
+
+
+def test_call_to_call_values_compile_one_variant():
+    """Launches that differ only in M, the M bucket and the dropout seed specialize to one signature with Triton's
+    own rule (an int that is 1 or a multiple of 16 is otherwise a new variant: a recompile in the middle of
+    training, for one dropout seed in 16 or a new batch length). Issue 12. Runs without the interpreter, in a
+    subprocess, because the rule is the compiler's."""
+    script = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import compile_matrix as cm
+for name, kernel in cm.KERNELS.items():
+    variant = cm.Variant(name)
+    config = cm.configs_for(kernel, variant)[0]
+    args = cm.launch_args(variant)[0]
+    seen = set()
+    for m, seed in ((1000, 12345), (1024, 16), (1, 1), (4096, 2**31 - 16), (17, 32)):
+        over = {k: v for k, v in {"M": m, "M_BUCKET": m, "seed": seed}.items() if k in args}
+        sig, const, attrs = cm.specialize(kernel.fn, variant, config, over)
+        seen.add(repr((sorted(sig.items()), sorted(map(str, const.items())), sorted(map(str, attrs.items())))))
+    assert len(seen) == 1, (name, seen)
+    print(name, "ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, str(BENCH)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" ok") == len(cm.KERNELS)

@@ -151,3 +151,22 @@ def test_nd_output_is_not_a_view(backend):
     fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend=backend).sum().backward()
     for got, once in zip(grads, (x.grad, lora_A.grad, lora_B.grad, bias.grad), strict=True):
         torch.testing.assert_close(got, 2 * once)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_composed_path_matches_fp64_reference(dtype, layout, p, monkeypatch):
+    """The kernels' other base GEMM (FUSED_LORA_GEMM=composed; what Turing GPUs run): cuBLAS's y and dX, with the
+    rank-r terms added in place by lora_up_add_kernel / lora_dx_add_kernel."""
+    monkeypatch.setenv("FUSED_LORA_GEMM", "composed")
+    bias = (layout == "conv1d") != (p > 0)
+    problem = make_problem((3, 13), 100, 72, 12, dtype, layout, bias)
+    run_and_check(*problem, scaling=2.0, p=p, layout=layout, backend="triton")
+
+
+@pytest.mark.parametrize(("r", "adapter_dtype"), [(1, torch.float32), (80, torch.bfloat16)])
+def test_composed_path_ranks_and_fp32_adapters(r, adapter_dtype, monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_GEMM", "composed")
+    problem = make_problem((37,), 45, 33, r, torch.bfloat16, "linear", True, adapter_dtype=adapter_dtype)
+    run_and_check(*problem, scaling=16 / r, p=0.1, layout="linear", backend="triton")

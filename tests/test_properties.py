@@ -95,7 +95,12 @@ def build(case: Case):
     weight = _view_2d(rnd(*w_shape, scale=case.K**-0.5).to(case.dtype), case.weight_view)
     bias = None
     if case.bias:
-        bias = rnd(case.N).to(torch.float32 if case.bias_fp32 else case.dtype).requires_grad_(case.bias_grad)
+        bias = rnd(case.N).to(torch.float32 if case.bias_fp32 else case.dtype)
+        if case.bias_view == "strided":
+            buf = torch.zeros(2 * case.N + 1, dtype=bias.dtype)
+            buf[1::2] = bias
+            bias = buf[1::2]
+        bias.requires_grad_(case.bias_grad)
     lora_A = _view_2d(rnd(case.r, case.K, scale=case.K**-0.5).to(adapter_dtype), case.adapter_view)
     lora_B = _view_2d(rnd(case.N, case.r, scale=case.r**-0.5).to(adapter_dtype), case.adapter_view)
     for t, flag in ((x, case.x_grad), (lora_A, case.A_grad), (lora_B, case.B_grad)):
@@ -167,6 +172,7 @@ def cases(draw) -> Case:
         x_view=draw(st.sampled_from(X_VIEWS)),
         weight_view=draw(st.sampled_from(W_VIEWS)),
         adapter_view=draw(st.sampled_from(("contiguous", "transposed"))),
+        bias_view=draw(st.sampled_from(("contiguous", "strided"))),
         x_grad=draw(st.booleans()),
         bias_grad=draw(st.booleans()),
         # the adapters are what the layer trains: at least one of them requires grad
@@ -204,6 +210,8 @@ def test_views_are_what_they_say():
     x, weight, _, lora_A, lora_B = build(case)
     assert x.reshape(-1, 9).stride() == (1, 30) and weight.stride() == (38, 2) and lora_A.stride() == (1, 3)
     assert lora_B.stride() == (1, 7) and x.is_leaf and x.requires_grad
+    bias = build(Case(lead=(2,), K=3, N=7, r=1, bias_view="strided"))[2]
+    assert bias.stride() == (2,) and bias.storage_offset() == 1 and bias.is_leaf and bias.requires_grad
     strided = build(Case(lead=(6,), K=9, N=7, r=3, x_view="strided"))[0]
     assert strided.stride() == (42, 2) and strided.storage_offset() == 1
     assert build(Case(lead=(4, 6), K=9, N=7, r=3, x_view="expanded_rows"))[0].stride() == (54, 0, 1)

@@ -1,0 +1,82 @@
+"""Kernels of the composed path: the base layer's GEMM is someone else's (cuBLAS, or a quantized layer's own
+matmul), and the rank-r term is added in place into its result.
+
+    lora_up_add_kernel:  y  += s · S Bᵀ          (forward; y holds base(x))
+    lora_dx_add_kernel:  dX += m ⊙ (dS A)        (backward; dX holds the base layer's input gradient)
+
+Each reads and writes its M×N (M×K) tile once, with the rank-r product computed in registers: no M×N
+temporary, unlike ``result + lora_B(lora_A(x)) * scaling``. The fp32 result is rounded to the output dtype
+once, as PEFT rounds its fp32-adapter sum once. S, dS and the forward/backward kernels of the rank-r branch
+are ``lora_down_kernel``, ``lora_dy_kernel`` and ``lora_da_kernel``, shared with the fused path.
+"""
+
+import triton
+import triton.language as tl
+
+from .configs import ADD_CONFIGS, RUNTIME_VALUES, by_dtype
+from .dropout import dropout_scale
+from .indexing import index
+
+
+@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R"],
+                 prune_configs_by={"early_config_prune": by_dtype("y_ptr", ADD_CONFIGS,
+                                                                   kernel="lora_up_add_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
+def lora_up_add_kernel(
+    y_ptr, s_ptr, b_ptr,
+    M, N, R, M_BUCKET,
+    stride_ym, stride_yn, stride_sm, stride_sr, stride_bn, stride_br,
+    scaling,
+    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y[M, N] += scaling · S[M, R] B[N, R]ᵀ. Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))."""
+    rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    cols = index(tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)
+    row_ok = rows[:, None] < M
+    col_ok = cols[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
+                    mask=row_ok & (rs[None, :] < R), other=0.0)
+        b_t = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
+                      mask=(rs[:, None] < R) & col_ok, other=0.0)
+        acc = tl.dot(s.to(LORA_DOT), b_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    y = tl.load(y_ptrs, mask=row_ok & col_ok, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
+
+
+@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R"],
+                 prune_configs_by={"early_config_prune": by_dtype("dx_ptr", ADD_CONFIGS,
+                                                                    kernel="lora_dx_add_kernel")})
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
+def lora_dx_add_kernel(
+    dx_ptr, ds_ptr, a_ptr,
+    M, K, R, M_BUCKET,
+    stride_dxm, stride_dxk, stride_dsm, stride_dsr, stride_ar, stride_ak,
+    seed, p, drop_scale,
+    HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dX[M, K] += m ⊙ (dS[M, R] A[R, K]), the mask regenerated from the seed. Grid: (cdiv(M, BLOCK_M),
+    cdiv(K, BLOCK_N)); BLOCK_N is the tile width along K (the config names are shared with the forward)."""
+    rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    k_start = tl.program_id(1) * BLOCK_N
+    cols = index(k_start + tl.arange(0, BLOCK_N), WIDE)
+    row_ok = rows[:, None] < M
+    col_ok = cols[None, :] < K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
+                     mask=row_ok & (rs[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(rs[:, None] < R) & col_ok, other=0.0)
+        acc = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    if HAS_DROPOUT:
+        acc *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
+    dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
+    dx = tl.load(dx_ptrs, mask=row_ok & col_ok, other=0.0)
+    tl.store(dx_ptrs, (dx.to(tl.float32) + acc).to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)

@@ -142,8 +142,8 @@ def _config_str(c: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
-    head = ("| target | kernel | variant | config | regs | shared KiB | stack/local B | HGMMA | HMMA | UTCMMA | check |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| target | kernel | variant | config | regs | shared KiB | stack/local B | HGMMA | HMMA | UTCMMA "
+            "| check |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     rows = []
     for r in records:
         if "error" in r:
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in records if r["problems"]]
     print(table(failed if args.quiet else records), end="")
     n_variants = sum(len(v) for v in variants.values())
-    print(f"\n{len(records)} compiles ({n_variants} arch × variant pairs × configs, sm_{'/sm_'.join(map(str, args.arch))}) "
-          f"with triton {triton.__version__} in {wall:.0f} s on {args.jobs} processes; {len(failed)} failed checks")
+    archs = "sm_" + "/sm_".join(map(str, args.arch))
+    print(f"\n{len(records)} compiles ({n_variants} arch × variant pairs × configs, {archs}) with triton "
+          f"{triton.__version__} in {wall:.0f} s on {args.jobs} processes; {len(failed)} failed checks")
     if args.json:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
     if args.out:

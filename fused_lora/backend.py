@@ -11,9 +11,11 @@ PyTorch path. Force one with ``fused_lora_linear(..., backend="torch")`` or the 
 | GPU | path |
 |---|---|
 | NVIDIA sm_80 and newer (A100, A10/L4/RTX 30-40, H100/H200, B200/RTX 50) | Triton, fused base GEMM |
-| sm_75 (T4, RTX 20), fp16/fp32 | Triton rank-r kernels + cuBLAS base GEMM ("composed"): Triton lowers ``tl.dot`` to FMA on Turing (no tensor cores), cuBLAS does not |
+| sm_75 (T4, RTX 20), fp16/fp32 | Triton rank-r kernels + cuBLAS base GEMM ("composed") [1] |
 | sm_75 with bf16 | PyTorch path: Turing has no bf16 tensor cores |
 | older than sm_75, or a ROCm build | PyTorch path: the kernels are built and checked for NVIDIA sm_75+ only |
+
+[1] Triton lowers ``tl.dot`` to FMA instructions on Turing (no tensor cores); cuBLAS uses them.
 
 A kernel that fails to build or launch at run time falls back too, call by call (``triton_ops``). The base GEMM
 of the kernels can be forced with ``FUSED_LORA_GEMM=fused|composed|auto``.

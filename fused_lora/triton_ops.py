@@ -348,9 +348,9 @@ def _failed_before(key: tuple) -> bool:
 def _record_failure(key: tuple, what: str, err: Exception) -> None:
     _failed.add(key)
     first = str(err).splitlines()[0] if str(err) else ""
-    backend.warn_fallback(f"a Triton kernel of the {what} failed on {key[0]} ({type(err).__name__}: {first[:160]}); this "
-                  f"call and later ones with the same shapes and dtypes run the PyTorch path, with the kernels' "
-                  f"dropout mask")
+    backend.warn_fallback(f"a Triton kernel of the {what} failed on {key[0]} ({type(err).__name__}: {first[:160]}); "
+                          "this call and later ones with the same shapes and dtypes run the PyTorch path, with the "
+                          "kernels' dropout mask")
 
 
 def forward(

@@ -115,7 +115,8 @@ class LoRAConfig:
     Args:
         r: adapter rank.
         lora_alpha: the scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
-        lora_dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        lora_dropout: dropout probability on the LoRA branch's input, in [0, 1] (1, as in PEFT and nn.Dropout: the
+            branch contributes nothing while training).
         target_modules: module names matched exactly or as a ``.name`` suffix of the full module name; a string
             is a regex matched against the whole name; ``"all-linear"`` means every ``nn.Linear`` / ``Conv1D``
             except the output embedding (``lm_head``). ``None`` picks the architecture's usual targets.
@@ -152,9 +153,9 @@ class LoRAConfig:
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"LoRAConfig: lora_alpha={self.lora_alpha!r} must be a number")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
-            raise TypeError(f"LoRAConfig: lora_dropout={self.lora_dropout!r} must be a number in [0, 1)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoRAConfig: lora_dropout={self.lora_dropout} must be in [0, 1)")
+            raise TypeError(f"LoRAConfig: lora_dropout={self.lora_dropout!r} must be a number in [0, 1]")
+        if not 0.0 <= self.lora_dropout <= 1.0:
+            raise ValueError(f"LoRAConfig: lora_dropout={self.lora_dropout} must be in [0, 1]")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoRAConfig: bias={self.bias!r}; use one of {BIAS_MODES}")
         if self.init_lora_weights not in INIT_MODES or not isinstance(self.init_lora_weights, (bool, str)):

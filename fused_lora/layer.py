@@ -119,8 +119,9 @@ class LoRALinear(nn.Module):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"LoRALinear: in_features={in_features}, out_features={out_features}; a LoRA layer "
                              "needs both >= 1")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout={lora_dropout} must be in [0, 1)")
+        if not 0.0 <= lora_dropout <= 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout={lora_dropout} must be in [0, 1] (1: the branch is dropped "
+                             "entirely while training, as nn.Dropout(p=1))")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoRALinear: init_lora_weights={init_lora_weights!r}; use True, False or 'gaussian'")
         self.in_features, self.out_features = in_features, out_features

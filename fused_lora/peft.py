@@ -5,11 +5,19 @@
 
 Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`, a subclass that only overrides
 ``forward``. Nothing else changes: parameter names, the state dict, ``save_pretrained``, ``merge_and_unload``,
-``set_adapter``, ``disable_adapter`` and the repr (``lora.FusedLinear``) all stay PEFT's. The fused path is
-taken call by call, when PEFT would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one
-adapter; anything else (adapters disabled or merged, mixed-adapter batches, DoRA and other variants, several
-active adapters, ``lora_bias``, quantized or hooked bases, dtypes the Function does not take) runs PEFT's own
-forward. Layers that cannot be served are reported in one warning that says why.
+``set_adapter``, ``disable_adapter``, the repr (``lora.Linear(...)``) and so what PEFT's ``get_layer_status()`` /
+``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay PEFT's; :func:`is_accelerated` tells an
+accelerated model apart. The fused path is taken call by call, when PEFT would compute exactly
+``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter; anything else (adapters disabled or merged,
+mixed-adapter batches, DoRA and other variants, several active adapters, ``lora_bias``, quantized or hooked bases,
+dtypes the Function does not take) runs PEFT's own forward.
+
+Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
+that says why, and a reason is reported once per process (a layer that falls back at call time, say after
+``set_adapter`` made two adapters active, warns once for that reason). LoRA layer classes that are not PEFT's own
+(registered through PEFT's dynamic dispatch, ``LoraConfig._register_custom_module``) are left to their own forward
+without a warning: nothing of them was ever going to be fused, and PEFT has just warned about them itself (its tests
+check that its warning is the last one).
 
 Not served by the fused path (documented, not a bug): forward hooks registered on the ``lora_A``/``lora_B``/
 ``lora_dropout`` submodules do not fire, because those submodules are not called; their parameters are.
@@ -72,6 +80,11 @@ def _variant_name(layer: nn.Module, adapter: str) -> str | None:
         return "DoRA (use_dora=True)" if getattr(layer, "use_dora", {}).get(adapter, False) else None
     name = variant.__name__ if isinstance(variant, type) else type(variant).__name__
     return "DoRA (use_dora=True)" if name.startswith("Dora") else f"LoRA variant {name}"
+
+
+def _is_custom_layer(layer: nn.Module) -> bool:
+    """A LoRA layer class registered by the user (PEFT's dynamic dispatch), not one of PEFT's own."""
+    return not type(layer).__module__.startswith(("peft.", "fused_lora."))
 
 
 def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
@@ -149,6 +162,11 @@ class FusedLinear(PeftLoraLinear):
     """A ``peft.tuners.lora.Linear`` whose forward runs through :func:`fused_lora.fused_lora_linear` when PEFT would
     compute plain LoRA with one adapter. Made by :func:`accelerate` (class swap); never constructed directly."""
 
+    def _get_name(self) -> str:
+        # nn.Module.__repr__ names the class with this: PEFT's repr ("lora.Linear(...)") and the module_type its
+        # get_layer_status() derives from the repr stay what PEFT reports for its own layer.
+        return "Linear"
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # PEFT's own semantics first: extra arguments (mixed-adapter batches), disabled adapters (which unmerge
         # a merged layer), merged weights: its forward handles them and costs only the base GEMM.
@@ -200,8 +218,8 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     for name, layer in lora_layers:
         if type(layer) is PeftLoraLinear:
             layer.__class__ = FusedLinear  # same attributes and parameters; only forward differs
-        reason = layer_reason(layer)
-        if reason is not None:
+        reason = None if _is_custom_layer(layer) else layer_reason(layer)
+        if reason is not None and reason not in _reported:
             unserved[reason].append(name)
     if unserved:
         _warn(unserved, len(lora_layers), stacklevel=2)

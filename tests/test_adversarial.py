@@ -81,7 +81,7 @@ def raises_naming(error, call_, *words):
         ({"x": torch.ones(4, 10, dtype=torch.bool)}, TypeError, ["torch.bool", "embedding"]),
         ({"x": torch.randn(4, 10, dtype=torch.complex64)}, TypeError, ["torch.complex64"]),
         # dropout and scaling that are not numbers in range
-        ({"dropout_p": NAN}, ValueError, ["dropout_p=nan", "[0, 1)"]),
+        ({"dropout_p": NAN}, ValueError, ["dropout_p=nan", "[0, 1]"]),
         ({"dropout_p": "0.1"}, TypeError, ["dropout_p='0.1'", "must be a number"]),
         ({"dropout_p": None}, TypeError, ["dropout_p=None"]),
         ({"scaling": INF}, ValueError, ["scaling=inf", "finite"]),
@@ -280,7 +280,7 @@ def test_layer_adapters_of_another_rank(which):
     (dict(r=-1), ValueError, ["r=-1", "positive integer"]),
     (dict(r=True), ValueError, ["r=True"]),
     (dict(r=2.0), ValueError, ["r=2.0"]),
-    (dict(lora_dropout=-0.1), ValueError, ["lora_dropout=-0.1", "[0, 1)"]),
+    (dict(lora_dropout=-0.1), ValueError, ["lora_dropout=-0.1", "[0, 1]"]),
     (dict(in_features=0), ValueError, ["in_features=0", ">= 1"]),
     (dict(out_features=0), ValueError, ["out_features=0"]),
     (dict(dtype=torch.int8), TypeError, ["dtype=torch.int8", "floating point"]),
@@ -294,10 +294,10 @@ def test_layer_constructor_refuses(kwargs, error, words):
 
 def test_layer_dropout_changed_after_construction():
     mod = layer()
-    mod.lora_dropout = 1.0
-    raises_naming(ValueError, lambda: mod(torch.randn(2, 10)), "dropout_p=1.0", "[0, 1)")
+    mod.lora_dropout = 1.5
+    raises_naming(ValueError, lambda: mod(torch.randn(2, 10)), "dropout_p=1.5", "[0, 1]")
     mod.eval()  # refused in eval mode too: the value is wrong whether or not it is used
-    raises_naming(ValueError, lambda: mod(torch.randn(2, 10)), "dropout_p=1.0")
+    raises_naming(ValueError, lambda: mod(torch.randn(2, 10)), "dropout_p=1.5")
 
 
 def test_from_linear_of_a_lora_layer():

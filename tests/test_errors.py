@@ -30,7 +30,7 @@ def call(**overrides):
         ({"x": torch.randn(4, 10, dtype=torch.float16)}, TypeError, ["torch.float16", "torch.float32"]),
         ({"lora_A": torch.randn(3, 10, dtype=torch.float16)}, TypeError, ["lora_A (torch.float16)"]),
         ({"x": torch.ones(4, 10, dtype=torch.long)}, TypeError, ["torch.int64"]),
-        ({"dropout_p": 1.0}, ValueError, ["dropout_p=1.0", "[0, 1)"]),
+        ({"dropout_p": 1.5}, ValueError, ["dropout_p=1.5", "[0, 1]"]),
         ({"dropout_p": -0.1}, ValueError, ["dropout_p=-0.1"]),
         ({"weight_layout": "transposed"}, ValueError, ["'transposed'", "conv1d"]),
         ({"weight": torch.randn(6, 10, requires_grad=True)}, ValueError, ["requires grad", "requires_grad_(False)"]),

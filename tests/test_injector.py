@@ -331,7 +331,7 @@ def test_injecting_into_a_peft_model_is_an_error():
 
 @pytest.mark.parametrize("kwargs,error", [
     (dict(r=0), "r=0 must be a positive integer"),
-    (dict(lora_dropout=1.0), r"lora_dropout=1.0 must be in \[0, 1\)"),
+    (dict(lora_dropout=1.5), r"lora_dropout=1.5 must be in \[0, 1\]"),
     (dict(bias="some"), "bias='some'"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
     (dict(task_type="SEQ_CLASSIFICATION"), "task_type='SEQ_CLASSIFICATION'"),

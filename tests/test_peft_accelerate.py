@@ -25,6 +25,12 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_reports(monkeypatch):
+    """Each test starts with no fallback reason reported (a reason is reported once per process)."""
+    monkeypatch.setattr(flp, "_reported", set())
+
+
 def make(name: str, dtype: torch.dtype = torch.float32, **lora_kwargs) -> nn.Module:
     """A PeftModel with random (non-zero) A and B."""
     base = build(name).to(dtype)
@@ -173,8 +179,7 @@ def test_dora_keeps_peft_path_with_one_warning(fused_calls):
     assert_close("DoRA logits", got, want)
 
 
-def test_several_active_adapters_fall_back(fused_calls, monkeypatch):
-    monkeypatch.setattr(flp, "_reported", set())  # the runtime warning is once per reason per process
+def test_several_active_adapters_fall_back(fused_calls):
     peft_model = make("gpt2_lm")
     peft_model.add_adapter("other", peft.LoraConfig(**{**CASES["gpt2_lm"], "bias": "none"}, r=2,
                                                       init_lora_weights=False))
@@ -216,3 +221,55 @@ def test_custom_base_keeps_peft_path(fused_calls):
     x = torch.randn(3, 8)
     assert_close("output", fast(x), peft_model(x))
     assert len(fused_calls) == 1  # the nn.Linear layer only
+
+
+def test_peft_introspection_is_unchanged():
+    """repr and get_layer_status()/get_model_status() report PEFT's own layer type (issue 16: five PEFT tests read
+    them); is_accelerated tells the difference."""
+    peft_model = make("gemma_lm")
+    fast = accelerated_copy(peft_model)
+    q_proj = fast.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, flp.FusedLinear) and repr(q_proj).startswith("lora.Linear(")
+    assert repr(q_proj) == repr(peft_model.base_model.model.model.layers[0].self_attn.q_proj)
+    types = lambda m: [(s.name, s.module_type) for s in m.get_layer_status()]  # noqa: E731
+    assert types(fast) == types(peft_model) and {t for _, t in types(fast)} == {"lora.Linear"}
+    assert flp.is_accelerated(fast) and not flp.is_accelerated(peft_model)
+
+
+def test_reasons_are_reported_once_per_process():
+    peft_model = make("gemma_lm", use_dora=True)
+    with pytest.warns(UserWarning, match="DoRA"):
+        flp.accelerate(copy.deepcopy(peft_model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flp.accelerate(copy.deepcopy(peft_model))
+
+
+def test_custom_lora_layer_classes_keep_peft_warning_last():
+    """A user's own LoRA layer class (PEFT's dynamic dispatch, as in its TestDynamicDispatch): PEFT warns about it
+    itself; accelerate adds nothing after that warning (PEFT's tests check it is the last one) and leaves the layer
+    as it is."""
+
+    class MyLora(nn.Module, peft.tuners.lora.LoraLayer):
+        def __init__(self, base_layer, adapter_name, **kwargs):
+            super().__init__()
+            peft.tuners.lora.LoraLayer.__init__(self, base_layer, **kwargs)
+            self._active_adapter = adapter_name
+
+    class WithLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(10, 20)
+            self.head = nn.Linear(20, 4)
+
+    config = peft.LoraConfig(target_modules=["lstm", "head"])
+    config._register_custom_module({nn.LSTM: MyLora})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        peft_model = peft.get_peft_model(WithLSTM(), config)
+        n_peft = len(record)
+        flp.accelerate(peft_model)
+    assert n_peft >= 1 and "Unsupported layer type" in str(record[-1].message)
+    assert len(record) == n_peft, [str(w.message) for w in record[n_peft:]]
+    assert type(peft_model.base_model.model.lstm) is MyLora
+    assert type(peft_model.base_model.model.head) is flp.FusedLinear

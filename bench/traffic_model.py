@@ -1,0 +1,410 @@
+"""DRAM traffic and roofline MODEL of one LoRA linear layer, forward + backward. A MODEL, not a measurement.
+
+    python bench/traffic_model.py [--only LoRAFusion] [--kernels] [--adapter-dtype fp32] [--rank 64]
+    python bench/traffic_model.py --json m.json --markdown m.md
+
+Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients (NOTES §1)
+for: the frozen base alone (the floor), fused-lora (2 + 3 launches), the composed path (cuBLAS base GEMMs +
+kernels/lora_compose.py), PEFT's eager ops, torch.compile of bench/providers.py's naive layer and LoRAFusion's
+design (lora_v1.py); then roofline times per device. Assumptions:
+
+1. Every tensor a kernel writes goes to DRAM, and every read of another kernel's output comes from DRAM: true
+   when activations exceed L2 (8192×4096 bf16 is 64 MiB); for small shapes (GPT-2 at M=1024) L2 absorbs some,
+   so the model overstates traffic there, the eager paths' most. Tiny tensors (A, B, S, dS) count once.
+2. "GiB once": each tensor read once per kernel that uses it. Per device, GEMMs run in grouped (GROUP_M) tile
+   order: the GROUP_M·BLOCK_M-row activation panel is reused from L2 by its group's column tiles and the weight
+   is swept once per group, i.e. re-read ceil(M/(BM·GROUP_M)) times unless weight + panel fit in the usable L2;
+   the panel is re-read once per wave of the group (SMs tiles at a time) when panel + the weight columns one
+   wave streams do not fit (the weight evicts it). Usable L2 = half of it on A100/H100 (two partitions, each
+   caching what its SMs touch: NVIDIA A100 whitepaper, "L2 cache"; assumed alike on H100), all of it on L4/T4.
+   cuBLAS's tiles are not public: grouped too, with whichever of 128×128, 128×256, 256×128 moves least.
+   Skinny kernels stream x or dY once per rank-chunk program column (chunk after chunk) unless it fits in L2:
+   fp32 adapters use chunks of 16 (triton_ops._block_r), so at r=64 they read x or dY 4 times.
+3. Roofline time = Σ over kernels of max(bytes/BW, FLOPs/peak) (a memory-bound op does not hide behind a GEMM);
+   peak = dense 16-bit tensor-core rate for every matmul, elementwise FLOPs ignored; no launch overhead, no GEMM
+   below peak. Launches are shown instead (compute kernels; fused-lora adds 2-4 tiny torch.zeros fills).
+4. torch.compile (default mode): matmuls stay cuBLAS (extern); elementwise ops fuse per producer/consumer. One
+   pointwise kernel draws the mask and writes x_d (the mm's input) and the bool mask, which the partitioner
+   saves instead of x_d (measured here on CPU: 10.1 MiB saved = x + bool mask, bench/results/cpu-2026-11-24);
+   backward recomputes x_d for dA in the same pointwise kernel as dropout backward + the dX accumulation.
+5. PEFT (tuners/lora/layer.py): result = base(x); result = result + lora_B(lora_A(dropout(x))) * scaling, one
+   eager op each; CUDA dropout writes x_d and a bool mask, both saved. fp32 adapters on a bf16 base (PEFT's
+   autocast_adapter_dtype default) add x.to(fp32), an fp32 branch, a promoting add, a cast back, and their
+   backwards. LoRAFusion's "Torch LoRA" is the bf16 case.
+
+LoRAFusion's published figures (H100, bf16, r=16, p=0.1, ncu dram__bytes; NOTES §2, their benchmarks_paper/plots/
+evaluation-fig-7-kernel-ncu-profile.py): fwd+bwd at 8192×4096×4096 1.258 GiB (fused) vs 2.008 GiB (Torch LoRA);
+kernels 1.27× average, 1.39× best faster than Torch LoRA. Their design writes x_d and a bool mask in a separate
+dropout kernel and reads them back (S = x_d Aᵀ, dA = dSᵀ x_d, the mask in dX); fused-lora regenerates the mask
+from a Philox seed inside the S, dX and dA kernels and writes neither. Compulsory traffic ("GiB once") is 0.69 GiB
+of their 1.258 and 1.63 of Torch LoRA's 2.008: the rest is GEMM re-reads (assumption 2), so the H100 column is
+the one to compare: it lands 3-8% below (eager) and 6-13% below (their design) at their three published shapes.
+The binary fits-in-L2 rule flips near its threshold: fused-lora's 128×128 tile at K=4096 needs 25.7 MB of 25 MB
+usable on H100, so its GEMMs re-read x twice there (no effect on time: those GEMMs are compute-bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+GIB = 2**30
+
+# Tiles mirrored from kernels/configs.py (not imported: that imports triton). (BLOCK_M, BLOCK_N, GROUP_M):
+# GEMM_CONFIGS / DX_CONFIGS list _GEMM_128_S4 first (autotune may pick another; only BLOCK_M and GROUP_M
+# change the model). The skinny kernels' BLOCK_M does not enter it.
+FUSED_TILE = ((128, 128, 8),)
+# fused_lora/triton_ops._block_r: rank chunk per program column, 16 for fp32 adapters, else up to 64.
+BLOCK_R_FP32_ADAPTERS, BLOCK_R_MAX = 16, 64
+CUBLAS_TILE = ((128, 128, 8), (128, 256, 8), (256, 128, 8))  # assumption 2: cuBLAS takes the one moving least
+LORAFUSION_TILE = ((128, 256, 8),)  # lorafusion/ops/triton_ops/config.py, H100_CONFIG fused_lora_xw_sb(_tma)/dyw_dsa
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    bw: float  # DRAM bytes/s
+    peak: float  # dense 16-bit tensor-core FLOP/s
+    l2: float  # bytes
+    l2_share: float  # usable fraction for data shared by all SMs (assumption 2)
+    sms: int
+
+
+DEVICES = (
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 3.35 TB/s HBM3, BF16 1,979 TFLOPS with sparsity → 989.4 dense;
+    # H100 architecture whitepaper: 132 SMs, 50 MB L2.
+    Device("H100 SXM", 3.35e12, 989.4e12, 50e6, 0.5, 132),
+    # NVIDIA A100 datasheet (80GB SXM): 2,039 GB/s, BF16 312 TFLOPS dense; A100 whitepaper: 108 SMs, 40 MB L2.
+    Device("A100 80GB SXM", 2.039e12, 312e12, 40e6, 0.5, 108),
+    # NVIDIA L4 datasheet: 300 GB/s, BF16 242 TFLOPS with sparsity → 121 dense, 7,424 CUDA cores = 58 SMs;
+    # 48 MB L2 (AD104; TechPowerUp, not in the datasheet).
+    Device("L4", 300e9, 121e12, 48e6, 1.0, 58),
+    # NVIDIA T4 datasheet: 320 GB/s, FP16 mixed 65 TFLOPS, 2,560 CUDA cores = 40 SMs; Turing whitepaper: 4 MB L2.
+    # Turing has NO bf16 tensor cores (bf16 matmuls run at the 8.1 TFLOPS fp32 rate): this column is fp16,
+    # same bytes. And Triton emits no HMMA for our kernels on sm_75 (NOTES §5): fused-lora's T4 time is optimistic.
+    Device("T4 (fp16)", 320e9, 65e12, 4e6, 1.0, 40),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    family: str
+    name: str
+    M: int
+    K: int
+    N: int
+    r: int = 16
+    p: float = 0.1
+    bias: bool = False
+    e: int = 2  # base element bytes (bf16)
+    ea: int = 2  # adapter / LoRA-branch element bytes
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.name} M={self.M} {self.K}→{self.N}"
+
+
+def shapes(ea: int = 2) -> list[Shape]:
+    out = [Shape("LoRAFusion", f"{k}", m, k, k, ea=ea) for k in (4096, 5120, 8192) for m in (2048, 4096, 8192)]
+    gpt2 = (("c_attn", 768, 2304), ("attn.c_proj", 768, 768), ("c_fc", 768, 3072), ("mlp.c_proj", 3072, 768))
+    out += [Shape("GPT-2", n, m, k, nn, bias=True, ea=ea) for m in (1024, 4096) for n, k, nn in gpt2]
+    gemma = (("q/o_proj", 2048, 2048), ("k/v_proj", 2048, 256), ("gate/up_proj", 2048, 16384),
+             ("down_proj", 16384, 2048))
+    out += [Shape("Gemma-2B", n, 4096, k, nn, ea=ea) for n, k, nn in gemma]
+    gemma2 = (("q_proj", 2304, 2048), ("k/v_proj", 2304, 1024), ("o_proj", 2048, 2304), ("gate/up_proj", 2304, 9216),
+              ("down_proj", 9216, 2304))
+    out += [Shape("Gemma-2-2B", n, 4096, k, nn, ea=ea) for n, k, nn in gemma2]
+    return out
+
+
+@dataclass
+class Kernel:
+    name: str
+    read: float
+    write: float
+    flops: float = 0.0
+
+    @property
+    def bytes(self) -> float:
+        return self.read + self.write
+
+
+def _usable_l2(d: Device) -> float:
+    return d.l2 * d.l2_share
+
+
+def _operand_reads(M: int, N: int, K: int, e: int, d: Device | None, tile: tuple[int, int, int]) -> float:
+    """DRAM bytes of A[M×K] and B[K×N] read by a grouped-order GEMM with ``tile`` (assumption 2)."""
+    bm, bn, group = tile
+    a, b = M * K * e, K * N * e
+    if d is None:
+        return a + b
+    rows, n_tiles = min(group, math.ceil(M / bm)), math.ceil(N / bn)
+    panel, w_wave = rows * bm * K * e, min(n_tiles, math.ceil(d.sms / rows)) * bn * K * e
+    rb = 1 if b + panel <= _usable_l2(d) else math.ceil(M / (bm * group))
+    ra = 1 if panel + w_wave <= _usable_l2(d) else math.ceil(rows * n_tiles / d.sms)
+    return a * ra + b * rb
+
+
+def _gemm(name: str, M: int, N: int, K: int, e: int, d: Device | None, tiles: tuple[tuple[int, int, int], ...],
+          extra_read: float = 0, extra_flops: float = 0) -> Kernel:
+    """C[M×N] = A[M×K] · B[K×N] with A the activation (x or dY) and B the weight, both ``e`` bytes: reads A and B
+    (with the re-reads of the best of ``tiles``) and ``extra_read``; writes C."""
+    ab = min(_operand_reads(M, N, K, e, d, t) for t in tiles)
+    return Kernel(name, ab + extra_read, M * N * e, 2 * M * N * K + extra_flops)
+
+
+def _stream(nbytes: float, chunks: int, d: Device | None) -> float:
+    """An M×K or M×N operand read by ``chunks`` program columns of a skinny kernel (assumption 2)."""
+    return nbytes if d is None or chunks == 1 or nbytes <= _usable_l2(d) else nbytes * chunks
+
+
+def _rank_chunks(s: Shape) -> int:
+    block_r = BLOCK_R_FP32_ADAPTERS if s.ea == 4 else min(BLOCK_R_MAX, max(16, 1 << (s.r - 1).bit_length()))
+    return math.ceil(s.r / block_r)
+
+
+def lora_down(s: Shape, d: Device | None) -> Kernel:
+    """S = (m⊙x)Aᵀ: reads x (once per rank chunk) and A; writes S (M×r fp32). Mask from the seed: no traffic."""
+    M, K, r = s.M, s.K, s.r
+    return Kernel("lora_down_kernel: S = (m⊙x)Aᵀ", _stream(M * K * s.e, _rank_chunks(s), d) + r * K * s.ea,
+                  M * r * 4, 2 * M * K * r)
+
+
+def lora_dy(s: Shape, d: Device | None) -> Kernel:
+    """One pass over dY: reads dY (once per rank chunk), S, B; writes dS (M×r fp32) and dB (N×r fp32, atomics in L2)."""
+    M, N, r = s.M, s.N, s.r
+    return Kernel("lora_dy_kernel: dS, dB", _stream(M * N * s.e, _rank_chunks(s), d) + M * r * 4 + N * r * s.ea,
+                  M * r * 4 + N * r * 4, 4 * M * N * r)
+
+
+def lora_da(s: Shape, d: Device | None) -> Kernel:
+    """dA = dSᵀ(m⊙x): reads dS and x (once per rank chunk; mask regenerated); writes dA (r×K fp32)."""
+    M, K, r = s.M, s.K, s.r
+    return Kernel("lora_da_kernel: dA = dSᵀ(m⊙x)", M * r * 4 + _stream(M * K * s.e, _rank_chunks(s), d),
+                  r * K * 4, 2 * M * K * r)
+
+
+def path_base(s: Shape, d: Device | None) -> list[Kernel]:
+    """The frozen layer alone: cuBLAS y = xWᵀ + b and dX = dY W (no activation saved)."""
+    M, K, N = s.M, s.K, s.N
+    return [_gemm("cuBLAS y = xWᵀ + b", M, N, K, s.e, d, CUBLAS_TILE, extra_read=N * s.e * s.bias),
+            _gemm("cuBLAS dX = dY W", M, K, N, s.e, d, CUBLAS_TILE)]
+
+
+def path_fused(s: Shape, d: Device | None) -> list[Kernel]:
+    """fused-lora: lora_down, lora_fwd (x, W, S, B in; y out), lora_dy, lora_dx (dY, W, dS, A in; dX out), lora_da."""
+    M, K, N, r, e, ea = s.M, s.K, s.N, s.r, s.e, s.ea
+    return [
+        lora_down(s, d),
+        _gemm("lora_fwd_kernel: y = xWᵀ + b + s·S Bᵀ", M, N, K, e, d, FUSED_TILE,
+              extra_read=M * r * 4 + N * r * ea + N * e * s.bias, extra_flops=2 * M * N * r),
+        lora_dy(s, d),
+        _gemm("lora_dx_kernel: dX = dY W + m⊙(dS A)", M, K, N, e, d, FUSED_TILE,
+              extra_read=M * r * 4 + r * K * ea, extra_flops=2 * M * K * r),
+        lora_da(s, d),
+    ]
+
+
+def path_composed(s: Shape, d: Device | None) -> list[Kernel]:
+    """cuBLAS base GEMMs; kernels/lora_compose.py adds the rank-r terms in place (one more read + write of y, dX)."""
+    M, K, N, r, e, ea = s.M, s.K, s.N, s.r, s.e, s.ea
+    fwd, bwd = path_base(s, d)
+    return [
+        fwd, lora_down(s, d),
+        Kernel("lora_up_add_kernel: y += s·S Bᵀ", M * N * e + M * r * 4 + N * r * ea, M * N * e, 2 * M * N * r),
+        lora_dy(s, d), bwd,
+        Kernel("lora_dx_add_kernel: dX += m⊙(dS A)", M * K * e + M * r * 4 + r * K * ea, M * K * e, 2 * M * K * r),
+        lora_da(s, d),
+    ]
+
+
+def path_peft(s: Shape, d: Device | None) -> list[Kernel]:
+    """PEFT's eager ops (assumption 5), one kernel each; casts only when the adapters' dtype differs."""
+    M, K, N, r, e, ea = s.M, s.K, s.N, s.r, s.e, s.ea
+    x, y, cast, drop, eo = M * K, M * N, ea != e, s.p > 0, max(s.e, s.ea)
+    fwd, bwd = path_base(s, d)
+    ks = [fwd]
+    ks += [Kernel("x.to(adapter dtype)", x * e, x * ea)] * cast
+    ks += [Kernel("dropout: x_d, bool mask (saved)", x * ea, x * ea + x)] * drop
+    ks += [
+        Kernel("lora_A: U = x_d Aᵀ", x * ea + r * K * ea, M * r * ea, 2 * M * K * r),
+        Kernel("lora_B: T = U Bᵀ (M×N)", M * r * ea + N * r * ea, y * ea, 2 * M * N * r),
+        Kernel("T * scaling (M×N)", y * ea, y * ea),
+        Kernel("result + T (M×N)", y * e + y * ea, y * eo),
+    ]
+    ks += [Kernel("result.to(x dtype)", y * eo, y * e), Kernel("bwd .to: dY → fp32", y * e, y * ea),
+           Kernel("bwd +: grad of result → x dtype", y * ea, y * e)] * cast
+    ks += [
+        Kernel("bwd *scaling: dT", y * ea, y * ea),
+        Kernel("bwd lora_B: dU = dT B", y * ea + N * r * ea, M * r * ea, 2 * M * N * r),
+        Kernel("bwd lora_B: dB = dTᵀ U", y * ea + M * r * ea, N * r * ea, 2 * M * N * r),
+        Kernel("bwd lora_A: dx_d = dU A (M×K)", M * r * ea + r * K * ea, x * ea, 2 * M * K * r),
+        Kernel("bwd lora_A: dA = dUᵀ x_d", M * r * ea + x * ea, r * K * ea, 2 * M * K * r),
+    ]
+    ks += [Kernel("bwd dropout: dx_d ⊙ mask", x * ea + x, x * ea)] * drop
+    ks += [Kernel("bwd x.to: → x dtype", x * ea, x * e)] * cast
+    return ks + [bwd, Kernel("autograd: dX = dX_base + dX_lora", 2 * x * e, x * e)]
+
+
+def path_compile(s: Shape, d: Device | None) -> list[Kernel]:
+    """torch.compile(naive) per assumption 4: cuBLAS matmuls, fused pointwise kernels, bool mask saved."""
+    M, K, N, r, e, ea = s.M, s.K, s.N, s.r, s.e, s.ea
+    x, y, drop = M * K, M * N, s.p > 0
+    fwd, bwd = path_base(s, d)
+    ks = [Kernel("pointwise: rand → bool mask (saved), x_d", x * e, x * ea + x)] * drop
+    ks += [
+        Kernel("mm: U = x_d Aᵀ", x * ea + r * K * ea, M * r * ea, 2 * M * K * r),
+        Kernel("mm: T = U Bᵀ (M×N)", M * r * ea + N * r * ea, y * ea, 2 * M * N * r), fwd,
+        Kernel("pointwise: out = y0 + s·T", y * e + y * ea, y * e),
+        Kernel("pointwise bwd: dT = s·dY", y * e, y * ea),
+        Kernel("mm: dU = dT B", y * ea + N * r * ea, M * r * ea, 2 * M * N * r),
+        Kernel("mm: dB = dTᵀ U", y * ea + M * r * ea, N * r * ea, 2 * M * N * r),
+        Kernel("mm: dx_d = dU A (M×K)", M * r * ea + r * K * ea, x * ea, 2 * M * K * r),
+    ]
+    return ks + [bwd,  # then one pointwise kernel recomputes x_d for dA and finishes dX, reading the mask once
+                 Kernel("pointwise: x_d = x⊙mask; dX = dX0 + mask⊙dx_d", x * (e + 1 + e + ea) if drop else x * (e + ea),
+                        x * (ea + e) if drop else x * e),
+                 Kernel("mm: dA = dUᵀ x_d", M * r * ea + x * ea, r * K * ea, 2 * M * K * r)]
+
+
+def path_lorafusion(s: Shape, d: Device | None) -> list[Kernel]:
+    """LoRAFusion lora_v1 (half adapters): dropout kernel (x_d + bool mask, both saved), S = x_d Aᵀ by torch, fused
+    xW + s·S B GEMM; backward: dS/dB split kernel (fp32 atomics, cast back), dA = dSᵀ x_d by torch, fused dX GEMM
+    reading the mask."""
+    M, K, N, r, e = s.M, s.K, s.N, s.r, s.e
+    x, drop = M * K, s.p > 0
+    ks = [Kernel("seeded_dropout: x_d, bool mask", x * e, x * e + x)] * drop
+    return ks + [
+        Kernel("torch: S = x_d Aᵀ", x * e + r * K * e, M * r * e, 2 * M * K * r),
+        _gemm("fused_lora_xw_sb: y = xWᵀ + s·S Bᵀ", M, N, K, e, d, LORAFUSION_TILE,
+              extra_read=M * r * e + N * r * e + N * e * s.bias, extra_flops=2 * M * N * r),
+        Kernel("fused_lora_dys_dyb: dS, dB (+ casts)", M * N * e + M * r * e + N * r * e + (M + N) * r * 4,
+               (M + N) * r * (4 + e), 4 * M * N * r),
+        Kernel("torch: dA = dSᵀ x_d", M * r * e + x * e, r * K * e, 2 * M * K * r),
+        _gemm("fused_lora_dyw_dsa: dX = dY W + mask⊙dS A", M, K, N, e, d, LORAFUSION_TILE,
+              extra_read=M * r * e + r * K * e + x * drop, extra_flops=2 * M * K * r),
+    ]
+
+
+PATHS = {"base": path_base, "fused": path_fused, "composed": path_composed, "peft": path_peft,
+         "compile": path_compile, "lorafusion": path_lorafusion}
+
+
+def model(s: Shape) -> dict:
+    """Everything for one shape: per path compulsory bytes, FLOPs, launches, and per device bytes and ms."""
+    out = {}
+    for name, fn in PATHS.items():
+        once = fn(s, None)
+        entry = {"launches": len(once), "flops": sum(k.flops for k in once), "bytes_once": sum(k.bytes for k in once),
+                 "kernels": [asdict(k) for k in once], "devices": {}}
+        for d in DEVICES:  # roofline: assumption 3
+            ks = fn(s, d)
+            entry["devices"][d.name] = {"bytes": sum(k.bytes for k in ks), "kernel_bytes": [k.bytes for k in ks],
+                                        "ms": 1e3 * sum(max(k.bytes / d.bw, k.flops / d.peak) for k in ks)}
+        out[name] = entry
+    return out
+
+
+LORAFUSION_PUBLISHED = {  # GiB fwd+bwd, ncu on H100: (Torch LoRA, Fused LoRA); their kernels' speedup over eager
+    "8192x4096x4096": (2.008, 1.258), "8192x5120x5120": (2.771, 1.836), "8192x8192x8192": (5.289, 4.044)}
+LORAFUSION_SPEEDUP_AVG, LORAFUSION_SPEEDUP_BEST = 1.27, 1.39
+ORDER = ("base", "fused", "composed", "peft", "compile", "lorafusion")
+HEAD = DEVICES[0].name
+BANNER = "MODEL, not a measurement: bytes and roofline times computed from the kernels' code (bench/traffic_model.py)."
+
+
+def shape_table(res: dict) -> tuple[list[str], list[list[str]]]:
+    cols = ["path", "launches", "GFLOP", "GiB once", f"GiB {HEAD}", *(f"ms {d.name}" for d in DEVICES),
+            f"× base ({HEAD})", f"PEFT ÷ ({HEAD})"]
+    ms = {p: res[p]["devices"][HEAD]["ms"] for p in ORDER}
+    rows = [[p, str(e["launches"]), f"{e['flops'] / 1e9:.1f}", f"{e['bytes_once'] / GIB:.3f}",
+             f"{e['devices'][HEAD]['bytes'] / GIB:.3f}", *(f"{e['devices'][d.name]['ms']:.3f}" for d in DEVICES),
+             f"{ms[p] / ms['base']:.2f}", f"{ms['peft'] / ms[p]:.2f}"] for p, e in ((p, res[p]) for p in ORDER)]
+    return cols, rows
+
+
+def kernel_table(res: dict) -> tuple[list[str], list[list[str]]]:
+    cols = ["path", "kernel", "GiB read (once)", "GiB write", f"GiB {HEAD}", "GFLOP"]
+    dev = {p: res[p]["devices"][HEAD]["kernel_bytes"] for p in ORDER}
+    pairs = [(p, k, b) for p in ORDER for k, b in zip(res[p]["kernels"], dev[p], strict=True)]
+    return cols, [[p, k["name"], f"{k['read'] / GIB:.4f}", f"{k['write'] / GIB:.4f}", f"{b / GIB:.4f}",
+                   f"{k['flops'] / 1e9:.2f}"] for p, k, b in pairs]
+
+
+def anchor_lines(results: list[tuple[Shape, dict]]) -> list[str]:
+    """The model beside LoRAFusion's published figures (only for their setting: half adapters, r=16, p=0.1)."""
+    lf = [(s, r) for s, r in results if s.family == "LoRAFusion" and s.ea == s.e and s.r == 16 and s.p == 0.1]
+    lines = [BANNER, f"LoRAFusion's published figures (H100, ncu) beside the model ({HEAD}; once = compulsory):"]
+    for s, res in lf:
+        key = f"{s.M}x{s.K}x{s.N}"
+        if key in LORAFUSION_PUBLISHED:
+            g = {p: f"{res[p]['devices'][HEAD]['bytes'] / GIB:.3f} (once {res[p]['bytes_once'] / GIB:.3f})"
+                 for p in ORDER}
+            lines.append(f"  {key}: published Fused LoRA {LORAFUSION_PUBLISHED[key][1]:.3f} / Torch LoRA "
+                         f"{LORAFUSION_PUBLISHED[key][0]:.3f} GiB; model: lorafusion {g['lorafusion']}, eager "
+                         f"{g['peft']}; fused-lora {g['fused']}, composed {g['composed']}, compile {g['compile']}")
+            lines.append(f"    fused-lora writes no x_d or mask and reads none back: "
+                         f"{(res['lorafusion']['bytes_once'] - res['fused']['bytes_once']) / GIB:.3f} GiB less"
+                         " compulsory traffic than their design")
+    for p in ("lorafusion", "fused", "composed", "compile") if lf else ():
+        rs = [r["peft"]["devices"][HEAD]["ms"] / r[p]["devices"][HEAD]["ms"] for _, r in lf]
+        pub = f" (published, measured: {LORAFUSION_SPEEDUP_AVG}× avg, {LORAFUSION_SPEEDUP_BEST}× best)"
+        lines.append(f"  roofline eager ÷ {p} on {HEAD}, {len(rs)} LoRAFusion shapes: {sum(rs) / len(rs):.2f}× avg,"
+                     f" {max(rs):.2f}× best{pub if p == 'lorafusion' else ''}")
+    return lines if lf else []
+
+
+def _fmt_text(cols: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    pad = lambda i, c: c.ljust(w[i]) if i == 0 else c.rjust(w[i])
+    return "\n".join("  ".join(pad(i, c) for i, c in enumerate(r)) for r in [cols, *rows])
+
+
+def _fmt_md(cols: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(r) + " |" for r in [cols, ["---"] * len(cols), *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="keep shapes whose label contains this (case-insensitive)")
+    ap.add_argument("--adapter-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="adapters' dtype (bf16: LoRAFusion's setting; fp32: PEFT's and LoRALinear's default)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--kernels", action="store_true", help="also print each kernel's bytes")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--markdown", metavar="PATH")
+    args = ap.parse_args(argv)
+    ea = 4 if args.adapter_dtype == "fp32" else 2
+    chosen = [Shape(**{**asdict(s), "r": args.rank}) for s in shapes(ea) if args.only.lower() in s.label.lower()]
+    if not chosen:
+        ap.error(f"no shape matches --only {args.only!r}")
+    results = [(s, model(s)) for s in chosen]
+    setting = (f"bf16 base, {args.adapter_dtype} adapters, r={args.rank}. 'GiB once': each tensor read once per kernel;"
+               f" 'GiB {HEAD}' and the ms columns: with the L2/tile model (module docstring).")
+    text, md = [BANNER, setting, ""], ["# LoRA layer traffic model", "", f"**{BANNER}**", "", setting, ""]
+    for s, res in results:
+        title = f"{s.label}, r={s.r}, p={s.p}, bias={s.bias}"
+        tables = [shape_table(res)] + [kernel_table(res)] * args.kernels
+        text += [f"== {title} ==", *(_fmt_text(*t) + "\n" for t in tables)]
+        md += [f"## {title}", "", *(_fmt_md(*t) + "\n" for t in tables)]
+    anchors = anchor_lines(results)
+    text += anchors
+    md += ["## Against LoRAFusion's published figures", "", *(f"- {a.strip()}" for a in anchors[2:])] * bool(anchors)
+    print("\n".join(text))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md) + "\n")
+    if args.json:
+        payload = {"note": BANNER, "devices": [asdict(d) for d in DEVICES],
+                   "shapes": [{"shape": asdict(s), "label": s.label, "paths": res} for s, res in results]}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""bench/traffic_model.py: a MODEL of DRAM bytes and roofline times, not a measurement. These tests check that it
+counts what the kernels do (hand-counted totals, the rank-chunk re-reads), keeps the orderings the design
+argument rests on, reproduces LoRAFusion's published ncu figures for their design and for eager within 15%, and
+that the script runs. No torch or triton is needed by the model itself; fast (< 1 s)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "bench" / "traffic_model.py"
+_spec = importlib.util.spec_from_file_location("traffic_model", PATH)
+tm = importlib.util.module_from_spec(_spec)
+sys.modules["traffic_model"] = tm  # dataclasses look their module up by name
+_spec.loader.exec_module(tm)
+
+MIB = 2**20
+H100 = tm.DEVICES[0]
+HEADLINE = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096)
+
+
+def total(path: str, s, d=None) -> float:
+    return sum(k.bytes for k in tm.PATHS[path](s, d))
+
+
+def test_compulsory_bytes_hand_counted():
+    # Units of one 8192×4096 bf16 activation (64 MiB) and W (32 MiB); adapters, S and dS are under 1 MiB in all.
+    # fused: x (S), x + W in, y out; dY (dy pass), dY + W in, dX out; x (dA) = 7 activations + 2 W.
+    assert total("fused", HEADLINE) == pytest.approx(7 * 64 * MIB + 2 * 32 * MIB, abs=4 * MIB)
+    # base alone: x, W, y and dY, W, dX.
+    assert total("base", HEADLINE) == 2 * (64 + 32 + 64) * MIB
+    # eager on top of base: dropout (x in; x_d, half-size mask out) 2.5, x_d in 1, T out 1, scale 2, add 3;
+    # backward: scale 2, dT read twice 2, dx_d out 1, x_d in 1, dropout bwd (2 + mask) 2.5, accumulation 3 = 21.
+    assert total("peft", HEADLINE) == pytest.approx(2 * 160 * MIB + 21 * 64 * MIB, abs=4 * MIB)
+
+
+def test_no_mask_no_x_d():
+    # What differs from LoRAFusion's design: no x_d or mask written, none read back (compulsory bytes).
+    names = " ".join(k.name for k in tm.path_fused(HEADLINE, None))
+    assert "dropout" not in names
+    # Their separate dropout kernel (x in; x_d and a half-size bool mask out) and the mask read by dX: 3 activations.
+    # (S and dA read x_d where ours read x: the same bytes.)
+    assert total("lorafusion", HEADLINE) - total("fused", HEADLINE) == pytest.approx(3 * 64 * MIB, abs=2 * MIB)
+
+
+@pytest.mark.parametrize("ea", [2, 4], ids=["bf16-adapters", "fp32-adapters"])
+def test_orderings(ea):
+    for s in tm.shapes(ea):
+        for d in (None, *tm.DEVICES):
+            b = {p: total(p, s, d) for p in tm.ORDER}
+            assert b["base"] < b["fused"] < b["peft"], (s.label, d)
+            assert b["composed"] < b["peft"] and b["compile"] < b["peft"], (s.label, d)
+            if d is None:  # compulsory: fused moves the least; composed pays one more pass over y and dX
+                assert b["fused"] < min(b["composed"], b["compile"], b["lorafusion"]), s.label
+                assert b["composed"] - b["fused"] == pytest.approx(2 * s.M * (s.K + s.N) * s.e, rel=0.01)
+        res = tm.model(s)
+        for d in tm.DEVICES:
+            assert res["fused"]["devices"][d.name]["ms"] < res["peft"]["devices"][d.name]["ms"], (s.label, d)
+
+
+def test_headline_against_lorafusion_published():
+    published_eager, published_fused = tm.LORAFUSION_PUBLISHED["8192x4096x4096"]
+    model_fused = total("lorafusion", HEADLINE, H100) / tm.GIB
+    model_eager = total("peft", HEADLINE, H100) / tm.GIB
+    assert model_fused == pytest.approx(published_fused, rel=0.15)
+    assert model_eager == pytest.approx(published_eager, rel=0.15)
+    # Compulsory bytes alone do not explain their measurement: the GEMM re-reads (L2 model) are needed.
+    assert total("lorafusion", HEADLINE) / tm.GIB < 0.6 * published_fused
+
+
+@pytest.mark.parametrize("key", sorted(tm.LORAFUSION_PUBLISHED))
+def test_other_published_shapes_within_15_percent(key):
+    M, K, N = (int(v) for v in key.split("x"))
+    s = tm.Shape("LoRAFusion", str(K), M, K, N)
+    eager, fused = tm.LORAFUSION_PUBLISHED[key]
+    assert total("peft", s, H100) / tm.GIB == pytest.approx(eager, rel=0.15)
+    assert total("lorafusion", s, H100) / tm.GIB == pytest.approx(fused, rel=0.15)
+
+
+def test_rank_chunks_fp32_adapters_reread():
+    # fp32 adapters: rank chunks of 16 (triton_ops._block_r), so at r=64 the skinny kernels stream x 4 times.
+    half = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=64)
+    fp32 = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=64, ea=4)
+    x = 8192 * 4096 * 2
+    assert tm.lora_down(half, H100).read == pytest.approx(x, abs=4 * MIB)
+    assert tm.lora_down(fp32, H100).read == pytest.approx(4 * x, abs=4 * MIB)
+    assert tm.lora_da(fp32, None).read == pytest.approx(x, abs=4 * MIB)  # compulsory: once (+ dS, 2 MiB)
+
+
+def test_fp32_adapters_cost_peft_casts_not_fused():
+    fp32 = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, ea=4)
+    assert total("fused", fp32) == pytest.approx(total("fused", HEADLINE), rel=0.01)
+    assert total("peft", fp32) > 1.5 * total("peft", HEADLINE)
+
+
+def test_small_weights_read_once():
+    s = tm.Shape("GPT-2", "c_attn", 1024, 768, 2304, bias=True)
+    for d in tm.DEVICES[:3]:  # everything fits their L2: the device bytes equal the compulsory bytes
+        assert total("fused", s, d) == total("fused", s)
+
+
+def test_script_runs_with_markdown_and_json(tmp_path):
+    md, js = tmp_path / "m.md", tmp_path / "m.json"
+    out = subprocess.run([sys.executable, str(PATH), "--only", "M=8192 4096", "--markdown", str(md), "--json", str(js),
+                          "--kernels"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "MODEL, not a measurement" in out and "1.258" in out
+    text = md.read_text()
+    assert "MODEL, not a measurement" in text and "| fused |" in text and "lora_dx_kernel" in text
+    data = json.loads(js.read_text())
+    assert [s["label"] for s in data["shapes"]] == ["LoRAFusion 4096 M=8192 4096→4096"]
+    assert set(data["shapes"][0]["paths"]) == set(tm.ORDER)

@@ -108,36 +108,35 @@ def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout,
             dy.new_empty(lora_B.shape[0], dtype=torch.float32) if need_dbias else empty)
 
 
-def _differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed):
+def plain_backward(ctx, dy, x, lora_A, lora_B, seed, base_dx, needs):
     """The gradients as plain autograd ops, for ``backward(create_graph=True)`` (gradient penalties, Hessian-vector
     products): their own graph reaches x, A, B and dY, so a second derivative is exact. Same mask as the forward
     (the backend's, from the seed); S is recomputed from x and A rather than read from the forward's buffer, which
-    is outside the graph."""
+    is outside the graph. ``base_dx(dY)``: the base layer's input gradient (plain ops); ``needs``: whether dX,
+    dbias, dA, dB are wanted. Returns (dX, dbias, dA, dB), None where not wanted. Used by every Function here."""
+    need_dx, need_dbias, need_da, need_db = needs
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     x_a = x2d.to(lora_A.dtype)
+    mask = None
     if ctx.dropout_p > 0:
         mask = backend_ops(ctx.backend).dropout_mask(_seed_value(seed), tuple(x2d.shape), ctx.dropout_p, x.device)
         x_a = x_a * mask.to(x_a.dtype)
-    else:
-        mask = None
     dy_a = dy2d.to(lora_A.dtype)
     ds = (dy_a @ lora_B) * ctx.scaling
-    need_dx, _, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
     dx = da = db = dbias = None
     if need_dx:
-        w = weight if ctx.weight_layout == "linear" else weight.t()  # N×K
         lora_dx = ds @ lora_A
         if mask is not None:
             lora_dx = lora_dx * mask.to(lora_dx.dtype)
-        dx = (dy2d @ w.to(dy2d.dtype) + lora_dx.to(dy2d.dtype)).to(x.dtype).view(x.shape)
+        dx = (base_dx(dy2d).to(dy2d.dtype) + lora_dx.to(dy2d.dtype)).to(x.dtype).view(x.shape)
     if need_da:
         da = ds.t() @ x_a
     if need_db:
         db = (dy_a.t() @ (x_a @ lora_A.t())) * ctx.scaling
     if need_dbias:
         dbias = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return dx, None, dbias, da, db, None, None, None, None, None, None
+    return dx, dbias, da, db
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -162,9 +161,12 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
-        if torch.is_grad_enabled():  # backward(create_graph=True): a backward that is itself differentiable
-            return _differentiable_backward(ctx, dy, x, weight, lora_A, lora_B, seed)
         need_dx, _, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # backward(create_graph=True): a backward that is itself differentiable
+            w = weight if ctx.weight_layout == "linear" else weight.t()  # N×K
+            dx, dbias, da, db = plain_backward(ctx, dy, x, lora_A, lora_B, seed, lambda d: d @ w.to(d.dtype),
+                                               (need_dx, need_dbias, need_da, need_db))
+            return dx, None, dbias, da, db, None, None, None, None, None, None
         args = (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, s, ctx.scaling,
                 ctx.dropout_p, seed, ctx.weight_layout, ctx.backend, ctx.gemm, need_dx, need_da, need_db, need_dbias)
         if torch.compiler.is_compiling():
@@ -176,7 +178,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 da if need_da else None, db if need_db else None, None, None, None, None, None, None)
 
 
-def _in_function_transform(tensors) -> bool:
+def in_function_transform(tensors) -> bool:
     """Whether a call runs under torch.func (grad, vmap, jvp, functional_call per-sample gradients) or with
     forward-mode AD tangents: what an autograd Function with custom ops does not support, and PEFT's plain ops do."""
     if torch.compiler.is_compiling():
@@ -321,7 +323,7 @@ def fused_lora_linear(
         # nn.Dropout(p=1), PEFT's meaning: the branch sees x·0, contributes 0 (NaN where x is not finite) and its
         # adapters get zero gradients. Scaling by 0 computes exactly that without a mask of all zeros.
         p, scaling = 0.0, 0.0
-    if _in_function_transform((x, weight, bias, lora_A, lora_B)):
+    if in_function_transform((x, weight, bias, lora_A, lora_B)):
         return _plain_ops(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
     seed = None
     if p > 0:

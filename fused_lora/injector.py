@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .base_ops import quantized_kind
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig
-from .layer import LoRALinear, _conv1d_class
+from .layer import LoRALinear, _conv1d_class, unsupported_quantized_message
 
 STATE_ATTR = "_fused_lora_state"
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,7 +54,7 @@ def _linear_kind(module: nn.Module) -> str | None:
     """'linear' / 'conv1d' for layers LoRA can wrap (a LoRALinear counts, for planning on an injected model)."""
     if isinstance(module, LoRALinear):
         return module.weight_layout
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or quantized_kind(module) is not None:
         return "linear"
     conv1d = _conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
@@ -233,14 +234,13 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
             continue
         if _linear_kind(module) is None:
             raise TypeError(f"inject_lora: target {key!r} is a {type(module).__name__}; fused LoRA adapts only "
-                            "nn.Linear and transformers Conv1D layers. Narrow target_modules (a regex string matches "
-                            "the whole module name) or add it to exclude_modules")
+                            "nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers. Narrow "
+                            "target_modules (a regex string matches the whole module name) or add it to "
+                            "exclude_modules")
         dtype = module.weight.dtype
-        if dtype not in _WEIGHT_DTYPES:
-            raise TypeError(
-                f"inject_lora: target {key!r} ({type(module).__name__}) has a {dtype} weight; fused LoRA needs a "
-                f"float32, float16 or bfloat16 base weight. Quantized layers (bitsandbytes 4/8-bit, int weights) are "
-                f"not supported: load the model unquantized, or leave {key!r} out of target_modules")
+        if quantized_kind(module) is None and dtype not in _WEIGHT_DTYPES:
+            raise TypeError(unsupported_quantized_message(f"inject_lora: target {key!r}", type(module).__name__,
+                                                          dtype))
         targets.append(key)
     if not targets:
         raise _no_match_error(model, resolved, excluded)
@@ -376,7 +376,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _plain_module(layer: LoRALinear) -> nn.Module:
-    """A new nn.Linear / Conv1D around the layer's weight and bias (for LoRALinear modules inject did not make)."""
+    """A new nn.Linear / Conv1D around the layer's weight and bias (for LoRALinear modules inject did not make); a
+    quantized layer's own bitsandbytes module."""
+    if hasattr(layer, "base_layer"):
+        return layer.base_layer
     with torch.device("meta"):  # no throwaway allocation: the parameters are replaced right away
         if layer.weight_layout == "linear":
             module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -397,7 +400,7 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     _all_or_none(list(layers.values()), merge=merge)  # first, so that a refused merge leaves the model as it was
     for path, layer in layers.items():
         original = originals.get(path)
-        if original is None:
+        if original is None or hasattr(layer, "base_layer"):  # a quantized layer keeps its bitsandbytes module
             original = _plain_module(layer)
         else:
             # The layer may hold new parameters (load_state_dict(assign=True), .to() on some torch versions).

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .base_ops import looks_quantized, quantized_kind
 from .functional import WEIGHT_LAYOUTS, fused_lora_linear
 
 
@@ -18,6 +19,13 @@ def _conv1d_class() -> type | None:
     except ImportError:  # transformers is a dependency, but the layer itself does not need it
         return None
     return Conv1D
+
+
+def unsupported_quantized_message(where: str, type_name: str, dtype: torch.dtype) -> str:
+    return (f"{where}: {type_name} holds a {dtype} weight; fused_lora serves floating-point nn.Linear / Conv1D layers "
+            "and bitsandbytes Linear4bit / Linear8bitLt (QLoRA). Other quantized formats (GPTQ, AWQ, HQQ, torchao, …) "
+            "are not supported: load the model in floating point or with a BitsAndBytesConfig, or leave this layer "
+            "out of target_modules")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -85,22 +93,31 @@ class LoRALinear(nn.Module):
         *,
         adapter_dtype: torch.dtype | None = None,
     ) -> LoRALinear:
-        """Wraps an ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias."""
+        """Wraps an ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias; or a
+        bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, kept as it is (a :class:`~fused_lora.quantized.
+        QuantizedLoRALinear`: QLoRA)."""
         conv1d = _conv1d_class()
         if isinstance(layer, LoRALinear):
             raise TypeError("LoRALinear.from_linear: the layer is already a LoRALinear; adapters are not stacked. "
                             "Use it as it is, or wrap its base layer instead")
+        if quantized_kind(layer) is not None:
+            from .quantized import QuantizedLoRALinear
+
+            return QuantizedLoRALinear.wrap(layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                                            adapter_dtype)
+        if looks_quantized(layer):
+            raise TypeError(unsupported_quantized_message("LoRALinear.from_linear", type(layer).__name__,
+                                                          layer.weight.dtype))
         if isinstance(layer, nn.Linear):
             layout, in_features, out_features = "linear", layer.in_features, layer.out_features
         elif conv1d is not None and isinstance(layer, conv1d):
             layout, (in_features, out_features) = "conv1d", layer.weight.shape
         else:
-            raise TypeError(f"LoRALinear.from_linear: expected nn.Linear or transformers Conv1D, got "
-                            f"{type(layer).__name__}; quantized or custom layers are not supported")
+            raise TypeError(f"LoRALinear.from_linear: expected nn.Linear, transformers Conv1D or a bitsandbytes "
+                            f"Linear4bit / Linear8bitLt, got {type(layer).__name__}; custom layers are not supported")
         if not layer.weight.dtype.is_floating_point:
-            raise TypeError(f"LoRALinear.from_linear: the {type(layer).__name__} weight is {layer.weight.dtype}; "
-                            "LoRA needs a floating-point base weight (quantized layers are not supported: "
-                            "dequantize the layer or leave it out of target_modules)")
+            raise TypeError(unsupported_quantized_message("LoRALinear.from_linear", type(layer).__name__,
+                                                          layer.weight.dtype))
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.weight = layer.weight

@@ -4,13 +4,14 @@
     model = fused_lora.peft.accelerate(peft_model)      # same model object, same modules and state dict
 
 Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`, a subclass that only overrides
-``forward``. Nothing else changes: parameter names, the state dict, ``save_pretrained``, ``merge_and_unload``,
-``set_adapter``, ``disable_adapter``, the repr (``lora.Linear(...)``) and so what PEFT's ``get_layer_status()`` /
-``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay PEFT's; :func:`is_accelerated` tells an
-accelerated model apart. The fused path is taken call by call, when PEFT would compute exactly
-``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter; anything else (adapters disabled or merged,
-mixed-adapter batches, DoRA and other variants, several active adapters, ``lora_bias``, quantized or hooked bases,
-dtypes the Function does not take) runs PEFT's own forward.
+``forward`` (PEFT's bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` LoRA layers to ``FusedLinear4bit`` /
+``FusedLinear8bitLt``, which run ``fused_lora.quantized``). Nothing else changes: parameter names, the state dict,
+``save_pretrained``, ``merge_and_unload``, ``set_adapter``, ``disable_adapter``, the repr (``lora.Linear(...)``) and
+so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay
+PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
+would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter; anything else (adapters
+disabled or merged, mixed-adapter batches, DoRA and other variants, several active adapters, ``lora_bias``, custom
+or hooked bases, dtypes the Function does not take) runs PEFT's own forward.
 
 Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
 that says why, and a reason is reported once per process (a layer that falls back at call time, say after
@@ -38,7 +39,9 @@ try:
 except ImportError as err:  # peft is an optional dependency
     raise ImportError("fused_lora.peft needs the `peft` package: pip install peft") from err
 
+from .base_ops import BNB_4BIT, quantized_kind
 from .functional import fused_lora_linear
+from .quantized import quantized_lora
 
 __all__ = ["FusedLinear", "accelerate", "is_accelerated", "restore"]
 
@@ -90,10 +93,10 @@ def _is_custom_layer(layer: nn.Module) -> bool:
 def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
     """Why ``layer`` cannot run the fused path for ``adapter`` (default: its active adapters), or None when it
     can. Input-dependent checks (dtypes of the call) are in :func:`_call_reason`."""
-    if type(layer) not in (PeftLoraLinear, FusedLinear):
+    if type(layer) not in _SERVED and type(layer) not in _SERVED.values():
         base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
-        return (f"LoRA layer type lora.{type(layer).__name__} on a {type(base).__name__} base (only nn.Linear and "
-                "Conv1D bases are fused; quantized and other layer types are not)")
+        return (f"LoRA layer type lora.{type(layer).__name__} on a {type(base).__name__} base (fused: nn.Linear, "
+                "Conv1D and bitsandbytes Linear4bit/Linear8bitLt bases)")
     if adapter is None:
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if len(active) > 1:
@@ -107,21 +110,27 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
     base = layer.get_base_layer()
-    if _weight_layout(base) is None:
-        return f"base layer {type(base).__name__} (quantized or custom; only nn.Linear and Conv1D are fused)"
+    quantized = quantized_kind(base) is not None
+    if not quantized and _weight_layout(base) is None:
+        return f"base layer {type(base).__name__} (custom; fused: nn.Linear, Conv1D, bitsandbytes 4/8-bit)"
     weight = base.weight
-    if weight.dtype not in _FUSED_DTYPES:
+    if not quantized and weight.dtype not in _FUSED_DTYPES:
         return f"base weight dtype {weight.dtype} (fused: float32, float16, bfloat16)"
     if weight.is_meta:
         return "base weight on the meta device (offloaded)"
     if weight.requires_grad:
         return "trainable base weight (the fused Function trains adapters and biases only)"
+    if quantized_kind(base) == BNB_4BIT and getattr(weight, "quant_state", None) is None:
+        return "4-bit base weight without a quant_state (not quantized yet)"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return "lora_A/lora_B are not plain bias-free nn.Linear modules"
     if type(dropout) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout module {type(dropout).__name__}"
-    if lora_A.weight.dtype != lora_B.weight.dtype or lora_A.weight.dtype not in (weight.dtype, torch.float32):
+    if quantized:
+        if lora_A.weight.dtype != lora_B.weight.dtype or not lora_A.weight.dtype.is_floating_point:
+            return f"adapter dtype {lora_A.weight.dtype}/{lora_B.weight.dtype}"
+    elif lora_A.weight.dtype != lora_B.weight.dtype or lora_A.weight.dtype not in (weight.dtype, torch.float32):
         return (f"adapter dtype {lora_A.weight.dtype}/{lora_B.weight.dtype} on a {weight.dtype} base (fused: adapters "
                 "in the base's dtype or float32)")
     if any(_has_hooks(m) for m in (base, lora_A, lora_B, dropout)):
@@ -135,6 +144,8 @@ def _call_reason(layer: PeftLoraLinear, adapter: str, x: torch.Tensor) -> str | 
     lora_dtype = layer.lora_A[adapter].weight.dtype
     if x.device != weight.device:
         return "input and weights on different devices"
+    if quantized_kind(layer.get_base_layer()) is not None:  # the layer casts x itself, as PEFT's path does
+        return None if x.dtype in _FUSED_DTYPES else f"input dtype {x.dtype}"
     compute = x.dtype
     if torch.is_autocast_enabled(x.device.type) and x.dtype.is_floating_point:
         compute = torch.get_autocast_dtype(x.device.type)  # the Function casts x, W, b to it, like nn.Linear
@@ -158,14 +169,9 @@ def _warn(reasons: dict[str, list[str]], total: int, stacklevel: int) -> None:
     _reported.update(reasons)
 
 
-class FusedLinear(PeftLoraLinear):
-    """A ``peft.tuners.lora.Linear`` whose forward runs through :func:`fused_lora.fused_lora_linear` when PEFT would
-    compute plain LoRA with one adapter. Made by :func:`accelerate` (class swap); never constructed directly."""
-
-    def _get_name(self) -> str:
-        # nn.Module.__repr__ names the class with this: PEFT's repr ("lora.Linear(...)") and the module_type its
-        # get_layer_status() derives from the repr stay what PEFT reports for its own layer.
-        return "Linear"
+class _Fused:
+    """The forward every accelerated class shares: PEFT's own forward unless PEFT would compute plain LoRA with one
+    adapter, and then the fused Function (``_fused_call``)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # PEFT's own semantics first: extra arguments (mixed-adapter batches), disabled adapters (which unmerge
@@ -183,18 +189,54 @@ class FusedLinear(PeftLoraLinear):
                               UserWarning, stacklevel=2)
             return super().forward(x, *args, **kwargs)
         adapter = active[0]
-        base = self.get_base_layer()
         dropout = self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return fused_lora_linear(
-            x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            float(self.scaling[adapter]), p, dropout.training, _weight_layout(base),
-        )
+        return self._fused_call(x, adapter, p, dropout.training)
+
+    def _get_name(self) -> str:
+        # nn.Module.__repr__ names the class with this: PEFT's repr ("lora.Linear(...)") and the module_type its
+        # get_layer_status() derives from the repr stay what PEFT reports for its own layer.
+        return next(cls for cls in type(self).__mro__ if cls in _SERVED).__name__
+
+
+class FusedLinear(_Fused, PeftLoraLinear):
+    """A ``peft.tuners.lora.Linear`` whose forward runs through :func:`fused_lora.fused_lora_linear` when PEFT would
+    compute plain LoRA with one adapter. Made by :func:`accelerate` (class swap); never constructed directly."""
+
+    def _fused_call(self, x, adapter, p, training):
+        base = self.get_base_layer()
+        if quantized_kind(base) is not None:  # PEFT's generic lora.Linear on a bitsandbytes layer of a plain model
+            return _quantized_call(self, x, adapter, p, training)
+        return fused_lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                 float(self.scaling[adapter]), p, training, _weight_layout(base))
+
+
+def _quantized_call(self, x, adapter, p, training):
+    return quantized_lora(x, self.get_base_layer(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                          float(self.scaling[adapter]), p, training)
+
+
+# PEFT's LoRA class → the class accelerate swaps it to. PEFT's bitsandbytes classes exist only when bitsandbytes is
+# installed; they run the composed (or fused 4-bit) path of fused_lora.quantized.
+_SERVED: dict[type, type] = {PeftLoraLinear: FusedLinear}
+try:
+    from peft.tuners.lora import bnb as _peft_bnb
+except ImportError:  # pragma: no cover (bitsandbytes absent)
+    _peft_bnb = None
+for _name in ("Linear4bit", "Linear8bitLt"):
+    _peft_cls = getattr(_peft_bnb, _name, None)
+    if _peft_cls is not None:
+        _SERVED[_peft_cls] = type(f"Fused{_name}", (_Fused, _peft_cls), {
+            "_fused_call": _quantized_call,
+            "__doc__": f"A ``peft.tuners.lora.bnb.{_name}`` whose forward runs through "
+                       "``fused_lora.quantized.quantized_lora`` when PEFT would compute plain LoRA with one adapter.",
+        })
 
 
 def is_accelerated(module: nn.Module) -> bool:
     """Whether ``module`` holds any layer that :func:`accelerate` swapped to the fused forward."""
-    return any(type(m) is FusedLinear for m in module.modules())
+    fused = set(_SERVED.values())
+    return any(type(m) in fused for m in module.modules())
 
 
 def accelerate(peft_model: nn.Module) -> nn.Module:
@@ -216,8 +258,8 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
                          "(peft.tuners.lora.LoraLayer); wrap it with peft.get_peft_model first")
     unserved: dict[str, list[str]] = defaultdict(list)
     for name, layer in lora_layers:
-        if type(layer) is PeftLoraLinear:
-            layer.__class__ = FusedLinear  # same attributes and parameters; only forward differs
+        if type(layer) in _SERVED:
+            layer.__class__ = _SERVED[type(layer)]  # same attributes and parameters; only forward differs
         reason = None if _is_custom_layer(layer) else layer_reason(layer)
         if reason is not None and reason not in _reported:
             unserved[reason].append(name)
@@ -227,8 +269,9 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
 
 
 def restore(peft_model: nn.Module) -> nn.Module:
-    """Undo :func:`accelerate`: every :class:`FusedLinear` becomes a plain ``peft.tuners.lora.Linear`` again."""
+    """Undo :func:`accelerate`: every accelerated layer becomes its plain PEFT class again."""
+    original = {fused: peft_cls for peft_cls, fused in _SERVED.items()}
     for module in peft_model.modules():
-        if type(module) is FusedLinear:
-            module.__class__ = PeftLoraLinear
+        if type(module) in original:
+            module.__class__ = original[type(module)]
     return peft_model

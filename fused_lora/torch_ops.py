@@ -4,12 +4,15 @@ user forces it).
 Like the kernels it keeps no M×K tensor beside x for backward: the dropout mask is regenerated from a
 seeded ``torch.Generator`` in backward (once, shared by dX and dA) instead of saving the mask or the
 dropped copy of x as PEFT does. The base GEMM and the rank-r update are chained with in-place
-``addmm_`` so y is written once when the adapters share x's dtype.
+``addmm_`` so y is written once when the adapters share x's dtype. The base is any layer of ``base_ops``
+(dense, or bitsandbytes 4/8-bit): ``forward``/``backward`` are the dense case.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .base_ops import DenseBase
 
 
 def generator_seed(seed: int) -> int:
@@ -57,21 +60,15 @@ def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x * keep
 
 
-def _base_weight(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
-    """Wᵀ (K×N) as a view: ``x @ _base_weight(...)`` is the base layer's GEMM."""
-    return weight.t() if weight_layout == "linear" else weight
-
-
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "",
+def composed_forward(
+    x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
     *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y M×N in x's dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean keep mask
-    to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands in);
-    ``gemm`` is the kernels' choice, ignored here."""
-    w_t = _base_weight(weight, weight_layout)
-    y = torch.addmm(bias.to(x.dtype), x, w_t) if bias is not None else x @ w_t
+    """y = base(x) + scaling · dropout(x) Aᵀ Bᵀ for any base of ``base_ops`` (its ``forward`` is the layer's own).
+    Returns (y M×N in the base's output dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean
+    keep mask to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands
+    in)."""
+    y = base.forward(x)
     x_a = x.to(lora_A.dtype)
     if p == 0:
         s = x_a @ lora_A.t()
@@ -86,14 +83,22 @@ def forward(
     return y, s
 
 
-def backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    s: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "",
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "",
     *, keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`composed_forward` on a dense weight (either layout); ``gemm`` is the kernels' choice, ignored here."""
+    return composed_forward(x, DenseBase(weight, bias, weight_layout), lora_A, lora_B, scaling, p, seed, keep=keep)
+
+
+def composed_backward(
+    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, scaling: float, p: float, seed: int,
+    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Returns (dX, dA, dB, dbias), None where not needed. The mask is regenerated once, for dA and dX (or
-    ``keep`` is used, as in :func:`forward`)."""
+    """Returns (dX, dA, dB, dbias), None where not needed: dX is the base's input gradient with m ⊙ (dS A) added in
+    place. The mask is regenerated once, for dA and dX (or ``keep`` is used, as in :func:`composed_forward`)."""
     dx = da = db = dbias = None
     dy_lora = dy.to(lora_B.dtype)
     if need_db:
@@ -112,7 +117,7 @@ def backward(
         x_a = x.to(lora_A.dtype)
         da = ds.t() @ x_a if keep is None else (ds.t() @ _masked(x_a, keep)).mul_(drop_scale)
     if need_dx:
-        dx = dy @ _base_weight(weight, weight_layout).t()
+        dx = base.input_grad(dy, x.dtype)
         if keep is None and lora_A.dtype == dx.dtype:
             dx.addmm_(ds, lora_A)
         elif keep is None:
@@ -120,3 +125,14 @@ def backward(
         else:
             dx.add_(_masked(ds @ lora_A, keep).to(dx.dtype), alpha=drop_scale)
     return dx, da, db, dbias
+
+
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
+    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "",
+    *, keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """:func:`composed_backward` on a dense weight (either layout)."""
+    return composed_backward(dy, x, DenseBase(weight, None, weight_layout), lora_A, lora_B, s, scaling, p, seed,
+                             need_dx, need_da, need_db, need_dbias, keep=keep)

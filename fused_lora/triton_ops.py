@@ -32,6 +32,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import AutotunerError, OutOfResources, PTXASError
 
 from . import backend, kernels, torch_ops
+from .base_ops import DenseBase
 from .kernels import INTERPRET
 from .kernels.configs import m_bucket
 
@@ -103,11 +104,6 @@ def _weight_strides(weight: torch.Tensor, weight_layout: str) -> tuple[int, int]
     if weight_layout == "linear":  # N×K
         return weight.stride(1), weight.stride(0)
     return weight.stride(0), weight.stride(1)  # conv1d: K×N
-
-
-def _base_weight_t(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
-    """Wᵀ (K×N) as a view, for cuBLAS: ``x @ _base_weight_t(...)`` is the base layer's GEMM."""
-    return weight.t() if weight_layout == "linear" else weight
 
 
 def _block_r(r: int, adapter_dtype: torch.dtype) -> int:
@@ -211,12 +207,6 @@ def lora_up_add(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling:
         WIDE=wide_offsets(y, s, lora_B), BLOCK_R=_block_r(R, lora_B.dtype),
     )
     return y
-
-
-def base_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_layout: str) -> torch.Tensor:
-    """x Wᵀ + b by cuBLAS, in x's dtype (the composed path's base GEMM)."""
-    w_t = _base_weight_t(weight, weight_layout)
-    return torch.addmm(bias.to(x.dtype), x, w_t) if bias is not None else x @ w_t
 
 
 def lora_dy_pass(
@@ -353,27 +343,65 @@ def _record_failure(key: tuple, what: str, err: Exception) -> None:
                           "kernels' dropout mask")
 
 
+def _forward_with(
+    x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
+    label: str, base_gemm,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = dropout(x) Aᵀ by ``lora_down``, then ``base_gemm(S)`` → y with the rank-r term in it; the PyTorch path with
+    the kernels' mask stands in when a kernel cannot run (``KERNEL_FAILURES``). Returns (y, S fp32)."""
+    if x.numel() == 0 or lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
+        y, s = torch_ops.composed_forward(x, base, lora_A, lora_B, scaling, p, seed)
+        return y, s.float()
+    key = _signature(x.device, "forward", x, lora_A, lora_B, label=label, drop=p > 0)
+    with _on(x.device):
+        if not _failed_before(key):
+            try:
+                s = lora_down(x, lora_A, seed, p)
+                return base_gemm(s), s
+            except KERNEL_FAILURES as err:
+                _record_failure(key, "forward", err)
+        keep = _kernel_keep(seed, x, p)
+        y, s = torch_ops.composed_forward(x, base, lora_A, lora_B, scaling, p, seed, keep=keep)
+        return y, s.float()
+
+
+def _backward_with(
+    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
+    scaling: float, p: float, seed: int, needs: tuple[bool, bool, bool, bool], label: str, base_dx,
+) -> tuple[torch.Tensor | None, ...]:
+    """One pass over dY (dS, dB, dbias), ``base_dx(dS)`` → dX with m ⊙ (dS A) in it, dA; the PyTorch path with the
+    kernels' mask stands in when a kernel cannot run. Returns (dX, dA fp32, dB fp32, dbias fp32), None where not
+    needed."""
+    need_dx, need_da, need_db, need_dbias = needs
+    if x.numel() == 0 or dy.numel() == 0:
+        return torch_ops.composed_backward(dy, x, base, lora_A, lora_B, s, scaling, p, seed, *needs)
+    key = _signature(x.device, "backward", dy, x, lora_A, lora_B, label=label, drop=p > 0, needs=needs)
+    with _on(x.device):
+        if not _failed_before(key):
+            try:
+                dx = da = None
+                ds, db, dbias = lora_dy_pass(dy, lora_B, s, scaling, need_dx or need_da, need_db, need_dbias)
+                if need_dx:
+                    dx = base_dx(ds)
+                if need_da:
+                    da = lora_da(ds, x, lora_A, seed, p)
+                return dx, da, db, dbias
+            except KERNEL_FAILURES as err:
+                _record_failure(key, "backward", err)
+        keep = _kernel_keep(seed, x, p)
+        return torch_ops.composed_backward(dy, x, base, lora_A, lora_B, s, scaling, p, seed, *needs, keep=keep)
+
+
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y M×N in x's dtype, S M×r fp32). Two launches (fused), or cuBLAS + two (composed)."""
-    if x.numel() == 0 or lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
-        y, s = torch_ops.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout)
-        return y, s.float()
-    key = _signature(x.device, "forward", x, weight, bias, lora_A, gemm=gemm, layout=weight_layout, drop=p > 0)
-    with _on(x.device):
-        if not _failed_before(key):
-            try:
-                s = lora_down(x, lora_A, seed, p)
-                if gemm == "composed":
-                    return lora_up_add(base_forward(x, weight, bias, weight_layout), s, lora_B, scaling), s
-                return lora_forward(x, weight, bias, s, lora_B, scaling, weight_layout), s
-            except KERNEL_FAILURES as err:
-                _record_failure(key, "forward", err)
-        keep = _kernel_keep(seed, x, p)
-        y, s = torch_ops.forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout, keep=keep)
-        return y, s.float()
+    base = DenseBase(weight, bias, weight_layout)
+    if gemm == "composed":
+        return composed_forward(x, base, lora_A, lora_B, scaling, p, seed)
+    return _forward_with(x, base, lora_A, lora_B, scaling, p, seed, f"fused-{weight_layout}",
+                         lambda s: lora_forward(x, weight, bias, s, lora_B, scaling, weight_layout))
 
 
 def backward(
@@ -383,27 +411,27 @@ def backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """At most three launches (plus cuBLAS's dY W when composed). Returns (dX, dA fp32, dB fp32, dbias fp32),
     None where not needed."""
-    if x.numel() == 0 or dy.numel() == 0:
-        return torch_ops.backward(dy, x, weight, lora_A, lora_B, s, scaling, p, seed, weight_layout,
-                                  need_dx, need_da, need_db, need_dbias)
-    key = _signature(x.device, "backward", dy, x, weight, lora_A, gemm=gemm, layout=weight_layout, drop=p > 0,
-                     need=(need_dx, need_da, need_db, need_dbias))
-    with _on(x.device):
-        if not _failed_before(key):
-            try:
-                need_ds = need_dx or need_da
-                dx = da = None
-                ds, db, dbias = lora_dy_pass(dy, lora_B, s, scaling, need_ds, need_db, need_dbias)
-                if need_dx and gemm == "composed":
-                    dx = lora_dx_add((dy @ _base_weight_t(weight, weight_layout).t()).to(x.dtype), ds, lora_A,
-                                     seed, p)
-                elif need_dx:
-                    dx = lora_dx(dy, weight, ds, lora_A, weight_layout, seed, p, x.dtype)
-                if need_da:
-                    da = lora_da(ds, x, lora_A, seed, p)
-                return dx, da, db, dbias
-            except KERNEL_FAILURES as err:
-                _record_failure(key, "backward", err)
-        keep = _kernel_keep(seed, x, p)
-        return torch_ops.backward(dy, x, weight, lora_A, lora_B, s, scaling, p, seed, weight_layout,
-                                  need_dx, need_da, need_db, need_dbias, keep=keep)
+    base = DenseBase(weight, None, weight_layout)
+    needs = (need_dx, need_da, need_db, need_dbias)
+    if gemm == "composed":
+        return composed_backward(dy, x, base, lora_A, lora_B, s, scaling, p, seed, *needs)
+    return _backward_with(dy, x, base, lora_A, lora_B, s, scaling, p, seed, needs, f"fused-{weight_layout}",
+                          lambda ds: lora_dx(dy, weight, ds, lora_A, weight_layout, seed, p, x.dtype))
+
+
+def composed_forward(
+    x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = base(x) (the base's own GEMM: cuBLAS, bitsandbytes) + the rank-r term added in place. cuBLAS + 2 launches."""
+    return _forward_with(x, base, lora_A, lora_B, scaling, p, seed, f"composed-{type(base).__name__}",
+                         lambda s: lora_up_add(base.forward(x), s, lora_B, scaling))
+
+
+def composed_backward(
+    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
+    scaling: float, p: float, seed: int, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """dX = the base's input gradient with m ⊙ (dS A) added in place; dA, dB, dbias as the fused path. 3 launches."""
+    return _backward_with(dy, x, base, lora_A, lora_B, s, scaling, p, seed, (need_dx, need_da, need_db, need_dbias),
+                          f"composed-{type(base).__name__}",
+                          lambda ds: lora_dx_add(base.input_grad(dy, x.dtype), ds, lora_A, seed, p))

@@ -185,3 +185,21 @@ def test_compare_with_peft_dropout_saves_less_for_backward(tmp_path):
     result = example.main(["--steps", "2", "--dropout", "0.1", "--targets", "c_attn,c_fc", "--plot", ""])
     saved = result["saved_mib"]
     assert saved["fused-lora"] < saved["PEFT"], saved
+
+
+def test_gemma2_qlora_fast_path(tmp_path):
+    """The QLoRA example's mechanics: a Gemma2 checkpoint loaded in 4 bits through from_pretrained, fused LoRA on
+    the 8 attention projections of its 4-bit layers, the custom head trained. The default run (189 steps, measured
+    0.83 test accuracy with seed 0; chance 0.5) is too long for CI: 20 steps here."""
+    pytest.importorskip("bitsandbytes")
+    example = load("gemma2_qlora_classification")
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    png = tmp_path / "loss.png"
+    result = example.main(["--no-progress", "--epochs", "1", "--steps", "20", "--train-size", "640",
+                           "--test-size", "128", "--plot", str(png) if has_matplotlib else ""])
+    assert result["quantized_layers"] == 8 and result["steps"] == 20
+    assert all(math.isfinite(v) for v in result["losses"]) and 0.0 <= result["accuracy"] <= 1.0
+    q_proj = result["model"].model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(q_proj.lora_B) > 0  # B starts at zero: the adapters trained
+    if has_matplotlib:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@
     python bench/layer_bench.py --quick              # the target case only
     python bench/layer_bench.py --device cuda        # GPU default plan (bf16 + the fp16 target case)
     python bench/layer_bench.py --device cuda --plan full --time-budget 540
+    python bench/layer_bench.py --device cuda --plan lorafusion   # LoRAFusion's 9 kernel shapes, bf16 (run_gpu.sh)
     python bench/layer_bench.py --M 4096 --shapes 7b_qo --ranks 16 64 --ps 0.1 --dtypes bfloat16
 
 Prints a table, and writes layer.json (rewritten after every case, so a run cut off by a time limit keeps
@@ -40,6 +41,8 @@ SHAPES = {
     "gemma_down": (16384, 2048, False),  # down_proj
     "7b_qo": (4096, 4096, False),  # q/k/v/o of 7B-class models (the GPU target case)
     "7b_up": (4096, 14336, False),  # gate/up of Mistral-7B / Llama-3-8B
+    "13b_qo": (5120, 5120, False),  # q/k/v/o of 13B-class models (LoRAFusion's in = out = 5120)
+    "70b_qo": (8192, 8192, False),  # q/k/v/o of 70B-class models (LoRAFusion's in = out = 8192)
     "cpu_target": (1024, 1024, True),  # the CPU target case (the project's CPU anchor, NOTES §2)
 }
 
@@ -51,8 +54,19 @@ def case(M: int, shape: str, r: int, p: float) -> LayerShape:
     return LayerShape(M, K, N, r, p, bias, shape)
 
 
+# LoRAFusion's kernel benchmark (NOTES §2, bench/traffic_model.py's "LoRAFusion" rows): bf16, r = 16, p = 0.1,
+# in = out ∈ {4096, 5120, 8192}, M ∈ {2048, 4096, 8192} tokens. Most important first: the issue-4 target case
+# (M = 8192, 4096), M = 8192 at the other widths, then the smaller M.
+LORAFUSION_PLAN = [(8192, "7b_qo"), (8192, "13b_qo"), (8192, "70b_qo"), (4096, "7b_qo"), (4096, "13b_qo"),
+                   (4096, "70b_qo"), (2048, "7b_qo"), (2048, "13b_qo"), (2048, "70b_qo")]
+PLANS = ["quick", "default", "full", "lorafusion"]
+SWEEP_SHAPES = [k for k in SHAPES if k not in ("cpu_target", "13b_qo", "70b_qo")]  # default/full plans' projections
+
+
 def plan_cases(plan: str, device: str) -> list[tuple[str, LayerShape]]:
     """(dtype, shape) pairs, most important first: a time budget cuts the tail."""
+    if plan == "lorafusion":  # the same on any device (a GPU plan: on CPU, bf16 at these sizes takes minutes a case)
+        return [("bfloat16", case(M, s, 16, 0.1)) for M, s in LORAFUSION_PLAN]
     if device == "cpu":
         target = [("float32", case(2048, "cpu_target", 16, p)) for p in (0.1, 0.0)]
         if plan == "quick":
@@ -62,12 +76,12 @@ def plan_cases(plan: str, device: str) -> list[tuple[str, LayerShape]]:
         shapes = [("float32", case(512, s, 16, 0.1)) for s in ("gpt2_attn", "gpt2_fc", "gpt2_proj", "gemma_qo")]
         if plan == "full":
             shapes = [("float32", case(M, s, r, p)) for M, s, r, p in itertools.product(
-                (512, 2048), [k for k in SHAPES if k != "cpu_target"], (8, 16, 64), (0.0, 0.1))]
+                (512, 2048), SWEEP_SHAPES, (8, 16, 64), (0.0, 0.1))]
         return target + ranks + shapes
     target = [("bfloat16", case(8192, "7b_qo", 16, p)) for p in (0.1, 0.0)]
     if plan == "quick":
         return target[:1]
-    gpu_shapes = [k for k in SHAPES if k != "cpu_target"]
+    gpu_shapes = SWEEP_SHAPES
     if plan == "full":
         full = [(dt, case(M, s, r, p)) for dt, M, s, r, p in itertools.product(
             ("bfloat16", "float16"), (2048, 8192), gpu_shapes, (8, 16, 64), (0.0, 0.1))]
@@ -253,7 +267,8 @@ def _qkv_saved(shape: LayerShape, device, dtype, adapter_dtype, opts) -> dict[st
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--plan", default="default", choices=["quick", "default", "full"])
+    ap.add_argument("--plan", default="default", choices=PLANS,
+                    help="lorafusion: LoRAFusion's 9 kernel shapes, bf16, r=16, p=0.1 (bench/run_gpu.sh bench)")
     ap.add_argument("--quick", action="store_true", help="same as --plan quick")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     ap.add_argument("--M", nargs="+", type=int, help="token counts")

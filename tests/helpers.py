@@ -11,6 +11,10 @@ import torch
 from fused_lora import lora_linear_ref
 
 BACKENDS = ["torch", "triton"]
+# Where the tests put their tensors: CUDA when there is a GPU (the "triton" backend needs CUDA tensors there: the
+# interpreter is on only without CUDA, conftest.py), else the CPU (the kernels through Triton's interpreter).
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def leaf64(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -241,7 +241,7 @@ BAD_FIELDS = {
     "r fractional": ({"r": 2.5}, ValueError, r"r=2.5 must be a positive integer"),
     "lora_alpha a string": ({"lora_alpha": "8"}, TypeError, r"lora_alpha='8' must be a number"),
     "lora_dropout a string": ({"lora_dropout": "0.1"}, TypeError, r"lora_dropout='0.1' must be a number"),
-    "lora_dropout 1.5": ({"lora_dropout": 1.5}, ValueError, r"lora_dropout=1.5 must be in \[0, 1\)"),
+    "lora_dropout 1.5": ({"lora_dropout": 1.5}, ValueError, r"lora_dropout=1.5 must be in \[0, 1\]"),
     "use_rslora a string": ({"use_rslora": "yes"}, ValueError, r"use_rslora='yes' must be true or false"),
     "target_modules a number": ({"target_modules": 5}, TypeError, r"target_modules must be a list"),
     "bias unknown": ({"bias": "some"}, ValueError, r"bias='some'"),

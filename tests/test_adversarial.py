@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 from test_errors import call
 from test_functional import make_problem, run_and_check
 from tiny_models import assert_unchanged, build, input_ids, logits, state_of
@@ -128,13 +128,13 @@ def poisoned(case: str, index: tuple[int, ...] | None = None) -> dict[str, torch
          "lora_B": torch.randn(N, R, generator=g)}
     name, default_index, value = POISON[case]
     t[name][default_index if index is None else index] = value
-    return t
+    return {k: v.to(DEVICE) for k, v in t.items()}
 
 
 def outputs_and_grads(fn, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     leaves = {k: v.clone().requires_grad_(k != "weight") for k, v in t.items()}
     y = fn(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"])
-    y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+    y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape))
     return {"y": y.detach(), **{f"d{k}": v.grad for k, v in leaves.items() if k != "weight"}}
 
 
@@ -162,7 +162,7 @@ NUMPY_NAN_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered
 @pytest.mark.parametrize(("backend", "case", "p"), list(nan_cases()))
 def test_nan_inf_propagate_like_the_reference(backend, case, p):
     seed = 11
-    mask = dropout_mask(seed, (M, K), p, backend=backend) if p > 0 else None
+    mask = dropout_mask(seed, (M, K), p, DEVICE, backend=backend) if p > 0 else None
     index = None
     if mask is not None and POISON[case][0] == "x":  # a kept element here; a dropped one is the next test's
         kept = (mask != 0).nonzero()
@@ -180,7 +180,7 @@ def test_nan_inf_propagate_like_the_reference(backend, case, p):
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_nan_inf_at_a_dropped_element_propagate_like_the_reference(backend, value):
     p, seed = 0.5, 11
-    mask = dropout_mask(seed, (M, K), p, backend=backend)
+    mask = dropout_mask(seed, (M, K), p, DEVICE, backend=backend)
     dropped = (mask == 0).nonzero()
     t = poisoned("x-nan", tuple(dropped[len(dropped) // 2].tolist()))
     t["x"][t["x"].isnan()] = value
@@ -203,7 +203,7 @@ def test_nan_inf_at_a_dropped_element_propagate_like_the_reference(backend, valu
 ], ids=["torch-M1-K4096-N4096", "torch-M1-K16384-N4", "torch-M1-K4-N16384", "triton-M1-K256-N512",
         "triton-M1-K512-N256"])
 def test_very_wide(backend, lead, K, N, r):
-    x, weight, bias, lora_A, lora_B = make_problem(lead, K, N, r, torch.float32, "linear", True)
+    x, weight, bias, lora_A, lora_B = make_problem(lead, K, N, r, torch.float32, "linear", True, device=DEVICE)
     run_and_check(x, weight, bias, lora_A, lora_B, scaling=2.0, p=0.1, layout="linear", backend=backend)
 
 
@@ -212,13 +212,13 @@ def test_very_wide(backend, lead, K, N, r):
 def test_very_tall_with_one_feature_and_rank_one(backend, rows, layout):
     # K = N = r = 1: dA and dB are sums over every row. The fp32 sum's rounding grows like sqrt(rows), so the
     # check is against fp64 with that slack (a wrong mask, scale or missing block is off by O(1)).
-    x, weight, bias, lora_A, lora_B = make_problem((rows,), 1, 1, 1, torch.float32, layout, True)
+    x, weight, bias, lora_A, lora_B = make_problem((rows,), 1, 1, 1, torch.float32, layout, True, device=DEVICE)
     p, seed = 0.1, 5
     y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 2.0, p, weight_layout=layout, dropout_seed=seed,
                           backend=backend)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
     y.backward(dy)
-    mask = dropout_mask(seed, (rows, 1), p, backend=backend)
+    mask = dropout_mask(seed, (rows, 1), p, DEVICE, backend=backend)
     leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, bias, lora_A, lora_B)]
     ref = lora_linear_ref(leaves[0], weight.double(), leaves[1], leaves[2], leaves[3], 2.0, weight_layout=layout,
                           dropout_mask=mask)
@@ -368,10 +368,10 @@ def test_merge_refuses_an_overflowing_half_weight():
 @pytest.mark.parametrize("state", ["fused", "merged"])
 def test_layer_zero_rows(backend, state, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
-    mod = layer(lora_dropout=0.1)
+    mod = layer(lora_dropout=0.1).to(DEVICE)
     if state == "merged":
         mod.merge()
-    x = torch.randn(3, 0, 10, requires_grad=True)
+    x = torch.randn(3, 0, 10, device=DEVICE, requires_grad=True)
     y = mod(x)
     assert y.shape == (3, 0, 6)
     y.sum().backward()

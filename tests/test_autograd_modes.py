@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 from test_functional import make_problem
 
 from fused_lora import LoRAConfig, LoRALinear, dropout_mask, fused_lora_linear, inject_lora, lora_linear_ref
@@ -15,8 +15,8 @@ from fused_lora import LoRAConfig, LoRALinear, dropout_mask, fused_lora_linear, 
 peft = pytest.importorskip("peft")
 
 
-def problem(dtype=torch.float32, layout="linear", seed=0):
-    return make_problem((2, 7), 12, 10, 3, dtype, layout, True, seed=seed)
+def problem(dtype=torch.float32, layout="linear", seed=0, device="cpu"):
+    return make_problem((2, 7), 12, 10, 3, dtype, layout, True, seed=seed, device=device)
 
 
 def leaves(tensors):
@@ -26,7 +26,7 @@ def leaves(tensors):
 def penalty(fn, x, weight, bias, lora_A, lora_B):
     """A gradient penalty: d/dθ ‖∂L/∂(x, A, B)‖², through a first backward with create_graph=True."""
     y = fn(x, weight, bias, lora_A, lora_B)
-    loss = (y.square() * torch.linspace(0.5, 1.5, y.shape[-1], dtype=y.dtype)).sum()
+    loss = (y.square() * torch.linspace(0.5, 1.5, y.shape[-1], dtype=y.dtype, device=y.device)).sum()
     grads = torch.autograd.grad(loss, (x, lora_A, lora_B, bias), create_graph=True)
     (sum(g.square().sum() for g in grads) + loss).backward()
     return [t.grad for t in (x, lora_A, lora_B, bias)]
@@ -37,8 +37,8 @@ def penalty(fn, x, weight, bias, lora_A, lora_B):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_double_backward_matches_reference(backend, layout, p):
     dtype = torch.float32
-    tensors = problem(dtype, layout)
-    mask = dropout_mask(11, (14, 12), p, backend=backend).view(2, 7, 12).to(dtype) if p > 0 else None
+    tensors = problem(dtype, layout, device=DEVICE)
+    mask = dropout_mask(11, (14, 12), p, DEVICE, backend=backend).view(2, 7, 12).to(dtype) if p > 0 else None
     fused = penalty(lambda *t: fused_lora_linear(*t, 1.5, p, weight_layout=layout, dropout_seed=11,
                                                  backend=backend), *leaves(tensors))
     ref = penalty(lambda *t: lora_linear_ref(*t, 1.5, weight_layout=layout, dropout_mask=mask), *leaves(tensors))
@@ -64,7 +64,7 @@ def test_hessian_vector_product():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_grad_and_per_sample_vmap(backend):
-    x, weight, bias, lora_A, lora_B = problem(torch.float32)
+    x, weight, bias, lora_A, lora_B = problem(torch.float32, device=DEVICE)
     x = x.detach()
 
     def loss(a, b, xs):
@@ -104,7 +104,7 @@ def test_functional_call_grad_over_module_parameters():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_mode_ad(backend):
-    x, weight, bias, lora_A, lora_B = (t.detach() for t in problem())
+    x, weight, bias, lora_A, lora_B = (t.detach() for t in problem(device=DEVICE))
     tangent = torch.randn_like(lora_A)
     fn = lambda a: fused_lora_linear(x, weight, bias, a, lora_B, 1.5, backend=backend)  # noqa: E731
     ref = lambda a: lora_linear_ref(x, weight, bias, a, lora_B, 1.5)  # noqa: E731
@@ -126,7 +126,7 @@ def test_forward_mode_ad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_one_drops_the_whole_branch(backend):
-    x, weight, bias, lora_A, lora_B = problem(torch.float32)
+    x, weight, bias, lora_A, lora_B = problem(torch.float32, device=DEVICE)
     y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 1.0, backend=backend)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias))
     y.square().sum().backward()

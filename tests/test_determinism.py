@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 
 from fused_lora import LoRALinear, dropout_mask, fused_lora_linear, triton_ops
 
@@ -246,8 +246,8 @@ def block_grads(block, fn, x):
 def test_checkpoint_recompute_bitwise_equal(backend, dtype, use_reentrant, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
     torch.manual_seed(0)
-    block = Block(dtype)  # bf16 base: adapters default to fp32 (PEFT's choice)
-    x = torch.randn(2, 9, 24).to(dtype)
+    block = Block(dtype).to(DEVICE)  # bf16 base: adapters default to fp32 (PEFT's choice)
+    x = torch.randn(2, 9, 24).to(DEVICE, dtype)
     plain = block_grads(block, block, x)
     ckpt = block_grads(block, lambda t: torch.utils.checkpoint.checkpoint(block, t, use_reentrant=use_reentrant), x)
     for i, (a, b) in enumerate(zip(plain, ckpt, strict=True)):
@@ -260,9 +260,9 @@ def test_checkpoint_without_rng_restore_changes_the_mask(backend, monkeypatch):
     would regenerate other masks and the gradients would differ, so that test can fail."""
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
     torch.manual_seed(0)
-    block = Block(torch.float32)
+    block = Block(torch.float32).to(DEVICE)
     block.drop.p = 0.0  # only the LoRA masks depend on the RNG state
-    x = torch.randn(2, 9, 24)
+    x = torch.randn(2, 9, 24).to(DEVICE)
     plain = block_grads(block, block, x)
     loose = block_grads(block, lambda t: torch.utils.checkpoint.checkpoint(
         block, t, use_reentrant=False, preserve_rng_state=False), x)
@@ -278,7 +278,7 @@ def test_checkpoint_without_rng_restore_changes_the_mask(backend, monkeypatch):
 def test_nearby_seeds_give_unrelated_masks(backend):
     """Seeds s and s+1 (as consecutive layers might get) must not give equal, shifted or correlated masks."""
     p, shape = 0.5, (64, 96)
-    masks = [dropout_mask(seed, shape, p, backend=backend) != 0 for seed in (1000, 1001, 1002 + 2**20)]
+    masks = [dropout_mask(seed, shape, p, DEVICE, backend=backend) != 0 for seed in (1000, 1001, 1002 + 2**20)]
     n = masks[0].numel()
     sigma = math.sqrt(2 * p * (1 - p) * (1 - 2 * p * (1 - p)) / n)
     for other in masks[1:]:
@@ -291,7 +291,7 @@ def test_nearby_seeds_give_unrelated_masks(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_changing_the_seed_changes_every_result(backend):
-    inputs = make_inputs("cpu", lead=(2, 11), K=40, N=24, r=6)
+    inputs = make_inputs(DEVICE, lead=(2, 11), K=40, N=24, r=6)
     a, b = run_once(inputs, backend, seed=7), run_once(inputs, backend, seed=8)
     for name in ("y", "dx", "dA", "dB"):  # dbias = Σ dY does not depend on the mask
         assert not torch.equal(a[name], b[name]), f"{name} is the same for seeds 7 and 8"
@@ -304,8 +304,8 @@ def test_changing_the_seed_changes_every_result(backend):
 @pytest.mark.parametrize("other", [5 + 2**32, 5 + 2**40, 5 - 2**63, -5])
 def test_seeds_differing_above_32_bits_give_different_masks(backend, other):
     shape = (16, 32)
-    assert not torch.equal(dropout_mask(5, shape, 0.5, backend=backend),
-                           dropout_mask(other, shape, 0.5, backend=backend))
+    assert not torch.equal(dropout_mask(5, shape, 0.5, DEVICE, backend=backend),
+                           dropout_mask(other, shape, 0.5, DEVICE, backend=backend))
 
 
 # ------------------------------------------------------------------------------ LoRALinear
@@ -315,9 +315,10 @@ def train_steps(layout, init_seed, run_seed, lr=0.1, steps=3):
     """A few SGD steps of a LoRALinear with dropout: init from ``init_seed``, masks from ``run_seed``."""
     torch.manual_seed(init_seed)
     layer = LoRALinear(24, 20, r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, weight_layout=layout)
+    layer = layer.to(DEVICE)
     layer.bias.requires_grad_(True)
     opt = torch.optim.SGD([param for param in layer.parameters() if param.requires_grad], lr=lr)
-    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     torch.manual_seed(run_seed)
     outputs = []
     for _ in range(steps):

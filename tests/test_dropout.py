@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 
 from fused_lora import dropout_mask, fused_lora_linear, lora_linear_ref
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_is_a_function_of_the_seed(backend):
-    a = dropout_mask(5, (40, 72), 0.3, backend=backend)
-    assert torch.equal(a, dropout_mask(5, (40, 72), 0.3, backend=backend))
-    assert not torch.equal(a, dropout_mask(6, (40, 72), 0.3, backend=backend))
+    a = dropout_mask(5, (40, 72), 0.3, DEVICE, backend=backend)
+    assert torch.equal(a, dropout_mask(5, (40, 72), 0.3, DEVICE, backend=backend))
+    assert not torch.equal(a, dropout_mask(6, (40, 72), 0.3, DEVICE, backend=backend))
     values = a.unique()
     assert len(values) == 2 and values[0] == 0
     torch.testing.assert_close(values[1].item(), 1 / 0.7)
@@ -24,8 +24,8 @@ def test_mask_is_a_function_of_the_seed(backend):
 def test_kernel_mask_depends_only_on_row_and_column():
     # Counter-based: element (i, j) is the same whatever the tensor's shape or the kernels' tiling,
     # so forward and backward kernels with different tile shapes agree on it.
-    big = dropout_mask(9, (70, 130), 0.5, backend="triton")
-    small = dropout_mask(9, (33, 61), 0.5, backend="triton")
+    big = dropout_mask(9, (70, 130), 0.5, DEVICE, backend="triton")
+    small = dropout_mask(9, (33, 61), 0.5, DEVICE, backend="triton")
     assert torch.equal(big[:33, :61], small)
 
 
@@ -33,7 +33,7 @@ def test_kernel_mask_depends_only_on_row_and_column():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_rate_matches(backend, p):
     n_rows, n_cols = 128, 256
-    mask = dropout_mask(123, (n_rows, n_cols), p, backend=backend)
+    mask = dropout_mask(123, (n_rows, n_cols), p, DEVICE, backend=backend)
     kept = (mask > 0).double().mean().item()
     sigma = math.sqrt(p * (1 - p) / (n_rows * n_cols))
     assert abs(kept - (1 - p)) < 5 * sigma, f"keep rate {kept:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
@@ -46,10 +46,10 @@ def test_keep_rate_matches(backend, p):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_uses_the_seeded_mask(backend):
     gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 11, 24, generator=gen), torch.randn(16, 24, generator=gen)
-    a, b = torch.randn(4, 24, generator=gen), torch.randn(16, 4, generator=gen)
+    x, w = torch.randn(2, 11, 24, generator=gen).to(DEVICE), torch.randn(16, 24, generator=gen).to(DEVICE)
+    a, b = torch.randn(4, 24, generator=gen).to(DEVICE), torch.randn(16, 4, generator=gen).to(DEVICE)
     y = fused_lora_linear(x, w, None, a, b, 1.0, 0.4, dropout_seed=77, backend=backend)
-    mask = dropout_mask(77, (22, 24), 0.4, backend=backend).view(x.shape)
+    mask = dropout_mask(77, (22, 24), 0.4, DEVICE, backend=backend).view(x.shape)
     torch.testing.assert_close(y, lora_linear_ref(x, w, None, a, b, 1.0, dropout_mask=mask), rtol=1e-5, atol=1e-5)
     y_nodrop = lora_linear_ref(x, w, None, a, b, 1.0)
     assert not torch.allclose(y, y_nodrop, atol=1e-3), "dropout had no effect"
@@ -58,8 +58,8 @@ def test_forward_uses_the_seeded_mask(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_random_numbers_without_dropout(backend):
     gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(9, 24, generator=gen), torch.randn(16, 24, generator=gen)
-    a, b = torch.randn(4, 24, generator=gen), torch.randn(16, 4, generator=gen)
+    x, w = torch.randn(9, 24, generator=gen).to(DEVICE), torch.randn(16, 24, generator=gen).to(DEVICE)
+    a, b = torch.randn(4, 24, generator=gen).to(DEVICE), torch.randn(16, 4, generator=gen).to(DEVICE)
     state = torch.random.get_rng_state()
     y0 = fused_lora_linear(x, w, None, a, b, 1.0, 0.0, backend=backend)
     y_eval = fused_lora_linear(x, w, None, a, b, 1.0, 0.5, training=False, backend=backend)
@@ -70,8 +70,8 @@ def test_no_random_numbers_without_dropout(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seed_follows_torch_manual_seed(backend):
     gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(9, 24, generator=gen), torch.randn(16, 24, generator=gen)
-    a, b = torch.randn(4, 24, generator=gen), torch.randn(16, 4, generator=gen)
+    x, w = torch.randn(9, 24, generator=gen).to(DEVICE), torch.randn(16, 24, generator=gen).to(DEVICE)
+    a, b = torch.randn(4, 24, generator=gen).to(DEVICE), torch.randn(16, 4, generator=gen).to(DEVICE)
     outs = []
     for _ in range(2):
         torch.manual_seed(42)

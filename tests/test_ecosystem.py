@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fused_lora import LoRALinear, fused_lora_linear
@@ -34,8 +34,8 @@ def test_compile_fullgraph_matches_eager(backend, compiler, monkeypatch):
         pytest.skip("the op is opaque to inductor: the aot_eager case already covers the traced graph")
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
     torch._dynamo.reset()
-    layer = make_layer()
-    x = torch.randn(3, 7, 24)
+    layer = make_layer().to(DEVICE)
+    x = torch.randn(3, 7, 24).to(DEVICE)
     compiled = torch.compile(layer, fullgraph=True, backend=compiler)
     eager = grads_of(layer, layer, x)
     # Inductor draws random numbers with its own generator unless told to fall back to eager's; with it,
@@ -62,9 +62,9 @@ def test_compile_functional_no_graph_break():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_bf16_computes_like_nn_linear(backend, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
-    layer = make_layer(dropout=0.0)
-    x = torch.randn(6, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    layer = make_layer(dropout=0.0).to(DEVICE)
+    x = torch.randn(6, 24).to(DEVICE).requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = layer(x)
         base = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert y.dtype == torch.bfloat16 == base.dtype
@@ -81,8 +81,8 @@ def test_autocast_bf16_computes_like_nn_linear(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_checkpoint_replays_the_same_dropout_mask(backend, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
-    layer = make_layer(dropout=0.3)
-    x = torch.randn(2, 9, 24)
+    layer = make_layer(dropout=0.3).to(DEVICE)
+    x = torch.randn(2, 9, 24).to(DEVICE)
     plain = grads_of(layer, layer, x)
     ckpt = grads_of(layer, lambda t: torch.utils.checkpoint.checkpoint(layer, t, use_reentrant=False), x)
     reentrant = grads_of(layer, lambda t: torch.utils.checkpoint.checkpoint(layer, t, use_reentrant=True), x)

@@ -1,9 +1,10 @@
 """Never crash a training run on hardware or a case the kernels cannot serve (issue 12).
 
-Each fallback reason is forced on CPU by injecting the capability (``backend.device_capability``), the ROCm
-build (``backend.is_rocm``) or a kernel failure (a launcher raising Triton's own exception), and the result
-is checked against the fp64 reference with the dropout mask the path really used: the PyTorch path's own
-after a hardware fallback, the kernels' Philox mask after a kernel failure (forward and backward must agree).
+Each fallback reason is forced on the tests' device (the CPU, or a GPU whose capability is faked) by injecting the
+capability (``backend.device_capability``), the ROCm build (``backend.is_rocm``) or a kernel failure (a launcher
+raising Triton's own exception), and the result is checked against the fp64 reference with the dropout mask the
+path really used: the PyTorch path's own after a hardware fallback, the kernels' Philox mask after a kernel failure
+(forward and backward must agree).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_matches_references, reference_pair
+from helpers import DEVICE, assert_matches_references, reference_pair
 from test_functional import make_problem
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
@@ -30,7 +31,7 @@ def fresh_state(monkeypatch):
 
 
 def gpu_like(monkeypatch, capability: tuple[int, int], rocm: bool = False) -> None:
-    """Make the CPU device look like a GPU of ``capability`` to the path choice."""
+    """Make the tests' device (the CPU, or the real GPU) look like a GPU of ``capability`` to the path choice."""
     monkeypatch.setattr(backend, "device_capability", lambda device: capability)
     monkeypatch.setattr(backend, "is_rocm", lambda: rocm)
 
@@ -50,11 +51,11 @@ def counting(monkeypatch, module, name: str) -> list[int]:
 def run_checked(dtype, mask_backend: str, p: float = 0.25, layout: str = "linear", adapter_dtype=None):
     """One fused_lora_linear forward+backward (auto backend), checked against fp64 with ``mask_backend``'s mask."""
     x, weight, bias, lora_A, lora_B = make_problem((3, 11), 40, 28, 6, dtype, layout, True,
-                                                   adapter_dtype=adapter_dtype, seed=2)
+                                                   adapter_dtype=adapter_dtype, seed=2, device=DEVICE)
     y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.5, p, weight_layout=layout, dropout_seed=77)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device, y.dtype)
     y.backward(grad_out)
-    mask = dropout_mask(77, (33, 40), p, backend=mask_backend).view(x.shape) if p > 0 else None
+    mask = dropout_mask(77, (33, 40), p, x.device, backend=mask_backend).view(x.shape) if p > 0 else None
     ref, same = reference_pair(x, weight, bias, lora_A, lora_B, 1.5, layout, mask, grad_out)
     assert_matches_references(y, x, weight, bias, lora_A, lora_B, ref, same)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_matches_references, reference_pair
+from helpers import BACKENDS, DEVICE, assert_matches_references, reference_pair
 
 from fused_lora import dropout_mask, fused_lora_linear
 
@@ -49,7 +49,7 @@ def run_and_check(x, weight, bias, lora_A, lora_B, scaling, p, layout, backend, 
 def test_matches_fp64_reference(backend, dtype, layout, p):
     # Odd sizes (not multiples of any tile), 3-D input; bias on for half of the cases of each layout.
     bias = (layout == "conv1d") != (p > 0)
-    problem = make_problem((3, 13), 100, 72, 12, dtype, layout, bias)
+    problem = make_problem((3, 13), 100, 72, 12, dtype, layout, bias, device=DEVICE)
     run_and_check(*problem, scaling=2.0, p=p, layout=layout, backend=backend)
 
 
@@ -57,7 +57,7 @@ def test_matches_fp64_reference(backend, dtype, layout, p):
 @pytest.mark.parametrize("r", [1, 12, 16, 64, 256])
 def test_ranks(backend, r):
     # r=256 spans several 64-wide rank chunks in every kernel (forward epilogue loop, skinny-kernel grids).
-    problem = make_problem((37,), 45, 33, r, torch.float32, "linear", True)
+    problem = make_problem((37,), 45, 33, r, torch.float32, "linear", True, device=DEVICE)
     run_and_check(*problem, scaling=16 / r, p=0.1, layout="linear", backend=backend)
 
 
@@ -65,16 +65,16 @@ def test_ranks(backend, r):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fp32_adapters_on_half_base(backend, dtype, p):
-    problem = make_problem((2, 19), 64, 40, 8, dtype, "conv1d", True, adapter_dtype=torch.float32)
+    problem = make_problem((2, 19), 64, 40, 8, dtype, "conv1d", True, adapter_dtype=torch.float32, device=DEVICE)
     run_and_check(*problem, scaling=0.5, p=p, layout="conv1d", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
 def test_non_contiguous_input_and_weight(backend, layout):
-    x, weight, bias, lora_A, lora_B = make_problem((40,), 70, 52, 6, torch.float32, layout, True)
+    x, weight, bias, lora_A, lora_B = make_problem((40,), 70, 52, 6, torch.float32, layout, True, device=DEVICE)
     # x: every other row of a wider buffer, and a column slice (row stride 140, not 70)
-    wide = torch.randn(80, 140)
+    wide = torch.randn(80, 140).to(DEVICE)
     x = wide[::2, 10:80].requires_grad_()
     assert not x.is_contiguous()
     # weight: a transposed view (strides swapped) must also be read in place
@@ -84,7 +84,7 @@ def test_non_contiguous_input_and_weight(backend, layout):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_rows(backend):
-    x, weight, bias, lora_A, lora_B = make_problem((2, 0), 30, 20, 4, torch.float32, "linear", True)
+    x, weight, bias, lora_A, lora_B = make_problem((2, 0), 30, 20, 4, torch.float32, "linear", True, device=DEVICE)
     y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.1, backend=backend)
     assert y.shape == (2, 0, 20)
     y.sum().backward()
@@ -95,7 +95,7 @@ def test_zero_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_input_without_grad_and_frozen_bias(backend):
-    x, weight, bias, lora_A, lora_B = make_problem((21,), 34, 18, 5, torch.float32, "linear", True)
+    x, weight, bias, lora_A, lora_B = make_problem((21,), 34, 18, 5, torch.float32, "linear", True, device=DEVICE)
     x.requires_grad_(False)
     bias.requires_grad_(False)
     run_and_check(x, weight, bias, lora_A, lora_B, scaling=1.0, p=0.1, layout="linear", backend=backend)
@@ -103,7 +103,7 @@ def test_input_without_grad_and_frozen_bias(backend):
 
 
 def test_backends_agree_without_dropout():
-    problem = make_problem((5, 9), 48, 31, 7, torch.float32, "conv1d", True)
+    problem = make_problem((5, 9), 48, 31, 7, torch.float32, "conv1d", True, device=DEVICE)
     outs = []
     for backend in BACKENDS:
         leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in problem]
@@ -121,9 +121,9 @@ def test_split_reductions_match_single_pass():
 
     gen = torch.Generator().manual_seed(3)
     M, K, N, r = 70, 66, 100, 20
-    dy, x = torch.randn(M, N, generator=gen), torch.randn(M, K, generator=gen)
-    lora_A, lora_B = torch.randn(r, K, generator=gen), torch.randn(N, r, generator=gen)
-    s = torch.randn(M, r, generator=gen)
+    dy, x = torch.randn(M, N, generator=gen).to(DEVICE), torch.randn(M, K, generator=gen).to(DEVICE)
+    lora_A, lora_B = torch.randn(r, K, generator=gen).to(DEVICE), torch.randn(N, r, generator=gen).to(DEVICE)
+    s = torch.randn(M, r, generator=gen).to(DEVICE)
     single = triton_ops.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=1)
     split = triton_ops.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=3)
     for a, b in zip(single, split, strict=True):
@@ -140,7 +140,7 @@ def test_split_reductions_match_single_pass():
 def test_nd_output_is_not_a_view(backend):
     """An N-D output is its own tensor, as nn.Linear's (torch.matmul's _unsafe_view): FSDP2 warns on module
     outputs that are views, and an in-place op on y must keep the gradients right."""
-    x, weight, bias, lora_A, lora_B = make_problem((3, 5), 20, 12, 4, torch.float32, "linear", True)
+    x, weight, bias, lora_A, lora_B = make_problem((3, 5), 20, 12, 4, torch.float32, "linear", True, device=DEVICE)
     y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend=backend)
     assert y.shape == (3, 5, 12) and y._base is None
     y.mul_(2.0)  # in place on the output: the gradient of every input doubles
@@ -161,12 +161,13 @@ def test_composed_path_matches_fp64_reference(dtype, layout, p, monkeypatch):
     rank-r terms added in place by lora_up_add_kernel / lora_dx_add_kernel."""
     monkeypatch.setenv("FUSED_LORA_GEMM", "composed")
     bias = (layout == "conv1d") != (p > 0)
-    problem = make_problem((3, 13), 100, 72, 12, dtype, layout, bias)
+    problem = make_problem((3, 13), 100, 72, 12, dtype, layout, bias, device=DEVICE)
     run_and_check(*problem, scaling=2.0, p=p, layout=layout, backend="triton")
 
 
 @pytest.mark.parametrize(("r", "adapter_dtype"), [(1, torch.float32), (80, torch.bfloat16)])
 def test_composed_path_ranks_and_fp32_adapters(r, adapter_dtype, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_GEMM", "composed")
-    problem = make_problem((37,), 45, 33, r, torch.bfloat16, "linear", True, adapter_dtype=adapter_dtype)
+    problem = make_problem((37,), 45, 33, r, torch.bfloat16, "linear", True, adapter_dtype=adapter_dtype,
+                           device=DEVICE)
     run_and_check(*problem, scaling=16 / r, p=0.1, layout="linear", backend="triton")

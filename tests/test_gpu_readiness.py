@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 from test_functional import make_problem, run_and_check
 
 from fused_lora import dropout_mask, fused_lora_linear, kernels, lora_linear_ref, triton_ops
@@ -25,10 +25,10 @@ RUNTIME_VALUES, m_bucket = kernels.configs.RUNTIME_VALUES, kernels.configs.m_buc
 def test_strided_bias_and_adapters(backend):
     """A bias that is every other element of a buffer (before: the kernel read it at stride 1, errors ~2.4), and
     adapters that are transposed and strided views."""
-    x, weight, _, lora_A, lora_B = make_problem((31,), 40, 36, 6, torch.float32, "linear", False)
-    bias = torch.randn(2 * 36)[::2].requires_grad_()
-    lora_A = (torch.randn(40, 12) * 40**-0.5)[:, ::2].t().requires_grad_()
-    lora_B = (torch.randn(72, 6) * 6**-0.5)[::2].requires_grad_()
+    x, weight, _, lora_A, lora_B = make_problem((31,), 40, 36, 6, torch.float32, "linear", False, device=DEVICE)
+    bias = torch.randn(2 * 36).to(DEVICE)[::2].requires_grad_()
+    lora_A = (torch.randn(40, 12) * 40**-0.5).to(DEVICE)[:, ::2].t().requires_grad_()
+    lora_B = (torch.randn(72, 6) * 6**-0.5).to(DEVICE)[::2].requires_grad_()
     assert bias.stride() == (2,) and lora_A.stride() == (2, 12) and lora_B.stride() == (12, 1)
     run_and_check(x, weight, bias, lora_A, lora_B, scaling=1.5, p=0.2, layout="linear", backend=backend)
 
@@ -53,7 +53,8 @@ def test_new_tf32_api_does_not_crash(value):
     ``allow_tf32`` then raises. Every call with fp32 adapters or fp32 inputs asks for the precision."""
     with fp32_precision(value):
         assert triton_ops.dot_precision(torch.float32) == ("tf32" if value == "tf32" else "tf32x3")
-        problem = make_problem((2, 9), 24, 20, 4, torch.bfloat16, "linear", True, adapter_dtype=torch.float32)
+        problem = make_problem((2, 9), 24, 20, 4, torch.bfloat16, "linear", True, adapter_dtype=torch.float32,
+                               device=DEVICE)
         run_and_check(*problem, scaling=2.0, p=0.1, layout="linear", backend="triton")
 
 
@@ -80,14 +81,14 @@ def test_launches_are_guarded_with_the_tensors_device(monkeypatch):
         return real(device)
 
     monkeypatch.setattr(triton_ops, "_on", recording)
-    x, weight, bias, lora_A, lora_B = make_problem((5,), 16, 12, 2, torch.float32, "linear", True)
+    x, weight, bias, lora_A, lora_B = make_problem((5,), 16, 12, 2, torch.float32, "linear", True, device=DEVICE)
     fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.3, dropout_seed=3, backend="triton").sum().backward()
-    dropout_mask(3, (5, 16), 0.3, backend="triton")
+    dropout_mask(3, (5, 16), 0.3, x.device, backend="triton")
     assert len(seen) == 3 and all(d == x.device for d in seen)  # forward, backward, mask
 
 
 def test_device_guard_targets_the_tensor_device_index():
-    guard = triton_ops._on(torch.device("cuda", 1))  # not entered: no CUDA here
+    guard = triton_ops._on(torch.device("cuda", 1))  # not entered: cuda:1 need not exist
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(triton_ops._on(torch.device("cpu")), contextlib.nullcontext)
 
@@ -97,7 +98,7 @@ def test_device_guard_targets_the_tensor_device_index():
 
 def test_default_dtype_does_not_change_results():
     """Every buffer the launchers make has an explicit dtype (dS took the default dtype before)."""
-    problem = make_problem((23,), 30, 26, 5, torch.float32, "conv1d", True, seed=4)
+    problem = make_problem((23,), 30, 26, 5, torch.float32, "conv1d", True, seed=4, device=DEVICE)
 
     def run():
         x, weight, bias, lora_A, lora_B = (t.detach().clone().requires_grad_(t.requires_grad) for t in problem)
@@ -160,8 +161,9 @@ def test_m_buckets_are_few():
 
 def _virtual(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A huge allocation whose untouched pages the OS never commits: views into it reach offsets past 2³¹ while
-    only the elements written cost memory (the interpreter hands CPU storages to the kernels as they are)."""
-    return torch.empty(numel, dtype=dtype)
+    only the elements written cost memory (the interpreter hands CPU storages to the kernels as they are). On a
+    GPU it is a real allocation (6.4 GB here)."""
+    return torch.empty(numel, dtype=dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
@@ -187,7 +189,7 @@ def test_offsets_past_2_31_elements(layout):
     y = fused_lora_linear(x, weight, None, lora_A, lora_B, 2.0, 0.2, weight_layout=layout, dropout_seed=5,
                           backend="triton")
     y.backward(dy)
-    mask = dropout_mask(5, (M, K), 0.2, backend="triton")
+    mask = dropout_mask(5, (M, K), 0.2, DEVICE, backend="triton")
     leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
     ref = lora_linear_ref(leaves[0], weight.double(), None, leaves[1], leaves[2], 2.0, weight_layout=layout,
                           dropout_mask=mask.double())
@@ -233,7 +235,7 @@ def test_dropout_lanes_follow_the_documented_philox_layout():
     """kernels/dropout.py: column 4g+j of row i keeps when u >= p, u from Philox(seed, (g, i, 0, 0)) output
     r0, r2, r1, r3 for j = 0, 1, 2, 3."""
     seed, p, M, K = 987654321, 0.5, 3, 12
-    got = dropout_mask(seed, (M, K), p, backend="triton") > 0
+    got = dropout_mask(seed, (M, K), p, DEVICE, backend="triton") > 0
     lanes = (0, 2, 1, 3)
     for i in range(M):
         for col in range(K):

@@ -286,7 +286,7 @@ def test_quantized_target_is_a_clear_error():
     q_proj = model.model.layers[1].self_attn.q_proj
     q_proj.weight = nn.Parameter(torch.zeros_like(q_proj.weight, dtype=torch.uint8), requires_grad=False)
     before = state_of(model)
-    with pytest.raises(TypeError, match=r"'model.layers.1.self_attn.q_proj' \(Linear\) has a torch.uint8 weight.*"
+    with pytest.raises(TypeError, match=r"'model.layers.1.self_attn.q_proj': Linear holds a torch.uint8 weight.*"
                                         r"not supported"):
         inject_lora(model, LoRAConfig())
     assert_unchanged(model, before)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 from transformers.pytorch_utils import Conv1D
 
 from fused_lora import LoRALinear, lora_linear_ref
@@ -19,7 +19,7 @@ def base_layers():
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_from_linear_shares_weights_and_starts_as_the_base_layer(kind, monkeypatch):
-    base = base_layers()[kind]
+    base = base_layers()[kind].to(DEVICE)
     layer = LoRALinear.from_linear(base, r=4, lora_alpha=8, lora_dropout=0.1)
     assert layer.weight is base.weight and layer.bias is base.bias
     assert layer.weight.data_ptr() == base.weight.data_ptr()
@@ -27,7 +27,7 @@ def test_from_linear_shares_weights_and_starts_as_the_base_layer(kind, monkeypat
     assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (12, 4)
     assert layer.weight_layout == kind and (layer.in_features, layer.out_features) == (20, 12)
     assert layer.scaling == 2.0
-    x = torch.randn(3, 5, 20)
+    x = torch.randn(3, 5, 20).to(DEVICE)
     monkeypatch.setenv("FUSED_LORA_BACKEND", "torch")
     assert torch.equal(layer(x), base(x))  # B = 0: bit for bit the base output (same GEMM + a zero update)
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
@@ -95,8 +95,8 @@ def test_disable_adapter_gives_exactly_the_base_output(kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_reach_only_the_adapters(backend, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
-    layer = LoRALinear(20, 12, r=4, init_lora_weights=False, lora_dropout=0.0)
-    x = torch.randn(5, 20)
+    layer = LoRALinear(20, 12, r=4, init_lora_weights=False, lora_dropout=0.0).to(DEVICE)
+    x = torch.randn(5, 20).to(DEVICE)
     layer(x).square().sum().backward()
     assert layer.weight.grad is None and layer.bias.grad is None
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None

@@ -14,6 +14,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
+from helpers import DEVICE  # noqa: E402
 from tiny_models import assert_close, build, input_ids  # noqa: E402
 
 import fused_lora.peft as flp  # noqa: E402
@@ -76,11 +77,11 @@ def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, d
 @pytest.mark.parametrize("name", list(CASES))
 def test_same_outputs_and_gradients(name, backend, fused_calls, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
-    peft_model = make(name)
+    peft_model = make(name).to(DEVICE)
     fast = accelerated_copy(peft_model)
     n_layers = sum(isinstance(m, flp.FusedLinear) for m in fast.modules())
     assert n_layers == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in peft_model.modules()) > 0
-    ids = input_ids()
+    ids = input_ids().to(DEVICE)
     want_out, want_grads = loss_and_grads(peft_model, ids)
     got_out, got_grads = loss_and_grads(fast, ids)
     assert len(fused_calls) == n_layers, "the accelerated layers did not run the fused Function"

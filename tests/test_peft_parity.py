@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEVICE
 from tiny_models import assert_close, input_ids, logits, make_pair, peft_name_to_ours
 
 pytest.importorskip("peft")
@@ -26,7 +27,7 @@ CASES = {
 
 def run(model, ids, grad_out_seed=7):
     out = logits(model, ids)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out.device)
     (out * grad_out).sum().backward()
     return out.detach()
 
@@ -63,7 +64,7 @@ def test_parity_check_catches_a_small_adapter_difference():
 
 
 def test_outputs_and_gradients_match_peft_through_triton_kernels(monkeypatch):
-    # The Triton kernels, run by Triton's interpreter on CPU (slow: a one-layer model, 5 tokens).
+    # The Triton kernels, run by Triton's interpreter on CPU (slow: a one-layer model, 5 tokens); on a GPU, on it.
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
     from fused_lora import triton_ops
 
@@ -73,7 +74,9 @@ def test_outputs_and_gradients_match_peft_through_triton_kernels(monkeypatch):
         monkeypatch.setattr(triton_ops, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
     peft_model, ours = make_pair("gpt2_cls", dict(r=2, target_modules=["c_attn", "c_fc"], bias="lora_only",
                                                   task_type="SEQ_CLS"), n_layer=1, n_embd=16)
-    assert_parity(peft_model, ours, input_ids(batch=1, seq=5))
+    peft_model.to(DEVICE)
+    ours.to(DEVICE)
+    assert_parity(peft_model, ours, input_ids(batch=1, seq=5).to(DEVICE))
     assert sorted(calls) == ["backward", "backward", "forward", "forward"]  # both layers went through the kernels
 
 

@@ -27,7 +27,7 @@ import os
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_matches_references, reference_pair
+from helpers import BACKENDS, DEVICE, assert_matches_references, reference_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from property_regressions import REGRESSIONS, Case
@@ -61,7 +61,7 @@ def _view_x(values: torch.Tensor, view: str) -> torch.Tensor:
         shape[-1] = 2 * shape[-1] + 3
         if len(shape) > 1:
             shape[-2] = 2 * shape[-2]
-        buf = torch.zeros(shape, dtype=values.dtype)
+        buf = torch.zeros(shape, dtype=values.dtype, device=values.device)
         index = (..., slice(None, None, 2), slice(1, 2 * values.shape[-1] + 1, 2))
         if values.dim() == 1:
             index = (slice(1, 2 * values.shape[-1] + 1, 2),)
@@ -79,7 +79,7 @@ def _view_2d(values: torch.Tensor, view: str) -> torch.Tensor:
         return values.t().contiguous().t()
     if view == "strided":
         rows, cols = values.shape
-        buf = torch.zeros(2 * rows + 1, 2 * cols + 1, dtype=values.dtype)
+        buf = torch.zeros(2 * rows + 1, 2 * cols + 1, dtype=values.dtype, device=values.device)
         buf[1::2, ::2][:rows, :cols] = values
         return buf[1::2, ::2][:rows, :cols]
     return values
@@ -88,7 +88,7 @@ def _view_2d(values: torch.Tensor, view: str) -> torch.Tensor:
 def build(case: Case):
     """(x, weight, bias, lora_A, lora_B) for a case: deterministic values from ``case.data_seed``."""
     gen = torch.Generator().manual_seed(case.data_seed)
-    rnd = lambda *shape, scale=1.0: torch.randn(*shape, generator=gen) * scale
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
     adapter_dtype = torch.float32 if case.adapter_fp32 else case.dtype
     x = _view_x(rnd(*case.lead, case.K).to(case.dtype), case.x_view)
     w_shape = (case.N, case.K) if case.layout == "linear" else (case.K, case.N)
@@ -97,7 +97,7 @@ def build(case: Case):
     if case.bias:
         bias = rnd(case.N).to(torch.float32 if case.bias_fp32 else case.dtype)
         if case.bias_view == "strided":
-            buf = torch.zeros(2 * case.N + 1, dtype=bias.dtype)
+            buf = torch.zeros(2 * case.N + 1, dtype=bias.dtype, device=bias.device)
             buf[1::2] = bias
             bias = buf[1::2]
         bias.requires_grad_(case.bias_grad)
@@ -117,11 +117,11 @@ def check(case: Case, backend: str) -> None:
     y = fused_lora_linear(x, weight, bias, lora_A, lora_B, case.scaling, case.p, case.training, case.layout,
                           dropout_seed=case.dropout_seed, backend=backend)
     assert y.dtype == x.dtype and y.shape == (*case.lead, case.N)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(case.data_seed + 1)).to(y.dtype)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(case.data_seed + 1)).to(y.device, y.dtype)
     y.backward(grad_out)
     mask = None
     if case.p > 0 and case.training:  # the mask this backend drew for the seed, replayed in the references
-        mask = dropout_mask(case.dropout_seed, (math.prod(case.lead), case.K), case.p, backend=backend)
+        mask = dropout_mask(case.dropout_seed, (math.prod(case.lead), case.K), case.p, x.device, backend=backend)
         mask = mask.view(x.shape)
     ref, same = reference_pair(x, weight, bias, lora_A, lora_B, case.scaling, case.layout, mask, grad_out)
     magnitude = magnitudes(x, weight, bias, lora_A, lora_B, case.scaling, case.layout, mask, grad_out)

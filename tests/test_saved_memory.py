@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS
+from helpers import BACKENDS, DEVICE
 
 from fused_lora import fused_lora_linear
 
@@ -27,9 +27,10 @@ def saved_storages(fn):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saved_bytes_are_x_plus_s_plus_parameters(backend, p):
     M, K, N, r = 96, 80, 64, 8
-    x = torch.randn(M, K, requires_grad=True)
-    w, b = torch.randn(N, K), torch.randn(N, requires_grad=True)
-    lora_A, lora_B = torch.randn(r, K, requires_grad=True), torch.randn(N, r, requires_grad=True)
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(N, K, device=DEVICE), torch.randn(N, device=DEVICE, requires_grad=True)
+    lora_A = torch.randn(r, K, device=DEVICE, requires_grad=True)
+    lora_B = torch.randn(N, r, device=DEVICE, requires_grad=True)
     storages, y = saved_storages(lambda: fused_lora_linear(x, w, b, lora_A, lora_B, 1.0, p, backend=backend))
     params = {t.untyped_storage().data_ptr() for t in (w, lora_A, lora_B)}
     activations = {ptr: n for ptr, n in storages.items() if ptr not in params}

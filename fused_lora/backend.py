@@ -125,12 +125,17 @@ def resolve_gemm(device: torch.device) -> str:
     return "composed" if capability is not None and capability < (8, 0) else "fused"
 
 
+_OPS: dict[str, ModuleType] = {}
+
+
 def backend_ops(name: str) -> ModuleType:
-    """The module implementing ``forward``/``backward``/``dropout_mask`` for a resolved backend."""
-    if name == "triton":
-        from . import triton_ops
-
-        return triton_ops
-    from . import torch_ops
-
-    return torch_ops
+    """The module implementing ``forward``/``backward``/``dropout_mask`` for a resolved backend (imported on first
+    use: triton_ops needs Triton's launcher machinery; looked up from a dict afterwards, since this runs per call)."""
+    ops = _OPS.get(name)
+    if ops is None:
+        if name == "triton":
+            from . import triton_ops as ops
+        else:
+            from . import torch_ops as ops
+        _OPS[name] = ops
+    return ops

@@ -50,7 +50,8 @@ def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weig
                                 gemm)
     y, s = backend_ops(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_value(seed),
                                         weight_layout, gemm)
-    return y, s.to(_s_dtype(backend, lora_A))
+    s_dtype = _s_dtype(backend, lora_A)
+    return y, (s if s.dtype == s_dtype else s.to(s_dtype))
 
 
 def _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend, gemm,
@@ -63,7 +64,7 @@ def _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, we
     grads = backend_ops(backend).backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, _seed_value(seed),
                                           weight_layout, need_dx, need_da, need_db, need_dbias, gemm)
     dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32)
-    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
+    return tuple(g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
 
 
 # Under torch.compile the two directions are custom ops, so that torch.compile(fullgraph=True) sees one opaque node
@@ -145,7 +146,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         run = _forward_op if torch.compiler.is_compiling() else _run_forward
         y, s = run(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm)
         # x itself, not its 2-D view: an input of the Function stays connected to the graph when a backward with
@@ -156,7 +157,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # _unsafe_view, as torch.matmul does for N-D inputs: the output is not an autograd view of the 2-D
         # result, so wrappers that hook module outputs (FSDP2 warns on views) and in-place ops on y work.
-        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], lora_B.shape[0]))
+        return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], lora_B.shape[0]))
 
     @staticmethod
     def backward(ctx, dy):
@@ -167,15 +168,19 @@ class LoRALinearFunction(torch.autograd.Function):
             dx, dbias, da, db = plain_backward(ctx, dy, x, lora_A, lora_B, seed, lambda d: d @ w.to(d.dtype),
                                                (need_dx, need_dbias, need_da, need_db))
             return dx, None, dbias, da, db, None, None, None, None, None, None
-        args = (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, s, ctx.scaling,
-                ctx.dropout_p, seed, ctx.weight_layout, ctx.backend, ctx.gemm, need_dx, need_da, need_db, need_dbias)
+        two_d = x.dim() == 2
+        args = (dy if two_d else dy.reshape(-1, dy.shape[-1]), x if two_d else x.reshape(-1, x.shape[-1]), weight,
+                lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.weight_layout, ctx.backend, ctx.gemm,
+                need_dx, need_da, need_db, need_dbias)
         if torch.compiler.is_compiling():
             dx, da, db, dbias = _backward_op(*args)
         else:
             dx, da, db, dbias = _run_backward(*args)
-        return (dx.view(x.shape) if need_dx else None, None,
-                dbias.to(ctx.bias_dtype) if need_dbias else None,
-                da if need_da else None, db if need_db else None, None, None, None, None, None, None)
+        if need_dx and not two_d:
+            dx = dx.view(x.shape)
+        if need_dbias and dbias.dtype != ctx.bias_dtype:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, None, dbias, da, db, None, None, None, None, None, None
 
 
 def in_function_transform(tensors) -> bool:
@@ -183,8 +188,7 @@ def in_function_transform(tensors) -> bool:
     forward-mode AD tangents: what an autograd Function with custom ops does not support, and PEFT's plain ops do."""
     if torch.compiler.is_compiling():
         return False
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if any(t is not None and is_wrapped(t) for t in tensors):
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside grad/vmap/jvp (one C call)
         return True
     if torch.autograd.forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): any input with a tangent?
         return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -317,20 +321,42 @@ def fused_lora_linear(
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout)
-    p = float(dropout_p) if training else 0.0
-    scaling = float(scaling)
+    return lora_call(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p) if training else 0.0,
+                     weight_layout, dropout_seed, backend)
+
+
+def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+              lora_B: torch.Tensor, scaling: float, p: float, weight_layout: str, dropout_seed: int | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """:func:`fused_lora_linear` after its input checks (``LoRALinear`` makes its own, cheaper ones): ``p`` is the
+    dropout applied (0 outside training), autocast already applied to x, W and b."""
     if p == 1.0:
         # nn.Dropout(p=1), PEFT's meaning: the branch sees x·0, contributes 0 (NaN where x is not finite) and its
         # adapters get zero gradients. Scaling by 0 computes exactly that without a mask of all zeros.
         p, scaling = 0.0, 0.0
     if in_function_transform((x, weight, bias, lora_A, lora_B)):
         return _plain_ops(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
+    name = resolve_backend(backend, x.device, x.dtype)
+    if name == "torch" and p == 0 and lora_A.dtype == x.dtype:
+        # Without dropout and with adapters in x's dtype, PyTorch's own autograd over the same three ops saves what
+        # the Function would (x and S; the frozen W's GEMM saves nothing more) and runs its backward in C++: no
+        # Python Function, the host cost of small layers (issue 14). fp32 adapters on a half x would make autograd
+        # keep an fp32 copy of x: those take the Function.
+        return _native_ops(x, weight, bias, lora_A, lora_B, scaling, weight_layout)
     seed = None
     if p > 0:
         seed = draw_dropout_seed() if dropout_seed is None else torch.tensor([int(dropout_seed)])
-    name = resolve_backend(backend, x.device, x.dtype)
     gemm = resolve_gemm(x.device) if name == "triton" else "fused"
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout, name, gemm)
+
+
+def _native_ops(x, weight, bias, lora_A, lora_B, scaling, weight_layout) -> torch.Tensor:
+    """The PyTorch path without dropout, as plain autograd ops: ``torch_ops.forward``'s arithmetic (the base GEMM,
+    S = x Aᵀ, the rank-r update added in place), N-D inputs through a 2-D view and back without a view (as
+    torch.matmul)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _ = backend_ops("torch").forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, weight_layout)
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
 
 def dropout_mask(

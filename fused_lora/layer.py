@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .base_ops import looks_quantized, quantized_kind
-from .functional import WEIGHT_LAYOUTS, fused_lora_linear
+from .functional import _FLOAT_DTYPES, WEIGHT_LAYOUTS, _autocast_inputs, fused_lora_linear, lora_call
 
 
 def _conv1d_class() -> type | None:
@@ -211,11 +211,27 @@ class LoRALinear(nn.Module):
                 "layer.weight.requires_grad_(False), or unload_lora(model) for full fine-tuning")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         if self.merged or not self.enabled:
+            self._check_input(x)
             return self.base_forward(x)
-        return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                 self.lora_dropout, self.training, self.weight_layout)
+        # The common case is checked with plain comparisons on the parameter dict (nn.Module.__getattr__ costs ~0.5
+        # µs a parameter), fused_lora_linear's full checks run only when something does not go together (for their
+        # error message): this runs per call, and small layers wait on it (issue 14).
+        params = self._parameters
+        weight, lora_A, lora_B = params["weight"], params["lora_A"], params["lora_B"]
+        bias = params["bias"] if "bias" in params else self.bias  # None (bias=False) is a plain attribute
+        if (x.device != weight.device or x.dim() == 0 or x.shape[-1] != self.in_features or weight.requires_grad
+                or lora_A.shape[0] != self.r or lora_A.shape[1] != self.in_features or lora_B.shape[1] != self.r
+                or lora_B.shape[0] != self.out_features):
+            self._check_input(x)
+        x_c, w_c, b_c = _autocast_inputs(x, weight, bias)
+        p = self.lora_dropout
+        if (x_c.dtype != w_c.dtype or lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x_c.dtype, torch.float32)
+                or (b_c is not None and b_c.dtype not in (x_c.dtype, torch.float32)) or not 0.0 <= p <= 1.0
+                or x_c.dtype not in _FLOAT_DTYPES):
+            return fused_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, p, self.training,
+                                     self.weight_layout)
+        return lora_call(x_c, w_c, b_c, lora_A, lora_B, self.scaling, p if self.training else 0.0, self.weight_layout)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -10,9 +10,9 @@ dropped copy of x as PEFT does. The base GEMM and the rank-r update are chained 
 
 from __future__ import annotations
 
-import torch
+import threading
 
-from .base_ops import DenseBase
+import torch
 
 
 def generator_seed(seed: int) -> int:
@@ -33,6 +33,20 @@ def generator_seed(seed: int) -> int:
     return low ^ ((z ^ (z >> 31)) & 0xFFFFFFFF)
 
 
+_local = threading.local()  # one Generator per thread and device: re-seeded per call, never shared mid-draw
+_zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    gens = getattr(_local, "generators", None)
+    if gens is None:
+        gens = _local.generators = {}
+    gen = gens.get(device)
+    if gen is None:
+        gen = gens[device] = torch.Generator(device=device)
+    return gen
+
+
 def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
     """Boolean keep mask for ``seed``: 64-bit random words from a seeded Generator, cut into four 16-bit
     lanes, kept where a lane is >= round(p·65536) - 32768.
@@ -40,13 +54,27 @@ def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device)
     One RNG draw feeds four elements: 4.3 ms for 2048×1024 on this project's 2-core CPU, against 8.9 ms
     for ``rand`` + ``ge_`` and 23 ms for ``bernoulli_`` (bench/results/cpu-2026-11-24/NOTES.md), and it
     runs twice per step (forward and backward). The drop probability is p rounded to a multiple of
-    1/65536 (|error| <= 7.6e-6); the kept values are scaled by exactly 1/(1-p), as nn.Dropout does.
+    1/65536 (|error| <= 7.6e-6); the kept values are scaled by exactly 1/(1-p), as nn.Dropout does. The Generator
+    is reused (one per thread and device, re-seeded each call: constructing one cost ~1 µs a call, issue 14).
     """
-    gen = torch.Generator(device=device)
+    gen = _generator(device)
     gen.manual_seed(generator_seed(seed))
     n = shape[0] * shape[1]
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=device)
-    return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+    lanes = words.view(torch.int16)
+    if lanes.numel() != n:
+        lanes = lanes[:n]
+    return lanes.view(shape) >= round(p * 65536) - 32768
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha · (a @ b) in one op (addmm of a cached zero with beta=0: 2.6 µs where mm + mul_ take 4.2 at 4×64, one
+    thread; host cost, issue 14)."""
+    key = (a.dtype, a.device)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.addmm(zero, a, b, beta=0, alpha=alpha)
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
@@ -60,6 +88,24 @@ def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x * keep
 
 
+def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None):
+    """S = dropout(x) Aᵀ in the adapters' dtype, and x in the adapters' dtype (for the caller's own use)."""
+    x_a = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+    if p == 0:
+        return x_a @ lora_A.t(), x_a
+    if keep is None:
+        keep = keep_mask(seed, tuple(x.shape), p, x.device)
+    # (keep ⊙ x) Aᵀ / (1-p): the 1/(1-p) goes on the M×r result, not on an M×K tensor.
+    return _scaled_mm(_masked(x_a, keep), lora_A.t(), 1.0 / (1.0 - p)), x_a
+
+
+def _add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y += scaling · S Bᵀ in place; fp32 adapters on a half base: computed in fp32, rounded once (as PEFT)."""
+    if lora_B.dtype == y.dtype:
+        return y.addmm_(s, lora_B.t(), alpha=scaling)
+    return y.add_(_scaled_mm(s, lora_B.t(), scaling).to(y.dtype))
+
+
 def composed_forward(
     x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
     *, keep: torch.Tensor | None = None,
@@ -68,19 +114,8 @@ def composed_forward(
     Returns (y M×N in the base's output dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean
     keep mask to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands
     in)."""
-    y = base.forward(x)
-    x_a = x.to(lora_A.dtype)
-    if p == 0:
-        s = x_a @ lora_A.t()
-    else:
-        # (keep ⊙ x) Aᵀ / (1-p): the 1/(1-p) goes on the M×r result, not on an M×K tensor.
-        x_d = _masked(x_a, keep if keep is not None else keep_mask(seed, tuple(x.shape), p, x.device))
-        s = (x_d @ lora_A.t()).mul_(1.0 / (1.0 - p))
-    if lora_B.dtype == y.dtype:
-        y.addmm_(s, lora_B.t(), alpha=scaling)
-    else:  # fp32 adapters on a half base: the update is computed in fp32, then rounded once (as PEFT)
-        y.add_((s @ lora_B.t()).mul_(scaling).to(y.dtype))
-    return y, s
+    s, _ = _down(x, lora_A, p, seed, keep)
+    return _add_up(base.forward(x), s, lora_B, scaling), s
 
 
 def forward(
@@ -88,8 +123,39 @@ def forward(
     lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "",
     *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`composed_forward` on a dense weight (either layout); ``gemm`` is the kernels' choice, ignored here."""
-    return composed_forward(x, DenseBase(weight, bias, weight_layout), lora_A, lora_B, scaling, p, seed, keep=keep)
+    """:func:`composed_forward` on a dense weight (either layout), inlined: this is the CPU path of every call, and
+    its host cost is what small layers pay (issue 14). ``gemm`` is the kernels' choice, ignored here."""
+    w_t = weight.t() if weight_layout == "linear" else weight
+    if bias is None:
+        y = x @ w_t
+    else:
+        y = torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x, w_t)
+    s, _ = _down(x, lora_A, p, seed, keep)
+    return _add_up(y, s, lora_B, scaling), s
+
+
+def _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db, need_dbias, keep):
+    """(m ⊙ (dS A) or None, dA, dB, dbias): the LoRA branch's share of the gradients, the mask regenerated once. The
+    1/(1-p) of dropout is folded into dS (M×r), not applied to an M×K tensor."""
+    da = db = dbias = lora_dx = None
+    dy_lora = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
+    if need_db:
+        db = _scaled_mm(dy_lora.t(), s if s.dtype == lora_B.dtype else s.to(lora_B.dtype), scaling)
+    if need_dbias:
+        dbias = dy.sum(0, dtype=torch.float32)
+    if not (need_dx or need_da):
+        return lora_dx, da, db, dbias
+    ds = _scaled_mm(dy_lora, lora_B, scaling if p == 0 else scaling / (1.0 - p))
+    if p > 0 and keep is None:
+        keep = keep_mask(seed, tuple(x.shape), p, x.device)
+    if need_da:
+        x_a = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
+        da = ds.t() @ (x_a if p == 0 else _masked(x_a, keep))
+    if need_dx:
+        lora_dx = ds @ lora_A
+        if p > 0:
+            lora_dx = _masked(lora_dx, keep)
+    return lora_dx, da, db, dbias
 
 
 def composed_backward(
@@ -99,31 +165,12 @@ def composed_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Returns (dX, dA, dB, dbias), None where not needed: dX is the base's input gradient with m ⊙ (dS A) added in
     place. The mask is regenerated once, for dA and dX (or ``keep`` is used, as in :func:`composed_forward`)."""
-    dx = da = db = dbias = None
-    dy_lora = dy.to(lora_B.dtype)
-    if need_db:
-        db = (dy_lora.t() @ s.to(lora_B.dtype)).mul_(scaling)
-    if need_dbias:
-        dbias = dy.sum(0, dtype=torch.float32)
-    if not (need_dx or need_da):
-        return dx, da, db, dbias
-    ds = (dy_lora @ lora_B).mul_(scaling)
-    if p > 0 and keep is None:
-        keep = keep_mask(seed, tuple(x.shape), p, x.device)
-    elif p == 0:
-        keep = None
-    drop_scale = 1.0 / (1.0 - p)
-    if need_da:
-        x_a = x.to(lora_A.dtype)
-        da = ds.t() @ x_a if keep is None else (ds.t() @ _masked(x_a, keep)).mul_(drop_scale)
+    lora_dx, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db,
+                                              need_dbias, keep)
+    dx = None
     if need_dx:
         dx = base.input_grad(dy, x.dtype)
-        if keep is None and lora_A.dtype == dx.dtype:
-            dx.addmm_(ds, lora_A)
-        elif keep is None:
-            dx.add_((ds @ lora_A).to(dx.dtype))
-        else:
-            dx.add_(_masked(ds @ lora_A, keep).to(dx.dtype), alpha=drop_scale)
+        dx.add_(lora_dx if lora_dx.dtype == dx.dtype else lora_dx.to(dx.dtype))
     return dx, da, db, dbias
 
 
@@ -133,6 +180,13 @@ def backward(
     need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "",
     *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """:func:`composed_backward` on a dense weight (either layout)."""
-    return composed_backward(dy, x, DenseBase(weight, None, weight_layout), lora_A, lora_B, s, scaling, p, seed,
-                             need_dx, need_da, need_db, need_dbias, keep=keep)
+    """:func:`composed_backward` on a dense weight (either layout): dX = dY W + m ⊙ (dS A) in one addmm."""
+    lora_dx, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db,
+                                              need_dbias, keep)
+    dx = None
+    if need_dx:
+        w = weight if weight_layout == "linear" else weight.t()  # N×K
+        dx = torch.addmm(lora_dx if lora_dx.dtype == dy.dtype else lora_dx.to(dy.dtype), dy, w)
+        if dx.dtype != x.dtype:
+            dx = dx.to(x.dtype)
+    return dx, da, db, dbias

@@ -82,7 +82,10 @@ def tf32_enabled() -> bool:
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
     if precision in ("tf32", "ieee"):
         return precision == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # legacy flag set, then the new API reset to "none": PyTorch refuses to say; IEEE is safe
+        return False
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_within_torch_error, atol_for
+from helpers import BACKENDS, DEVICE, assert_within_torch_error, atol_for
 from test_saved_memory import saved_storages
 from torch import nn
 
@@ -54,7 +54,7 @@ def bnb_layer(kind: str, K: int, N: int, compute_dtype=torch.float32, bias: bool
     else:
         layer = bnb.nn.Linear8bitLt(K, N, bias=bias, has_fp16_weights=False, threshold=0.0)
     layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu")
+    return layer.to(DEVICE)
 
 
 def fp64_reference(layer, x, lora_A, lora_B, scaling, mask, grad_out):
@@ -87,14 +87,14 @@ def check_layer(kind, compute_dtype, x_dtype, backend, p, seed=3):
     layer = bnb_layer(kind, 70, 33, compute_dtype)
     lora = LoRALinear.from_linear(layer, r=5, lora_alpha=10, lora_dropout=p, init_lora_weights=False)
     assert isinstance(lora, QuantizedLoRALinear) and lora.lora_A.dtype == torch.float32
-    x = torch.randn(3, 7, 70, generator=torch.Generator().manual_seed(seed)).to(x_dtype).requires_grad_()
+    x = torch.randn(3, 7, 70, generator=torch.Generator().manual_seed(seed)).to(DEVICE, x_dtype).requires_grad_()
     from fused_lora.quantized import quantized_lora
 
     y = quantized_lora(x, layer, lora.lora_A, lora.lora_B, lora.scaling, p, True, dropout_seed=11, backend=backend)
     assert y.dtype == x_dtype and y.shape == (3, 7, 33)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, y.dtype)
     y.backward(grad_out)
-    mask = dropout_mask(11, (21, 70), p, backend=backend).view(3, 7, 70) if p > 0 else None
+    mask = dropout_mask(11, (21, 70), p, DEVICE, backend=backend).view(3, 7, 70) if p > 0 else None
     ref = fp64_reference(layer, x, lora.lora_A, lora.lora_B, lora.scaling, mask, grad_out)
     peft_out = peft_like(layer, x, lora.lora_A, lora.lora_B, lora.scaling, mask, grad_out)
     got = {"y": y.detach(), "dx": x.grad, "dA": lora.lora_A.grad, "dB": lora.lora_B.grad}
@@ -133,7 +133,7 @@ def test_no_dequantized_weight_is_kept_or_saved():
     lora = LoRALinear.from_linear(layer, r=4, lora_dropout=0.1, init_lora_weights=False)
     assert {n for n, _ in lora.named_parameters()} == {"lora_A", "lora_B", "base_layer.weight", "base_layer.bias"}
     assert lora.weight.dtype == torch.uint8 and lora.weight is layer.weight
-    x = torch.randn(40, 64, requires_grad=True)
+    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
     storages, y = saved_storages(lambda: lora(x))
     params = {t.untyped_storage().data_ptr() for t in lora.parameters()}
     activations = {ptr: n for ptr, n in storages.items() if ptr not in params}
@@ -147,7 +147,7 @@ def test_saved_bytes_against_peft_qlora():
     peft_model = peft.get_peft_model(nn.Sequential(copy.deepcopy(layer)),
                                      peft.LoraConfig(target_modules=["0"], r=16, lora_dropout=0.1))
     ours = inject_lora(nn.Sequential(copy.deepcopy(layer)), LoRAConfig(target_modules=["0"], r=16, lora_dropout=0.1))
-    x = torch.randn(512, 256, requires_grad=True)
+    x = torch.randn(512, 256, device=DEVICE, requires_grad=True)
     sizes = []
     for model in (peft_model, ours):
         storages, _ = saved_storages(lambda m=model: m(x))
@@ -179,13 +179,14 @@ def load_4bit(path, compute_dtype=torch.float32):
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
                                              llm_int8_skip_modules=["score"])
     model = transformers.Gemma2ForSequenceClassification.from_pretrained(
-        path, quantization_config=config, device_map="cpu", torch_dtype=compute_dtype, attn_implementation="eager")
+        path, quantization_config=config, device_map=str(DEVICE) if DEVICE.type == "cpu" else {"": 0},
+        torch_dtype=compute_dtype, attn_implementation="eager")
     return model.train()
 
 
 QLORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="SEQ_CLS")
-IDS = torch.randint(1, 64, (3, 9), generator=torch.Generator().manual_seed(0))
-LABELS = torch.tensor([0, 1, 1])
+IDS = torch.randint(1, 64, (3, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+LABELS = torch.tensor([0, 1, 1], device=DEVICE)
 
 
 def peft_name(name: str) -> str:
@@ -359,7 +360,7 @@ def test_determinism(backend):
         lora.reset_lora_parameters(False)
         from fused_lora.quantized import quantized_lora
 
-        x = torch.randn(9, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        x = torch.randn(9, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
         y = quantized_lora(x, lora.base_layer, lora.lora_A, lora.lora_B, lora.scaling, 0.2, True, dropout_seed=4,
                            backend=backend)
         y.square().sum().backward()

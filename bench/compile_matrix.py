@@ -39,9 +39,22 @@ def _load_kernels():
 kernels = _load_kernels()
 KERNELS = {name: getattr(kernels, name) for name in
            ("lora_down_kernel", "lora_fwd_kernel", "lora_dy_kernel", "lora_dx_kernel", "lora_da_kernel",
-            "lora_up_add_kernel", "lora_dx_add_kernel")}
-GEMM_KERNELS = ("lora_fwd_kernel", "lora_dx_kernel")  # M×N×K base GEMMs; the other three are rank-r skinny
+            "lora_up_add_kernel", "lora_dx_add_kernel",
+            "lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", "dequantize_4bit_kernel")}
+GEMM_KERNELS = ("lora_fwd_kernel", "lora_dx_kernel",  # M×N×K base GEMMs; the other three are rank-r skinny
+                "lora_fwd_4bit_kernel", "lora_dx_4bit_kernel")  # the same with W from 4-bit storage (QLoRA)
+# QLoRA (kernels/lora_4bit.py, fused_lora/bnb4_ops.py): W is bitsandbytes' packed 4-bit data (row-major, always the
+# "linear" N×K layout) with its absmax (fp32, or uint8 with double quantization) and code tables. The GEMMs run where
+# the dense GEMM kernels do (sm_80+); the elementwise dequantize kernel (merges) where the rank-r kernels do.
+Q4_KERNELS = ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", "dequantize_4bit_kernel")
+Q4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' blocksizes
 ADD_KERNELS = ("lora_up_add_kernel", "lora_dx_add_kernel")  # the composed path's in-place rank-r adds
+# DoRA (kernels/dora.py, fused_lora/dora_ops.py): launched where the fused base GEMM runs (sm_80+; Turing runs DoRA on
+# the PyTorch path). dora_fwd/dora_dx are base GEMMs (two accumulators on each W tile with dropout); the norm reads W
+# through either layout; down and dy are rank-r passes with BLOCK_R as triton_ops._block_r.
+DORA_KERNELS = ("dora_norm_kernel", "dora_down_kernel", "dora_fwd_kernel", "dora_dy_kernel", "dora_dx_kernel")
+KERNELS.update({name: getattr(kernels, name) for name in DORA_KERNELS})
+GEMM_KERNELS += ("dora_fwd_kernel", "dora_dx_kernel")
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 M, N, K, SEED = 1000, 2304, 2048, 12345  # SEED: an i32 like draw_dropout_seed's, not a multiple of 16
 
@@ -59,23 +72,42 @@ class Variant:
     need: str = "ds+db"         # the dy pass's NEED_DS / NEED_DB
     tf32: bool = False          # torch.backends.cuda.matmul.allow_tf32: fp32 dots in TF32, else 3xTF32
     wide: bool = False          # WIDE: int64 offsets (a tensor of the launch spans >= 2³¹ elements)
+    # QLoRA kernels only (Q4_KERNELS): bitsandbytes' blocksize (QLoRA's 64), double quantization (QLoRA's
+    # bnb_4bit_use_double_quant), the quant state's dtype (W_DTYPE; "" = the base dtype, as for a model loaded in its
+    # compute dtype and quantized); the dequantize kernel writes W in ``base``.
+    qblock: int = 64
+    nested: bool = True
+    wdtype: str = ""
+    aligned: bool = True  # ALIGNED: K a multiple of the blocksize (every real model); False: the general path
+
+    @property
+    def q4_aligned(self) -> bool:
+        return self.aligned and K % self.qblock == 0
 
     @property
     def dtypes(self) -> str:
         return f"{self.base}/{self.adapter}"
 
     def label(self) -> str:
+        if self.kernel == "dequantize_4bit_kernel":
+            return " ".join([self.base, f"bs{self.qblock}", "nested" if self.nested else "plain"]
+                            + ([] if self.q4_aligned else ["unaligned"]) + (["wide"] if self.wide else []))
         parts = [self.dtypes]
-        if self.kernel in GEMM_KERNELS:
+        if self.kernel in GEMM_KERNELS or self.kernel == "dora_norm_kernel":
             parts.append(self.layout)
         parts.append(f"r{self.rank}")
-        if self.kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_dx_add_kernel"):
+        if self.kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_dx_add_kernel",
+                           "lora_dx_4bit_kernel", "dora_fwd_kernel", "dora_dy_kernel"):
             parts.append("drop" if self.dropout else "nodrop")
-        if self.kernel in ("lora_fwd_kernel", "lora_dy_kernel"):
+        if self.kernel in ("lora_fwd_kernel", "lora_dy_kernel", "lora_fwd_4bit_kernel", "dora_fwd_kernel",
+                           "dora_dy_kernel"):
             parts.append("bias" if self.bias else "nobias")
-        if self.kernel in ("lora_dy_kernel", "lora_da_kernel"):
+        if self.kernel in Q4_KERNELS:
+            parts.append(f"W{self.wdtype or self.base} bs{self.qblock} {'nested' if self.nested else 'plain'}"
+                         + ("" if self.q4_aligned else " unaligned"))
+        if self.kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel"):
             parts.append(f"split{self.split}")
-        if self.kernel == "lora_dy_kernel":
+        if self.kernel in ("lora_dy_kernel", "dora_dy_kernel"):
             parts.append(self.need)
         if self.tf32 and "fp32" in (self.base, self.adapter):
             parts.append("tf32")
@@ -84,9 +116,16 @@ class Variant:
         return " ".join(parts)
 
 
-def block_r(r: int, adapter: str) -> int:
-    """As ``triton_ops._block_r`` (tests/test_compile_targets.py checks they agree)."""
-    return 16 if adapter == "fp32" else min(64, max(16, triton.next_power_of_2(r)))
+SKINNY_KERNELS = ("lora_down_kernel", "lora_dy_kernel", "lora_da_kernel")  # rank chunks spread over programs
+
+
+def block_r(r: int, adapter: str, kernel: str = "", arch: int = 90) -> int:
+    """As ``triton_ops._skinny_block_r`` for the skinny kernels (chunks of up to 64 for every adapter dtype) and
+    ``triton_ops._block_r`` for the others (16 for fp32 adapters), 16 everywhere on Turing (FMA dots);
+    tests/test_compile_targets.py checks they agree."""
+    if arch < 80 or (adapter == "fp32" and kernel not in SKINNY_KERNELS):
+        return 16
+    return min(64, max(16, triton.next_power_of_2(r)))
 
 
 def precision(dtype: str, tf32: bool, arch: int = 90) -> str:
@@ -118,13 +157,13 @@ def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str
     base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_ops._weight_strides
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
-            "BLOCK_R": block_r(R, v.adapter), "WIDE": v.wide}
+            "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
     gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
     drop = {"seed": SEED, "p": 0.1 if v.dropout else 0.0, "drop_scale": 1 / 0.9 if v.dropout else 1.0}
     bucket = triton.next_power_of_2(M)
     if v.kernel == "lora_down_kernel":
         args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, M=M, K=K, R=R, M_BUCKET=bucket, stride_xm=K, stride_xk=1,
-                    stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, **drop)
+                    stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, stride_ss=M * R if v.split > 1 else 0, **drop)
         return args, {"HAS_DROPOUT": v.dropout, **lora}
     if v.kernel == "lora_fwd_kernel":
         args = dict(x_ptr=base, w_ptr=base, bias_ptr=base if v.bias else f32, s_ptr=f32, b_ptr=ad, y_ptr=base,
@@ -157,6 +196,28 @@ def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str
         args = dict(dx_ptr=base, ds_ptr=f32, a_ptr=ad, M=M, K=K, R=R, M_BUCKET=bucket, stride_dxm=K, stride_dxk=1,
                     stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1, **drop)
         return args, {"HAS_DROPOUT": v.dropout, **lora}
+    if v.kernel in DORA_KERNELS:
+        return _dora_launch_args(v, arch)
+    # QLoRA, as fused_lora/bnb4_ops.py launches them: packed bytes, absmax (uint8 when nested), the 16-entry code;
+    # absmax2/code2/offset are fp32 (triton_ops._unused's one fp32 element when not nested).
+    u8 = _ptr("u8", arch)
+    quant = dict(w_ptr=u8, absmax_ptr=u8 if v.nested else f32, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
+                 offset_ptr=f32)
+    q4 = {"NESTED": v.nested, "QBLOCK_LOG2": v.qblock.bit_length() - 1, "QBLOCK2_LOG2": 8,  # state2: 256 blocks
+          "ALIGNED": v.q4_aligned}
+    if v.kernel == "lora_fwd_4bit_kernel":
+        args = dict(x_ptr=base, **quant, bias_ptr=base if v.bias else f32, s_ptr=f32, b_ptr=ad, y_ptr=base,
+                    M=M, N=N, K=K, R=R, M_BUCKET=bucket, stride_xm=K, stride_xk=1, stride_sm=R, stride_sr=1,
+                    stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, stride_bias=1, scaling=2.0)
+        return args, {"HAS_BIAS": v.bias, "W_DTYPE": TL[v.wdtype or v.base], **q4, **gemm}
+    if v.kernel == "lora_dx_4bit_kernel":
+        args = dict(dy_ptr=base, **quant, ds_ptr=f32, a_ptr=ad, dx_ptr=base, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
+                    stride_dym=N, stride_dyn=1, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1,
+                    stride_dxm=K, stride_dxk=1, **drop)
+        return args, {"HAS_DROPOUT": v.dropout, "W_DTYPE": TL[v.wdtype or v.base], **q4, **gemm}
+    if v.kernel == "dequantize_4bit_kernel":
+        # KN=False: the merge path's orientation (the forward's is for tests, interpreted)
+        return dict(**quant, out_ptr=base, N=N, K=K), {**q4, "WIDE": v.wide, "KN": False}
     raise KeyError(v.kernel)
 
 
@@ -212,7 +273,7 @@ def expected_tensor_ops(v: Variant, arch: int) -> str:
     - sm_90: the base GEMMs must use Hopper's warpgroup MMA (HGMMA), the rank-r kernels either (Triton lowers
       32-row tiles and some transposed operands to mma.sync);
     - sm_100: Blackwell's tcgen05 MMA (UTCHMMA in SASS) in the base GEMMs, tcgen05 or HMMA in the others."""
-    if arch < 80:
+    if arch < 80 or v.kernel == "dequantize_4bit_kernel":  # the dequantize kernel has no dot
         return ""
     if arch == 90:
         return "hgmma" if v.kernel in GEMM_KERNELS else "hgmma+hmma"
@@ -223,7 +284,10 @@ def expected_tensor_ops(v: Variant, arch: int) -> str:
 
 def launched_on(v: Variant, arch: int) -> bool:
     """Whether the package launches ``v`` on ``arch`` (fused_lora.backend: ``auto`` runs cuBLAS's base GEMM on
-    Turing, so not the GEMM kernels, and no kernels with bf16 inputs there: the PyTorch path serves bf16)."""
+    Turing, so not the GEMM kernels, and no kernels with bf16 inputs there: the PyTorch path serves bf16; DoRA runs
+    the PyTorch path there, fused_lora.dora.dora_call)."""
+    if arch < 80 and v.kernel in DORA_KERNELS:
+        return False
     if arch < 80:
         return v.kernel not in GEMM_KERNELS and v.base != "bf16" and v.adapter != "bf16"
     return True
@@ -256,6 +320,45 @@ def full_matrix() -> list[Variant]:
             out += _product(kernel, dropout=[True, False], **common)
         else:
             out += _product(kernel, dropout=[True, False], split=[1, 2], **common)
+    return [v for v in out if v.kernel not in Q4_KERNELS + DORA_KERNELS] + _q4_full() + _dora_full()
+
+
+def _other_w(base: str) -> str:
+    """A quant-state dtype other than the base's: W then rounds twice (W's dtype, then x's)."""
+    return "bf16" if base == "fp32" else "fp32"
+
+
+def _q4_full() -> list[Variant]:
+    """The QLoRA kernels' axes: every dtype pair and rank, the heavy and light flag, nested or not, W in the base
+    dtype or another; every blocksize at the defaults (it is only a shift amount in the code)."""
+    out = []
+    for kernel in ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel"):
+        flag = "bias" if kernel == "lora_fwd_4bit_kernel" else "dropout"
+        for (b, a), rank, on, nested, other, aligned in itertools.product(
+                DTYPES, [8, 16, 32, 64], [True, False], [True, False], [False, True], [True, False]):
+            out.append(Variant(kernel, base=b, adapter=a, rank=rank, nested=nested,
+                               wdtype=_other_w(b) if other else "", aligned=aligned, **{flag: on}))
+        out += [Variant(kernel, qblock=q) for q in Q4_BLOCKSIZES if q != 64]
+    for base, nested, aligned in itertools.product(TL, [True, False], [True, False]):
+        out.append(Variant("dequantize_4bit_kernel", base=base, nested=nested, aligned=aligned))
+    out += [Variant("dequantize_4bit_kernel", qblock=q) for q in Q4_BLOCKSIZES if q != 64]
+    return out
+
+
+def _q4_ci() -> list[Variant]:
+    """The QLoRA kernels in CI: the dense GEMMs' CI dtype pairs and their rank-64 half-adapter case, plus what changes
+    the 4-bit code: plain fp32 absmax (one gather less), W in another dtype than x (a second rounding; with an fp32
+    base a half W makes 3xTF32 two products), no dropout in dX, int64 offsets, and the unaligned path (K not a
+    multiple of the blocksize: scales gathered per element, 64×64 tiles only) at every CI dtype pair."""
+    out = []
+    for kernel in ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel"):
+        out += [Variant(kernel, base=b, adapter=a) for b, a in CI_DTYPES]
+        out += [Variant(kernel, adapter="bf16", rank=64), Variant(kernel, nested=False),
+                Variant(kernel, wdtype="fp32"), Variant(kernel, base="fp32", wdtype="bf16"), Variant(kernel, wide=True)]
+        out += [Variant(kernel, base=b, adapter=a, aligned=False) for b, a in CI_DTYPES]
+    out.append(Variant("lora_dx_4bit_kernel", dropout=False))
+    out += [Variant("dequantize_4bit_kernel", base=b, nested=n) for b, n in itertools.product(TL, [True, False])]
+    out += [Variant("dequantize_4bit_kernel", wide=True), Variant("dequantize_4bit_kernel", aligned=False)]
     return out
 
 
@@ -287,7 +390,8 @@ def ci_matrix() -> list[Variant]:
     out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel")]
     out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False)]
     out += [Variant(kernel, wide=True) for kernel in KERNELS]  # int64 offsets: the rare launch past 2³¹ elements
-    return out
+    out += [Variant(kernel, rank=64) for kernel in SKINNY_KERNELS]  # fp32 adapters' 64-rank chunks (issue 14)
+    return [v for v in out if v.kernel not in Q4_KERNELS + DORA_KERNELS] + _q4_ci() + _dora_ci()
 
 
 def sample_matrix() -> list[Variant]:
@@ -298,7 +402,90 @@ def sample_matrix() -> list[Variant]:
     out = []
     for kernel in KERNELS:
         out += [Variant(kernel), Variant(kernel, adapter="bf16", rank=64)]
+        if kernel in SKINNY_KERNELS:
+            out.append(Variant(kernel, rank=64))  # fp32 adapters' 64-rank chunks
         out += [Variant(kernel, base="fp16"), Variant(kernel, base="fp16", adapter="fp16", rank=64)]
+    # The dequantize kernel has no adapters: one variant per base (its label does not name adapter or rank).
+    out = [v for v in out if v.kernel != "dequantize_4bit_kernel"]
+    out.append(Variant("dora_fwd_kernel", dropout=False))  # the one-accumulator form has its own config list
+    return out + [Variant("dequantize_4bit_kernel"), Variant("dequantize_4bit_kernel", base="fp16")]
+
+
+def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, object]]:
+    """As fused_lora/dora_ops.py launches the DoRA kernels: G (dy pass, for dX) written, d magnitude needed; without
+    dropout the forward's x_d argument is x itself; sq and the atomics buffers fp32, the magnitude in the adapters'
+    dtype."""
+    R = v.rank
+    base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
+    wk, wn = (1, K) if v.layout == "linear" else (N, 1)
+    lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
+            "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
+    gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
+    drop = {"seed": SEED, "p": 0.1, "drop_scale": 1 / 0.9}
+    bucket = triton.next_power_of_2(M)
+    if v.kernel == "dora_norm_kernel":
+        args = dict(w_ptr=base, a_ptr=ad, b_ptr=ad, sq_ptr=f32, N=N, K=K, R=R, stride_wk=wk, stride_wn=wn,
+                    stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0)
+        return args, lora
+    if v.kernel == "dora_down_kernel":
+        args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, xd_ptr=base, M=M, K=K, R=R, M_BUCKET=bucket, stride_xm=K,
+                    stride_xk=1, stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, stride_xdm=K, stride_xdk=1, **drop)
+        return args, lora
+    if v.kernel == "dora_fwd_kernel":
+        args = dict(x_ptr=base, xd_ptr=base, w_ptr=base, bias_ptr=base if v.bias else f32, s_ptr=f32, b_ptr=ad,
+                    sq_ptr=f32, mag_ptr=ad, y_ptr=base, p_ptr=ad, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
+                    stride_xm=K, stride_xk=1, stride_xdm=K, stride_xdk=1, stride_wk=wk, stride_wn=wn, stride_sm=R,
+                    stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, stride_pm=N, stride_pn=1,
+                    stride_bias=1, stride_mag=1, scaling=2.0, drop_scale=drop["drop_scale"] if v.dropout else 1.0)
+        return args, {"HAS_BIAS": v.bias, "HAS_DROPOUT": v.dropout, **gemm}
+    if v.kernel == "dora_dy_kernel":
+        need_ds, need_db = "ds" in v.need, "db" in v.need
+        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, p_ptr=ad, sq_ptr=f32, mag_ptr=ad, ds_ptr=f32, db_ptr=f32,
+                    dbias_ptr=f32, dmag_ptr=f32, g_ptr=base, M=M, N=N, R=R, M_BUCKET=bucket, stride_dym=N,
+                    stride_dyn=1, stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_pm=N, stride_pn=1,
+                    stride_mag=1, stride_dsm=R if need_ds else 1, stride_dsr=1, stride_dbn=R if need_db else 1,
+                    stride_dbr=1, stride_gm=N, stride_gn=1, scaling=2.0)
+        return args, {"DS_ATOMIC": v.split > 1, "HAS_DBIAS": v.bias, "NEED_DS": need_ds, "NEED_DB": need_db,
+                      "NEED_DMAG": True, "WRITE_G": True, "G_MINUS_ONE": v.dropout, **lora}
+    if v.kernel == "dora_dx_kernel":
+        args = dict(dy_ptr=base, gm_ptr=base, w_ptr=base, ds_ptr=f32, a_ptr=ad, dx_ptr=base, M=M, N=N, K=K, R=R,
+                    M_BUCKET=bucket, stride_dym=N, stride_dyn=1, stride_gmm=N, stride_gmn=1, stride_wk=wk,
+                    stride_wn=wn, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1, stride_dxm=K, stride_dxk=1,
+                    **drop)
+        return args, gemm
+    raise KeyError(v.kernel)
+
+
+def _dora_full() -> list[Variant]:
+    """The DoRA kernels' axes: every dtype pair and rank, both layouts where W is read, every flag."""
+    out = []
+    for (b, a), rank in itertools.product(DTYPES, [8, 16, 32, 64]):
+        common = dict(base=[b], adapter=[a], rank=[rank])
+        both = dict(layout=["linear", "conv1d"], **common)
+        out += _product("dora_norm_kernel", **both) + _product("dora_down_kernel", **common)
+        out += _product("dora_fwd_kernel", dropout=[True, False], bias=[True, False], **both)
+        out += _product("dora_dy_kernel", dropout=[True, False], bias=[True, False], split=[1, 2],
+                        need=["ds+db", "ds", "db"], **common)
+        out += _product("dora_dx_kernel", **both)
+    return out
+
+
+def _dora_ci() -> list[Variant]:
+    """The DoRA kernels in CI, on the dense kernels' rules (ci_matrix): the CI dtype pairs with both layouts where W is
+    read, and both forward forms (one accumulator without dropout, two with: separate config lists); rank 64 with
+    bf16 adapters, SPLIT 1 without dropout for the dy pass, and WIDE, at the default dtypes."""
+    out = []
+    for b, a in CI_DTYPES:
+        for layout in ("linear", "conv1d"):
+            out += [Variant("dora_norm_kernel", base=b, adapter=a, layout=layout),
+                    Variant("dora_dx_kernel", base=b, adapter=a, layout=layout)]
+            out += [Variant("dora_fwd_kernel", base=b, adapter=a, layout=layout, dropout=d) for d in (True, False)]
+        out += [Variant("dora_down_kernel", base=b, adapter=a), Variant("dora_dy_kernel", base=b, adapter=a)]
+    out += [Variant(kernel, adapter="bf16", rank=64) for kernel in DORA_KERNELS]
+    out += [Variant("dora_fwd_kernel", adapter="bf16", rank=64, dropout=False),
+            Variant("dora_dy_kernel", split=1, dropout=False)]
+    out += [Variant(kernel, wide=True) for kernel in DORA_KERNELS] + [Variant("dora_fwd_kernel", wide=True,
+                                                                              dropout=False)]
     return out
 
 

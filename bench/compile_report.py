@@ -126,10 +126,11 @@ def problems(r: dict, variant: cm.Variant, num_warps: int) -> list[str]:
     return out
 
 
-def run(variants: dict[int, list[cm.Variant]], jobs: int) -> list[dict]:
-    """Compile every (arch, variant, config the autotuner may pick there)."""
+def run(variants: dict[int, list[cm.Variant]], jobs: int, first_config_only: bool = False) -> list[dict]:
+    """Compile every (arch, variant, config the autotuner may pick there); with ``first_config_only``, the config a
+    launch takes with FUSED_LORA_AUTOTUNE=0 (CI samples that way on most archs: bench/README.md)."""
     work = [(v, arch, i) for arch, vs in variants.items() for v in vs
-            for i in range(len(cm.configs_for(cm.KERNELS[v.kernel], v, arch)))]
+            for i in range(1 if first_config_only else len(cm.configs_for(cm.KERNELS[v.kernel], v, arch)))]
     if jobs <= 1:
         return [compile_one(w) for w in work]
     with ProcessPoolExecutor(jobs) as pool:
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write sm_<arch>-triton-<version>.{md,json} into this folder")
     parser.add_argument("--json", type=Path, help="write all records here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a check fails")
+    parser.add_argument("--first-config", action="store_true",
+                        help="only each variant's first config (the one autotuning off takes): CI's sample")
     parser.add_argument("--quiet", action="store_true", help="print only the failed rows and the summary")
     args = parser.parse_args(argv)
     args.arch = list(cm.ARCHS) if "all" in args.arch else sorted({int(a) for a in args.arch})
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                        if (not args.kernel or v.kernel in args.kernel) and (not args.dtype or v.dtypes in args.dtype)]
                 for arch in args.arch}
     start = time.perf_counter()
-    records = run(variants, args.jobs)
+    records = run(variants, args.jobs, args.first_config)
     wall = time.perf_counter() - start
     failed = [r for r in records if r["problems"]]
     print(table(failed if args.quiet else records), end="")

@@ -7,6 +7,8 @@
 from .adapters import load_adapter, read_adapter_config, save_adapter
 from .backend import BACKENDS, FallbackWarning, resolve_backend
 from .config import LoRAConfig
+from .dora import DoRALinearFunction
+from .dora_torch import dora_ref
 from .functional import LoRALinearFunction, draw_dropout_seed, dropout_mask, fused_lora_linear
 from .injector import (
     disable_lora,
@@ -25,11 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DoRALinearFunction",
     "FallbackWarning",
     "LoRAConfig",
     "LoRALinear",
     "LoRALinearFunction",
     "disable_lora",
+    "dora_ref",
     "draw_dropout_seed",
     "dropout_mask",
     "fused_lora_linear",

@@ -4,6 +4,7 @@ Key names, as ``peft.PeftModel.save_pretrained`` writes them (``peft/utils/save_
 
     base_model.model.<layer>.lora_A.weight        ↔ our <layer>.lora_A            (r × in)
     base_model.model.<layer>.lora_B.weight        ↔ our <layer>.lora_B            (out × r)
+    base_model.model.<layer>.lora_magnitude_vector ↔ our <layer>.lora_magnitude_vector (out; DoRA, use_dora=True)
     base_model.model.<layer>.base_layer.bias      ↔ our <layer>.bias              (bias="lora_only"/"all")
     base_model.model.<name>.bias                  ↔ our <name>.bias               (bias="all", other biases)
     base_model.model.<module>.<key>               ↔ our <module>.<key>            (modules_to_save state_dict)
@@ -67,6 +68,8 @@ def adapter_shapes(model: nn.Module, plan: InjectionPlan) -> dict[str, tuple[int
         fan_in, fan_out = _in_out(module)
         shapes[f"{path}.lora_A"] = (config.r, fan_in)
         shapes[f"{path}.lora_B"] = (fan_out, config.r)
+        if config.use_dora:  # PEFT's key has no ".weight": get_peft_model_state_dict strips it for DoRA
+            shapes[f"{path}.lora_magnitude_vector"] = (fan_out,)
         if config.bias == "lora_only" and module.bias is not None:
             shapes[f"{path}.bias"] = tuple(module.bias.shape)
     if config.bias == "all":
@@ -288,6 +291,9 @@ def _check_injected_matches(model: nn.Module, plan: InjectionPlan, source: str) 
         if layer.merged:
             raise ValueError(f"load_adapter: layer {path!r} is merged; call unmerge_lora(model) before loading "
                              "new adapter weights")
+        if layer.use_dora != config.use_dora:
+            raise ValueError(f"load_adapter: {source} has use_dora={config.use_dora} but layer {path!r} has "
+                             f"use_dora={layer.use_dora}. Load it into a fresh model, or unload_lora(model) first")
     state = get_state(model)
     if state is not None:
         ours = state.plan
@@ -317,8 +323,8 @@ def _match_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int
         tensor, want = named[fkey], shapes[by_file_key[fkey]]
         if tuple(tensor.shape) != want:
             problems.append(f"{fkey} has shape {tuple(tensor.shape)}, the model needs {want}")
-        elif not tensor.dtype.is_floating_point and by_file_key[fkey].rpartition(".")[2] in ("lora_A", "lora_B",
-                                                                                               "bias"):
+        elif not tensor.dtype.is_floating_point and by_file_key[fkey].rpartition(".")[2] in (
+                "lora_A", "lora_B", "bias", "lora_magnitude_vector"):
             problems.append(f"{fkey} has dtype {tensor.dtype}; LoRA weights and biases must be floating point")
     if problems:
         raise ValueError(f"load_adapter: the adapter in {source} does not fit this model: "

@@ -90,6 +90,8 @@ def _hardware_reason(device: torch.device, dtype: torch.dtype | None) -> str | N
 
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """'triton' or 'torch' for a call on ``device`` computing in ``dtype``."""
+    if requested is None and device.type == "cpu" and not INTERPRET and ENV_VAR not in os.environ:
+        return "torch"  # the CPU path of every call without a GPU: decided before anything else (host cost)
     choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto")
     if choice not in BACKENDS:
         source = "backend=" if requested is not None else f"{ENV_VAR}="
@@ -112,17 +114,19 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
 
 
 def resolve_gemm(device: torch.device) -> str:
-    """'fused' (Triton base GEMM with the rank-r term folded in) or 'composed' (cuBLAS base GEMM plus in-place
-    rank-r kernels) for the Triton backend on ``device``."""
+    """'fused' (Triton base GEMM with the rank-r term folded in), 'composed' (cuBLAS base GEMM plus in-place
+    rank-r kernels) or 'auto' (timed on first use per shape: ``gemm_choice``) for the Triton backend on ``device``."""
     choice = os.environ.get(GEMM_ENV_VAR, "auto")
     if choice not in GEMM_MODES:
         raise ValueError(f"fused_lora: {GEMM_ENV_VAR}={choice!r}; choose one of {GEMM_MODES}")
     if choice != "auto":
         return choice
     capability = device_capability(device)
+    if capability is None:  # CPU under the interpreter: nothing to time
+        return "fused"
     # Turing: Triton compiles tl.dot to FMA instructions (no HMMA, stack spills in every GEMM config:
-    # bench/results/compile/sm_75-*), while cuBLAS uses its tensor cores.
-    return "composed" if capability is not None and capability < (8, 0) else "fused"
+    # bench/results/compile/sm_75-*), while cuBLAS uses its tensor cores: composed, without timing.
+    return "composed" if capability < (8, 0) else "auto"
 
 
 _OPS: dict[str, ModuleType] = {}

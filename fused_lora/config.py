@@ -73,7 +73,6 @@ TASK_HEADS: dict[str | None, tuple[str, ...]] = {
 # PEFT LoraConfig fields that change what an adapter computes and that the fused layer does not implement: loading
 # an adapter that uses one must fail loudly instead of silently computing something else.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -132,6 +131,9 @@ class LoRAConfig:
         task_type: ``None``, ``"CAUSAL_LM"`` or ``"SEQ_CLS"`` (the ``score``/``classifier`` head is trained in full
             and never adapted); PEFT's ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"SEQ_2_SEQ_LM"`` and
             ``"FEATURE_EXTRACTION"`` are accepted too.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's meaning): each adapted layer gets a trainable
+            ``lora_magnitude_vector`` and computes ``x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ s·B A x_d`` with
+            g = magnitude / ‖W + s·B A‖ per output row (``docs/dora.md``). nn.Linear and Conv1D bases only.
     """
 
     r: int = 8
@@ -146,6 +148,7 @@ class LoRAConfig:
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     task_type: str | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -161,6 +164,8 @@ class LoRAConfig:
         if self.init_lora_weights not in INIT_MODES or not isinstance(self.init_lora_weights, (bool, str)):
             raise ValueError(f"LoRAConfig: init_lora_weights={self.init_lora_weights!r}; use True, False or "
                              "'gaussian'")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"LoRAConfig: use_dora={self.use_dora!r} must be True or False")
         if self.task_type not in TASK_HEADS:
             raise ValueError(f"LoRAConfig: task_type={self.task_type!r}; use one of {list(TASK_HEADS)}")
         self.target_modules = _names_or_regex(self.target_modules, "target_modules")
@@ -218,7 +223,7 @@ class LoRAConfig:
             "init_lora_weights": self.init_lora_weights,
             # GPT-2's Conv1D stores its weight in×out; PEFT wants this flag for it (it warns and sets it otherwise).
             "fan_in_fan_out": fan_in_fan_out,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
             "rank_pattern": {},
             "alpha_pattern": {},
@@ -248,8 +253,11 @@ class LoRAConfig:
         init = data.get("init_lora_weights", True)
         # PiSSA/OLoRA/LoftQ/... only decide the *initial* A and B, which the file's tensors overwrite.
         init = init if init in INIT_MODES and isinstance(init, (bool, str)) else True
+        use_dora = data.get("use_dora", False)
+        if not isinstance(use_dora, bool) and use_dora is not None:
+            raise ValueError(f"{source}: use_dora={use_dora!r} must be true or false")
         try:
-            return cls._from_checked_peft_dict(data, bool(use_rslora), init)
+            return cls._from_checked_peft_dict(data, bool(use_rslora), init).replace(use_dora=bool(use_dora))
         except (TypeError, ValueError) as err:  # LoRAConfig's own checks: say which file holds the bad value
             raise type(err)(f"{source}: {err}. Fix the file or save the adapter again") from None
 

@@ -32,8 +32,10 @@ def draw_dropout_seed() -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
-def _seed_value(seed: torch.Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
+def _seed_value(seed: torch.Tensor | int | None) -> int:
+    if seed is None:
+        return 0
+    return seed if isinstance(seed, int) else int(seed.item())
 
 
 def _s_dtype(backend: str, lora_A: torch.Tensor) -> torch.dtype:
@@ -147,8 +149,13 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        run = _forward_op if torch.compiler.is_compiling() else _run_forward
-        y, s = run(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm)
+        if torch.compiler.is_compiling():
+            y, s = _forward_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend,
+                               gemm)
+        else:  # the seed read once, for backward too (a .item() per read)
+            ctx.seed_int = _seed_value(seed)
+            y, s = _run_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, ctx.seed_int, weight_layout,
+                                backend, gemm)
         # x itself, not its 2-D view: an input of the Function stays connected to the graph when a backward with
         # create_graph=True reads it back (a view made in here would not be).
         ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed)
@@ -169,13 +176,11 @@ class LoRALinearFunction(torch.autograd.Function):
                                                (need_dx, need_dbias, need_da, need_db))
             return dx, None, dbias, da, db, None, None, None, None, None, None
         two_d = x.dim() == 2
+        compiling = torch.compiler.is_compiling()
         args = (dy if two_d else dy.reshape(-1, dy.shape[-1]), x if two_d else x.reshape(-1, x.shape[-1]), weight,
-                lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed, ctx.weight_layout, ctx.backend, ctx.gemm,
-                need_dx, need_da, need_db, need_dbias)
-        if torch.compiler.is_compiling():
-            dx, da, db, dbias = _backward_op(*args)
-        else:
-            dx, da, db, dbias = _run_backward(*args)
+                lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed if compiling else ctx.seed_int, ctx.weight_layout,
+                ctx.backend, ctx.gemm, need_dx, need_da, need_db, need_dbias)
+        dx, da, db, dbias = _backward_op(*args) if compiling else _run_backward(*args)
         if need_dx and not two_d:
             dx = dx.view(x.shape)
         if need_dbias and dbias.dtype != ctx.bias_dtype:
@@ -273,14 +278,30 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_la
                          "full fine-tuning is not this layer's job")
 
 
+def _check_magnitude(magnitude, lora_A, lora_B) -> None:
+    where = "fused_lora_linear"
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"{where}: magnitude must be a tensor (DoRA's lora_magnitude_vector), got "
+                        f"{type(magnitude).__name__}")
+    n_out = lora_B.shape[0]
+    if magnitude.shape != (n_out,):
+        raise ValueError(f"{where}: magnitude has shape {tuple(magnitude.shape)}; DoRA's magnitude is one value per "
+                         f"output feature: ({n_out},)")
+    if magnitude.dtype not in (lora_A.dtype, torch.float32):
+        raise TypeError(f"{where}: magnitude is {magnitude.dtype}; it must be the adapters' dtype ({lora_A.dtype}) or "
+                        "float32")
+    if magnitude.device != lora_A.device:
+        raise ValueError(f"{where}: magnitude is on {magnitude.device} but the adapters are on {lora_A.device}")
+
+
 def _autocast_inputs(x, weight, bias):
     """Under ``torch.autocast`` the base GEMM runs in the autocast dtype, as ``nn.Linear``'s does: x, W and
     b are cast (a frozen weight is cast every call, exactly as autocast does for nn.Linear). The adapters
     keep their dtype: fp32 adapters (PEFT's default on a half base) are computed in fp32, which the kernels
     take natively, and their gradients arrive in fp32."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type):  # 'meta' and others: no autocast state to ask
-        return x, weight, bias
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return x, weight, bias  # 'meta' and others: no autocast state to ask
     if not torch.is_autocast_enabled(device_type) or not x.dtype.is_floating_point:
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
@@ -302,8 +323,10 @@ def fused_lora_linear(
     *,
     dropout_seed: int | None = None,
     backend: str | None = None,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x Wᵀ + b + scaling · (dropout(x) lora_Aᵀ) lora_Bᵀ`` with a frozen ``weight``.
+    """``y = x Wᵀ + b + scaling · (dropout(x) lora_Aᵀ) lora_Bᵀ`` with a frozen ``weight``; DoRA when ``magnitude`` is
+    given.
 
     Args:
         x: (..., in_features); any leading dims, may be non-contiguous or have zero rows.
@@ -316,11 +339,20 @@ def fused_lora_linear(
         dropout_seed: seed of the dropout mask (see :func:`dropout_mask`); drawn from PyTorch's default
             generator when None.
         backend: "auto" (default), "triton" or "torch"; overrides ``FUSED_LORA_BACKEND``.
+        magnitude: (out_features,), DoRA's ``lora_magnitude_vector`` (the adapters' dtype or float32): then
+            ``y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ scaling · (x_d Aᵀ) Bᵀ`` with g = magnitude / ‖W + scaling·B A‖
+            per output row (detached), PEFT's DoRA (``fused_lora.dora``, ``docs/dora.md``).
     Returns:
         (..., out_features) in x's dtype (the autocast dtype under ``torch.autocast``).
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, weight_layout)
+    if magnitude is not None:
+        from .dora import dora_call
+
+        _check_magnitude(magnitude, lora_A, lora_B)
+        return dora_call(x, weight, bias, lora_A, lora_B, magnitude, float(scaling),
+                         float(dropout_p) if training else 0.0, weight_layout, dropout_seed, backend)
     return lora_call(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p) if training else 0.0,
                      weight_layout, dropout_seed, backend)
 

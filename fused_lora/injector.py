@@ -238,6 +238,11 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
                             "target_modules (a regex string matches the whole module name) or add it to "
                             "exclude_modules")
         dtype = module.weight.dtype
+        if config.use_dora and (quantized_kind(module) is not None or hasattr(module, "base_layer")):
+            raise TypeError(f"inject_lora: use_dora=True, and target {key!r} is a quantized "
+                            f"{type(getattr(module, 'base_layer', module)).__name__}; fused_lora runs DoRA on "
+                            "floating-point nn.Linear / Conv1D bases only. Use plain LoRA on quantized layers, or PEFT "
+                            "for DoRA on them")
         if quantized_kind(module) is None and dtype not in _WEIGHT_DTYPES:
             raise TypeError(unsupported_quantized_message(f"inject_lora: target {key!r}", type(module).__name__,
                                                           dtype))
@@ -297,7 +302,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             original = getattr(parent, child)
             layer = LoRALinear.from_linear(original, r=config.r, lora_alpha=config.lora_alpha,
                                            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                                           init_lora_weights=config.init_lora_weights)
+                                           init_lora_weights=config.init_lora_weights, use_dora=config.use_dora)
             layer.train(original.training)
             setattr(parent, child, layer)
             originals[path] = original
@@ -319,6 +324,8 @@ def _set_trainable(model: nn.Module, plan: InjectionPlan) -> None:
         layer = model.get_submodule(path)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if layer.use_dora:
+            layer.lora_magnitude_vector.requires_grad_(True)
         if plan.config.bias == "lora_only" and layer.bias is not None:
             layer.bias.requires_grad_(True)
     if plan.config.bias == "all":

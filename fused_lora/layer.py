@@ -12,6 +12,17 @@ from torch import nn
 from .base_ops import looks_quantized, quantized_kind
 from .functional import _FLOAT_DTYPES, WEIGHT_LAYOUTS, _autocast_inputs, fused_lora_linear, lora_call
 
+_dora = None  # fused_lora.dora, imported on the first DoRA layer (it imports this module's neighbours)
+
+
+def _dora_module():
+    global _dora
+    if _dora is None:
+        from . import dora
+
+        _dora = dora
+    return _dora
+
 
 def _conv1d_class() -> type | None:
     try:
@@ -43,6 +54,11 @@ class LoRALinear(nn.Module):
     Adapters default to the weight's dtype for fp32 weights and to float32 for fp16/bf16 weights, as
     PEFT does (``autocast_adapter_dtype=True``): AdamW updates of a low-rank adapter are lost in bf16
     rounding. Pass ``adapter_dtype`` to choose.
+
+    ``use_dora=True``: DoRA, PEFT's weight-decomposed variant (``fused_lora.dora``, ``docs/dora.md``): a trainable
+    ``lora_magnitude_vector`` (out_features,) in the adapters' dtype, initialised to ‖W + scaling·B A‖ per output row
+    as PEFT does (‖W‖ with the default zero B), and
+    ``y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ scaling · B A x_d`` with g = magnitude / ‖W + scaling·B A‖.
     """
 
     def __init__(
@@ -60,6 +76,7 @@ class LoRALinear(nn.Module):
         *,
         weight_layout: str = "linear",
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if weight_layout not in WEIGHT_LAYOUTS:
@@ -79,7 +96,7 @@ class LoRALinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._setup_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
-                            init_lora_weights, weight_layout, adapter_dtype)
+                            init_lora_weights, weight_layout, adapter_dtype, use_dora)
 
     @classmethod
     def from_linear(
@@ -92,6 +109,7 @@ class LoRALinear(nn.Module):
         init_lora_weights: bool | str = True,
         *,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> LoRALinear:
         """Wraps an ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias; or a
         bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, kept as it is (a :class:`~fused_lora.quantized.
@@ -101,6 +119,10 @@ class LoRALinear(nn.Module):
             raise TypeError("LoRALinear.from_linear: the layer is already a LoRALinear; adapters are not stacked. "
                             "Use it as it is, or wrap its base layer instead")
         if quantized_kind(layer) is not None:
+            if use_dora:
+                raise TypeError(f"LoRALinear.from_linear: use_dora=True on a bitsandbytes {type(layer).__name__}: "
+                                "fused_lora runs DoRA on floating-point nn.Linear / Conv1D bases only. Use plain LoRA "
+                                "on this layer, or PEFT for DoRA on a quantized base")
             from .quantized import QuantizedLoRALinear
 
             return QuantizedLoRALinear.wrap(layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
@@ -126,11 +148,11 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self._setup_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
-                            init_lora_weights, layout, adapter_dtype)
+                            init_lora_weights, layout, adapter_dtype, use_dora)
         return self
 
     def _setup_adapter(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
-                       init_lora_weights, weight_layout, adapter_dtype) -> None:
+                       init_lora_weights, weight_layout, adapter_dtype, use_dora=False) -> None:
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
         if in_features < 1 or out_features < 1:
@@ -143,6 +165,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: init_lora_weights={init_lora_weights!r}; use True, False or 'gaussian'")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self._a_shape, self._b_shape = torch.Size((r, in_features)), torch.Size((out_features, r))
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_dropout = float(lora_dropout)
         self.weight_layout = weight_layout
@@ -156,6 +179,9 @@ class LoRALinear(nn.Module):
         factory = {"device": self.weight.device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.use_dora = bool(use_dora)
+        if self.use_dora:  # PEFT's name and shape; set from the weights by reset_lora_parameters
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **factory))
         self.reset_lora_parameters(init_lora_weights)
 
     @torch.no_grad()
@@ -170,6 +196,15 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
+        if getattr(self, "use_dora", False):
+            self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """DoRA: magnitude = ‖W + scaling·B A‖ per output row, computed as PEFT's ``DoraLinearLayer.update_layer`` does
+        (in the weight's dtype), so the layer starts as W + scaling·B A (the base layer with PEFT's zero B)."""
+        norm = _dora_module().weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.weight_layout)
+        self.lora_magnitude_vector.copy_(norm)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen base layer's output, exactly as nn.Linear / Conv1D compute it."""
@@ -191,6 +226,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{self._name()}: lora_A has shape {tuple(self.lora_A.shape)} and lora_B "
                              f"{tuple(self.lora_B.shape)}, but the layer needs {want_a} and {want_b}. Assign adapters "
                              "of those shapes (copy_ into the existing ones), or build a layer with the new rank")
+        if self.use_dora and tuple(self.lora_magnitude_vector.shape) != (self.out_features,):
+            raise ValueError(f"{self._name()}: lora_magnitude_vector has shape "
+                             f"{tuple(self.lora_magnitude_vector.shape)}, but the layer needs ({self.out_features},)")
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Errors that name this layer, before either path (fused or base-only) runs."""
@@ -221,16 +259,21 @@ class LoRALinear(nn.Module):
         weight, lora_A, lora_B = params["weight"], params["lora_A"], params["lora_B"]
         bias = params["bias"] if "bias" in params else self.bias  # None (bias=False) is a plain attribute
         if (x.device != weight.device or x.dim() == 0 or x.shape[-1] != self.in_features or weight.requires_grad
-                or lora_A.shape[0] != self.r or lora_A.shape[1] != self.in_features or lora_B.shape[1] != self.r
-                or lora_B.shape[0] != self.out_features):
+                or lora_A.shape != self._a_shape or lora_B.shape != self._b_shape):
             self._check_input(x)
         x_c, w_c, b_c = _autocast_inputs(x, weight, bias)
         p = self.lora_dropout
+        magnitude = params["lora_magnitude_vector"] if self.use_dora else None
         if (x_c.dtype != w_c.dtype or lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x_c.dtype, torch.float32)
                 or (b_c is not None and b_c.dtype not in (x_c.dtype, torch.float32)) or not 0.0 <= p <= 1.0
-                or x_c.dtype not in _FLOAT_DTYPES):
+                or x_c.dtype not in _FLOAT_DTYPES
+                or (magnitude is not None and (magnitude.dim() != 1 or magnitude.shape[0] != self.out_features
+                                               or magnitude.dtype not in (lora_A.dtype, torch.float32)))):
             return fused_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, p, self.training,
-                                     self.weight_layout)
+                                     self.weight_layout, magnitude=magnitude)
+        if magnitude is not None:
+            return _dora_module().dora_call(x_c, w_c, b_c, lora_A, lora_B, magnitude, self.scaling,
+                                            p if self.training else 0.0, self.weight_layout)
         return lora_call(x_c, w_c, b_c, lora_A, lora_B, self.scaling, p if self.training else 0.0, self.weight_layout)
 
     @torch.no_grad()
@@ -246,6 +289,8 @@ class LoRALinear(nn.Module):
         """W + scaling · B A (``merge``) or W - scaling · B A, checked before anything is written: non-finite adapters,
         or a result that overflows the weight's dtype, would destroy the base weight for good, so they raise instead
         (naming the layer) and nothing changes."""
+        if self.use_dora:
+            return self._dora_merged_weight(merge)[0]
         what = "merge" if merge else "unmerge"
         self._check_adapter_shapes()
         if self.weight.device.type != "meta":  # (meta: shapes only, no values to check)
@@ -262,11 +307,59 @@ class LoRALinear(nn.Module):
         return new
 
     @torch.no_grad()
+    def _dora_merged_weight(self, merge: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DoRA, as PEFT's ``DoraLinearVariant.merge_*`` / ``unmerge``: merge gives (m / ‖W + ΔW‖) ⊙ (W + ΔW) with
+        ΔW = scaling·B A, the factor per output row, and that norm (kept for unmerge, as PEFT caches it); unmerge gives
+        W' / factor − ΔW with the norm kept at merge time. In fp32, rounded once to the weight's dtype. Refused (naming
+        the layer, nothing written) for non-finite adapters or magnitude, a non-finite result, or an unmerge through a
+        zero factor (a row whose magnitude is 0 cannot be recovered)."""
+        what = "merge" if merge else "unmerge"
+        self._check_adapter_shapes()
+        meta = self.weight.device.type == "meta"
+        if not meta:
+            for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                if not torch.isfinite(getattr(self, name)).all():
+                    raise ValueError(f"{self._name()}: {what} refused, {name} holds NaN or Inf; the base weight was "
+                                     "left unchanged. Fix or re-initialize the adapters (reset_lora_parameters()) "
+                                     "first")
+        w = self.weight if self.weight_layout == "linear" else self.weight.t()  # out×in
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        magnitude = self.lora_magnitude_vector.float()
+        if merge:
+            v = w.float() + delta
+            norm = torch.linalg.vector_norm(v, dim=1)
+            new = (magnitude / norm)[:, None] * v
+        else:
+            norm = getattr(self, "_dora_merge_norm", None)
+            if norm is None:
+                raise ValueError(f"{self._name()}: unmerge refused, the layer holds no norm from its merge (DoRA needs "
+                                 "it to undo the magnitude scaling); the base weight was left unchanged")
+            factor = magnitude / norm
+            if not meta and not (torch.isfinite(factor) & (factor != 0)).all():
+                raise ValueError(f"{self._name()}: unmerge refused, a DoRA row factor magnitude/‖W + ΔW‖ is 0 or not "
+                                 "finite, so the merged weight cannot be divided back; the base weight was left "
+                                 "unchanged")
+            new = w.float() / factor[:, None] - delta
+            norm = None
+        new = new.to(self.weight.dtype)
+        if not meta and not (torch.isfinite(new) | ~torch.isfinite(w)).all():
+            raise ValueError(f"{self._name()}: {what} refused, the DoRA-{what}d weight overflows {self.weight.dtype} "
+                             "or is not finite (a zero-norm row?); the base weight was left unchanged. Keep the layer "
+                             "unmerged, or merge in a wider dtype (module.float())")
+        return (new if self.weight_layout == "linear" else new.t()), norm
+
+    @torch.no_grad()
     def merge(self) -> None:
-        """W += scaling · B A; forward then runs the base GEMM only. No-op when already merged. Refused (weight
-        unchanged) when the adapters are not finite."""
+        """W += scaling · B A (DoRA: W ← (m / ‖W + scaling·B A‖) ⊙ (W + scaling·B A), as PEFT); forward then runs the
+        base GEMM only. No-op when already merged. Refused (weight unchanged) when the adapters are not finite."""
         if not self.merged:
-            self.weight.copy_(self._merged_weight(merge=True))
+            if self.use_dora:
+                new, norm = self._dora_merged_weight(merge=True)
+                self.weight.copy_(new)
+                # a non-persistent buffer: .to() moves it with the weight, the state dict does not hold it
+                self.register_buffer("_dora_merge_norm", norm, persistent=False)
+            else:
+                self.weight.copy_(self._merged_weight(merge=True))
             self.merged = True
 
     @torch.no_grad()
@@ -275,6 +368,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.weight.copy_(self._merged_weight(merge=False))
             self.merged = False
+            self._dora_merge_norm = None
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -289,4 +383,5 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"bias={self.bias is not None}, weight_layout={self.weight_layout!r}, merged={self.merged}")
+                f"bias={self.bias is not None}, weight_layout={self.weight_layout!r}, merged={self.merged}"
+                + (", use_dora=True" if self.use_dora else ""))

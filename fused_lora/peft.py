@@ -9,9 +9,10 @@ Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`,
 ``save_pretrained``, ``merge_and_unload``, ``set_adapter``, ``disable_adapter``, the repr (``lora.Linear(...)``) and
 so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay
 PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
-would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter; anything else (adapters
-disabled or merged, mixed-adapter batches, DoRA and other variants, several active adapters, ``lora_bias``, custom
-or hooked bases, dtypes the Function does not take) runs PEFT's own forward.
+would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter, or its DoRA
+(``use_dora=True`` on an nn.Linear / Conv1D base: the fused DoRA Function, ``fused_lora.dora``); anything else
+(adapters disabled or merged, mixed-adapter batches, other variants, DoRA on quantized bases, several active
+adapters, ``lora_bias``, custom or hooked bases, dtypes the Function does not take) runs PEFT's own forward.
 
 Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
 that says why, and a reason is reported once per process (a layer that falls back at call time, say after
@@ -36,6 +37,7 @@ from torch import nn
 try:
     from peft.tuners.lora import Linear as PeftLoraLinear
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.dora import DoraLinearLayer
 except ImportError as err:  # peft is an optional dependency
     raise ImportError("fused_lora.peft needs the `peft` package: pip install peft") from err
 
@@ -77,12 +79,29 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None))
 
 
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    return adapter in getattr(layer, "lora_magnitude_vector", {})
+
+
 def _variant_name(layer: nn.Module, adapter: str) -> str | None:
+    """Why the adapter's LoRA variant keeps PEFT's forward, or None (plain LoRA, or PEFT's own linear DoRA, which the
+    fused DoRA Function computes)."""
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is None:
-        return "DoRA (use_dora=True)" if getattr(layer, "use_dora", {}).get(adapter, False) else None
+        # PEFT before its LoRA variants (< 0.15) computed DoRA inside lora.Linear.forward: not served
+        return "DoRA (use_dora=True) of a PEFT without LoRA variants" if getattr(layer, "use_dora", {}).get(
+            adapter, False) else None
     name = variant.__name__ if isinstance(variant, type) else type(variant).__name__
-    return "DoRA (use_dora=True)" if name.startswith("Dora") else f"LoRA variant {name}"
+    if name != "DoraLinearVariant":
+        return "DoRA variant " + name if name.startswith("Dora") else f"LoRA variant {name}"
+    base = layer.get_base_layer()
+    if (type(layer) is not PeftLoraLinear and type(layer) is not _SERVED.get(PeftLoraLinear)) \
+            or quantized_kind(base) is not None:
+        return f"DoRA (use_dora=True) on a {type(base).__name__} base (fused DoRA: nn.Linear, Conv1D)"
+    dora = layer.lora_magnitude_vector[adapter] if _is_dora(layer, adapter) else None
+    if dora is None or type(dora) is not DoraLinearLayer:
+        return "DoRA (use_dora=True) with a custom magnitude module"
+    return None
 
 
 def _is_custom_layer(layer: nn.Module) -> bool:
@@ -127,6 +146,12 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "lora_A/lora_B are not plain bias-free nn.Linear modules"
     if type(dropout) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout module {type(dropout).__name__}"
+    if _is_dora(layer, adapter):
+        dora = layer.lora_magnitude_vector[adapter]
+        if dora.weight.dtype not in (lora_A.weight.dtype, torch.float32) or dora.weight.dim() != 1:
+            return f"DoRA magnitude of dtype {dora.weight.dtype} (fused: the adapters' dtype or float32)"
+        if _has_hooks(dora):
+            return "forward hooks on the DoRA magnitude module"
     if quantized:
         if lora_A.weight.dtype != lora_B.weight.dtype or not lora_A.weight.dtype.is_floating_point:
             return f"adapter dtype {lora_A.weight.dtype}/{lora_B.weight.dtype}"
@@ -207,8 +232,11 @@ class FusedLinear(_Fused, PeftLoraLinear):
         base = self.get_base_layer()
         if quantized_kind(base) is not None:  # PEFT's generic lora.Linear on a bitsandbytes layer of a plain model
             return _quantized_call(self, x, adapter, p, training)
+        magnitude = None
+        if _is_dora(self, adapter):  # PEFT drops x only when the layer trains and its dropout is a Dropout
+            magnitude, training = self.lora_magnitude_vector[adapter].weight, training and self.training
         return fused_lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                 float(self.scaling[adapter]), p, training, _weight_layout(base))
+                                 float(self.scaling[adapter]), p, training, _weight_layout(base), magnitude=magnitude)
 
 
 def _quantized_call(self, x, adapter, p, training):
@@ -245,7 +273,7 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Works on a ``peft.PeftModel`` or any module holding PEFT LoRA layers. Every ``peft.tuners.lora.Linear`` is
     switched (in place, by class swap) to :class:`FusedLinear`; whether a call takes the fused path is decided
     per call, so ``set_adapter``, ``disable_adapter``, ``merge_adapter`` and the like keep working. Layers that
-    cannot be served now (DoRA, several active adapters, ``lora_bias``, quantized bases, …) are named in one
+    cannot be served now (DoRA on quantized bases, several active adapters, ``lora_bias``, …) are named in one
     ``UserWarning`` with the reason; they and any other PEFT layer type run PEFT's forward. Layers that PEFT
     creates later (``add_adapter`` targeting new modules) are plain PEFT layers: call ``accelerate`` again.
 

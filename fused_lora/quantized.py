@@ -35,14 +35,6 @@ from .functional import (
 from .layer import LoRALinear
 
 
-def _fused_4bit_available() -> bool:
-    try:
-        from . import bnb4_ops
-    except ImportError:
-        return False
-    return hasattr(bnb4_ops, "fused_forward")
-
-
 def _ops(backend: str):
     if backend == "triton":
         from . import triton_ops
@@ -133,14 +125,32 @@ def quantized_lora(x: torch.Tensor, layer: nn.Module, lora_A: torch.Tensor, lora
     base = quantized_base(layer)
     compute = getattr(base, "compute_dtype", x.dtype)
     name = resolve_backend(backend, x.device, compute)
-    mode = "composed"
-    if (name == "triton" and quantized_kind(layer) == BNB_4BIT and x.dtype == compute
-            and resolve_gemm(x.device) == "fused" and _fused_4bit_available()):
-        mode = "fused-4bit"
     seed = None
     if p > 0:
         seed = draw_dropout_seed() if dropout_seed is None else torch.tensor([int(dropout_seed)])
+    mode = "composed"
+    if name == "triton" and quantized_kind(layer) == BNB_4BIT and x.dtype == compute:
+        mode = _choose_4bit_path(x, base, bias, lora_A, lora_B, scaling, p, _seed_value(seed))
     return QuantLoRAFunction.apply(x, bias, lora_A, lora_B, base, scaling, p, seed, name, mode)
+
+
+def _choose_4bit_path(x, base, bias, lora_A, lora_B, scaling, p, seed) -> str:
+    """'fused-4bit' or 'composed' for a 4-bit base on the Triton backend: ``FUSED_LORA_GEMM`` as for dense layers
+    (``fused``, ``composed``; ``auto``: the faster of the two for this shape, timed once by ``gemm_choice``; Turing
+    takes the composed path, whose base GEMM is bitsandbytes' dequantize + cuBLAS)."""
+    gemm = resolve_gemm(x.device)
+    if gemm != "auto":
+        return "fused-4bit" if gemm == "fused" else "composed"
+    from . import bnb4_ops, gemm_choice, triton_ops
+    from .kernels.configs import m_bucket
+
+    x2d = x.reshape(-1, x.shape[-1])
+    key = gemm_choice.key(x.device, x2d, lora_B, lora_A, "linear", m_bucket(x2d.shape[0])) + "|bnb4"
+    with torch.no_grad():
+        choice = gemm_choice.choose(
+            key, x.device, lambda: bnb4_ops.fused_forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed),
+            lambda: triton_ops.composed_forward(x2d, base, lora_A, lora_B, scaling, p, seed))
+    return "fused-4bit" if choice == "fused" else "composed"
 
 
 def _requantized(layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:

@@ -34,7 +34,6 @@ def generator_seed(seed: int) -> int:
 
 
 _local = threading.local()  # one Generator per thread and device: re-seeded per call, never shared mid-draw
-_zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -68,13 +67,10 @@ def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device)
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha · (a @ b) in one op (addmm of a cached zero with beta=0: 2.6 µs where mm + mul_ take 4.2 at 4×64, one
-    thread; host cost, issue 14)."""
-    key = (a.dtype, a.device)
-    zero = _zeros.get(key)
-    if zero is None:
-        zero = _zeros[key] = torch.zeros((), dtype=a.dtype, device=a.device)
-    return torch.addmm(zero, a, b, beta=0, alpha=alpha)
+    """alpha · (a @ b). (An addmm of a cached zero with beta=0 is one op instead of two, 2.6 µs against 4.2 at 4×64
+    on one thread, but at M = 1 MKL sums it by another route with twice the rounding error: 3e-4 against 1.4e-4
+    at 1×4096×4, enough to fail test_adversarial.test_very_wide; accuracy first.)"""
+    return (a @ b).mul_(alpha)
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
@@ -82,21 +78,23 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     return keep_mask(seed, shape, p, device).float().mul_(1.0 / (1.0 - p))
 
 
-def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # x · keep, not torch.where(keep, x, 0): a NaN/Inf at a dropped element stays NaN (NaN·0), as in the
-    # reference, the kernels and nn.Dropout. Single-threaded at 2048×1024 fp32: 2.3 ms, where's 2.9 ms.
-    return x * keep
+def _keep_as(keep: torch.Tensor | None, seed: int, x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 keep mask in ``dtype`` (this backend's for ``seed``, or the given boolean one). Products then take x ·
+    keep, not torch.where(keep, x, 0): a NaN/Inf at a dropped element stays NaN (NaN·0), as in the reference, the
+    kernels and nn.Dropout. Converted once: a bool operand is converted inside every product that takes it (x·bool
+    cost 2× x·float at 2048×1024, 2 threads), and the backward uses the mask twice."""
+    if keep is None:
+        keep = keep_mask(seed, tuple(x.shape), p, x.device)
+    return keep.to(dtype)
 
 
 def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None):
     """S = dropout(x) Aᵀ in the adapters' dtype, and x in the adapters' dtype (for the caller's own use)."""
     x_a = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
     if p == 0:
-        return x_a @ lora_A.t(), x_a
-    if keep is None:
-        keep = keep_mask(seed, tuple(x.shape), p, x.device)
+        return torch.nn.functional.linear(x_a, lora_A), x_a
     # (keep ⊙ x) Aᵀ / (1-p): the 1/(1-p) goes on the M×r result, not on an M×K tensor.
-    return _scaled_mm(_masked(x_a, keep), lora_A.t(), 1.0 / (1.0 - p)), x_a
+    return _scaled_mm(x_a * _keep_as(keep, seed, x, p, x_a.dtype), lora_A.t(), 1.0 / (1.0 - p)), x_a
 
 
 def _add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -125,37 +123,47 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`composed_forward` on a dense weight (either layout), inlined: this is the CPU path of every call, and
     its host cost is what small layers pay (issue 14). ``gemm`` is the kernels' choice, ignored here."""
-    w_t = weight.t() if weight_layout == "linear" else weight
-    if bias is None:
-        y = x @ w_t
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if weight_layout == "linear":
+        y = torch.nn.functional.linear(x, weight, bias)
     else:
-        y = torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x, w_t)
+        y = x @ weight if bias is None else torch.addmm(bias, x, weight)
     s, _ = _down(x, lora_A, p, seed, keep)
     return _add_up(y, s, lora_B, scaling), s
 
 
 def _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db, need_dbias, keep):
-    """(m ⊙ (dS A) or None, dA, dB, dbias): the LoRA branch's share of the gradients, the mask regenerated once. The
-    1/(1-p) of dropout is folded into dS (M×r), not applied to an M×K tensor."""
-    da = db = dbias = lora_dx = None
+    """(dS A or None, the 0/1 keep mask or None, dA, dB, dbias): the LoRA branch's share of the gradients, the mask
+    regenerated once. The 1/(1-p) of dropout is folded into dS (M×r), not applied to an M×K tensor; the mask is
+    applied to dS A where it is added into dX (:func:`_add_masked`)."""
+    da = db = dbias = lora_dx = keep_f = None
     dy_lora = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
     if need_db:
         db = _scaled_mm(dy_lora.t(), s if s.dtype == lora_B.dtype else s.to(lora_B.dtype), scaling)
     if need_dbias:
         dbias = dy.sum(0, dtype=torch.float32)
     if not (need_dx or need_da):
-        return lora_dx, da, db, dbias
+        return lora_dx, keep_f, da, db, dbias
     ds = _scaled_mm(dy_lora, lora_B, scaling if p == 0 else scaling / (1.0 - p))
-    if p > 0 and keep is None:
-        keep = keep_mask(seed, tuple(x.shape), p, x.device)
+    if p > 0:
+        keep_f = _keep_as(keep, seed, x, p, lora_A.dtype)
     if need_da:
         x_a = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
-        da = ds.t() @ (x_a if p == 0 else _masked(x_a, keep))
+        da = ds.t() @ (x_a if keep_f is None else x_a * keep_f)
     if need_dx:
         lora_dx = ds @ lora_A
-        if p > 0:
-            lora_dx = _masked(lora_dx, keep)
-    return lora_dx, da, db, dbias
+    return lora_dx, keep_f, da, db, dbias
+
+
+def _add_masked(dx: torch.Tensor, lora_dx: torch.Tensor, keep_f: torch.Tensor | None) -> torch.Tensor:
+    """dX += m ⊙ (dS A) in place: one fused multiply-add over M×K when the dtypes agree (addcmul_: one pass where
+    multiply then add took two); fp32 adapters on a half dX: masked in fp32, rounded once."""
+    if keep_f is None:
+        return dx.add_(lora_dx if lora_dx.dtype == dx.dtype else lora_dx.to(dx.dtype))
+    if lora_dx.dtype == dx.dtype:
+        return dx.addcmul_(lora_dx, keep_f)
+    return dx.add_((lora_dx * keep_f).to(dx.dtype))
 
 
 def composed_backward(
@@ -165,12 +173,9 @@ def composed_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Returns (dX, dA, dB, dbias), None where not needed: dX is the base's input gradient with m ⊙ (dS A) added in
     place. The mask is regenerated once, for dA and dX (or ``keep`` is used, as in :func:`composed_forward`)."""
-    lora_dx, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db,
-                                              need_dbias, keep)
-    dx = None
-    if need_dx:
-        dx = base.input_grad(dy, x.dtype)
-        dx.add_(lora_dx if lora_dx.dtype == dx.dtype else lora_dx.to(dx.dtype))
+    lora_dx, keep_f, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
+                                                      need_db, need_dbias, keep)
+    dx = _add_masked(base.input_grad(dy, x.dtype), lora_dx, keep_f) if need_dx else None
     return dx, da, db, dbias
 
 
@@ -180,13 +185,14 @@ def backward(
     need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "",
     *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """:func:`composed_backward` on a dense weight (either layout): dX = dY W + m ⊙ (dS A) in one addmm."""
-    lora_dx, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db,
-                                              need_dbias, keep)
+    """:func:`composed_backward` on a dense weight (either layout). dX = dY W, then m ⊙ (dS A) added in place (one
+    addmm with dS A as its input was an op cheaper, but summed differently: 3× PyTorch's error at M = 1, K = 4096,
+    test_adversarial.test_very_wide)."""
+    lora_dx, keep_f, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
+                                                      need_db, need_dbias, keep)
     dx = None
     if need_dx:
-        w = weight if weight_layout == "linear" else weight.t()  # N×K
-        dx = torch.addmm(lora_dx if lora_dx.dtype == dy.dtype else lora_dx.to(dy.dtype), dy, w)
+        dx = _add_masked(dy @ (weight if weight_layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
     return dx, da, db, dbias

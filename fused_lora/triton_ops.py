@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import AutotunerError, OutOfResources, PTXASError
 
-from . import backend, kernels, torch_ops
+from . import backend, gemm_choice, kernels, torch_ops
 from .base_ops import DenseBase
 from .kernels import INTERPRET
 from .kernels.configs import m_bucket
@@ -109,13 +109,32 @@ def _weight_strides(weight: torch.Tensor, weight_layout: str) -> tuple[int, int]
     return weight.stride(0), weight.stride(1)  # conv1d: K×N
 
 
-def _block_r(r: int, adapter_dtype: torch.dtype) -> int:
-    # tl.dot needs every dimension >= 16; ranks above the chunk are looped over (GEMM kernels) or spread
-    # over programs (skinny kernels) in chunks of 64, which keeps the fp32 accumulators small. fp32 adapters
-    # take chunks of 16: their 3xTF32 dots hold split operands, and 32-rank chunks spilled 8-88 B per thread,
-    # 64-rank ones 80-8288 B (bench/compile_report.py, sm_80/sm_90). The price: the skinny kernels read
-    # x or dY once per 16 ranks instead of once per 64 (open: measure on a GPU).
-    if adapter_dtype == torch.float32:
+def _fma_dots(device: torch.device) -> bool:
+    """GPUs before Ampere (Turing): Triton lowers tl.dot to FMA instructions there (backend.py), and 64-rank chunks
+    spilled 1.8-2.9 KB of stack per thread in every fp16 config of the rank-r kernels on sm_75 (compile report,
+    triton 3.6/3.9): their chunks stay at 16."""
+    capability = backend.device_capability(device)
+    return capability is not None and capability < (8, 0)
+
+
+def _block_r(r: int, adapter_dtype: torch.dtype, device: torch.device | None = None) -> int:
+    """Rank chunk of the kernels that loop over the rank inside one program (the GEMMs' rank-r term, the in-place
+    adds). tl.dot needs every dimension >= 16; chunks of up to 64 keep the fp32 accumulators small. fp32 adapters
+    take chunks of 16 there: their 3xTF32 dots hold split operands beside a 128×128 accumulator, and 32-rank chunks
+    spilled 8-88 B per thread, 64-rank ones 80-8288 B (bench/compile_report.py, sm_80/sm_90); looping costs them
+    nothing, the tiles they read are tiny. 16 on Turing (``_fma_dots``)."""
+    if adapter_dtype == torch.float32 or (device is not None and _fma_dots(device)):
+        return 16
+    return min(64, max(16, triton.next_power_of_2(r)))
+
+
+def _skinny_block_r(r: int, device: torch.device | None = None) -> int:
+    """Rank chunk of the skinny kernels (S = x Aᵀ, the dY pass, dA), whose grid spreads chunks over programs: each
+    chunk re-reads x or dY and regenerates the mask. Up to 64 for every adapter dtype: with fp32 adapters 64-rank
+    chunks compile without spills in the skinny configs (kernels/configs.py; issue 14), so r <= 64 reads x or dY
+    once (16-rank chunks read them r/16 times: 4× at r = 64, bench/traffic_model.py). 16 on Turing
+    (``_fma_dots``)."""
+    if device is not None and _fma_dots(device):
         return 16
     return min(64, max(16, triton.next_power_of_2(r)))
 
@@ -127,12 +146,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_factor(programs: int, max_split: int, device: torch.device) -> int:
+def _split_factor(programs: int, max_split: int, device: torch.device, cap: int = 32) -> int:
     """How many slices to split a reduction into so that ~2 programs run per SM."""
     if device.type != "cuda":
         return 1
     want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
-    return max(1, min(want, max_split, 32))
+    return max(1, min(want, max_split, cap))
 
 
 # Element offsets a kernel may form, tile overhang included (masked lanes past the last row or column of a
@@ -156,21 +175,25 @@ def _drop_args(seed: int, p: float) -> tuple[int, float, float]:
     return seed, p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
 
 
-def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """S = dropout(x) Aᵀ in fp32 (M×r)."""
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_k: int | None = None) -> torch.Tensor:
+    """S = dropout(x) Aᵀ in fp32 (M×r). ``split_k`` slices of K (default: enough to fill the GPU when the row tiles
+    alone do not), summed in a fixed order."""
     M, K = x.shape
     R = lora_A.shape[0]
-    s = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    block_r = _block_r(R, lora_A.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+    block_r = _skinny_block_r(R, x.device)
+    if split_k is None:
+        split_k = _split_factor(triton.cdiv(M, 64) * triton.cdiv(R, block_r), triton.cdiv(K, 256), x.device, cap=8)
+    out = torch.empty((split_k, M, R) if split_k > 1 else (M, R), device=x.device, dtype=torch.float32)
+    stride_ss = out.stride(0) if split_k > 1 else 0
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_k)
     kernels.lora_down_kernel[grid](
-        x, lora_A, s, M, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
+        x, lora_A, out, M, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(-2), out.stride(-1), stride_ss,
         *_drop_args(seed, p),
         HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
-        WIDE=wide_offsets(x, lora_A, s), BLOCK_R=block_r,
+        WIDE=wide_offsets(x, lora_A, out), BLOCK_R=block_r,
     )
-    return s
+    return out.sum(0) if split_k > 1 else out
 
 
 def lora_forward(
@@ -207,7 +230,7 @@ def lora_up_add(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling:
         y.stride(0), y.stride(1), s.stride(0), s.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, y.device),
-        WIDE=wide_offsets(y, s, lora_B), BLOCK_R=_block_r(R, lora_B.dtype),
+        WIDE=wide_offsets(y, s, lora_B), BLOCK_R=_block_r(R, lora_B.dtype, y.device),
     )
     return y
 
@@ -219,7 +242,7 @@ def lora_dy_pass(
     """One pass over dY: (dS fp32 M×r, dB fp32 N×r, dbias fp32 N), each None when not needed."""
     M, N = dy.shape
     R = lora_B.shape[1]
-    block_r = _block_r(R, lora_B.dtype)
+    block_r = _skinny_block_r(R, dy.device)
     m_programs = triton.cdiv(M, 64) * triton.cdiv(R, block_r)
     if split_n is None:
         split_n = _split_factor(m_programs, triton.cdiv(N, 128), dy.device)
@@ -275,7 +298,7 @@ def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: 
         dx.stride(0), dx.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
         *_drop_args(seed, p),
         HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dx.device),
-        WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=_block_r(R, lora_A.dtype),
+        WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=_block_r(R, lora_A.dtype, dx.device),
     )
     return dx
 
@@ -287,7 +310,7 @@ def lora_da(
     """dA = dSᵀ (m ⊙ x) in fp32 (r×K)."""
     M, K = x.shape
     R = lora_A.shape[0]
-    block_r = _block_r(R, lora_A.dtype)
+    block_r = _skinny_block_r(R, x.device)
     if split_m is None:
         split_m = _split_factor(triton.cdiv(K, 64) * triton.cdiv(R, block_r), triton.cdiv(M, 128), x.device)
     alloc = torch.zeros if split_m > 1 else torch.empty
@@ -399,7 +422,12 @@ def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y M×N in x's dtype, S M×r fp32). Two launches (fused), or cuBLAS + two (composed)."""
+    """Returns (y M×N in x's dtype, S M×r fp32). Two launches (fused), or cuBLAS + two (composed); ``"auto"``: the
+    faster of the two for this shape (timed once, ``gemm_choice``)."""
+    if gemm == "auto":
+        k = gemm_choice.key(x.device, x, weight, lora_A, weight_layout, m_bucket(x.shape[0]))
+        run = lambda g: lambda: forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, weight_layout, g)  # noqa: E731
+        gemm = gemm_choice.choose(k, x.device, run("fused"), run("composed"))
     base = DenseBase(weight, bias, weight_layout)
     if gemm == "composed":
         return composed_forward(x, base, lora_A, lora_B, scaling, p, seed)
@@ -413,7 +441,10 @@ def backward(
     need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "fused",
 ) -> tuple[torch.Tensor | None, ...]:
     """At most three launches (plus cuBLAS's dY W when composed). Returns (dX, dA fp32, dB fp32, dbias fp32),
-    None where not needed."""
+    None where not needed. ``"auto"``: the choice its forward made for this shape."""
+    if gemm == "auto":
+        k = gemm_choice.key(x.device, x, weight, lora_A, weight_layout, m_bucket(x.shape[0]))
+        gemm = gemm_choice.cached(k) or "fused"
     base = DenseBase(weight, None, weight_layout)
     needs = (need_dx, need_da, need_db, need_dbias)
     if gemm == "composed":

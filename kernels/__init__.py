@@ -5,6 +5,16 @@ Forward, 2 launches:   ``lora_down_kernel``  S = dropout(x) Aᵀ
 Backward, 3 launches:  ``lora_dy_kernel``    one pass over dY: dS = s·dY B, dB = s·dYᵀ S, db = Σ dY
                        ``lora_dx_kernel``    dX = dY W + m ⊙ (dS A)
                        ``lora_da_kernel``    dA = dSᵀ (m ⊙ x)
+QLoRA (W read from bitsandbytes' 4-bit storage and dequantized in registers; ``lora_4bit``):
+                       ``lora_fwd_4bit_kernel``  y = x Wᵀ + b + s·S Bᵀ
+                       ``lora_dx_4bit_kernel``   dX = dY W + m ⊙ (dS A)
+                       ``dequantize_4bit_kernel`` W (dense), for tests and merges
+DoRA (``dora``; forward 3 launches, backward 3, with lora_down/lora_dx/lora_da where they fit):
+                       ``dora_norm_kernel``  ‖W + s·B A‖² per row, B A never in memory
+                       ``dora_down_kernel``  S = x_d Aᵀ and x_d (p > 0)
+                       ``dora_fwd_kernel``   P = x_d Wᵀ + s·S Bᵀ, y = g ⊙ P + b (+ (x − x_d) Wᵀ when p > 0)
+                       ``dora_dy_kernel``    dS, dB, db, d magnitude and G = g⊙dY (or (g − 1)⊙dY) in one pass
+                       ``dora_dx_kernel``    dX = dY W + m ⊙ (G W + dS A) (p > 0)
 Composed path (the base GEMM is cuBLAS's or a quantized layer's own; ``lora_compose``):
                        ``lora_up_add_kernel``  y += s·S Bᵀ in place
                        ``lora_dx_add_kernel``  dX += m ⊙ (dS A) in place
@@ -14,20 +24,30 @@ The dropout mask m is never stored: every kernel that needs it regenerates it fr
 """
 
 from .configs import INTERPRET
+from .dora import dora_down_kernel, dora_dx_kernel, dora_dy_kernel, dora_fwd_kernel, dora_norm_kernel
 from .dropout import dropout_mask_kernel, dropout_scale
+from .lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
 from .lora_backward import lora_da_kernel, lora_dx_kernel, lora_dy_kernel
 from .lora_compose import lora_dx_add_kernel, lora_up_add_kernel
 from .lora_forward import lora_down_kernel, lora_fwd_kernel
 
 __all__ = [
     "INTERPRET",
+    "dora_down_kernel",
+    "dora_dx_kernel",
+    "dora_dy_kernel",
+    "dora_fwd_kernel",
+    "dora_norm_kernel",
+    "dequantize_4bit_kernel",
     "dropout_mask_kernel",
     "dropout_scale",
     "lora_da_kernel",
     "lora_down_kernel",
+    "lora_dx_4bit_kernel",
     "lora_dx_add_kernel",
     "lora_dx_kernel",
     "lora_dy_kernel",
+    "lora_fwd_4bit_kernel",
     "lora_fwd_kernel",
     "lora_up_add_kernel",
 ]

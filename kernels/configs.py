@@ -93,9 +93,14 @@ ADD_CONFIGS = pick(
 )
 
 # Per dtype, where a config must go (kernels/*.py pass these to ``by_dtype``):
-# - the dy pass with fp32 adapters: both 8-warp tiles spilled 8 B on sm_90 with triton 3.6 (255 registers:
-#   dY is used in two layouts, B and S split for 3xTF32);
-DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, _SK_32x128], _SKINNY_INTERP)
+# - fp32 adapters in the skinny kernels take rank chunks of up to 64 (triton_ops._skinny_block_r, issue 14); lists
+#   from a BLOCK_R 64 sweep on sm_80/sm_90 (bench/compile_report.py): S = x Aᵀ spilled 88-120 B at 32×128 with 4 warps
+#   and used 255 registers at 64×64 with 4 (sm_80); these three have no stack. The dy pass keeps 64×64 (251-255
+#   registers, no stack) and 32×64 with 8 warps; 32×32 spilled 8 B on sm_90. Both 8-warp dy tiles of the 16-rank
+#   era spilled 8 B on sm_90 with triton 3.6 (dY is used in two layouts, B and S split for 3xTF32).
+DOWN_CONFIGS_FP32_ADAPTERS = pick([_cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
+                                   _cfg(4, 4, BLOCK_M=64, BLOCK_K=32)], _SKINNY_INTERP)
+DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, _cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
 # - the dy pass with half adapters at 32×128: rank 64 (BLOCK_R 64) spilled 288 B on sm_80 with triton 3.9;
 DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INTERP)
 # - S = x Aᵀ with half adapters at 32×128 and dA with fp32 adapters at 128×64 (no dropout, SPLIT_M 1) spill
@@ -105,7 +110,12 @@ DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INT
 DOWN_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INTERP)
 # - dA with fp32 adapters at 64×64 (no dropout, one row slice: the loop's step a runtime value since issue 12) spills
 #   8 B at 128 registers on sm_90 with triton 3.9 (the same ptxas quirk).
-DA_CONFIGS_FP32_ADAPTERS = pick([_SK_64x128, _SK_32x128], _SKINNY_INTERP)
+# - Turing (sm_75, FMA dots, 16-rank chunks): the half lists' 4-warp 64×64 and 8-warp 64×128/128×64 tiles of S = x Aᵀ,
+#   the dy pass and dA spilled 160-360 B per thread with fp16 adapters (triton 3.9); 64×64 and 32×64 with 8 warps
+#   compile cleanly for fp16 and fp32 adapters alike.
+SKINNY_CONFIGS_TURING = pick([_cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
+DA_CONFIGS_FP32_ADAPTERS = pick([_cfg(8, 3, BLOCK_M=32, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _SK_32x128],
+                                _SKINNY_INTERP)
 
 # fp32 base operands (x, dY fp32; 3xTF32 splits both operands of the base dots): BLOCK_K halved, so a
 # pipeline stage takes the shared memory of its 16-bit tile (unhalved, 128×128×64 in fp32 is 64 KiB a stage:
@@ -124,6 +134,29 @@ SKINNY_CONFIGS_FP32 = pick(
 # The dy pass in fp32 also spilled 8 B at 128×32 with 8 warps on sm_80 (triton 3.6).
 DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
 
+
+# QLoRA GEMMs (kernels/lora_4bit.py): W's tile is dequantized in registers (one byte, a code lookup, a scale per
+# element) before it goes to the MMA, so a tile costs registers where the dense kernels' costs shared memory. With the
+# dense lists' BLOCK_K 64 (32 W elements per thread at 128×128 with 8 warps, 64 at 64×128 with 4) they reached 255
+# registers and spilled 8-40 B per thread on sm_80/86/89/120 (mma.sync), 16-296 B at 64×128 on sm_90 (triton 3.9,
+# bench/compile_report.py); BLOCK_K 32 halves the W tile and compiled cleanly at 218-237 registers on sm_80/sm_120.
+Q4_GEMM_CONFIGS = pick(
+    [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    _GEMM_INTERP,
+)
+# fp32 base: the dense kernels' one fp32 tile and a 32-row one, which sm_120 needs (there 64×64×32 spilled 8 B in dX
+# with a bf16 W, 24-32 B wide).
+Q4_GEMM_CONFIGS_FP32 = pick(
+    [_cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), _cfg(4, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    _GEMM_INTERP,
+)
+
+# dequantize_4bit_kernel (kernels/lora_4bit.py): the GEMMs' W-tile loader writing W out, run once per merge (or
+# test): one config (an autotuner with one config does not benchmark), 32 elements per thread. Interpreted, the tile
+# is 128 wide along K so that the tests' blocksizes 32 and 64 give rows of 5 and 3 scale slots (the GEMMs' 32-wide
+# interpreter tiles only ever have 2).
+DEQUANT_CONFIGS = pick([_cfg(4, 1, BLOCK_N=32, BLOCK_K=128)], _cfg(4, 1, BLOCK_N=32, BLOCK_K=128))
 
 def config_name(config: triton.Config) -> str:
     """"128×128×64 w8 s4" (GEMM tiles BLOCK_M×BLOCK_N×BLOCK_K; skinny BLOCK_M×BLOCK_K; adds BLOCK_M×BLOCK_N), the
@@ -153,21 +186,26 @@ def kept_on(kernel: str, arch: int, case: str, block_r: int, configs: list[trito
     return [c for c in configs if config_name(c) not in gone]
 
 
-def by_dtype(base: str, fp32_base: list[triton.Config], fp32_adapters=None, half_adapters=None, *, kernel: str):
+def by_dtype(base: str, fp32_base: list[triton.Config], fp32_adapters=None, half_adapters=None, *, kernel: str,
+             turing: list[triton.Config] | None = None):
     """``early_config_prune``: the config list for the dtype of the ``base`` pointer argument and of the
     adapters (the ``LORA_DOT`` constexpr), None keeping the kernel's own list, less the configs ``EXCLUDED`` on the
-    launch's GPU. The autotuner's key holds the argument dtypes (and ``LORA_DOT`` where no adapter tensor is an
-    argument), so each pair is tuned apart. With ``FUSED_LORA_AUTOTUNE=0``, the first config left."""
+    launch's GPU; ``turing``: the list for 16-bit base operands on GPUs before Ampere (FMA dots). The autotuner's key
+    holds the argument dtypes (and ``LORA_DOT`` where no adapter tensor is an argument), so each pair is tuned
+    apart. With ``FUSED_LORA_AUTOTUNE=0``, the first config left."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        arch = _device_arch(named_args[base])
         if named_args[base].element_size() == 4:
             chosen, case = fp32_base, "fp32"
         elif kwargs["LORA_DOT"] == tl.float32:
             chosen, case = fp32_adapters, "fp32-adapters"
         else:
             chosen, case = half_adapters, "half"
+        if turing is not None and arch < 80 and case != "fp32":
+            chosen = turing
         chosen = configs if chosen is None else chosen
-        kept = kept_on(kernel, _device_arch(named_args[base]), case, kwargs.get("BLOCK_R", 0), chosen)
+        kept = kept_on(kernel, arch, case, kwargs.get("BLOCK_R", 0), chosen)
         kept = kept or chosen[:1]  # never empty (tests/test_compile_targets.py fails before that could ship)
         return kept if AUTOTUNE else kept[:1]
 
@@ -182,6 +220,8 @@ ALL_RANKS = (16, 32, 64)
 _99K = (86, 89, 120)  # A10/A40/RTX 30xx, L4/L40/RTX 40xx, RTX 50xx: 99 KiB of shared memory per block
 _HALF_WIDE_R = (32, 64)  # BLOCK_R of half adapters at r > 16: the rank-r operand tiles add shared memory
 EXCLUDED: list[tuple[tuple[int, ...], str, tuple[str, ...], tuple[int, ...], str, str]] = [
+    # sm_80 (A100)
+    ((80,), "lora_dy_kernel", ("half",), (64,), "64×128 w8 s3", "r64: spills 8 B at 255 registers (3.6)"),
     # sm_86 / sm_89 / sm_120 (99 KiB)
     (_99K, "lora_fwd_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4", "r64: 144-145 KiB of shared memory"),
     (_99K, "lora_dx_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4", "r64: 144-145 KiB of shared memory"),
@@ -203,4 +243,33 @@ EXCLUDED: list[tuple[tuple[int, ...], str, tuple[str, ...], tuple[int, ...], str
     ((100,), "lora_dy_kernel", ("fp32",), ALL_RANKS, "64×32 w4 s4", "spills 16 B (3.9)"),
     ((100,), "lora_da_kernel", ("fp32-adapters",), ALL_RANKS, "64×128 w8 s3", "spills 8 B at 128 registers (3.9)"),
     ((100,), "lora_dx_add_kernel", ("fp32",), ALL_RANKS, "32×128 w4 s1", "spills 8 B at 128 registers (3.9)"),
+    ((120,), "lora_down_kernel", ("fp32-adapters",), ALL_RANKS, "64×64 w8 s3", "spills 16 B (3.9)"),
+    ((120,), "lora_dy_kernel", ("fp32-adapters",), ALL_RANKS, "64×64 w4 s4", "spills 8 B (3.9)"),
+    # QLoRA (kernels/lora_4bit.py)
+    (_99K, "lora_fwd_4bit_kernel", ("half",), ALL_RANKS, "128×128×32 w8 s4", "r64: 144-145 KiB of shared memory"),
+    (_99K, "lora_dx_4bit_kernel", ("half",), ALL_RANKS, "128×128×32 w8 s4", "r64: 144-145 KiB of shared memory"),
+    ((100,), "lora_fwd_4bit_kernel", ("half",), _HALF_WIDE_R, "128×128×32 w8 s4", "r64: spills 8 B (3.9)"),
+    ((100, 120), "lora_fwd_4bit_kernel", ("half",), _HALF_WIDE_R, "128×128×32 w8 s3", "r64: spills 8-16 B (3.9)"),
+    (_99K, "lora_fwd_4bit_kernel", ("fp32",), ALL_RANKS, "64×64×32 w4 s5",
+     "unaligned K: 112-113 KiB of shared memory, 56 B spill on sm_86 (3.9)"),
+    (_99K, "lora_dx_4bit_kernel", ("fp32",), ALL_RANKS, "64×64×32 w4 s5", "unaligned K: 112-113 KiB of shared memory"),
+    ((100,), "lora_fwd_4bit_kernel", ("fp32",), ALL_RANKS, "32×64×32 w4 s5", "no tcgen05 MMA for a 32-row tile (3.9)"),
+    ((100,), "lora_dx_4bit_kernel", ("fp32",), ALL_RANKS, "32×64×32 w4 s5", "no tcgen05 MMA for a 32-row tile (3.9)"),
+    # Left: an unaligned K (not a multiple of the blocksize: no projection of GPT-2/Gemma) with no clean tile: dX
+    # spills 8 B per thread for an fp32 base on sm_86/89 (32×64×32) and a half base on sm_100 (64×64×32).
+    # DoRA (kernels/dora.py)
+    ((80, 86, 89, 120), "dora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s3",
+     "p = 0: spills 8 B (3.9)"),
+    ((120,), "dora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s4", "p = 0: spills 8 B (3.9)"),
+    ((120,), "dora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "64×64×64 w4 s4", "p > 0: spills 8 B (3.9)"),
+    (_99K, "dora_fwd_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4", "r64, p = 0: 160 KiB of shared memory"),
+    (_99K, "dora_fwd_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s3", "r64, p = 0: 112 KiB of shared memory"),
+    (_99K, "dora_fwd_kernel", ("half",), _HALF_WIDE_R, "64×128×64 w4 s4", "r64, p = 0: 104 KiB of shared memory"),
+    (_99K, "dora_fwd_kernel", ("half",), _HALF_WIDE_R, "64×64×64 w4 s5", "r64, p = 0: 104 KiB of shared memory"),
+    ((80, 86, 89, 120), "dora_dy_kernel", ("half",), _HALF_WIDE_R, "64×128 w8 s3", "r64: spills 24 B (3.9)"),
+    ((80, 86, 89), "dora_dy_kernel", ("half",), _HALF_WIDE_R, "128×64 w8 s3", "r64: spills 16-40 B (3.9)"),
+    ((120,), "dora_dy_kernel", ("fp32",), ALL_RANKS, "64×32 w4 s4", "spills 40 B (3.9)"),
+    ((120,), "dora_dx_kernel", ("half", "fp32-adapters"), ALL_RANKS, "64×128×64 w8 s3", "spills 8 B (3.9)"),
+    ((120,), "dora_down_kernel", ("half",), _HALF_WIDE_R, "64×64 w4 s4", "r64: spills 8 B (3.9)"),
+    ((100,), "dora_down_kernel", ("half", "fp32-adapters"), ALL_RANKS, "64×64 w4 s4", "spills 8-16 B (3.9)"),
 ]

@@ -24,6 +24,7 @@ from .configs import (
     RUNTIME_VALUES,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
+    SKINNY_CONFIGS_TURING,
     by_dtype,
 )
 from .dropout import dropout_scale
@@ -37,7 +38,8 @@ from .precision import dot_fp32
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
                                                                    half_adapters=DY_CONFIGS_HALF_ADAPTERS,
-                                                                   kernel="lora_dy_kernel")})
+                                                                   kernel="lora_dy_kernel",
+                                                                   turing=SKINNY_CONFIGS_TURING)})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr,
@@ -55,20 +57,27 @@ def lora_dy_kernel(
     so a new split never compiles a new variant); ``DS_ATOMIC`` (SPLIT_N > 1) makes the dS write an atomic
     add. ds/db/dbias are fp32 and zeroed by the launcher (every write is an atomic add, except dS when one
     program owns it).
+
+    Staggered columns: each row tile sweeps its column tiles starting at a different one (rotated by its row-tile
+    index), so the (M/BLOCK_M)·N·R atomic adds into dB (and the dbias ones) spread over dB's columns instead of
+    every row tile hitting the same column tile at the same time.
     """
+    pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_split = tl.program_id(2)
     split_n = tl.num_programs(2)
     BLOCK_N: tl.constexpr = BLOCK_K
     HALF_DY: tl.constexpr = dy_ptr.dtype.element_ty != tl.float32  # exact in TF32 (precision.py)
-    rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
+    rows = index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     ranks = index(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
     row_ok = rows[:, None] < M
     rank_ok = ranks[None, :] < R
     s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
                 mask=row_ok & rank_ok, other=0.0).to(LORA_DOT)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(pid_split * BLOCK_N, N, split_n * BLOCK_N):
+    my_tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid_split, split_n)  # column tiles of this slice
+    for i in range(0, my_tiles):
+        n0 = (pid_split + ((i + pid_m) % my_tiles) * split_n) * BLOCK_N
         cols = index(n0 + tl.arange(0, BLOCK_N), WIDE)
         col_ok = cols < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
@@ -146,7 +155,8 @@ def lora_dx_kernel(
                  reset_to_zero=["da_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DA_CONFIGS_FP32_ADAPTERS,
-                                                                   kernel="lora_da_kernel")})
+                                                                   kernel="lora_da_kernel",
+                                                                   turing=SKINNY_CONFIGS_TURING)})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,

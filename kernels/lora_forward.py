@@ -19,12 +19,14 @@ import triton
 import triton.language as tl
 
 from .configs import (
+    DOWN_CONFIGS_FP32_ADAPTERS,
     DOWN_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS,
     GEMM_CONFIGS_FP32,
     RUNTIME_VALUES,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
+    SKINNY_CONFIGS_TURING,
     by_dtype,
 )
 from .dropout import dropout_scale
@@ -34,22 +36,31 @@ from .precision import dot_fp32
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
+                                                                   fp32_adapters=DOWN_CONFIGS_FP32_ADAPTERS,
                                                                    half_adapters=DOWN_CONFIGS_HALF_ADAPTERS,
-                                                                   kernel="lora_down_kernel")})
+                                                                   kernel="lora_down_kernel",
+                                                                   turing=SKINNY_CONFIGS_TURING)})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_ss,
     seed, p, drop_scale,
     HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """S[M, R] (fp32) = (m ⊙ x)[M, K] @ A[R, K]ᵀ. Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    """S[M, R] (fp32) = (m ⊙ x)[M, K] @ A[R, K]ᵀ. Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), SPLIT_K).
+
+    Split-K: when the row tiles alone leave SMs idle (M = 2048 tokens is 32 programs of 64 rows on a 132-SM
+    H100), the grid's third dimension splits K into SPLIT_K interleaved slices; slice k writes its partial S to
+    ``s_ptr + k·stride_ss`` and the launcher sums the slices (a fixed order: S stays bitwise reproducible, which
+    atomics would not). SPLIT_K = 1 writes S itself.
+    """
     rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     ranks = index(tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
+    pid_k = tl.program_id(2)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, tl.num_programs(2) * BLOCK_K):
         cols = index(k0 + tl.arange(0, BLOCK_K), WIDE)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -60,7 +71,7 @@ def lora_down_kernel(
         acc = dot_fp32(x.to(LORA_DOT), a_t.to(LORA_DOT), acc, LORA_PREC, x_ptr.dtype.element_ty != tl.float32, False)
     if HAS_DROPOUT:
         acc *= drop_scale
-    tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc,
+    tl.store(s_ptr + index(pid_k, WIDE) * stride_ss + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc,
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 

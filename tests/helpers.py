@@ -6,6 +6,8 @@ twice the error of the same computation done by PyTorch in the same dtype, plus 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fused_lora import lora_linear_ref
@@ -84,3 +86,16 @@ def assert_matches_references(y, x, weight, bias, lora_A, lora_B, ref: dict, sam
         else:
             scale = (scales[name] if scales is not None else ref[name].abs()).max().item()
         assert_within_torch_error(name, value, same[name], ref[name], atol_for(value.dtype, scale))
+
+
+@contextlib.contextmanager
+def legacy_tf32_flag(flag: bool):
+    """Set ``torch.backends.cuda.matmul.allow_tf32`` for the block. Setting the legacy flag gives cuda.matmul a
+    precision of its own ("ieee" once set back to False) that a later ``torch.backends.fp32_precision = "tf32"``
+    would not override (what CI's test order hit), so on the way out cuda.matmul is put back to inheriting."""
+    torch.backends.cuda.matmul.allow_tf32 = flag
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "none"

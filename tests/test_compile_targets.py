@@ -20,6 +20,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import compile_matrix as cm  # noqa: E402
+from helpers import legacy_tf32_flag  # noqa: E402
 
 from fused_lora import backend, triton_ops  # noqa: E402
 
@@ -29,26 +30,37 @@ def test_matrix_follows_the_launchers(monkeypatch):
     arch (it cannot import torch)."""
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for name, dtype in names.items():
-        assert all(cm.block_r(r, name) == triton_ops._block_r(r, dtype) for r in range(1, 300))
-        assert {cm.block_r(r, name) for r in range(1, 300)} <= {cm.block_r(v.rank, name) for v in cm.full_matrix()}
+        for kernel in cm.KERNELS:
+            if "BLOCK_R" not in cm.launch_args(cm.Variant(kernel))[1]:
+                continue  # no rank-r term (4-bit dequantization)
+            want = triton_ops._skinny_block_r if kernel in cm.SKINNY_KERNELS else triton_ops._block_r
+            assert all(cm.block_r(r, name, kernel) == (want(r) if kernel in cm.SKINNY_KERNELS else want(r, dtype))
+                       for r in range(1, 300)), kernel
+            assert ({cm.block_r(r, name, kernel) for r in range(1, 300)}
+                    <= {cm.block_r(v.rank, name, kernel) for v in cm.full_matrix() if v.kernel == kernel}), kernel
+    cpu = torch.device("cpu")
+    for arch in cm.ARCHS:  # per arch: Turing's FMA dots take 16-rank chunks
+        monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
+        for name, dtype in names.items():
+            for r in (8, 16, 33, 64, 200):
+                assert cm.block_r(r, name, "lora_down_kernel", arch) == triton_ops._skinny_block_r(r, cpu), (arch, r)
+                assert cm.block_r(r, name, "lora_up_add_kernel", arch) == triton_ops._block_r(r, dtype, cpu)
+    monkeypatch.undo()
     device = torch.device("cpu")
-    before = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for arch in cm.ARCHS:
-            monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
-            for tf32 in (False, True):
-                torch.backends.cuda.matmul.allow_tf32 = tf32
+    for arch in cm.ARCHS:
+        monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
+        for tf32 in (False, True):
+            with legacy_tf32_flag(tf32):
                 for name, dtype in names.items():
                     got = triton_ops.dot_precision(dtype, device)
                     assert cm.precision(name, tf32, arch) == got, (arch, name, tf32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
     for arch in cm.ARCHS:
         monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
-        gemm_kernels_run = backend.resolve_gemm(device) == "fused"
+        gemm_kernels_run = backend.resolve_gemm(device) != "composed"  # "auto" times the fused GEMMs too
         for v in cm.full_matrix():
             runs = all(backend._hardware_reason(device, names[d]) is None for d in (v.base, v.adapter))
-            runs = runs and (gemm_kernels_run or v.kernel not in cm.GEMM_KERNELS)
+            # DoRA where the GEMM is composed (Turing): the PyTorch path (fused_lora.dora.dora_call), no DoRA kernel
+            runs = runs and (gemm_kernels_run or (v.kernel not in cm.GEMM_KERNELS and v.kernel not in cm.DORA_KERNELS))
             assert cm.launched_on(v, arch) == runs, (arch, v)
 
 
@@ -67,18 +79,20 @@ def test_exclusions_name_real_configs():
     out = _without_interpreter("""
 import compile_matrix as cm
 configs = cm.kernels.configs
+excluded = list(configs.EXCLUDED)
+configs.EXCLUDED.clear()  # the configs lists before any arch's exclusions (DoRA has some on sm_80 too)
+listed = {v: cm.configs_for(cm.KERNELS[v.kernel], v, 80) for v in cm.full_matrix()}
+configs.EXCLUDED.extend(excluded)
 for archs, kernel, cases, ranks, name, why in configs.EXCLUDED:
     assert set(archs) <= set(cm.ARCHS) and why
     assert set(cases) <= {"fp32", "fp32-adapters", "half"} and set(ranks) <= {16, 32, 64}
-    names = {configs.config_name(c) for v in cm.full_matrix() if v.kernel == kernel
-             for c in cm.configs_for(cm.KERNELS[kernel], v, 80)}
+    names = {configs.config_name(c) for v in cm.full_matrix() if v.kernel == kernel for c in listed[v]}
     assert name in names, (kernel, name, sorted(names))
 for arch in cm.ARCHS:
     for v in cm.variants_for("full", arch):
-        listed = cm.configs_for(cm.KERNELS[v.kernel], v, 80)  # sm_80 excludes nothing
         consts = cm.launch_args(v, arch)[1]
         case = ("fp32" if v.base == "fp32" else "fp32-adapters" if v.adapter == "fp32" else "half")
-        assert configs.kept_on(v.kernel, arch, case, consts["BLOCK_R"], listed), (arch, v)
+        assert configs.kept_on(v.kernel, arch, case, consts.get("BLOCK_R", 0), listed[v]), (arch, v)
 print("ok", len(configs.EXCLUDED))
 """)
     assert out.startswith("ok")
@@ -99,17 +113,17 @@ def _compile_check(tmp_path, *args) -> list[dict]:
 
 
 def test_kernels_compile_for_every_gpu_arch(tmp_path):
-    """The sampled matrix on all seven archs (sm_75 … sm_120) with the newest triton; .ci/run checks the same with
-    triton 3.6.0 plus the whole CI matrix on sm_80/sm_90. Every (arch, variant) the package launches there, at every
-    config the autotuner may pick there."""
-    records = _compile_check(tmp_path, "--arch", "all", "--matrix", "sample")
+    """The sampled matrix on all seven archs (sm_75 … sm_120) with the newest triton, each variant at the config a
+    launch takes with autotuning off (the first left after the arch's exclusions); .ci/run checks triton 3.6.0 the
+    same way plus every config of the CI matrix on sm_90. The committed reports (bench/results/compile/) hold every
+    config of the CI matrix on every arch for both tritons."""
+    records = _compile_check(tmp_path, "--arch", "all", "--matrix", "sample", "--first-config")
     groups = Counter((r["arch"], r["kernel"], r["variant"]) for r in records)
     assert set(groups) == {(a, v.kernel, v.label()) for a in cm.ARCHS for v in cm.variants_for("sample", a)}
-    assert all(n == r["configs_of_variant"] for r in records
-               for n in [groups[(r["arch"], r["kernel"], r["variant"])]])
+    assert set(groups.values()) == {1}  # the first config of each: what a launch takes with autotuning off
     for arch in cm.ARCHS:  # every kernel the arch runs is in the sample, and Turing runs no GEMM kernel
         kernels = {r["kernel"] for r in records if r["arch"] == arch}
-        assert kernels == ({*cm.KERNELS} - (set(cm.GEMM_KERNELS) if arch < 80 else set())), arch
+        assert kernels == ({*cm.KERNELS} - (set(cm.GEMM_KERNELS) | set(cm.DORA_KERNELS) if arch < 80 else set())), arch
 
 
 def test_call_to_call_values_compile_one_variant():

@@ -111,11 +111,11 @@ def test_bitwise_identical_run_after_run(backend, config, device):
 
 
 def force_split(monkeypatch, factor=3) -> list:
-    """Make the launchers split dS over N slices and dA over M slices (what a GPU launch picks to fill its
-    SMs; on CPU the factor is always 1). Returns the list of requested factors, to check the path ran."""
+    """Make the launchers split dS over N slices, dA over M slices and S over K slices (what a GPU launch picks to
+    fill its SMs; on CPU the factor is always 1). Returns the list of requested factors, to check the path ran."""
     calls = []
 
-    def split(programs, max_split, device):
+    def split(programs, max_split, device, cap=32):
         calls.append(factor)
         return factor
 
@@ -128,7 +128,7 @@ def test_split_reductions_bitwise_identical_run_after_run(monkeypatch, device):
     single = run_once(inputs, "triton")
     calls = force_split(monkeypatch)
     first = run_once(inputs, "triton")
-    assert calls == [3, 3], "the dS pass and the dA kernel should each have asked for a split factor"
+    assert calls == [3, 3, 3], "S = x Aᵀ, the dS pass and the dA kernel should each have asked for a split factor"
     poison_freed_memory(first)
     assert_same(first, run_once(inputs, "triton"), atomics_are_ordered("triton", device))
     # the split path is a different summation order, not a different result
@@ -196,7 +196,7 @@ def test_backward_regenerates_the_forward_mask(backend, mode, device, monkeypatc
     else:
         y = layer(x, dropout_seed=seed)
     y.backward(dy)
-    assert calls == ([3, 3] if mode == "split" else [])
+    assert calls == ([3, 3, 3] if mode == "split" else [])  # S over K, dS over N, dA over M
     kept = y.detach() != 0
     dropped_fraction = 1 - kept.double().mean().item()
     assert abs(dropped_fraction - p) < 0.05, f"dropped {dropped_fraction:.3f}, expected about {p}"

@@ -116,7 +116,8 @@ def test_backends_agree_without_dropout():
 
 
 def test_split_reductions_match_single_pass():
-    """The atomics paths (dS over N slices, dA over M slices) that a GPU launch picks to fill its SMs."""
+    """The split paths a GPU launch picks to fill its SMs: dS over N slices and dA over M slices (atomics), S over K
+    slices (partial sums added in a fixed order)."""
     from fused_lora import triton_ops
 
     gen = torch.Generator().manual_seed(3)
@@ -129,6 +130,11 @@ def test_split_reductions_match_single_pass():
     for a, b in zip(single, split, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(single[0], 0.5 * dy @ lora_B, rtol=1e-5, atol=1e-5)
+    s_single = triton_ops.lora_down(x, lora_A, seed=11, p=0.3, split_k=1)
+    s_split = triton_ops.lora_down(x, lora_A, seed=11, p=0.3, split_k=3)  # K slices summed in a fixed order
+    torch.testing.assert_close(s_single, s_split, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_single, (x * triton_ops.dropout_mask(11, (M, K), 0.3, x.device)) @ lora_A.t(),
+                               rtol=1e-5, atol=1e-4)
     da_single = triton_ops.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=1)
     da_split = triton_ops.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=2)
     torch.testing.assert_close(da_single, da_split, rtol=1e-5, atol=1e-5)

@@ -166,9 +166,10 @@ def test_merge_disable_and_unload(fused_calls):
         assert_close("merge_and_unload", merged(input_ids=ids).logits, lora_out)
 
 
-def test_dora_keeps_peft_path_with_one_warning(fused_calls):
-    peft_model = make("gemma_lm", use_dora=True)
-    with pytest.warns(UserWarning, match=r"DoRA") as record:
+def test_lora_bias_keeps_peft_path_with_one_warning(fused_calls):
+    # (DoRA layers are served since issue 15: tests/test_dora_modules.py)
+    peft_model = make("gemma_lm", lora_bias=True)
+    with pytest.warns(UserWarning, match=r"lora_bias") as record:
         fast = flp.accelerate(copy.deepcopy(peft_model))
     ours = [str(w.message) for w in record if "fused_lora" in str(w.message)]
     assert len(ours) == 1 and "6 of 6 LoRA layers" in ours[0], ours
@@ -177,7 +178,7 @@ def test_dora_keeps_peft_path_with_one_warning(fused_calls):
         warnings.simplefilter("error")  # already reported: no per-call warning
         want, got = peft_model(input_ids=ids).logits, fast(input_ids=ids).logits
     assert not fused_calls
-    assert_close("DoRA logits", got, want)
+    assert_close("lora_bias logits", got, want)
 
 
 def test_several_active_adapters_fall_back(fused_calls):
@@ -238,8 +239,8 @@ def test_peft_introspection_is_unchanged():
 
 
 def test_reasons_are_reported_once_per_process():
-    peft_model = make("gemma_lm", use_dora=True)
-    with pytest.warns(UserWarning, match="DoRA"):
+    peft_model = make("gemma_lm", lora_bias=True)
+    with pytest.warns(UserWarning, match="lora_bias"):
         flp.accelerate(copy.deepcopy(peft_model))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -192,6 +192,21 @@ def test_triton_matches_fp64(case):
     check(case, "triton")
 
 
+@settings(PROFILE, max_examples=max(PROFILE.max_examples // 2, 1))
+@given(case=cases())
+def test_triton_composed_path_matches_fp64(case):
+    """The same properties through the other base GEMM (cuBLAS + the in-place rank-r kernels; FUSED_LORA_GEMM)."""
+    before = os.environ.get("FUSED_LORA_GEMM")
+    os.environ["FUSED_LORA_GEMM"] = "composed"
+    try:
+        check(case, "triton")
+    finally:
+        if before is None:
+            os.environ.pop("FUSED_LORA_GEMM")
+        else:
+            os.environ["FUSED_LORA_GEMM"] = before
+
+
 @settings(PROFILE, max_examples=PROFILE.max_examples * TORCH_FACTOR)
 @given(case=cases())
 def test_torch_matches_fp64(case):

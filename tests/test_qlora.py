@@ -105,11 +105,37 @@ def check_layer(kind, compute_dtype, x_dtype, backend, p, seed=3):
     assert layer.weight.grad is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# "torch"; the Triton backend's fused 4-bit path (W dequantized in the GEMMs' registers, bnb4_ops) and its composed
+# path (bitsandbytes' own matmul, the rank-r term added in place), chosen with FUSED_LORA_GEMM.
+PATHS = ["torch", "triton-fused", "triton-composed"]
+
+
+@pytest.fixture
+def path_calls(monkeypatch):
+    """Select a path by name; returns the calls of the 4-bit GEMMs (to prove which path ran)."""
+    from fused_lora import bnb4_ops
+
+    calls = []
+    for fn in ("forward_4bit", "dx_4bit"):
+        real = getattr(bnb4_ops, fn)
+        monkeypatch.setattr(bnb4_ops, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+
+    def select(path: str) -> str:
+        if path.startswith("triton-"):
+            monkeypatch.setenv("FUSED_LORA_GEMM", path.removeprefix("triton-"))
+            return "triton"
+        return path
+
+    return select, calls
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["nf4-double", "fp4"])
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["compute-fp32", "compute-bf16"])
-def test_4bit_layer_matches_reference(backend, kind, compute_dtype):
-    check_layer(kind, compute_dtype, compute_dtype, backend, p=0.0)
+def test_4bit_layer_matches_reference(path, kind, compute_dtype, path_calls):
+    select, calls = path_calls
+    check_layer(kind, compute_dtype, compute_dtype, select(path), p=0.0)
+    assert calls == (["forward_4bit", "dx_4bit"] if path == "triton-fused" else []), calls
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,10 +143,41 @@ def test_8bit_layer_matches_reference(backend):
     check_layer("int8", torch.float32, torch.float32, backend, p=0.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["nf4-double", "int8"])
-def test_same_mask_with_dropout(backend, kind):
-    check_layer(kind, torch.float32, torch.float32, backend, p=0.3)
+def test_same_mask_with_dropout(path, kind, path_calls):
+    select, calls = path_calls
+    check_layer(kind, torch.float32, torch.float32, select(path), p=0.3)
+    fused = path == "triton-fused" and kind != "int8"  # 8-bit bases always take the composed path
+    assert calls == (["forward_4bit", "dx_4bit"] if fused else []), calls
+
+
+def test_auto_times_the_4bit_paths_once_per_shape(path_calls, monkeypatch):
+    """FUSED_LORA_GEMM=auto (the default on a GPU) times the fused 4-bit and the composed forward once per shape and
+    keeps the faster; here with a timer injected as on a machine where bitsandbytes' matmul wins."""
+    from fused_lora import gemm_choice
+
+    _, calls = path_calls
+    monkeypatch.setattr("fused_lora.quantized.resolve_gemm", lambda device: "auto")
+    timed = []
+
+    def timer(name, fn, device):
+        timed.append(name)
+        fn()
+        return {"fused": 2.0, "composed": 1.0}[name]
+
+    gemm_choice.clear()
+    gemm_choice.set_timer(timer)
+    try:
+        check_layer("nf4-double", torch.float32, torch.float32, "triton", p=0.0)
+        assert timed == ["fused"] * gemm_choice.REPEATS + ["composed"] * gemm_choice.REPEATS
+        assert "dx_4bit" not in calls  # trained on the composed path
+        calls.clear()
+        check_layer("nf4-double", torch.float32, torch.float32, "triton", p=0.0)  # the same shape: no timing again
+        assert len(timed) == 2 * gemm_choice.REPEATS and calls == []
+    finally:
+        gemm_choice.set_timer(None)
+        gemm_choice.clear()
 
 
 def test_fp32_input_on_bf16_compute():

@@ -60,6 +60,7 @@ def peft_name_to_ours(name: str) -> str:
     """A PeftModel parameter name → the same parameter's name in a fused_lora-injected model."""
     name = name.removeprefix(PEFT_PREFIX)
     for infix, repl in ((".lora_A.default.weight", ".lora_A"), (".lora_B.default.weight", ".lora_B"),
+                        (".lora_magnitude_vector.default.weight", ".lora_magnitude_vector"),
                         (".base_layer.", "."), (".modules_to_save.default.", ".")):
         name = name.replace(infix, repl)
     return name

@@ -1,0 +1,123 @@
+"""``FUSED_LORA_GEMM=auto``: which base GEMM the Triton backend runs, chosen by timing both on first use.
+
+The fused path folds the rank-r term into a Triton GEMM (one write of y, one of dX); the composed path runs
+cuBLAS's GEMM and adds the rank-r term in place (one more read and write of y and of dX). Which is faster depends on
+the GPU and the shape: on an H100 a pointer-load Triton GEMM typically trails cuBLAS by 10-30 % while the fusion
+saves only the rank-r update's M×N pass (bench/traffic_model.py). So the first forward of a key (device, dtypes,
+layout, K, N, rank, token bucket) runs both a few times and keeps the faster; every later call, forward and
+backward, takes the kept choice (a dict lookup). Choices can be kept across processes in a JSON file
+(``FUSED_LORA_GEMM_CACHE=path``), written atomically.
+
+Timing uses CUDA events by default; tests inject a timer (``set_timer``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "FUSED_LORA_GEMM_CACHE"
+REPEATS = 3  # timed runs of each path after one warm-up (which also compiles and autotunes the kernels)
+
+_choices: dict[str, str] = {}
+_names: dict[torch.device, str] = {}
+_loaded_from: str | None = None
+_timer: Callable[[str, Callable[[], object], torch.device], float] | None = None
+
+
+def key(device: torch.device, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, layout: str,
+        m_bucket: int) -> str:
+    """The decision's key: what changes which GEMM is faster (a string, for the JSON file)."""
+    name = _names.get(device)
+    if name is None:
+        name = _names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    K = x.shape[1]
+    N = weight.shape[0] if layout == "linear" else weight.shape[1]
+    return (f"{name}|{str(x.dtype).removeprefix('torch.')}|{str(lora_A.dtype).removeprefix('torch.')}|{layout}"
+            f"|K{K}|N{N}|R{lora_A.shape[0]}|M{m_bucket}")
+
+
+def set_timer(timer: Callable[[str, Callable[[], object], torch.device], float] | None) -> None:
+    """Replace the timer (``timer(path_name, fn, device) -> seconds`` for one call of fn); None restores CUDA
+    events."""
+    global _timer
+    _timer = timer
+
+
+def clear() -> None:
+    """Forget every choice made in this process (the file, if any, is read again on next use)."""
+    global _loaded_from
+    _choices.clear()
+    _loaded_from = None
+
+
+def _cuda_time(name: str, fn: Callable[[], object], device: torch.device) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(torch.cuda.current_stream(device))
+    fn()
+    end.record(torch.cuda.current_stream(device))
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _file() -> Path | None:
+    path = os.environ.get(CACHE_ENV)
+    return Path(path) if path else None
+
+
+def _load() -> None:
+    global _loaded_from
+    path = _file()
+    if path is None or _loaded_from == str(path):
+        return
+    _loaded_from = str(path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no file yet, or not ours: decide again, and write a good one
+    if isinstance(saved, dict):
+        _choices.update({k: v for k, v in saved.items() if v in ("fused", "composed") and k not in _choices})
+
+
+def _save() -> None:
+    path = _file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+            json.dump(_choices, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)  # all or nothing: a reader never sees half a file
+    except OSError:
+        pass  # a cache that cannot be written is only a cache
+
+
+def cached(k: str) -> str | None:
+    """The choice kept for key ``k``, if any (the backward looks its forward's choice up)."""
+    _load()
+    return _choices.get(k)
+
+
+def choose(k: str, device: torch.device, run_fused: Callable[[], object], run_composed: Callable[[], object]) -> str:
+    """The kept choice for ``k``, or, on first use, the faster of the two paths (each run once to warm up, then
+    ``REPEATS`` times; the median counts), kept and written to the cache file."""
+    choice = cached(k)
+    if choice is not None:
+        return choice
+    if _timer is None and device.type != "cuda":
+        return "fused"  # nothing to time with (CUDA events) and nothing worth timing: the interpreter on CPU
+    timer = _timer or _cuda_time
+    times = {}
+    for name, run in (("fused", run_fused), ("composed", run_composed)):
+        run()  # warm-up: compiles and autotunes the kernels of this path
+        samples = sorted(timer(name, run, device) for _ in range(REPEATS))
+        times[name] = samples[len(samples) // 2]
+    choice = min(times, key=times.get)
+    _choices[k] = choice
+    _save()
+    return choice

@@ -285,9 +285,12 @@ def expected_tensor_ops(v: Variant, arch: int) -> str:
 def launched_on(v: Variant, arch: int) -> bool:
     """Whether the package launches ``v`` on ``arch`` (fused_lora.backend: ``auto`` runs cuBLAS's base GEMM on
     Turing, so not the GEMM kernels, and no kernels with bf16 inputs there: the PyTorch path serves bf16; DoRA runs
-    the PyTorch path there, fused_lora.dora.dora_call)."""
+    the PyTorch path there, fused_lora.dora.dora_call; a 4-bit layer whose K is not a multiple of its blocksize runs
+    the composed path on every GPU)."""
     if arch < 80 and v.kernel in DORA_KERNELS:
         return False
+    if v.kernel in Q4_KERNELS and v.kernel != "dequantize_4bit_kernel" and not v.q4_aligned:
+        return False  # an unaligned K runs the composed path on GPUs (fused_lora/quantized.py)
     if arch < 80:
         return v.kernel not in GEMM_KERNELS and v.base != "bf16" and v.adapter != "bf16"
     return True

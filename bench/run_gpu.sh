@@ -8,6 +8,7 @@
 #     bash bench/run_gpu.sh all     # ≤ 560 s: check, then bench, then model, each with a smaller cap
 #     bash bench/run_gpu.sh tests   # ≤ 560 s: the whole tests/ suite on CUDA
 #     bash bench/run_gpu.sh full    # ≤ 560 s: the issue-4 full layer sweep (budgeted; cut cases are listed)
+#     bash bench/run_gpu.sh dora    # ≤ 560 s: fused DoRA vs PEFT DoRA and fused LoRA (issue 15's GPU target)
 #
 # Every step after the start runs under `timeout`, with min(its cap, what the budget has left less a kill grace
 # and a reserve for the summary): the whole command ends within RUN_GPU_BUDGET seconds (defaults above) by
@@ -34,8 +35,8 @@ export PYTHONUNBUFFERED=1
 
 case "$MODE" in
     check) DEFAULT_BUDGET=240 ;;
-    bench|model|all|tests|full) DEFAULT_BUDGET=560 ;;
-    *) echo "usage: $0 [check|bench|model|all|tests|full]" >&2; exit 2 ;;
+    bench|model|all|tests|full|dora) DEFAULT_BUDGET=560 ;;
+    *) echo "usage: $0 [check|bench|model|all|tests|full|dora]" >&2; exit 2 ;;
 esac
 case "$DEVICE" in cuda|cpu) ;; *) echo "RUN_GPU_DEVICE must be cuda or cpu, not '$DEVICE'" >&2; exit 2 ;; esac
 BUDGET="${RUN_GPU_BUDGET:-$DEFAULT_BUDGET}"
@@ -301,6 +302,12 @@ case "$MODE" in
     bench) bench_stage 440 ;;
     model) model_stage 500 ;;
     tests) tests_stage 540 ;;
+    dora)  # the GPU case (bf16, M = 8192, K = N = 4096, r = 16); the dry run: one small shape
+        DORA_ARGS=()
+        [ "$DRY" = 1 ] && DORA_ARGS=(--quick)
+        stage dora 540 env TRITON_PRINT_AUTOTUNING=1 "$PY" "$REPO/bench/dora_bench.py" --device "$DEVICE" \
+            --out "$RES" "${DORA_ARGS[@]}"
+        ;;
     full)
         LAYER_ARGS=(--plan full)
         [ "$DRY" = 1 ] && LAYER_ARGS=(--M 64 --shapes cpu_target --ranks 4 --ps 0.1 --providers base fused --rounds 1
@@ -318,6 +325,9 @@ esac
 echo
 if [ -f "$RES/layer.md" ]; then
     echo "---- layer.md: targets"; sed -n '/^## Targets/,$p' "$RES/layer.md" | tail -n +3
+fi
+if [ -f "$RES/dora.md" ]; then
+    echo "---- dora.md"; grep -E '^\|' "$RES/dora.md" | head -n 14
 fi
 if [ -f "$RES/model.md" ]; then
     echo "---- model.md"; grep -E '^\|' "$RES/model.md" | head -n 14

@@ -130,14 +130,19 @@ def quantized_lora(x: torch.Tensor, layer: nn.Module, lora_A: torch.Tensor, lora
         seed = draw_dropout_seed() if dropout_seed is None else torch.tensor([int(dropout_seed)])
     mode = "composed"
     if name == "triton" and quantized_kind(layer) == BNB_4BIT and x.dtype == compute:
-        mode = _choose_4bit_path(x, base, bias, lora_A, lora_B, scaling, p, _seed_value(seed))
+        mode = _choose_4bit_path(x, base, bias, lora_A, lora_B, scaling, p, seed)
     return QuantLoRAFunction.apply(x, bias, lora_A, lora_B, base, scaling, p, seed, name, mode)
 
 
 def _choose_4bit_path(x, base, bias, lora_A, lora_B, scaling, p, seed) -> str:
     """'fused-4bit' or 'composed' for a 4-bit base on the Triton backend: ``FUSED_LORA_GEMM`` as for dense layers
     (``fused``, ``composed``; ``auto``: the faster of the two for this shape, timed once by ``gemm_choice``; Turing
-    takes the composed path, whose base GEMM is bitsandbytes' dequantize + cuBLAS)."""
+    takes the composed path, whose base GEMM is bitsandbytes' dequantize + cuBLAS, and so does a GPU layer whose K is
+    not a multiple of the blocksize)."""
+    if x.device.type == "cuda" and x.shape[-1] % base.layer.weight.quant_state.blocksize:
+        # in_features not a multiple of the blocksize (no projection of GPT-2 or Gemma): the kernels' per-element scale
+        # gathers spilled or passed 99 KiB of shared memory on several GPUs (kernels/configs.py); bitsandbytes' matmul
+        return "composed"
     gemm = resolve_gemm(x.device)
     if gemm != "auto":
         return "fused-4bit" if gemm == "fused" else "composed"
@@ -146,10 +151,13 @@ def _choose_4bit_path(x, base, bias, lora_A, lora_B, scaling, p, seed) -> str:
 
     x2d = x.reshape(-1, x.shape[-1])
     key = gemm_choice.key(x.device, x2d, lora_B, lora_A, "linear", m_bucket(x2d.shape[0])) + "|bnb4"
-    with torch.no_grad():
-        choice = gemm_choice.choose(
-            key, x.device, lambda: bnb4_ops.fused_forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed),
-            lambda: triton_ops.composed_forward(x2d, base, lora_A, lora_B, scaling, p, seed))
+    choice = gemm_choice.cached(key)
+    if choice is None:  # first call of this shape: time both (the seed read only then)
+        seed = _seed_value(seed)
+        with torch.no_grad():
+            choice = gemm_choice.choose(
+                key, x.device, lambda: bnb4_ops.fused_forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed),
+                lambda: triton_ops.composed_forward(x2d, base, lora_A, lora_B, scaling, p, seed))
     return "fused-4bit" if choice == "fused" else "composed"
 
 

@@ -72,8 +72,10 @@ TWO_ACC_CONFIGS = pick([_cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=
 TWO_ACC_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
 # The dY pass (P tile read and G written beside LoRA's work): fp32 dY at 32×64 with 4 warps spilled 16 B on sm_80
 # and 80 B on sm_90 (triton 3.9).
+# (64×64 with 8 warps: rank 64 with half adapters on sm_80/86/89, where the three others spilled with one triton or
+# the other.)
 DY_CONFIGS = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
-                   _cfg(8, 3, BLOCK_M=128, BLOCK_K=64)], _SKINNY_INTERP)
+                   _cfg(8, 3, BLOCK_M=128, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=64)], _SKINNY_INTERP)
 DY_CONFIGS_FP32_ADAPTERS = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=32, BLOCK_K=64)],
                                 _SKINNY_INTERP)
 DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=32, BLOCK_K=32)], _SKINNY_INTERP)

@@ -424,3 +424,19 @@ def test_determinism(backend):
         runs.append([y.detach(), x.grad, lora.lora_A.grad, lora.lora_B.grad])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_unaligned_k_takes_the_composed_path_on_a_gpu():
+    """A 4-bit layer whose in_features is not a multiple of its blocksize runs bitsandbytes' matmul on a GPU (the
+    unaligned kernels' tiles spilled there: kernels/configs.py); aligned layers and CPU runs keep the choice."""
+    from types import SimpleNamespace
+
+    from fused_lora.quantized import _choose_4bit_path
+
+    base = SimpleNamespace(layer=SimpleNamespace(weight=SimpleNamespace(quant_state=SimpleNamespace(blocksize=64))))
+    gpu = lambda k: SimpleNamespace(device=torch.device("cuda"), shape=(3, k))  # noqa: E731
+    assert _choose_4bit_path(gpu(70), base, None, None, None, 1.0, 0.0, None) == "composed"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fused_lora.quantized.resolve_gemm", lambda device: "fused")
+        assert _choose_4bit_path(gpu(70), base, None, None, None, 1.0, 0.0, None) == "composed"
+        assert _choose_4bit_path(gpu(128), base, None, None, None, 1.0, 0.0, None) == "fused-4bit"

@@ -58,6 +58,17 @@ def test_dry_run_of_check_bench_and_model(tmp_path):
     assert (REPO / ".triton-cache").exists() == had_cache
 
 
+def test_dry_run_of_dora(tmp_path):
+    """`dora` (issue 15's GPU case): the DoRA benchmark runs and leaves its table and JSON."""
+    out = tmp_path / "out"
+    proc, _ = dry_run("dora", out)
+    log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-3000:]
+    assert "== [dora] done: rc=0" in log
+    assert {"dora.json", "dora.md"} <= {p.name for p in out.iterdir()}
+    assert "---- dora.md" in proc.stdout
+
+
 def test_budget_is_kept_by_skipping_what_does_not_fit(tmp_path):
     """A stage whose cap does not fit in what is left of RUN_GPU_BUDGET is skipped (exit 1), never started late."""
     out = tmp_path / "out"

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for sentiment_data, however this file is loaded
@@ -133,19 +132,6 @@ def show_quantized_error(tokenizer) -> dict:
     return {"error": error, "torch_error": torch_error, "model_untouched": untouched}
 
 
-@torch.no_grad()
-def evaluate(model, loader, device) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        total += batch["labels"].numel()
-    model.train()
-    return correct / max(total, 1)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = sentiment_data.pick_device(args.device)
@@ -165,15 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_rows, test_rows = sentiment_data.synthetic_sentiment(args.train_size, args.test_size, seed=args.seed)
 
-    def collate(batch):
-        texts, labels = zip(*batch, strict=True)
-        enc = tokenizer(list(texts), padding=True, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor(labels)}
-
-    train_loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(args.seed))
-    test_loader = DataLoader(test_rows, batch_size=args.batch_size, collate_fn=collate)
+    train_loader, test_loader = sentiment_data.classification_loaders(tokenizer, train_rows, test_rows,
+                                                                      args.batch_size, args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     total_steps = args.epochs * len(train_loader) if args.steps is None else args.steps
 
@@ -190,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             if step >= total_steps:
                 break
-        accuracies.append(evaluate(model, test_loader, device))
+        accuracies.append(sentiment_data.classification_accuracy(model, test_loader, device))
         print(f"epoch {epoch}: loss {loss.item():.3f}, test accuracy {accuracies[-1]:.3f} (chance 0.5)")
         if step >= total_steps:
             break

@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for sentiment_data, however this file is loaded
 
 import sentiment_data  # noqa: E402
+from gemma2_classification_custom_head import two_layer_head  # noqa: E402
 
 from fused_lora import LoRAConfig, inject_lora, print_trainable_parameters  # noqa: E402
 from fused_lora.quantized import QuantizedLoRALinear  # noqa: E402
@@ -99,25 +98,6 @@ def load_in_4bit(path: str | Path, quant_type: str, dtype: torch.dtype, device: 
         device_map={"": device.index or 0} if device.type == "cuda" else "cpu")
 
 
-def two_layer_head(hidden: int, num_labels: int, dtype: torch.dtype) -> nn.Sequential:
-    """The notebook's head: hidden -> hidden -> labels, in floating point (never quantized)."""
-    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(0.1),
-                         nn.Linear(hidden, num_labels)).to(dtype)
-
-
-@torch.no_grad()
-def evaluate(model, loader, device) -> float:
-    model.eval()
-    correct = total = 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        total += batch["labels"].numel()
-    model.train()
-    return correct / max(total, 1)
-
-
 def plot(path: str, losses: list[float], title: str) -> None:
     import matplotlib
 
@@ -143,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or save_tiny_gemma2(Path(tmp), len(tokenizer), tokenizer.pad_token_id)
         model = load_in_4bit(path, args.quant_type, dtype, device)
-    model.score = two_layer_head(model.config.hidden_size, model.config.num_labels, dtype).to(device)
+    # the notebook's head, in floating point (never quantized)
+    model.score = two_layer_head(model.config.hidden_size, model.config.num_labels).to(device, dtype)
     config = LoRAConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                         target_modules=ATTENTION_PROJECTIONS, task_type="SEQ_CLS")
     inject_lora(model, config)
@@ -156,15 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_rows, test_rows = sentiment_data.synthetic_sentiment(args.train_size, args.test_size, seed=args.seed)
 
-    def collate(batch):
-        texts, labels = zip(*batch, strict=True)
-        enc = tokenizer(list(texts), padding=True, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor(labels)}
-
-    train_loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(args.seed))
-    test_loader = DataLoader(test_rows, batch_size=args.batch_size, collate_fn=collate)
+    train_loader, test_loader = sentiment_data.classification_loaders(tokenizer, train_rows, test_rows,
+                                                                      args.batch_size, args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     total_steps = args.epochs * len(train_loader) if args.steps is None else args.steps
 
@@ -183,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             if step >= total_steps:
                 break
-        accuracies.append(evaluate(model, test_loader, device))
+        accuracies.append(sentiment_data.classification_accuracy(model, test_loader, device))
         print(f"epoch {epoch}: loss {losses[-1]:.3f}, test accuracy {accuracies[-1]:.3f} (chance 0.5)")
         if step >= total_steps:
             break

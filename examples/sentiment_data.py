@@ -168,3 +168,33 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def classification_loaders(tokenizer, train_rows, test_rows, batch_size: int, seed: int):
+    """(train, test) DataLoaders of tokenized (text, label) rows for a sequence classifier: input_ids,
+    attention_mask and labels per batch; the training order seeded."""
+    from torch.utils.data import DataLoader
+
+    def collate(batch):
+        texts, labels = zip(*batch, strict=True)
+        enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor(labels)}
+
+    train = DataLoader(train_rows, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                       generator=torch.Generator().manual_seed(seed))
+    return train, DataLoader(test_rows, batch_size=batch_size, collate_fn=collate)
+
+
+@torch.no_grad()
+def classification_accuracy(model, loader, device: torch.device) -> float:
+    """Accuracy of a sequence classifier over ``loader``'s batches (the model is put back in training mode)."""
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        total += batch["labels"].numel()
+    model.train()
+    return correct / max(total, 1)

@@ -21,7 +21,7 @@ import torch
 
 from . import dora_torch
 from .backend import resolve_backend, resolve_gemm, warn_fallback
-from .functional import _seed_value, draw_dropout_seed, in_function_transform
+from .functional import _s_dtype, _seed_value, draw_dropout_seed, in_function_transform, without_autocast
 
 
 def _ops(backend: str):
@@ -32,21 +32,8 @@ def _ops(backend: str):
     return dora_torch
 
 
-def _s_dtype(backend: str, lora_A: torch.Tensor) -> torch.dtype:
-    return torch.float32 if backend == "triton" else lora_A.dtype
-
-
-def _no_autocast(fn, device_type: str, *args):
-    """The backends run with autocast off: the Function has chosen the dtypes already, and the fp32 rank-r products
-    of fp32 adapters must not be re-cast to half."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return fn(*args)
-    return fn(*args)
-
-
 def _run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, backend):
-    y, s, P, sq = _no_autocast(_ops(backend).forward, x.device.type, x, weight, bias, lora_A, lora_B, magnitude,
+    y, s, P, sq = without_autocast(_ops(backend).forward, x.device.type, x, weight, bias, lora_A, lora_B, magnitude,
                                scaling, p, _seed_value(seed), weight_layout)
     s_dtype = _s_dtype(backend, lora_A)
     return y, (s if s.dtype == s_dtype else s.to(s_dtype)), P, sq
@@ -54,7 +41,7 @@ def _run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, w
 
 def _run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout, backend,
                   need_dx, need_da, need_db, need_dbias, need_dmag):
-    grads = _no_autocast(_ops(backend).backward, dy.device.type, dy, x, weight, lora_A, lora_B, magnitude, s, P, sq,
+    grads = without_autocast(_ops(backend).backward, dy.device.type, dy, x, weight, lora_A, lora_B, magnitude, s, P, sq,
                          scaling, p, _seed_value(seed), weight_layout, need_dx, need_da, need_db, need_dbias,
                          need_dmag)
     dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32, magnitude.dtype)

@@ -43,15 +43,19 @@ def _s_dtype(backend: str, lora_A: torch.Tensor) -> torch.dtype:
     return torch.float32 if backend == "triton" else lora_A.dtype
 
 
+def without_autocast(fn, device_type: str, *args):
+    """``fn(*args)`` with autocast off: the autograd Functions (LoRA, DoRA, quantized bases) have already chosen the
+    dtypes, and the fp32 rank-r GEMMs of fp32 adapters must not be re-cast to half by autocast."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
+
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm):
-    """The backend's forward with autocast off: the Function has already chosen the dtypes, and the fp32 rank-r
-    GEMMs of fp32 adapters must not be re-cast to half by autocast."""
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend,
-                                gemm)
-    y, s = backend_ops(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_value(seed),
-                                        weight_layout, gemm)
+    """The backend's forward, autocast off (:func:`without_autocast`)."""
+    y, s = without_autocast(backend_ops(backend).forward, x.device.type, x, weight, bias, lora_A, lora_B, scaling,
+                            dropout_p, _seed_value(seed), weight_layout, gemm)
     s_dtype = _s_dtype(backend, lora_A)
     return y, (s if s.dtype == s_dtype else s.to(s_dtype))
 
@@ -59,12 +63,8 @@ def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weig
 def _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend, gemm,
                   need_dx, need_da, need_db, need_dbias):
     """(dX, dA, dB, dbias fp32), None where not needed; autocast off as in :func:`_run_forward`."""
-    if torch.is_autocast_enabled(dy.device.type):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, weight_layout, backend,
-                                 gemm, need_dx, need_da, need_db, need_dbias)
-    grads = backend_ops(backend).backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, _seed_value(seed),
-                                          weight_layout, need_dx, need_da, need_db, need_dbias, gemm)
+    grads = without_autocast(backend_ops(backend).backward, dy.device.type, dy, x, weight, lora_A, lora_B, s, scaling,
+                             dropout_p, _seed_value(seed), weight_layout, need_dx, need_da, need_db, need_dbias, gemm)
     dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32)
     return tuple(g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
 

@@ -23,31 +23,16 @@ import warnings
 import torch
 from torch import nn
 
-from . import torch_ops
-from .backend import resolve_backend, resolve_gemm
+from .backend import backend_ops, resolve_backend, resolve_gemm
 from .base_ops import BNB_4BIT, BNB_8BIT, quantized_base, quantized_kind
 from .functional import (
     _seed_value,
     draw_dropout_seed,
     in_function_transform,
     plain_backward,
+    without_autocast,
 )
 from .layer import LoRALinear
-
-
-def _ops(backend: str):
-    if backend == "triton":
-        from . import triton_ops
-
-        return triton_ops
-    return torch_ops
-
-
-def _no_autocast(fn, device_type: str, *args):
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return fn(*args)
-    return fn(*args)
 
 
 def _forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed, backend, mode):
@@ -55,7 +40,7 @@ def _forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed, backend, mode):
         from . import bnb4_ops
 
         return bnb4_ops.fused_forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed)
-    y, s = _ops(backend).composed_forward(x2d, base, lora_A, lora_B, scaling, p, seed)
+    y, s = backend_ops(backend).composed_forward(x2d, base, lora_A, lora_B, scaling, p, seed)
     return y, s
 
 
@@ -64,7 +49,7 @@ def _backward(dy2d, x2d, base, lora_A, lora_B, s, scaling, p, seed, backend, mod
         from . import bnb4_ops
 
         return bnb4_ops.fused_backward(dy2d, x2d, base, lora_A, lora_B, s, scaling, p, seed, *needs)
-    return _ops(backend).composed_backward(dy2d, x2d, base, lora_A, lora_B, s, scaling, p, seed, *needs)
+    return backend_ops(backend).composed_backward(dy2d, x2d, base, lora_A, lora_B, s, scaling, p, seed, *needs)
 
 
 class QuantLoRAFunction(torch.autograd.Function):
@@ -74,7 +59,7 @@ class QuantLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, base, scaling, dropout_p, seed, backend, mode):
         x2d = x.reshape(-1, x.shape[-1])
-        y, s = _no_autocast(_forward, x.device.type, x2d, base, bias, lora_A, lora_B, scaling, dropout_p,
+        y, s = without_autocast(_forward, x.device.type, x2d, base, bias, lora_A, lora_B, scaling, dropout_p,
                             _seed_value(seed), backend, mode)
         ctx.save_for_backward(x, lora_A, lora_B, s, seed)
         ctx.base, ctx.scaling, ctx.dropout_p, ctx.backend, ctx.mode = base, scaling, dropout_p, backend, mode
@@ -91,7 +76,7 @@ class QuantLoRAFunction(torch.autograd.Function):
                                                (need_dx, need_dbias, need_da, need_db))
             return dx, dbias, da, db, None, None, None, None, None, None
         dy2d, x2d = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        dx, da, db, dbias = _no_autocast(_backward, dy.device.type, dy2d, x2d, ctx.base, lora_A, lora_B, s,
+        dx, da, db, dbias = without_autocast(_backward, dy.device.type, dy2d, x2d, ctx.base, lora_A, lora_B, s,
                                          ctx.scaling, ctx.dropout_p, _seed_value(seed), ctx.backend, ctx.mode,
                                          (need_dx, need_da, need_db, need_dbias))
         return (dx.view(x.shape) if need_dx else None, dbias.to(ctx.bias_dtype) if need_dbias else None,

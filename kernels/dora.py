@@ -37,6 +37,7 @@ from .dropout import dropout_scale
 from .indexing import index
 from .lora_forward import grouped_tile
 from .precision import dot_fp32
+from .rank_term import rank_r_tile
 
 # ------------------------------------------------------------------------------------------------ launch configs
 # DoRA's own lists (not LoRA's, which are tuned for those kernels), pruned with bench/compile_report.py: every config
@@ -356,14 +357,8 @@ def dora_dx_kernel(
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < K
 
-    acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
-                     mask=row_ok & (rs[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc_m = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), acc_m, input_precision=LORA_PREC)
+    acc_m = rank_r_tile(ds_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_K):
         ns = index(n0 + tl.arange(0, BLOCK_K), WIDE)

@@ -35,6 +35,7 @@ from .dropout import dropout_scale
 from .indexing import index
 from .lora_forward import grouped_tile
 from .precision import dot_fp32
+from .rank_term import rank_r_tile
 
 _INTERPRETED: tl.constexpr = tl.constexpr(INTERPRET)
 
@@ -177,14 +178,8 @@ def lora_fwd_4bit_kernel(
     col_ok = cols[None, :] < N
 
     # Rank-r term first, then the base GEMM accumulates on top: one fp32 accumulator (lora_fwd_kernel).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
-                    mask=row_ok & (rs[None, :] < R), other=0.0)
-        b_t = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
-                      mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc = tl.dot(s.to(LORA_DOT), b_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    acc = rank_r_tile(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     acc *= scaling
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     code = tl.load(code_ptr + tl.arange(0, 16))
@@ -230,14 +225,8 @@ def lora_dx_4bit_kernel(
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < K
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
-                     mask=row_ok & (rs[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    acc = rank_r_tile(ds_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     if HAS_DROPOUT:
         acc *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
     DY_DTYPE: tl.constexpr = dy_ptr.dtype.element_ty

@@ -31,6 +31,7 @@ from .dropout import dropout_scale
 from .indexing import index
 from .lora_forward import grouped_tile
 from .precision import dot_fp32
+from .rank_term import rank_r_tile
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R"],
@@ -130,14 +131,8 @@ def lora_dx_kernel(
 
     # Rank-r term and its dropout mask first, then the base GEMM accumulates on top: one accumulator
     # (see lora_fwd_kernel).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
-                     mask=row_ok & (rs[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    acc = rank_r_tile(ds_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     if HAS_DROPOUT:
         acc *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
     for n0 in range(0, N, BLOCK_K):

@@ -16,6 +16,7 @@ import triton.language as tl
 from .configs import ADD_CONFIGS, RUNTIME_VALUES, by_dtype
 from .dropout import dropout_scale
 from .indexing import index
+from .rank_term import rank_r_tile
 
 
 @triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R"],
@@ -35,14 +36,8 @@ def lora_up_add_kernel(
     cols = index(tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
-                    mask=row_ok & (rs[None, :] < R), other=0.0)
-        b_t = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
-                      mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc = tl.dot(s.to(LORA_DOT), b_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    acc = rank_r_tile(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     y = tl.load(y_ptrs, mask=row_ok & col_ok, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
@@ -67,14 +62,8 @@ def lora_dx_add_kernel(
     cols = index(k_start + tl.arange(0, BLOCK_N), WIDE)
     row_ok = rows[:, None] < M
     col_ok = cols[None, :] < K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
-                     mask=row_ok & (rs[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rs[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc = tl.dot(ds.to(LORA_DOT), a.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    acc = rank_r_tile(ds_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dsm, stride_dsr, stride_ar, stride_ak,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     if HAS_DROPOUT:
         acc *= dropout_scale(seed, rows, k_start, p, drop_scale, BLOCK_M, BLOCK_N)
     dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk

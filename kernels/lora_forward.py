@@ -32,6 +32,7 @@ from .configs import (
 from .dropout import dropout_scale
 from .indexing import index
 from .precision import dot_fp32
+from .rank_term import rank_r_tile
 
 
 @triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"],
@@ -117,14 +118,8 @@ def lora_fwd_kernel(
     # The rank-r term goes into the accumulator first, then the base GEMM accumulates on top: one fp32
     # BLOCK_M×BLOCK_N accumulator instead of two. (Two spilled 856 B of stack per thread at 128×256,
     # 8 warps, on sm_90: bench/compile_report.py.)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = index(r0 + tl.arange(0, BLOCK_R), WIDE)
-        s = tl.load(s_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
-                    mask=row_ok & (rs[None, :] < R), other=0.0)
-        b_t = tl.load(b_ptr + rs[:, None] * stride_br + cols[None, :] * stride_bn,
-                      mask=(rs[:, None] < R) & col_ok, other=0.0)
-        acc = tl.dot(s.to(LORA_DOT), b_t.to(LORA_DOT), acc, input_precision=LORA_PREC)
+    acc = rank_r_tile(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
+                      LORA_DOT, LORA_PREC, WIDE, BLOCK_R, BLOCK_M, BLOCK_N)
     acc *= scaling
     for k0 in range(0, K, BLOCK_K):
         ks = index(k0 + tl.arange(0, BLOCK_K), WIDE)

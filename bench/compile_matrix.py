@@ -1,7 +1,7 @@
 """Which kernel variants ``compile_report.py`` compiles, and their launch arguments as Triton's JIT sees them.
 
 A variant is one kernel with the constexprs and argument specialization a launcher in
-``fused_lora/triton_ops.py`` really produces. Triton's JIT specializes a launch on more than the
+``fused_lora/backends/`` really produce. Triton's JIT specializes a launch on more than the
 constexprs: an int argument equal to 1 becomes the constant 1, an int or pointer divisible by 16 gets
 ``tt.divisibility = 16`` (vectorized, TMA/cp.async-able loads). So the weight layouts compile differently:
 "linear" (N×K) has stride_wk == 1 and stride_wn == K, "conv1d" (K×N) the reverse, and a rank that is not a
@@ -13,6 +13,8 @@ case; M only bounds masks along rows, never a contiguous axis), contiguous tenso
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
 import importlib.util
 import itertools
 import sys
@@ -26,32 +28,33 @@ from triton.runtime.jit import native_specialize_impl
 
 
 def _load_kernels():
-    """``kernels/`` as a package without importing fused_lora (and torch): a triton-only venv can run this."""
+    """``kernels/catalog.py`` without importing fused_lora (and torch): a triton-only venv can run this. The folder has
+    no ``__init__.py`` (it must not shadow HF's ``kernels``): a package module is made for it by hand."""
     root = Path(__file__).resolve().parents[1] / "kernels"
-    spec = importlib.util.spec_from_file_location("fused_lora_kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    spec = importlib.machinery.ModuleSpec("fused_lora_kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(root)]
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    return importlib.import_module("fused_lora_kernels.catalog")
 
 
 kernels = _load_kernels()
+configs = importlib.import_module("fused_lora_kernels.configs")
 KERNELS = {name: getattr(kernels, name) for name in
            ("lora_down_kernel", "lora_fwd_kernel", "lora_dy_kernel", "lora_dx_kernel", "lora_da_kernel",
             "lora_up_add_kernel", "lora_dx_add_kernel",
             "lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", "dequantize_4bit_kernel")}
 GEMM_KERNELS = ("lora_fwd_kernel", "lora_dx_kernel",  # M×N×K base GEMMs; the other three are rank-r skinny
                 "lora_fwd_4bit_kernel", "lora_dx_4bit_kernel")  # the same with W from 4-bit storage (QLoRA)
-# QLoRA (kernels/lora_4bit.py, fused_lora/bnb4_ops.py): W is bitsandbytes' packed 4-bit data (row-major, always the
-# "linear" N×K layout) with its absmax (fp32, or uint8 with double quantization) and code tables. The GEMMs run where
-# the dense GEMM kernels do (sm_80+); the elementwise dequantize kernel (merges) where the rank-r kernels do.
+# QLoRA (kernels/lora_4bit.py, fused_lora/backends/bnb4_triton.py): W is bitsandbytes' packed 4-bit data (row-major,
+# always the "linear" N×K layout) with its absmax (fp32, or uint8 with double quantization) and code tables. The GEMMs
+# run where the dense GEMM kernels do (sm_80+); the elementwise dequantize kernel (merges) where the rank-r kernels do.
 Q4_KERNELS = ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", "dequantize_4bit_kernel")
 Q4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' blocksizes
 ADD_KERNELS = ("lora_up_add_kernel", "lora_dx_add_kernel")  # the composed path's in-place rank-r adds
-# DoRA (kernels/dora.py, fused_lora/dora_ops.py): launched where the fused base GEMM runs (sm_80+; Turing runs DoRA on
-# the PyTorch path). dora_fwd/dora_dx are base GEMMs (two accumulators on each W tile with dropout); the norm reads W
-# through either layout; down and dy are rank-r passes with BLOCK_R as triton_ops._block_r.
+# DoRA (kernels/dora.py, fused_lora/backends/dora_triton.py): launched where the fused base GEMM runs (sm_80+; Turing
+# runs DoRA on the PyTorch path). dora_fwd/dora_dx are base GEMMs (two accumulators on each W tile with dropout); the
+# norm reads W through either layout; down and dy are rank-r passes with BLOCK_R as triton_launch.rank_block.
 DORA_KERNELS = ("dora_norm_kernel", "dora_down_kernel", "dora_fwd_kernel", "dora_dy_kernel", "dora_dx_kernel")
 KERNELS.update({name: getattr(kernels, name) for name in DORA_KERNELS})
 GEMM_KERNELS += ("dora_fwd_kernel", "dora_dx_kernel")
@@ -120,8 +123,8 @@ SKINNY_KERNELS = ("lora_down_kernel", "lora_dy_kernel", "lora_da_kernel")  # ran
 
 
 def block_r(r: int, adapter: str, kernel: str = "", arch: int = 90) -> int:
-    """As ``triton_ops._skinny_block_r`` for the skinny kernels (chunks of up to 64 for every adapter dtype) and
-    ``triton_ops._block_r`` for the others (16 for fp32 adapters), 16 everywhere on Turing (FMA dots);
+    """As ``triton_launch.skinny_rank_block`` for the skinny kernels (chunks of up to 64 for every adapter dtype) and
+    ``triton_launch.rank_block`` for the others (16 for fp32 adapters), 16 everywhere on Turing (FMA dots);
     tests/test_compile_targets.py checks they agree."""
     if arch < 80 or (adapter == "fp32" and kernel not in SKINNY_KERNELS):
         return 16
@@ -129,7 +132,7 @@ def block_r(r: int, adapter: str, kernel: str = "", arch: int = 90) -> int:
 
 
 def precision(dtype: str, tf32: bool, arch: int = 90) -> str:
-    """As ``triton_ops.dot_precision`` on a GPU of ``arch`` (checked by tests/test_compile_targets.py)."""
+    """As ``triton_launch.dot_precision`` on a GPU of ``arch`` (checked by tests/test_compile_targets.py)."""
     if arch < 80:
         return "ieee"
     return ("tf32" if tf32 else "tf32x3") if dtype == "fp32" else "tf32"
@@ -152,10 +155,11 @@ def _ptr(dtype: str, arch: int) -> Ptr:
 
 
 def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str, object]]:
-    """(runtime arguments by name, constexprs) as the launcher in triton_ops passes them for ``v`` on ``arch``."""
+    """(runtime arguments by name, constexprs) as the launchers in fused_lora/backends/ pass them for ``v`` on
+    ``arch``."""
     R = v.rank
     base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
-    wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_ops._weight_strides
+    wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_launch.weight_strides
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
     gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
@@ -198,8 +202,8 @@ def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str
         return args, {"HAS_DROPOUT": v.dropout, **lora}
     if v.kernel in DORA_KERNELS:
         return _dora_launch_args(v, arch)
-    # QLoRA, as fused_lora/bnb4_ops.py launches them: packed bytes, absmax (uint8 when nested), the 16-entry code;
-    # absmax2/code2/offset are fp32 (triton_ops._unused's one fp32 element when not nested).
+    # QLoRA, as fused_lora/backends/bnb4_triton.py launches them: packed bytes, absmax (uint8 when nested), the
+    # 16-entry code; absmax2/code2/offset are fp32 (triton_launch.unused's one fp32 element when not nested).
     u8 = _ptr("u8", arch)
     quant = dict(w_ptr=u8, absmax_ptr=u8 if v.nested else f32, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
                  offset_ptr=f32)
@@ -259,7 +263,7 @@ def specialize(fn, v: Variant, config: triton.Config, overrides: dict[str, objec
 
 
 ARCHS = (75, 80, 86, 89, 90, 100, 120)
-SHARED_PER_BLOCK = kernels.configs.SHARED_PER_BLOCK
+SHARED_PER_BLOCK = configs.SHARED_PER_BLOCK
 
 
 def expected_tensor_ops(v: Variant, arch: int) -> str:
@@ -267,7 +271,7 @@ def expected_tensor_ops(v: Variant, arch: int) -> str:
     (half, or fp32 as TF32/3xTF32):
     - sm_75 (Turing): none. Triton lowers ``tl.dot`` to FMA before sm_80 (its AccelerateMatmul pass: "Dot op using
       MMA for compute capability 75 has been deprecated. It falls back to the FMA path"), so no kernel of ours has
-      HMMA there; the package runs cuBLAS's base GEMM on Turing (backend.resolve_gemm) and these rank-r kernels
+      HMMA there; the package runs cuBLAS's base GEMM on Turing (dispatch.resolve_gemm) and these rank-r kernels
       with FMA dots (memory-bound, so what is checked there is that they do not spill);
     - sm_80, sm_86, sm_89, sm_120: mma.sync (HMMA) only (consumer Blackwell has no tcgen05; checked in its SASS);
     - sm_90: the base GEMMs must use Hopper's warpgroup MMA (HGMMA), the rank-r kernels either (Triton lowers
@@ -283,9 +287,9 @@ def expected_tensor_ops(v: Variant, arch: int) -> str:
 
 
 def launched_on(v: Variant, arch: int) -> bool:
-    """Whether the package launches ``v`` on ``arch`` (fused_lora.backend: ``auto`` runs cuBLAS's base GEMM on
+    """Whether the package launches ``v`` on ``arch`` (fused_lora.dispatch: ``auto`` runs cuBLAS's base GEMM on
     Turing, so not the GEMM kernels, and no kernels with bf16 inputs there: the PyTorch path serves bf16; DoRA runs
-    the PyTorch path there, fused_lora.dora.dora_call; a 4-bit layer whose K is not a multiple of its blocksize runs
+    the PyTorch path there, fused_lora.dispatch.route; a 4-bit layer whose K is not a multiple of its blocksize runs
     the composed path on every GPU)."""
     if arch < 80 and v.kernel in DORA_KERNELS:
         return False
@@ -415,9 +419,9 @@ def sample_matrix() -> list[Variant]:
 
 
 def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, object]]:
-    """As fused_lora/dora_ops.py launches the DoRA kernels: G (dy pass, for dX) written, d magnitude needed; without
-    dropout the forward's x_d argument is x itself; sq and the atomics buffers fp32, the magnitude in the adapters'
-    dtype."""
+    """As fused_lora/backends/dora_triton.py launches the DoRA kernels: G (dy pass, for dX) written, d magnitude
+    needed; without dropout the forward's x_d argument is x itself; sq and the atomics buffers fp32, the magnitude in
+    the adapters' dtype."""
     R = v.rank
     base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)

@@ -95,7 +95,8 @@ def triton_path_counts(M: int = 64, K: int = 96, N: int = 80, r: int = 8, p: flo
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fused_lora import fused_lora_linear, kernels
+    from fused_lora import fused_lora_linear
+    from fused_lora.backends import bnb4_triton, dora_triton, dropout_triton, lora_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     launches: list[str] = []
@@ -106,8 +107,9 @@ def triton_path_counts(M: int = 64, K: int = 96, N: int = 80, r: int = 8, p: flo
             ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    names = [n for n in kernels.__all__ if n.endswith("_kernel")]
-    saved = {n: getattr(kernels, n) for n in names}
+    # the kernels as the launcher modules hold them (module globals, looked up at each launch)
+    launchers = (lora_triton, dora_triton, bnb4_triton, dropout_triton)
+    saved = {(m, n): getattr(m, n) for m in launchers for n in vars(m) if n.endswith("_kernel")}
     env = os.environ.get("FUSED_LORA_GEMM")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_()
@@ -117,16 +119,16 @@ def triton_path_counts(M: int = 64, K: int = 96, N: int = 80, r: int = 8, p: flo
     B = torch.randn(N, r, generator=gen).to(device, adapter_dtype).requires_grad_()
     dy = torch.randn(M, N, generator=gen).to(device, dtype)
     try:
-        for n in names:
-            setattr(kernels, n, _CountingKernel(n, launches))
+        for m, n in saved:
+            setattr(m, n, _CountingKernel(n, launches))
         os.environ["FUSED_LORA_GEMM"] = gemm
         with Ops():
             y = fused_lora_linear(x, w, b, A, B, 2.0, p, dropout_seed=3, backend="triton")
             forward_ops, forward_launches = len(ops), len(launches)
             y.backward(dy)
     finally:
-        for n, k in saved.items():
-            setattr(kernels, n, k)
+        for (m, n), k in saved.items():
+            setattr(m, n, k)
         if env is None:
             os.environ.pop("FUSED_LORA_GEMM", None)
         else:

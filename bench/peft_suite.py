@@ -293,22 +293,13 @@ def fetch_tests(cache: Path, version: str, sdist: Path | None) -> Path:
 # -- running pytest -----------------------------------------------------------------------------------------------
 
 def _shim(cache: Path) -> Path | None:
-    """A folder to put first on PYTHONPATH when fused_lora is not installed (the lent GPU machines): fused_lora's
-    files plus ``fused_lora/kernels -> <repo>/kernels``, the mapping pyproject.toml declares (the repository root
-    itself must not go on the path: its top-level ``kernels/`` would shadow HF's ``kernels`` package)."""
+    """A folder to put first on PYTHONPATH when fused_lora is not installed (the lent GPU machines): the repository
+    root, whose ``fused_lora/__init__.py`` registers the top-level ``kernels/`` folder as ``fused_lora.kernels`` (the
+    folder has no ``__init__.py``, so it cannot shadow HF's ``kernels`` package)."""
     spec = importlib.util.find_spec("fused_lora")
     if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(REPO / "fused_lora"):
         return None  # installed (editable) from this checkout
-    shim = cache / "pkgroot"
-    pkg = shim / "fused_lora"
-    pkg.mkdir(parents=True, exist_ok=True)
-    for entry in (REPO / "fused_lora").iterdir():
-        link = pkg / entry.name
-        if entry.name != "__pycache__" and not link.exists():
-            link.symlink_to(entry)
-    if not (pkg / "kernels").exists():
-        (pkg / "kernels").symlink_to(REPO / "kernels")
-    return shim
+    return REPO
 
 
 def child_env(cache: Path, accelerate: bool, backend: str) -> dict[str, str]:

@@ -46,23 +46,14 @@ DRY=0
 [ "$DEVICE" = cpu ] && DRY=1
 
 # --- make `import fused_lora` and `import fused_lora.kernels` work without pip ---------------------------
-# pyproject.toml maps the top-level kernels/ folder to fused_lora.kernels; a plain PYTHONPATH=$REPO would
-# give fused_lora without its kernels (and a top-level `kernels` that shadows HF's package). So build a
-# symlink farm: $SHIM/fused_lora/<each file of fused_lora/> plus $SHIM/fused_lora/kernels -> $REPO/kernels.
-SHIM="$(mktemp -d "${TMPDIR:-/tmp}/fused_lora_shim.XXXXXX")"
+# The repo root on PYTHONPATH is enough: fused_lora/__init__.py registers the top-level kernels/ folder as
+# fused_lora.kernels when it is not installed, and that folder has no __init__.py, so it cannot shadow HF's
+# `kernels` package (which transformers imports).
+SHIM="$(mktemp -d "${TMPDIR:-/tmp}/fused_lora_run.XXXXXX")"
 trap 'rm -rf "$SHIM"' EXIT
 WORK="$SHIM/work"  # per-run scratch (check logs, helper scripts); removed on exit
-mkdir -p "$SHIM/fused_lora" "$WORK"
-for entry in "$REPO"/fused_lora/*; do
-    name="$(basename "$entry")"
-    [ "$name" = "__pycache__" ] && continue
-    ln -s "$entry" "$SHIM/fused_lora/$name"
-done
-[ -e "$SHIM/fused_lora/kernels" ] || ln -s "$REPO/kernels" "$SHIM/fused_lora/kernels"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-# The repo root must not shadow the shim: `python -m` would put the cwd (holding fused_lora/ without
-# kernels/) first on sys.path. PYTHONSAFEPATH (3.11+) stops that; running from $SHIM covers older Pythons.
-export PYTHONSAFEPATH=1
+mkdir -p "$WORK"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 cd "$SHIM" || exit 1
 
 # --- caches: kept between calls on a warm machine (the device tool keeps ignored folders of the repo) --------

@@ -19,7 +19,7 @@ design (lora_v1.py); then roofline times per device. Assumptions:
    caching what its SMs touch: NVIDIA A100 whitepaper, "L2 cache"; assumed alike on H100), all of it on L4/T4.
    cuBLAS's tiles are not public: grouped too, with whichever of 128×128, 128×256, 256×128 moves least.
    Skinny kernels stream x or dY once per rank-chunk program column (chunk after chunk) unless it fits in L2:
-   fp32 adapters use chunks of 16 (triton_ops._block_r), so at r=64 they read x or dY 4 times.
+   fp32 adapters use chunks of 16 (triton_launch.rank_block), so at r=64 they read x or dY 4 times.
 3. Roofline time = Σ over kernels of max(bytes/BW, FLOPs/peak) (a memory-bound op does not hide behind a GEMM);
    peak = dense 16-bit tensor-core rate for every matmul, elementwise FLOPs ignored; no launch overhead, no GEMM
    below peak. Launches are shown instead (compute kernels; fused-lora adds 2-4 tiny torch.zeros fills).
@@ -57,7 +57,7 @@ GIB = 2**30
 # GEMM_CONFIGS / DX_CONFIGS list _GEMM_128_S4 first (autotune may pick another; only BLOCK_M and GROUP_M
 # change the model). The skinny kernels' BLOCK_M does not enter it.
 FUSED_TILE = ((128, 128, 8),)
-# fused_lora/triton_ops._block_r: rank chunk per program column, 16 for fp32 adapters, else up to 64.
+# fused_lora/backends/triton_launch.rank_block: rank chunk per program column, 16 for fp32 adapters, else up to 64.
 BLOCK_R_FP32_ADAPTERS, BLOCK_R_MAX = 16, 64
 CUBLAS_TILE = ((128, 128, 8), (128, 256, 8), (256, 128, 8))  # assumption 2: cuBLAS takes the one moving least
 LORAFUSION_TILE = ((128, 256, 8),)  # lorafusion/ops/triton_ops/config.py, H100_CONFIG fused_lora_xw_sb(_tma)/dyw_dsa

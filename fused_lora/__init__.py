@@ -2,15 +2,43 @@
 
     from fused_lora import LoRALinear
     layer = LoRALinear.from_linear(model.some_linear, r=16, lora_alpha=32, lora_dropout=0.1)
+
+A map of the package: docs/architecture.md.
 """
 
-from .adapters import load_adapter, read_adapter_config, save_adapter
-from .backend import BACKENDS, FallbackWarning, resolve_backend
-from .config import LoRAConfig
-from .dora import DoRALinearFunction
-from .dora_torch import dora_ref
-from .functional import LoRALinearFunction, draw_dropout_seed, dropout_mask, fused_lora_linear
-from .injector import (
+import importlib.machinery as _machinery
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+
+def _register_source_kernels() -> None:
+    """The Triton kernels live in the project's top-level ``kernels/`` folder, installed as ``fused_lora.kernels``
+    (pyproject.toml). The folder has no ``__init__.py``, so that it never shadows HF's top-level ``kernels`` package
+    (transformers imports it) when the project root is on ``sys.path``. A wheel holds it as the namespace folder
+    ``fused_lora/kernels/``; in an editable install or a source checkout, setuptools' finder cannot map a namespace
+    folder under a regular package, so the checkout's folder is registered here."""
+    name = __name__ + ".kernels"
+    if name in _sys.modules or _util.find_spec(name) is not None:
+        return
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    spec = _machinery.PathFinder.find_spec(name, [root])
+    if spec is not None:
+        _sys.modules[name] = kernels = _util.module_from_spec(spec)
+        _sys.modules[__name__].kernels = kernels
+
+
+_register_source_kernels()
+
+from .adapters import load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from .autograd.dora import DoRALinearFunction  # noqa: E402
+from .autograd.lora import LoRALinearFunction  # noqa: E402
+from .config import LoRAConfig  # noqa: E402
+from .dispatch import BACKENDS, resolve_backend  # noqa: E402
+from .dropout import draw_dropout_seed  # noqa: E402
+from .fallback import FallbackWarning  # noqa: E402
+from .functional import dropout_mask, fused_lora_linear  # noqa: E402
+from .injector import (  # noqa: E402
     disable_lora,
     inject_lora,
     merge_lora,
@@ -20,8 +48,9 @@ from .injector import (
     unload_lora,
     unmerge_lora,
 )
-from .layer import LoRALinear, lora_scaling
-from .reference import lora_linear_ref
+from .layer import LoRALinear, lora_scaling  # noqa: E402
+from .quantized import QuantizedLoRALinear  # noqa: E402,F401  (registers the bitsandbytes base kinds)
+from .reference import dora_ref, lora_linear_ref  # noqa: E402
 
 __version__ = "0.1.0"
 

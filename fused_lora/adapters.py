@@ -33,9 +33,9 @@ from torch import nn
 from .config import LoRAConfig
 from .injector import (
     InjectionPlan,
-    _check_not_injected,
-    _in_out,
+    check_not_injected,
     get_state,
+    in_out_features,
     inject_lora,
     lora_layers,
     plan_injection,
@@ -65,7 +65,7 @@ def adapter_shapes(model: nn.Module, plan: InjectionPlan) -> dict[str, tuple[int
     config, shapes = plan.config, {}
     for path in plan.targets:
         module = model.get_submodule(path)
-        fan_in, fan_out = _in_out(module)
+        fan_in, fan_out = in_out_features(module)
         shapes[f"{path}.lora_A"] = (config.r, fan_in)
         shapes[f"{path}.lora_B"] = (fan_out, config.r)
         if config.use_dora:  # PEFT's key has no ".weight": get_peft_model_state_dict strips it for DoRA
@@ -345,7 +345,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = _read_weights(directory)
     injected = bool(lora_layers(model))
     if not injected:
-        _check_not_injected(model)
+        check_not_injected(model)
     plan = plan_injection(model, config)
     if injected:
         _check_injected_matches(model, plan, source)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base_ops import quantized_kind
+from .base_layers import DENSE, base_kind, conv1d_class, quantized_kind, unsupported_quantized_message
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig
-from .layer import LoRALinear, _conv1d_class, unsupported_quantized_message
+from .dispatch import DORA, refusal
+from .layer import LoRALinear
 
 STATE_ATTR = "_fused_lora_state"
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,13 +57,13 @@ def _linear_kind(module: nn.Module) -> str | None:
         return module.weight_layout
     if isinstance(module, nn.Linear) or quantized_kind(module) is not None:
         return "linear"
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
         return "conv1d"
     return None
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
+def in_out_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, LoRALinear):
         return module.in_features, module.out_features
     if isinstance(module, nn.Linear):
@@ -238,11 +239,10 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
                             "target_modules (a regex string matches the whole module name) or add it to "
                             "exclude_modules")
         dtype = module.weight.dtype
-        if config.use_dora and (quantized_kind(module) is not None or hasattr(module, "base_layer")):
-            raise TypeError(f"inject_lora: use_dora=True, and target {key!r} is a quantized "
-                            f"{type(getattr(module, 'base_layer', module)).__name__}; fused_lora runs DoRA on "
-                            "floating-point nn.Linear / Conv1D bases only. Use plain LoRA on quantized layers, or PEFT "
-                            "for DoRA on them")
+        inner = getattr(module, "base_layer", module)  # an injected QuantizedLoRALinear: its bitsandbytes layer
+        why = refusal(DORA, base_kind(inner) or DENSE) if config.use_dora else None
+        if why is not None:
+            raise TypeError(f"inject_lora: target {key!r}: {why}")
         if quantized_kind(module) is None and dtype not in _WEIGHT_DTYPES:
             raise TypeError(unsupported_quantized_message(f"inject_lora: target {key!r}", type(module).__name__,
                                                           dtype))
@@ -263,7 +263,7 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
 
-def _check_not_injected(model: nn.Module) -> None:
+def check_not_injected(model: nn.Module) -> None:
     existing = lora_layers(model)
     if existing:
         raise ValueError(f"inject_lora: {type(model).__name__} already has {len(existing)} fused LoRA layers (e.g. "
@@ -288,7 +288,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replaces the targeted ``nn.Linear`` / ``Conv1D`` modules with ``LoRALinear`` in place (sharing weights),
     freezes everything else, and makes trainable the LoRA parameters, the biases per ``config.bias`` and the
     ``modules_to_save`` modules. Returns ``model``. Everything is checked before the model is changed."""
-    _check_not_injected(model)
+    check_not_injected(model)
     plan = plan_injection(model, config)
     _warn_tied(model, plan.modules_to_save)
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -391,7 +391,7 @@ def _plain_module(layer: LoRALinear) -> nn.Module:
         if layer.weight_layout == "linear":
             module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         else:
-            module = _conv1d_class()(layer.out_features, layer.in_features)
+            module = conv1d_class()(layer.out_features, layer.in_features)
     module.weight = layer.weight
     module.bias = layer.bias
     return module

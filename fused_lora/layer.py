@@ -1,42 +1,29 @@
-"""``LoRALinear``: a drop-in frozen linear layer (nn.Linear or GPT-2's Conv1D) with a fused LoRA adapter."""
+"""``LoRALinear``: a drop-in frozen linear layer (nn.Linear or GPT-2's Conv1D) with a fused LoRA adapter (and
+DoRA with ``use_dora=True``). Quantized bases get the subclass registered for their kind (``quantized.py``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .base_ops import looks_quantized, quantized_kind
-from .functional import _FLOAT_DTYPES, WEIGHT_LAYOUTS, _autocast_inputs, fused_lora_linear, lora_call
+from .base_layers import DENSE, base_kind, dense_layout, looks_quantized, unsupported_quantized_message
+from .dispatch import DORA, LORA, check_supported, dora_call, lora_call
+from .functional import fused_lora_linear
+from .reference import dora_weight_norm
+from .validation import FLOAT_DTYPES, WEIGHT_LAYOUTS, ShapeError, autocast_inputs
 
-_dora = None  # fused_lora.dora, imported on the first DoRA layer (it imports this module's neighbours)
-
-
-def _dora_module():
-    global _dora
-    if _dora is None:
-        from . import dora
-
-        _dora = dora
-    return _dora
+# Base kind → the function that wraps such a layer (``from_linear``'s arguments after the layer): the dense kind is
+# LoRALinear's own; the bitsandbytes kinds register QuantizedLoRALinear.wrap (quantized.py, imported by fused_lora).
+_WRAPPERS: dict[str, Callable[..., LoRALinear]] = {}
 
 
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but the layer itself does not need it
-        return None
-    return Conv1D
-
-
-def unsupported_quantized_message(where: str, type_name: str, dtype: torch.dtype) -> str:
-    return (f"{where}: {type_name} holds a {dtype} weight; fused_lora serves floating-point nn.Linear / Conv1D layers "
-            "and bitsandbytes Linear4bit / Linear8bitLt (QLoRA). Other quantized formats (GPTQ, AWQ, HQQ, torchao, …) "
-            "are not supported: load the model in floating point or with a BitsAndBytesConfig, or leave this layer "
-            "out of target_modules")
+def register_wrapper(kind: str, wrap: Callable[..., LoRALinear]) -> None:
+    """Makes :meth:`LoRALinear.from_linear` hand layers of base kind ``kind`` (``base_layers``) to ``wrap``."""
+    _WRAPPERS[kind] = wrap
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -55,7 +42,7 @@ class LoRALinear(nn.Module):
     PEFT does (``autocast_adapter_dtype=True``): AdamW updates of a low-rank adapter are lost in bf16
     rounding. Pass ``adapter_dtype`` to choose.
 
-    ``use_dora=True``: DoRA, PEFT's weight-decomposed variant (``fused_lora.dora``, ``docs/dora.md``): a trainable
+    ``use_dora=True``: DoRA, PEFT's weight-decomposed variant (``autograd/dora.py``, ``docs/dora.md``): a trainable
     ``lora_magnitude_vector`` (out_features,) in the adapters' dtype, initialised to ‖W + scaling·B A‖ per output row
     as PEFT does (‖W‖ with the default zero B), and
     ``y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ scaling · B A x_d`` with g = magnitude / ‖W + scaling·B A‖.
@@ -114,26 +101,22 @@ class LoRALinear(nn.Module):
         """Wraps an ``nn.Linear`` or transformers ``Conv1D``, sharing (not copying) its weight and bias; or a
         bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, kept as it is (a :class:`~fused_lora.quantized.
         QuantizedLoRALinear`: QLoRA)."""
-        conv1d = _conv1d_class()
         if isinstance(layer, LoRALinear):
             raise TypeError("LoRALinear.from_linear: the layer is already a LoRALinear; adapters are not stacked. "
                             "Use it as it is, or wrap its base layer instead")
-        if quantized_kind(layer) is not None:
-            if use_dora:
-                raise TypeError(f"LoRALinear.from_linear: use_dora=True on a bitsandbytes {type(layer).__name__}: "
-                                "fused_lora runs DoRA on floating-point nn.Linear / Conv1D bases only. Use plain LoRA "
-                                "on this layer, or PEFT for DoRA on a quantized base")
-            from .quantized import QuantizedLoRALinear
-
-            return QuantizedLoRALinear.wrap(layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                                            adapter_dtype)
+        kind = base_kind(layer)
+        if kind is not None:
+            check_supported(DORA if use_dora else LORA, kind, "LoRALinear.from_linear")
+        if kind is not None and kind != DENSE:
+            return _WRAPPERS[kind](layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
         if looks_quantized(layer):
             raise TypeError(unsupported_quantized_message("LoRALinear.from_linear", type(layer).__name__,
                                                           layer.weight.dtype))
-        if isinstance(layer, nn.Linear):
-            layout, in_features, out_features = "linear", layer.in_features, layer.out_features
-        elif conv1d is not None and isinstance(layer, conv1d):
-            layout, (in_features, out_features) = "conv1d", layer.weight.shape
+        layout = dense_layout(layer)
+        if layout == "linear":
+            in_features, out_features = layer.in_features, layer.out_features
+        elif layout == "conv1d":
+            in_features, out_features = layer.weight.shape
         else:
             raise TypeError(f"LoRALinear.from_linear: expected nn.Linear, transformers Conv1D or a bitsandbytes "
                             f"Linear4bit / Linear8bitLt, got {type(layer).__name__}; custom layers are not supported")
@@ -203,7 +186,7 @@ class LoRALinear(nn.Module):
     def reset_dora_magnitude(self) -> None:
         """DoRA: magnitude = ‖W + scaling·B A‖ per output row, computed as PEFT's ``DoraLinearLayer.update_layer`` does
         (in the weight's dtype), so the layer starts as W + scaling·B A (the base layer with PEFT's zero B)."""
-        norm = _dora_module().weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.weight_layout)
+        norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.weight_layout)
         self.lora_magnitude_vector.copy_(norm)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +219,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{self._name()}: x is on {x.device} but the layer's weight is on {self.weight.device}; "
                              "move the input or the layer (module.to(device)) so they match")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self._name()}: x has shape {tuple(x.shape)}; its last dim must be "
+            raise ShapeError(f"{self._name()}: x has shape {tuple(x.shape)}; its last dim must be "
                              f"in_features={self.in_features}")
         if self.merged or not self.enabled:
             return
@@ -261,19 +244,19 @@ class LoRALinear(nn.Module):
         if (x.device != weight.device or x.dim() == 0 or x.shape[-1] != self.in_features or weight.requires_grad
                 or lora_A.shape != self._a_shape or lora_B.shape != self._b_shape):
             self._check_input(x)
-        x_c, w_c, b_c = _autocast_inputs(x, weight, bias)
+        x_c, w_c, b_c = autocast_inputs(x, weight, bias)
         p = self.lora_dropout
         magnitude = params["lora_magnitude_vector"] if self.use_dora else None
         if (x_c.dtype != w_c.dtype or lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x_c.dtype, torch.float32)
                 or (b_c is not None and b_c.dtype not in (x_c.dtype, torch.float32)) or not 0.0 <= p <= 1.0
-                or x_c.dtype not in _FLOAT_DTYPES
+                or x_c.dtype not in FLOAT_DTYPES
                 or (magnitude is not None and (magnitude.dim() != 1 or magnitude.shape[0] != self.out_features
                                                or magnitude.dtype not in (lora_A.dtype, torch.float32)))):
             return fused_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, p, self.training,
                                      self.weight_layout, magnitude=magnitude)
         if magnitude is not None:
-            return _dora_module().dora_call(x_c, w_c, b_c, lora_A, lora_B, magnitude, self.scaling,
-                                            p if self.training else 0.0, self.weight_layout)
+            return dora_call(x_c, w_c, b_c, lora_A, lora_B, magnitude, self.scaling, p if self.training else 0.0,
+                             self.weight_layout)
         return lora_call(x_c, w_c, b_c, lora_A, lora_B, self.scaling, p if self.training else 0.0, self.weight_layout)
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`,
 so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay
 PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
 would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter, or its DoRA
-(``use_dora=True`` on an nn.Linear / Conv1D base: the fused DoRA Function, ``fused_lora.dora``); anything else
+(``use_dora=True`` on an nn.Linear / Conv1D base: the fused DoRA Function, ``fused_lora.autograd.dora``); anything else
 (adapters disabled or merged, mixed-adapter batches, other variants, DoRA on quantized bases, several active
 adapters, ``lora_bias``, custom or hooked bases, dtypes the Function does not take) runs PEFT's own forward.
 
@@ -27,7 +27,6 @@ Not served by the fused path (documented, not a bug): forward hooks registered o
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections import defaultdict
 
@@ -41,7 +40,8 @@ try:
 except ImportError as err:  # peft is an optional dependency
     raise ImportError("fused_lora.peft needs the `peft` package: pip install peft") from err
 
-from .base_ops import BNB_4BIT, quantized_kind
+from .base_layers import BNB_4BIT, DENSE, conv1d_class, quantized_kind
+from .dispatch import DORA, refusal
 from .functional import fused_lora_linear
 from .quantized import quantized_lora
 
@@ -53,21 +53,12 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _reported: set[str] = set()
 
 
-@functools.cache  # looked up on every forward call
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
 def _weight_layout(base: nn.Module) -> str | None:
     """'linear' / 'conv1d' for the exact base types the Function serves; None for anything else (bitsandbytes'
     Linear4bit and other quantized layers subclass nn.Linear but hold packed integer weights)."""
     if type(base) is nn.Linear:
         return "linear"
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if conv1d is not None and type(base) is conv1d:
         return "conv1d"
     return None
@@ -95,8 +86,10 @@ def _variant_name(layer: nn.Module, adapter: str) -> str | None:
     if name != "DoraLinearVariant":
         return "DoRA variant " + name if name.startswith("Dora") else f"LoRA variant {name}"
     base = layer.get_base_layer()
-    if (type(layer) is not PeftLoraLinear and type(layer) is not _SERVED.get(PeftLoraLinear)) \
-            or quantized_kind(base) is not None:
+    why = refusal(DORA, quantized_kind(base) or DENSE)
+    if why is not None:
+        return why
+    if type(layer) is not PeftLoraLinear and type(layer) is not _SERVED.get(PeftLoraLinear):
         return f"DoRA (use_dora=True) on a {type(base).__name__} base (fused DoRA: nn.Linear, Conv1D)"
     dora = layer.lora_magnitude_vector[adapter] if _is_dora(layer, adapter) else None
     if dora is None or type(dora) is not DoraLinearLayer:

@@ -41,7 +41,7 @@ def m_bucket(m: int) -> int:
     return 16384
 
 
-def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
+def cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -60,11 +60,11 @@ def pick(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Co
 # tutorial's Hopper list, pruned to the ones that suit K, N >= 768 (transformer projections) and do not
 # spill on sm_90 in bf16 (measured before the report reproduced the JIT's specialization, which counts more
 # registers: 128×256 with 8 warps spilled 248 B, 128×128 with 4 warps 424 B).
-_GEMM_128_S4 = _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-_GEMM_128_S3 = _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-_GEMM_64x128 = _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-_GEMM_64x64 = _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-_GEMM_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_GEMM_128_S4 = cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+_GEMM_128_S3 = cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+_GEMM_64x128 = cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+_GEMM_64x64 = cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+_GEMM_INTERP = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 GEMM_CONFIGS = pick([_GEMM_128_S4, _GEMM_128_S3, _GEMM_64x128, _GEMM_64x64], _GEMM_INTERP)
 
 # dX leaves out the 64×128 tile: with 4 warps it spilled 8 B per thread on sm_80 in every dtype (triton 3.6
@@ -75,11 +75,11 @@ DX_CONFIGS = pick([_GEMM_128_S4, _GEMM_128_S3, _GEMM_64x64], _GEMM_INTERP)
 # streams over an M×K or M×N operand; BLOCK_R covers the (padded) rank, up to 64 per program.
 # Pruned with bench/compile_report.py (sm_90, bf16, r=16, dropout on): 128×128 tiles spill 40-352 B of
 # stack per thread (the Philox state and the fp32 accumulators), these four do not.
-_SK_64x64 = _cfg(4, 4, BLOCK_M=64, BLOCK_K=64)
-_SK_64x128 = _cfg(8, 3, BLOCK_M=64, BLOCK_K=128)
-_SK_128x64 = _cfg(8, 3, BLOCK_M=128, BLOCK_K=64)
-_SK_32x128 = _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)
-_SKINNY_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_K=32)
+_SK_64x64 = cfg(4, 4, BLOCK_M=64, BLOCK_K=64)
+_SK_64x128 = cfg(8, 3, BLOCK_M=64, BLOCK_K=128)
+_SK_128x64 = cfg(8, 3, BLOCK_M=128, BLOCK_K=64)
+_SK_32x128 = cfg(4, 4, BLOCK_M=32, BLOCK_K=128)
+_SKINNY_INTERP = cfg(4, 1, BLOCK_M=32, BLOCK_K=32)
 SKINNY_CONFIGS = pick([_SK_64x64, _SK_64x128, _SK_128x64, _SK_32x128], _SKINNY_INTERP)
 
 # The composed path's in-place rank-r adds (lora_compose.py): one read and one write of an M×N (M×K) tile plus a
@@ -87,9 +87,9 @@ SKINNY_CONFIGS = pick([_SK_64x64, _SK_64x128, _SK_128x64, _SK_32x128], _SKINNY_I
 # 4 warps, 128×128 with 8) took 176-254 registers and spilled 8-16 B with fp32 or rank-64 adapters (sm_80/sm_90,
 # bench/compile_report.py), and a memory-bound tile gains nothing from them.
 ADD_CONFIGS = pick(
-    [_cfg(8, 1, BLOCK_M=64, BLOCK_N=128), _cfg(4, 1, BLOCK_M=64, BLOCK_N=64), _cfg(8, 1, BLOCK_M=128, BLOCK_N=64),
-     _cfg(4, 1, BLOCK_M=32, BLOCK_N=128)],
-    _cfg(4, 1, BLOCK_M=32, BLOCK_N=32),
+    [cfg(8, 1, BLOCK_M=64, BLOCK_N=128), cfg(4, 1, BLOCK_M=64, BLOCK_N=64), cfg(8, 1, BLOCK_M=128, BLOCK_N=64),
+     cfg(4, 1, BLOCK_M=32, BLOCK_N=128)],
+    cfg(4, 1, BLOCK_M=32, BLOCK_N=32),
 )
 
 # Per dtype, where a config must go (kernels/*.py pass these to ``by_dtype``):
@@ -98,9 +98,9 @@ ADD_CONFIGS = pick(
 #   and used 255 registers at 64×64 with 4 (sm_80); these three have no stack. The dy pass keeps 64×64 (251-255
 #   registers, no stack) and 32×64 with 8 warps; 32×32 spilled 8 B on sm_90. Both 8-warp dy tiles of the 16-rank
 #   era spilled 8 B on sm_90 with triton 3.6 (dY is used in two layouts, B and S split for 3xTF32).
-DOWN_CONFIGS_FP32_ADAPTERS = pick([_cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
-                                   _cfg(4, 4, BLOCK_M=64, BLOCK_K=32)], _SKINNY_INTERP)
-DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, _cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
+DOWN_CONFIGS_FP32_ADAPTERS = pick([cfg(8, 3, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
+                                   cfg(4, 4, BLOCK_M=64, BLOCK_K=32)], _SKINNY_INTERP)
+DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
 # - the dy pass with half adapters at 32×128: rank 64 (BLOCK_R 64) spilled 288 B on sm_80 with triton 3.9;
 DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INTERP)
 # - S = x Aᵀ with half adapters at 32×128 and dA with fp32 adapters at 128×64 (no dropout, SPLIT_M 1) spill
@@ -113,8 +113,8 @@ DOWN_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_I
 # - Turing (sm_75, FMA dots, 16-rank chunks): the half lists' 4-warp 64×64 and 8-warp 64×128/128×64 tiles of S = x Aᵀ,
 #   the dy pass and dA spilled 160-360 B per thread with fp16 adapters (triton 3.9); 64×64 and 32×64 with 8 warps
 #   compile cleanly for fp16 and fp32 adapters alike.
-SKINNY_CONFIGS_TURING = pick([_cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
-DA_CONFIGS_FP32_ADAPTERS = pick([_cfg(8, 3, BLOCK_M=32, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _SK_32x128],
+SKINNY_CONFIGS_TURING = pick([cfg(8, 3, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
+DA_CONFIGS_FP32_ADAPTERS = pick([cfg(8, 3, BLOCK_M=32, BLOCK_K=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=64), _SK_32x128],
                                 _SKINNY_INTERP)
 
 # fp32 base operands (x, dY fp32; 3xTF32 splits both operands of the base dots): BLOCK_K halved, so a
@@ -122,19 +122,19 @@ DA_CONFIGS_FP32_ADAPTERS = pick([_cfg(8, 3, BLOCK_M=32, BLOCK_K=64), _cfg(8, 3, 
 # 4 stages are over sm_90's 227 KiB a block, 3 over sm_80's 163 KiB), and only the tiles that do not spill:
 # on sm_80 128×128×32 spilled 8-376 B, 64×128×32 96-216 B; the dy pass spilled 48-568 B at every 16-bit
 # tile and 40 B at 64×64 with 8 warps, S = x Aᵀ 8 B there.
-GEMM_CONFIGS_FP32 = pick([_cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
+GEMM_CONFIGS_FP32 = pick([cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
 SKINNY_CONFIGS_FP32 = pick(
     [
-        _cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
-        _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
+        cfg(4, 4, BLOCK_M=64, BLOCK_K=32),
+        cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
+        cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
     ],
     _SKINNY_INTERP,
 )
 # The dy pass in fp32 also spilled 8 B at 128×32 with 8 warps on sm_80 (triton 3.6).
 # (32×32: sm_100, where 64×32 spilled with triton 3.9 and 32×64 with 3.6.)
-DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
-                        _cfg(4, 4, BLOCK_M=32, BLOCK_K=32)], _SKINNY_INTERP)
+DY_CONFIGS_FP32 = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=32), cfg(4, 4, BLOCK_M=32, BLOCK_K=64),
+                        cfg(4, 4, BLOCK_M=32, BLOCK_K=32)], _SKINNY_INTERP)
 
 
 # QLoRA GEMMs (kernels/lora_4bit.py): W's tile is dequantized in registers (one byte, a code lookup, a scale per
@@ -143,14 +143,14 @@ DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=3
 # registers and spilled 8-40 B per thread on sm_80/86/89/120 (mma.sync), 16-296 B at 64×128 on sm_90 (triton 3.9,
 # bench/compile_report.py); BLOCK_K 32 halves the W tile and compiled cleanly at 218-237 registers on sm_80/sm_120.
 Q4_GEMM_CONFIGS = pick(
-    [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-     _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    [cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+     cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
     _GEMM_INTERP,
 )
 # fp32 base: the dense kernels' one fp32 tile and a 32-row one, which sm_120 needs (there 64×64×32 spilled 8 B in dX
 # with a bf16 W, 24-32 B wide).
 Q4_GEMM_CONFIGS_FP32 = pick(
-    [_cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), _cfg(4, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    [cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), cfg(4, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
     _GEMM_INTERP,
 )
 # An unaligned K (in_features not a multiple of the blocksize: no projection of GPT-2 or Gemma) takes per-element scale
@@ -161,7 +161,7 @@ Q4_GEMM_CONFIGS_FP32 = pick(
 # test): one config (an autotuner with one config does not benchmark), 32 elements per thread. Interpreted, the tile
 # is 128 wide along K so that the tests' blocksizes 32 and 64 give rows of 5 and 3 scale slots (the GEMMs' 32-wide
 # interpreter tiles only ever have 2).
-DEQUANT_CONFIGS = pick([_cfg(4, 1, BLOCK_N=32, BLOCK_K=128)], _cfg(4, 1, BLOCK_N=32, BLOCK_K=128))
+DEQUANT_CONFIGS = pick([cfg(4, 1, BLOCK_N=32, BLOCK_K=128)], cfg(4, 1, BLOCK_N=32, BLOCK_K=128))
 
 def config_name(config: triton.Config) -> str:
     """"128×128×64 w8 s4" (GEMM tiles BLOCK_M×BLOCK_N×BLOCK_K; skinny BLOCK_M×BLOCK_K; adds BLOCK_M×BLOCK_N), the

@@ -32,7 +32,7 @@ as in ``lora_forward``.
 import triton
 import triton.language as tl
 
-from .configs import RUNTIME_VALUES, _cfg, by_dtype, pick
+from .configs import RUNTIME_VALUES, by_dtype, cfg, pick
 from .dropout import dropout_scale
 from .indexing import index
 from .lora_forward import grouped_tile
@@ -42,44 +42,44 @@ from .rank_term import rank_r_tile
 # ------------------------------------------------------------------------------------------------ launch configs
 # DoRA's own lists (not LoRA's, which are tuned for those kernels), pruned with bench/compile_report.py: every config
 # here compiles without spills on sm_80 and sm_90 (triton 3.6 and 3.9) unless configs.EXCLUDED names it for an arch.
-_GEMM_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-_SKINNY_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_K=32)
+_GEMM_INTERP = cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_SKINNY_INTERP = cfg(4, 1, BLOCK_M=32, BLOCK_K=32)
 # The row norm: a W tile and a rank-r dot per step, one fp32 sum-of-squares tile; memory-bound on W (read once).
-NORM_CONFIGS = pick([_cfg(4, 3, BLOCK_N=64, BLOCK_K=64), _cfg(4, 3, BLOCK_N=32, BLOCK_K=128),
-                     _cfg(8, 3, BLOCK_N=64, BLOCK_K=128)], _cfg(4, 1, BLOCK_N=32, BLOCK_K=32))
-NORM_CONFIGS_FP32 = pick([_cfg(4, 3, BLOCK_N=64, BLOCK_K=32), _cfg(4, 3, BLOCK_N=32, BLOCK_K=64)],
-                         _cfg(4, 1, BLOCK_N=32, BLOCK_K=32))
+NORM_CONFIGS = pick([cfg(4, 3, BLOCK_N=64, BLOCK_K=64), cfg(4, 3, BLOCK_N=32, BLOCK_K=128),
+                     cfg(8, 3, BLOCK_N=64, BLOCK_K=128)], cfg(4, 1, BLOCK_N=32, BLOCK_K=32))
+NORM_CONFIGS_FP32 = pick([cfg(4, 3, BLOCK_N=64, BLOCK_K=32), cfg(4, 3, BLOCK_N=32, BLOCK_K=64)],
+                         cfg(4, 1, BLOCK_N=32, BLOCK_K=32))
 # S = x_d Aᵀ with x_d written: LoRA's S-kernel tiles.
-DOWN_CONFIGS = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
-                     _cfg(8, 3, BLOCK_M=128, BLOCK_K=64)], _SKINNY_INTERP)
-DOWN_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
-                          _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
+DOWN_CONFIGS = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
+                     cfg(8, 3, BLOCK_M=128, BLOCK_K=64)], _SKINNY_INTERP)
+DOWN_CONFIGS_FP32 = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=32), cfg(8, 3, BLOCK_M=128, BLOCK_K=32),
+                          cfg(4, 4, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
 # One accumulator (p = 0): the LoRA forward GEMM's tiles (configs.GEMM_CONFIGS / GEMM_CONFIGS_FP32), and one more.
-FWD_CONFIGS = pick([_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                    _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+FWD_CONFIGS = pick([cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                    cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                    cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
                     # one stage less: the r = 64 tiles (half adapters) in 99 KiB of shared memory (sm_86/89/120)
-                    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)], _GEMM_INTERP)
-FWD_CONFIGS_FP32 = pick([_cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
+                    cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)], _GEMM_INTERP)
+FWD_CONFIGS_FP32 = pick([cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
 # Two fp32 accumulators (forward with p > 0, dX with p > 0) and three operand tiles a stage (x, x_d, W; dY, G, W):
 # 128×128 with 8 warps (64 accumulator registers a thread each) spilled 16-456 B per thread on sm_80 and 64-216 B on
 # sm_90 (triton 3.9, every dtype pair): 32 accumulator values a thread each here. fp32 operands (3xTF32 splits both
 # operands of both dots): 64×64×32 spilled 120-272 B with 4 warps and 48-176 B with 8 (sm_80/86/89/120), 32×64×32 has
 # no HGMMA/tcgen05 on sm_90/sm_100 (32 rows); 64×32×32 w4 is clean everywhere (139-246 registers).
-TWO_ACC_CONFIGS = pick([_cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-                        _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-                        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)], _GEMM_INTERP)
-TWO_ACC_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
+TWO_ACC_CONFIGS = pick([cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+                        cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                        cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)], _GEMM_INTERP)
+TWO_ACC_CONFIGS_FP32 = pick([cfg(4, 4, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
 # The dY pass (P tile read and G written beside LoRA's work): fp32 dY at 32×64 with 4 warps spilled 16 B on sm_80
 # and 80 B on sm_90 (triton 3.9).
 # (64×64 with 8 warps: rank 64 with half adapters on sm_80/86/89, where the three others spilled with one triton or
 # the other.)
-DY_CONFIGS = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
-                   _cfg(8, 3, BLOCK_M=128, BLOCK_K=64), _cfg(8, 3, BLOCK_M=64, BLOCK_K=64)], _SKINNY_INTERP)
-DY_CONFIGS_FP32_ADAPTERS = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 3, BLOCK_M=32, BLOCK_K=64)],
+DY_CONFIGS = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
+                   cfg(8, 3, BLOCK_M=128, BLOCK_K=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=64)], _SKINNY_INTERP)
+DY_CONFIGS_FP32_ADAPTERS = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=32, BLOCK_K=64)],
                                 _SKINNY_INTERP)
-DY_CONFIGS_FP32 = pick([_cfg(4, 4, BLOCK_M=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=32, BLOCK_K=32)], _SKINNY_INTERP)
+DY_CONFIGS_FP32 = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=32), cfg(4, 4, BLOCK_M=32, BLOCK_K=32)], _SKINNY_INTERP)
 
 
 def _by_dropout(no_drop, drop):

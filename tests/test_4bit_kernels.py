@@ -1,5 +1,5 @@
-"""QLoRA kernels (kernels/lora_4bit.py, fused_lora/bnb4_ops.py) against bitsandbytes itself, through Triton's
-interpreter on CPU (bitsandbytes >= 0.47 quantizes and dequantizes 4-bit weights on CPU).
+"""QLoRA kernels (kernels/lora_4bit.py, fused_lora/backends/bnb4_triton.py) against bitsandbytes itself, through
+Triton's interpreter on CPU (bitsandbytes >= 0.47 quantizes and dequantizes 4-bit weights on CPU).
 
 - dequantization: ``dequantize`` (Triton) and ``dequantize_ref`` (PyTorch) give bitsandbytes' W bit for bit, over
   NF4/FP4, double quantization or not, every blocksize, W dtypes fp32/fp16/bf16 and shapes whose rows split bytes
@@ -30,8 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
-from fused_lora import bnb4_ops, dropout_mask, triton_ops  # noqa: E402
-from fused_lora.bnb4_ops import Packed4bit  # noqa: E402
+from fused_lora import dropout_mask  # noqa: E402
+from fused_lora.backends import bnb4_triton, lora_triton  # noqa: E402
+from fused_lora.backends.bnb4_triton import Packed4bit  # noqa: E402
 
 # bitsandbytes' blocksizes are the powers of two 32…4096; only the shift amount differs between them in the kernels.
 # 32 and 64 give 5 and 3 scale slots per row of a 128-wide tile, 4096 spans whole test matrices.
@@ -75,15 +76,15 @@ def test_dequantize_bit_for_bit(quant_type, nested, w_dtype):
             packed = Packed4bit.from_params(weight)
             want = bnb_dequantized(weight)
             case = f"{quant_type} nested={nested} blocksize={blocksize} {N}×{K} {w_dtype}"
-            results = {"dequantize": bnb4_ops.dequantize(packed), "ref": bnb4_ops.dequantize_ref(packed),
-                       "dequantize forward tiles": bnb4_ops.dequantize(packed, forward_tiles=True)}
+            results = {"dequantize": bnb4_triton.dequantize(packed), "ref": bnb4_triton.dequantize_ref(packed),
+                       "dequantize forward tiles": bnb4_triton.dequantize(packed, forward_tiles=True)}
             for name, got in results.items():
                 assert got.dtype == w_dtype and got.shape == (N, K), (name, case)
                 assert torch.equal(bits(got), bits(want)), f"{name}: {case}"
             if K % 2 or K % blocksize == 0:  # the public function, where its CPU kernel is right (module docstring)
                 with torch.compiler.set_stance("force_eager"):  # K odd: bitsandbytes' torch.compiled path
                     public = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-                assert torch.equal(bnb4_ops.dequantize(packed), public), case
+                assert torch.equal(bnb4_triton.dequantize(packed), public), case
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32], ids=str)
@@ -93,7 +94,7 @@ def test_quant_storage_viewed_as_bytes(storage):
     assert weight.data.dtype == storage
     packed = Packed4bit.from_params(weight)
     assert packed.data.dtype == torch.uint8 and packed.data.data_ptr() == weight.data.data_ptr()
-    assert torch.equal(bits(bnb4_ops.dequantize(packed)), bits(bnb_dequantized(weight)))
+    assert torch.equal(bits(bnb4_triton.dequantize(packed)), bits(bnb_dequantized(weight)))
 
 
 # (x dtype, quant-state dtype, adapter dtype): QLoRA's usual bf16 compute with fp32 adapters (PEFT's default), half
@@ -141,10 +142,10 @@ def test_forward_and_dx_match_bitsandbytes(case, dtypes):
     dy = torch.randn(M, N, generator=gen).to(x_dtype)
 
     # The kernels' pipeline: S and dS from the dense path's launchers, the base GEMMs from the 4-bit ones.
-    s = triton_ops.lora_down(x, lora_A, seed, p)
-    y = bnb4_ops.forward_4bit(x, packed, bias, s, lora_B, scaling)
-    ds = triton_ops.lora_dy_pass(dy, lora_B, s, scaling, True, False, False)[0]
-    dx = bnb4_ops.dx_4bit(dy, packed, ds, lora_A, seed, p, x_dtype)
+    s = lora_triton.lora_down(x, lora_A, seed, p)
+    y = bnb4_triton.forward_4bit(x, packed, bias, s, lora_B, scaling)
+    ds = lora_triton.lora_dy_pass(dy, lora_B, s, scaling, True, False, False)[0]
+    dx = bnb4_triton.dx_4bit(dy, packed, ds, lora_A, seed, p, x_dtype)
 
     # bitsandbytes' matmul_4bit: W dequantized to the quant state's dtype, then cast to x's.
     w_x = bnb_dequantized(weight).to(x_dtype)
@@ -158,10 +159,11 @@ def test_forward_and_dx_match_bitsandbytes(case, dtypes):
 def test_empty_and_mismatched_inputs():
     packed = Packed4bit.from_params(quantized(8, 6))
     lora_B, lora_A = torch.zeros(8, 2), torch.zeros(2, 6)
-    assert bnb4_ops.forward_4bit(torch.zeros(0, 6), packed, None, torch.zeros(0, 2), lora_B, 1.0).shape == (0, 8)
-    assert bnb4_ops.dx_4bit(torch.zeros(0, 8), packed, torch.zeros(0, 2), lora_A, 0, 0.0, torch.float32).shape == (0, 6)
+    assert bnb4_triton.forward_4bit(torch.zeros(0, 6), packed, None, torch.zeros(0, 2), lora_B, 1.0).shape == (0, 8)
+    dx = bnb4_triton.dx_4bit(torch.zeros(0, 8), packed, torch.zeros(0, 2), lora_A, 0, 0.0, torch.float32)
+    assert dx.shape == (0, 6)
     with pytest.raises(ValueError, match="do not fit"):
-        bnb4_ops.forward_4bit(torch.zeros(3, 7), packed, None, torch.zeros(3, 2), lora_B, 1.0)
+        bnb4_triton.forward_4bit(torch.zeros(3, 7), packed, None, torch.zeros(3, 2), lora_B, 1.0)
     with pytest.raises(ValueError, match="not quantized"):
         Packed4bit.from_params(bnb.nn.Params4bit(torch.randn(4, 4), requires_grad=False))
     with pytest.raises(ValueError, match="power of two"):
@@ -192,9 +194,9 @@ def test_no_dequantized_copy_of_w():
     lora_A, lora_B = torch.randn(r, K), torch.randn(N, r)
     s, ds = torch.randn(M, r), torch.randn(M, r)
     calls = {
-        "forward_4bit": lambda: bnb4_ops.forward_4bit(x, packed, None, s, lora_B, 2.0),
-        "dx_4bit": lambda: bnb4_ops.dx_4bit(dy, packed, ds, lora_A, 7, 0.1, torch.bfloat16),
-        "dequantize": lambda: bnb4_ops.dequantize(packed),
+        "forward_4bit": lambda: bnb4_triton.forward_4bit(x, packed, None, s, lora_B, 2.0),
+        "dx_4bit": lambda: bnb4_triton.dx_4bit(dy, packed, ds, lora_A, 7, 0.1, torch.bfloat16),
+        "dequantize": lambda: bnb4_triton.dequantize(packed),
     }
     for name, call in calls.items():
         with _Allocations() as seen:
@@ -206,6 +208,7 @@ def test_no_dequantized_copy_of_w():
 
 def test_imports_without_bitsandbytes():
     # bitsandbytes is optional: fused_lora and its 4-bit launchers import with it absent.
-    code = "import sys; sys.modules['bitsandbytes'] = None\nimport fused_lora, fused_lora.bnb4_ops; print('ok')"
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "import fused_lora, fused_lora.backends.bnb4_triton; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

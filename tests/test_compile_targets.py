@@ -22,44 +22,46 @@ sys.path.insert(0, str(BENCH))
 import compile_matrix as cm  # noqa: E402
 from helpers import legacy_tf32_flag  # noqa: E402
 
-from fused_lora import backend, triton_ops  # noqa: E402
+from fused_lora import dispatch, hardware  # noqa: E402
+from fused_lora.backends import triton_launch  # noqa: E402
 
 
 def test_matrix_follows_the_launchers(monkeypatch):
-    """compile_matrix mirrors triton_ops' BLOCK_R and precision choices and backend's choice of what runs on each
+    """compile_matrix mirrors triton_launch's BLOCK_R and precision choices and the router's choice of what runs on each
     arch (it cannot import torch)."""
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for name, dtype in names.items():
         for kernel in cm.KERNELS:
             if "BLOCK_R" not in cm.launch_args(cm.Variant(kernel))[1]:
                 continue  # no rank-r term (4-bit dequantization)
-            want = triton_ops._skinny_block_r if kernel in cm.SKINNY_KERNELS else triton_ops._block_r
+            want = triton_launch.skinny_rank_block if kernel in cm.SKINNY_KERNELS else triton_launch.rank_block
             assert all(cm.block_r(r, name, kernel) == (want(r) if kernel in cm.SKINNY_KERNELS else want(r, dtype))
                        for r in range(1, 300)), kernel
             assert ({cm.block_r(r, name, kernel) for r in range(1, 300)}
                     <= {cm.block_r(v.rank, name, kernel) for v in cm.full_matrix() if v.kernel == kernel}), kernel
     cpu = torch.device("cpu")
     for arch in cm.ARCHS:  # per arch: Turing's FMA dots take 16-rank chunks
-        monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
+        monkeypatch.setattr(hardware, "device_capability", lambda d, a=arch: divmod(a, 10))
         for name, dtype in names.items():
             for r in (8, 16, 33, 64, 200):
-                assert cm.block_r(r, name, "lora_down_kernel", arch) == triton_ops._skinny_block_r(r, cpu), (arch, r)
-                assert cm.block_r(r, name, "lora_up_add_kernel", arch) == triton_ops._block_r(r, dtype, cpu)
+                want = triton_launch.skinny_rank_block(r, cpu)
+                assert cm.block_r(r, name, "lora_down_kernel", arch) == want, (arch, r)
+                assert cm.block_r(r, name, "lora_up_add_kernel", arch) == triton_launch.rank_block(r, dtype, cpu)
     monkeypatch.undo()
     device = torch.device("cpu")
     for arch in cm.ARCHS:
-        monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
+        monkeypatch.setattr(hardware, "device_capability", lambda d, a=arch: divmod(a, 10))
         for tf32 in (False, True):
             with legacy_tf32_flag(tf32):
                 for name, dtype in names.items():
-                    got = triton_ops.dot_precision(dtype, device)
+                    got = triton_launch.dot_precision(dtype, device)
                     assert cm.precision(name, tf32, arch) == got, (arch, name, tf32)
     for arch in cm.ARCHS:
-        monkeypatch.setattr(backend, "device_capability", lambda d, a=arch: divmod(a, 10))
-        gemm_kernels_run = backend.resolve_gemm(device) != "composed"  # "auto" times the fused GEMMs too
+        monkeypatch.setattr(hardware, "device_capability", lambda d, a=arch: divmod(a, 10))
+        gemm_kernels_run = dispatch.resolve_gemm(device) != "composed"  # "auto" times the fused GEMMs too
         for v in cm.full_matrix():
-            runs = all(backend._hardware_reason(device, names[d]) is None for d in (v.base, v.adapter))
-            # DoRA where the GEMM is composed (Turing): the PyTorch path (fused_lora.dora.dora_call), no DoRA kernel
+            runs = all(hardware.unfit_reason(device, names[d]) is None for d in (v.base, v.adapter))
+            # DoRA where the GEMM is composed (Turing): the PyTorch path (fused_lora.dispatch.route), no DoRA kernel
             runs = runs and (gemm_kernels_run or (v.kernel not in cm.GEMM_KERNELS and v.kernel not in cm.DORA_KERNELS))
             # a 4-bit layer whose K is not a multiple of its blocksize: the composed path on GPUs (quantized.py)
             runs = runs and (v.q4_aligned or v.kernel not in cm.GEMM_KERNELS)
@@ -80,7 +82,7 @@ def test_exclusions_name_real_configs():
     would silently exclude nothing), and no (arch, variant) is left without a config."""
     out = _without_interpreter("""
 import compile_matrix as cm
-configs = cm.kernels.configs
+configs = cm.configs
 excluded = list(configs.EXCLUDED)
 configs.EXCLUDED.clear()  # the configs lists before any arch's exclusions (DoRA has some on sm_80 too)
 listed = {v: cm.configs_for(cm.KERNELS[v.kernel], v, 80) for v in cm.full_matrix()}

@@ -39,7 +39,9 @@ import pytest
 import torch
 from helpers import BACKENDS, DEVICE
 
-from fused_lora import LoRALinear, dropout_mask, fused_lora_linear, triton_ops
+from fused_lora import LoRALinear, dropout_mask, fused_lora_linear
+from fused_lora.backends import lora_triton
+from fused_lora.kernels.configs import INTERPRET
 
 GRADS = ("dx", "dA", "dB", "dbias")
 
@@ -119,7 +121,7 @@ def force_split(monkeypatch, factor=3) -> list:
         calls.append(factor)
         return factor
 
-    monkeypatch.setattr(triton_ops, "_split_factor", split)
+    monkeypatch.setattr(lora_triton, "split_factor", split)
     return calls
 
 
@@ -152,7 +154,7 @@ FRESH_PROCESS = textwrap.dedent("""
 def test_same_bits_in_a_fresh_process():
     """No hidden state (a global generator, an allocator's leftovers, an autotuning choice) changes the bits."""
     # CPU tensors: the kernels run on them only through the interpreter
-    backends = ["torch", "triton"] if triton_ops.INTERPRET else ["torch"]
+    backends = ["torch", "triton"] if INTERPRET else ["torch"]
     tests_dir = str(Path(__file__).parent)
     # the child inherits TRITON_INTERPRET (set by conftest.py before fused_lora was imported)
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, tests_dir, *backends], capture_output=True,
@@ -298,7 +300,7 @@ def test_changing_the_seed_changes_every_result(backend):
     assert torch.equal(a["dbias"], b["dbias"])
 
 
-# The torch backend's Mersenne Twister keeps 32 bits of its seed: torch_ops.generator_seed folds the high
+# The torch backend's Mersenne Twister keeps 32 bits of its seed: dropout.generator_seed folds the high
 # word in, so seeds that differ only above bit 31 (or by sign) still get different masks.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("other", [5 + 2**32, 5 + 2**40, 5 - 2**63, -5])

@@ -213,19 +213,19 @@ def test_adversarial_rows(backend):
 
 def test_split_reductions_match_single_pass():
     """The atomics paths a GPU launch picks to fill its SMs: the norm over K slices, the dY pass over N slices."""
-    from fused_lora import dora_ops
+    from fused_lora.backends import dora_triton
 
     gen = torch.Generator().manual_seed(3)
     M, K, N, r = 70, 66, 100, 20
     rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
     weight, lora_A, lora_B = rnd(N, K), rnd(r, K), rnd(N, r)
-    one = dora_ops.dora_norm_sq(weight, lora_A, lora_B, 0.5, "linear", split_k=1)
-    three = dora_ops.dora_norm_sq(weight, lora_A, lora_B, 0.5, "linear", split_k=3)
+    one = dora_triton.dora_norm_sq(weight, lora_A, lora_B, 0.5, "linear", split_k=1)
+    three = dora_triton.dora_norm_sq(weight, lora_A, lora_B, 0.5, "linear", split_k=3)
     torch.testing.assert_close(one, three)
     torch.testing.assert_close(one, (weight + 0.5 * lora_B @ lora_A).square().sum(1))
     dy, s, P, m = rnd(M, N), rnd(M, r), rnd(M, N), rnd(N).abs()
-    single = dora_ops.dora_dy_pass(dy, lora_B, s, P, one, m, 0.5, True, True, True, True, True, True, split_n=1)
-    split = dora_ops.dora_dy_pass(dy, lora_B, s, P, one, m, 0.5, True, True, True, True, True, True, split_n=3)
+    single = dora_triton.dora_dy_pass(dy, lora_B, s, P, one, m, 0.5, True, True, True, True, True, True, split_n=1)
+    split = dora_triton.dora_dy_pass(dy, lora_B, s, P, one, m, 0.5, True, True, True, True, True, True, split_n=3)
     for a, b in zip(single, split, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     g = m / one.sqrt()

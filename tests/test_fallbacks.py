@@ -1,7 +1,7 @@
 """Never crash a training run on hardware or a case the kernels cannot serve (issue 12).
 
 Each fallback reason is forced on the tests' device (the CPU, or a GPU whose capability is faked) by injecting the
-capability (``backend.device_capability``), the ROCm build (``backend.is_rocm``) or a kernel failure (a launcher
+capability (``hardware.device_capability``), the ROCm build (``hardware.is_rocm``) or a kernel failure (a launcher
 raising Triton's own exception), and the result is checked against the fp64 reference with the dropout mask the
 path really used: the PyTorch path's own after a hardware fallback, the kernels' Philox mask after a kernel failure
 (forward and backward must agree).
@@ -18,7 +18,8 @@ from test_functional import make_problem
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from fused_lora import FallbackWarning, backend, dropout_mask, fused_lora_linear, triton_ops
+from fused_lora import FallbackWarning, dropout_mask, fallback, fused_lora_linear, hardware
+from fused_lora.backends import kernel_fallback, lora_triton, triton_launch
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +27,14 @@ def fresh_state(monkeypatch):
     """Auto backend (conftest pins 'torch'), no warnings or failures remembered from other tests."""
     monkeypatch.setenv("FUSED_LORA_BACKEND", "auto")
     monkeypatch.delenv("FUSED_LORA_GEMM", raising=False)
-    monkeypatch.setattr(backend, "_warned", set())
-    monkeypatch.setattr(triton_ops, "_failed", set())
+    monkeypatch.setattr(fallback, "_warned", set())
+    monkeypatch.setattr(kernel_fallback, "_failed", set())
 
 
 def gpu_like(monkeypatch, capability: tuple[int, int], rocm: bool = False) -> None:
     """Make the tests' device (the CPU, or the real GPU) look like a GPU of ``capability`` to the path choice."""
-    monkeypatch.setattr(backend, "device_capability", lambda device: capability)
-    monkeypatch.setattr(backend, "is_rocm", lambda: rocm)
+    monkeypatch.setattr(hardware, "device_capability", lambda device: capability)
+    monkeypatch.setattr(hardware, "is_rocm", lambda: rocm)
 
 
 def counting(monkeypatch, module, name: str) -> list[int]:
@@ -71,7 +72,7 @@ def run_checked(dtype, mask_backend: str, p: float = 0.25, layout: str = "linear
 ], ids=["volta", "pascal", "turing-bf16", "rocm"])
 def test_hardware_the_kernels_cannot_serve_runs_the_torch_path(monkeypatch, capability, rocm, dtype, words):
     gpu_like(monkeypatch, capability, rocm)
-    launches = counting(monkeypatch, triton_ops, "lora_down")
+    launches = counting(monkeypatch, lora_triton, "lora_down")
     with pytest.warns(FallbackWarning, match=words):
         run_checked(dtype, mask_backend="torch")
     assert not launches
@@ -92,19 +93,19 @@ def test_silenced_by_choosing_the_torch_path(monkeypatch):
 def test_turing_takes_the_composed_path(monkeypatch, dtype):
     """sm_75: Triton's tl.dot is FMA there, so the base GEMM is cuBLAS's and the rank-r terms are added in place."""
     gpu_like(monkeypatch, (7, 5))
-    fused = counting(monkeypatch, triton_ops, "lora_forward")
-    added = counting(monkeypatch, triton_ops, "lora_up_add")
-    dx_added = counting(monkeypatch, triton_ops, "lora_dx_add")
+    fused = counting(monkeypatch, lora_triton, "lora_forward")
+    added = counting(monkeypatch, lora_triton, "lora_up_add")
+    dx_added = counting(monkeypatch, lora_triton, "lora_dx_add")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kernels serve it: no fallback warning
         run_checked(dtype, mask_backend="triton")
     assert not fused and len(added) == 1 and len(dx_added) == 1
-    assert triton_ops.dot_precision(torch.float32, torch.device("cpu")) == "ieee"  # no TF32 before Ampere
+    assert triton_launch.dot_precision(torch.float32, torch.device("cpu")) == "ieee"  # no TF32 before Ampere
 
 
 def test_ampere_and_newer_take_the_fused_path(monkeypatch):
     gpu_like(monkeypatch, (8, 6))
-    fused = counting(monkeypatch, triton_ops, "lora_forward")
+    fused = counting(monkeypatch, lora_triton, "lora_forward")
     run_checked(torch.bfloat16, mask_backend="triton", adapter_dtype=torch.float32)
     assert len(fused) == 1
 
@@ -112,7 +113,7 @@ def test_ampere_and_newer_take_the_fused_path(monkeypatch):
 def test_gemm_mode_can_be_forced(monkeypatch):
     gpu_like(monkeypatch, (9, 0))
     monkeypatch.setenv("FUSED_LORA_GEMM", "composed")
-    added = counting(monkeypatch, triton_ops, "lora_up_add")
+    added = counting(monkeypatch, lora_triton, "lora_up_add")
     run_checked(torch.float32, mask_backend="triton", layout="conv1d")
     assert len(added) == 1
     monkeypatch.setenv("FUSED_LORA_GEMM", "cublas")
@@ -124,7 +125,7 @@ def test_forced_triton_backend_is_honoured(monkeypatch):
     """backend='triton' is the user's choice: no hardware fallback (a kernel failure still falls back)."""
     gpu_like(monkeypatch, (7, 0))
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
-    launches = counting(monkeypatch, triton_ops, "lora_down")
+    launches = counting(monkeypatch, lora_triton, "lora_down")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_checked(torch.float32, mask_backend="triton")
@@ -134,14 +135,14 @@ def test_forced_triton_backend_is_honoured(monkeypatch):
 # ------------------------------------------------------------------------------------------ kernel failures
 
 
-def failing(monkeypatch, name: str, error: Exception) -> list[int]:
+def failing(monkeypatch, name: str, error: Exception, module=lora_triton) -> list[int]:
     calls = []
 
     def raise_(*args, **kwargs):
         calls.append(1)
         raise error
 
-    monkeypatch.setattr(triton_ops, name, raise_)
+    monkeypatch.setattr(module, name, raise_)
     return calls
 
 
@@ -180,6 +181,6 @@ def test_other_kernel_errors_are_not_hidden(monkeypatch):
 def test_mask_kernel_failure_names_the_way_out(monkeypatch):
     gpu_like(monkeypatch, (8, 0))
     failing(monkeypatch, "lora_forward", OutOfResources(1, 0, "registers"))
-    failing(monkeypatch, "dropout_mask", PTXASError("no"))
+    failing(monkeypatch, "dropout_mask", PTXASError("no"), module=kernel_fallback)  # the mask the fallback needs
     with pytest.raises(RuntimeError, match="FUSED_LORA_BACKEND=torch"), pytest.warns(FallbackWarning):
         run_checked(torch.float32, mask_backend="triton")

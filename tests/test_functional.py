@@ -118,27 +118,27 @@ def test_backends_agree_without_dropout():
 def test_split_reductions_match_single_pass():
     """The split paths a GPU launch picks to fill its SMs: dS over N slices and dA over M slices (atomics), S over K
     slices (partial sums added in a fixed order)."""
-    from fused_lora import triton_ops
+    from fused_lora.backends import lora_triton
 
     gen = torch.Generator().manual_seed(3)
     M, K, N, r = 70, 66, 100, 20
     dy, x = torch.randn(M, N, generator=gen).to(DEVICE), torch.randn(M, K, generator=gen).to(DEVICE)
     lora_A, lora_B = torch.randn(r, K, generator=gen).to(DEVICE), torch.randn(N, r, generator=gen).to(DEVICE)
     s = torch.randn(M, r, generator=gen).to(DEVICE)
-    single = triton_ops.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=1)
-    split = triton_ops.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=3)
+    single = lora_triton.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=1)
+    split = lora_triton.lora_dy_pass(dy, lora_B, s, 0.5, True, True, True, split_n=3)
     for a, b in zip(single, split, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(single[0], 0.5 * dy @ lora_B, rtol=1e-5, atol=1e-5)
-    s_single = triton_ops.lora_down(x, lora_A, seed=11, p=0.3, split_k=1)
-    s_split = triton_ops.lora_down(x, lora_A, seed=11, p=0.3, split_k=3)  # K slices summed in a fixed order
+    s_single = lora_triton.lora_down(x, lora_A, seed=11, p=0.3, split_k=1)
+    s_split = lora_triton.lora_down(x, lora_A, seed=11, p=0.3, split_k=3)  # K slices summed in a fixed order
     torch.testing.assert_close(s_single, s_split, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s_single, (x * triton_ops.dropout_mask(11, (M, K), 0.3, x.device)) @ lora_A.t(),
+    torch.testing.assert_close(s_single, (x * lora_triton.dropout_mask(11, (M, K), 0.3, x.device)) @ lora_A.t(),
                                rtol=1e-5, atol=1e-4)
-    da_single = triton_ops.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=1)
-    da_split = triton_ops.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=2)
+    da_single = lora_triton.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=1)
+    da_split = lora_triton.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=2)
     torch.testing.assert_close(da_single, da_split, rtol=1e-5, atol=1e-5)
-    mask = triton_ops.dropout_mask(11, (M, K), 0.3, x.device)
+    mask = lora_triton.dropout_mask(11, (M, K), 0.3, x.device)
     torch.testing.assert_close(da_single, single[0].t() @ (x * mask), rtol=1e-5, atol=1e-4)
 
 

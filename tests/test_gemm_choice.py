@@ -12,7 +12,8 @@ from helpers import CUDA
 from test_fallbacks import counting
 from test_functional import make_problem, run_and_check
 
-from fused_lora import backend, gemm_choice, triton_ops
+from fused_lora import dispatch, hardware
+from fused_lora.backends import gemm_choice, lora_triton
 
 pytestmark = pytest.mark.skipif(CUDA, reason="injects a GPU capability and a timer into the CPU path")
 
@@ -22,7 +23,7 @@ def auto_on_a_gpu_like_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
     monkeypatch.delenv("FUSED_LORA_GEMM", raising=False)
     monkeypatch.setenv("FUSED_LORA_GEMM_CACHE", str(tmp_path / "choices.json"))
-    monkeypatch.setattr(backend, "device_capability", lambda device: (9, 0))  # resolve_gemm says "auto"
+    monkeypatch.setattr(hardware, "device_capability", lambda device: (9, 0))  # resolve_gemm says "auto"
     gemm_choice.clear()
     yield
     gemm_choice.set_timer(None)
@@ -42,9 +43,9 @@ def test_auto_times_once_and_keeps_the_faster(faster, monkeypatch):
     calls: list[str] = []
     gemm_choice.set_timer(fake_timer({"fused": 1.0 if faster == "fused" else 2.0,
                                       "composed": 1.0 if faster == "composed" else 2.0}, calls))
-    up_add = counting(monkeypatch, triton_ops, "lora_up_add")
-    dx_add = counting(monkeypatch, triton_ops, "lora_dx_add")
-    fused_gemm = counting(monkeypatch, triton_ops, "lora_dx")
+    up_add = counting(monkeypatch, lora_triton, "lora_up_add")
+    dx_add = counting(monkeypatch, lora_triton, "lora_dx_add")
+    fused_gemm = counting(monkeypatch, lora_triton, "lora_dx")
     problem = make_problem((3, 11), 40, 28, 6, torch.float32, "linear", True)
     run_and_check(*problem, scaling=1.5, p=0.2, layout="linear", backend="triton")
     assert calls == ["fused"] * gemm_choice.REPEATS + ["composed"] * gemm_choice.REPEATS
@@ -83,6 +84,6 @@ def test_a_broken_cache_file_is_decided_again(tmp_path):
 
 
 def test_turing_takes_composed_without_timing(monkeypatch):
-    monkeypatch.setattr(backend, "device_capability", lambda device: (7, 5))
+    monkeypatch.setattr(hardware, "device_capability", lambda device: (7, 5))
     gemm_choice.set_timer(lambda *a: pytest.fail("Turing is not timed: Triton has no tensor-core dot there"))
-    assert backend.resolve_gemm(torch.device("cpu")) == "composed"
+    assert dispatch.resolve_gemm(torch.device("cpu")) == "composed"

@@ -24,7 +24,8 @@ import torch
 from helpers import assert_within_torch_error, atol_for, reference_pair
 from test_functional import make_problem, run_and_check
 
-from fused_lora import dropout_mask, fused_lora_linear, triton_ops
+from fused_lora import dropout_mask, fused_lora_linear
+from fused_lora.backends import triton_launch
 
 pytestmark = pytest.mark.gpu
 check = pytest.mark.check
@@ -69,7 +70,7 @@ def test_fp32_adapters_on_bf16_base(mode):
     (about fp32 accuracy), or TF32 when PyTorch allows it, by either switch."""
     with fp32_matmul_precision(mode):
         want = "tf32x3" if mode == "default-3xtf32" else "tf32"
-        assert triton_ops.dot_precision(torch.float32, torch.device("cuda")) == want
+        assert triton_launch.dot_precision(torch.float32, torch.device("cuda")) == want
         problem = make_problem((8, 512), 2048, 2048, 16, torch.bfloat16, "linear", False,
                                adapter_dtype=torch.float32, device="cuda")
         run_and_check(*problem, scaling=2.0, p=0.1, layout="linear", backend="triton")
@@ -85,7 +86,7 @@ def test_fp32_base_follows_the_tf32_switch(mode):
     err = lambda y: (y.double() - ref).abs().max().item()
     exact = err(fused_lora_linear(x, w, None, a, b, 2.0, backend="triton"))
     with fp32_matmul_precision(mode):
-        assert triton_ops.dot_precision(torch.float32, x.device) == "tf32"
+        assert triton_launch.dot_precision(torch.float32, x.device) == "tf32"
         fast = err(fused_lora_linear(x, w, None, a, b, 2.0, backend="triton"))
     assert exact < 1e-3, f"3xTF32 error {exact:.3g}"
     assert 4 * exact < fast < 5e-2, f"TF32 error {fast:.3g} vs 3xTF32's {exact:.3g}: the switch was not followed"
@@ -195,7 +196,8 @@ def test_one_dropout_mask_in_forward_and_backward():
 @check
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_layer_on_the_second_gpu_while_the_first_is_current():
-    """Triton launches on the current device: a layer living on cuda:1 must run there (triton_ops._on) and match."""
+    """Triton launches on the current device: a layer living on cuda:1 must run there (triton_launch.on_device) and
+    match."""
     problem = make_problem((1024,), 1024, 1024, 16, torch.bfloat16, "linear", True, device="cuda:1")
     with torch.cuda.device(0):
         y = run_and_check(*problem, scaling=2.0, p=0.1, layout="linear", backend="triton")

@@ -14,9 +14,11 @@ import torch
 from helpers import BACKENDS, DEVICE, legacy_tf32_flag
 from test_functional import make_problem, run_and_check
 
-from fused_lora import dropout_mask, fused_lora_linear, kernels, lora_linear_ref, triton_ops
+from fused_lora import dropout_mask, fused_lora_linear, lora_linear_ref
+from fused_lora.backends import dropout_triton, kernel_fallback, triton_launch
+from fused_lora.kernels import catalog, configs
 
-RUNTIME_VALUES, m_bucket = kernels.configs.RUNTIME_VALUES, kernels.configs.m_bucket
+RUNTIME_VALUES, m_bucket = configs.RUNTIME_VALUES, configs.m_bucket
 
 # ------------------------------------------------------------------------------------------------ pointers
 
@@ -53,7 +55,7 @@ def test_new_tf32_api_does_not_crash(value):
     """``TrainingArguments(tf32=True)`` sets ``torch.backends.fp32_precision``; reading the legacy
     ``allow_tf32`` then raises. Every call with fp32 adapters or fp32 inputs asks for the precision."""
     with fp32_precision(value):
-        assert triton_ops.dot_precision(torch.float32) == ("tf32" if value == "tf32" else "tf32x3")
+        assert triton_launch.dot_precision(torch.float32) == ("tf32" if value == "tf32" else "tf32x3")
         problem = make_problem((2, 9), 24, 20, 4, torch.bfloat16, "linear", True, adapter_dtype=torch.float32,
                                device=DEVICE)
         run_and_check(*problem, scaling=2.0, p=0.1, layout="linear", backend="triton")
@@ -62,7 +64,7 @@ def test_new_tf32_api_does_not_crash(value):
 def test_legacy_tf32_flag_still_followed():
     for flag, want in ((True, "tf32"), (False, "tf32x3")):
         with legacy_tf32_flag(flag):
-            assert triton_ops.dot_precision(torch.float32) == want
+            assert triton_launch.dot_precision(torch.float32) == want
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -71,13 +73,14 @@ def test_legacy_tf32_flag_still_followed():
 def test_launches_are_guarded_with_the_tensors_device(monkeypatch):
     """Triton launches on the *current* device: every entry point must make the tensors' device current."""
     seen = []
-    real = triton_ops._on
+    real = triton_launch.on_device
 
     def recording(device):
         seen.append(device)
         return real(device)
 
-    monkeypatch.setattr(triton_ops, "_on", recording)
+    for module in (kernel_fallback, dropout_triton):  # where the launches are entered
+        monkeypatch.setattr(module, "on_device", recording)
     x, weight, bias, lora_A, lora_B = make_problem((5,), 16, 12, 2, torch.float32, "linear", True, device=DEVICE)
     fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.3, dropout_seed=3, backend="triton").sum().backward()
     dropout_mask(3, (5, 16), 0.3, x.device, backend="triton")
@@ -85,9 +88,9 @@ def test_launches_are_guarded_with_the_tensors_device(monkeypatch):
 
 
 def test_device_guard_targets_the_tensor_device_index():
-    guard = triton_ops._on(torch.device("cuda", 1))  # not entered: cuda:1 need not exist
+    guard = triton_launch.on_device(torch.device("cuda", 1))  # not entered: cuda:1 need not exist
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert isinstance(triton_ops._on(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(triton_launch.on_device(torch.device("cpu")), contextlib.nullcontext)
 
 
 # ---------------------------------------------------------------------------------------- buffer dtypes
@@ -124,7 +127,7 @@ def _jit_function(kernel):
     return kernel.fn if hasattr(kernel, "configs") else kernel
 
 
-KERNELS = {name: getattr(kernels, name) for name in kernels.__all__ if name.endswith("_kernel")}
+KERNELS = catalog.KERNELS
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
@@ -199,10 +202,10 @@ def test_offsets_past_2_31_elements(layout):
 def test_wide_offsets_only_where_needed():
     """int64 offsets cost registers (kernels/indexing.py): only launches reaching past 2³¹ elements get them."""
     meta = lambda *shape: torch.empty(shape, device="meta")
-    assert not triton_ops.wide_offsets(meta(8192, 16384), meta(16384, 4096), meta(4096, 16))
-    assert triton_ops.wide_offsets(meta(8192, 16384), meta(262144, 8192))  # a 256k-vocab head's weight
-    assert triton_ops.wide_offsets(meta(64, 2**26)[:, :: 2**20])  # 64×64 elements, but 2³¹ apart
-    assert triton_ops.wide_offsets(meta(2**31 // 4096 - 100, 4096))  # the tiles' overhang counts too
+    assert not triton_launch.wide_offsets(meta(8192, 16384), meta(16384, 4096), meta(4096, 16))
+    assert triton_launch.wide_offsets(meta(8192, 16384), meta(262144, 8192))  # a 256k-vocab head's weight
+    assert triton_launch.wide_offsets(meta(64, 2**26)[:, :: 2**20])  # 64×64 elements, but 2³¹ apart
+    assert triton_launch.wide_offsets(meta(2**31 // 4096 - 100, 4096))  # the tiles' overhang counts too
 
 
 # ------------------------------------------------------------------------------------------- dropout lanes

@@ -1,7 +1,7 @@
 """The bf16 workaround under Triton's interpreter (NOTES §3), tested both ways.
 
 The interpreter holds bf16 as uint16 and computes tl.dot on the bit patterns (triton#11584). The
-kernels therefore cast half operands to fp32 right before tl.dot when interpreting (triton_ops.dot_dtype):
+kernels therefore cast half operands to fp32 right before tl.dot when interpreting (triton_launch.dot_dtype):
 products of half values are exact in fp32, which is what a tensor core computes. These tests prove the bug
 is still there (if upstream fixes it, the first test fails and the workaround can go) and that the
 kernels' bf16 path is right despite it (test_functional.py checks it against fp64 in full).
@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_lora import kernels, triton_ops
+from fused_lora.backends import triton_launch
+from fused_lora.kernels.configs import INTERPRET
 
-pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="only meaningful under TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="only meaningful under TRITON_INTERPRET=1")
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _run(upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
 def test_upstream_bf16_dot_is_still_wrong_in_the_interpreter():
     got, expected = _run(upcast=False)
     assert not torch.allclose(got, expected, rtol=1e-2, atol=1e-2), (
-        "Triton's interpreter now computes bf16 tl.dot correctly: the fp32 upcast in triton_ops.dot_dtype "
+        "Triton's interpreter now computes bf16 tl.dot correctly: the fp32 upcast in triton_launch.dot_dtype "
         "is no longer needed under the interpreter")
 
 
@@ -52,4 +53,4 @@ def test_upcast_operands_give_the_exact_product():
 
 def test_kernels_use_fp32_dots_when_interpreting():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert triton_ops.dot_dtype(dtype) == tl.float32
+        assert triton_launch.dot_dtype(dtype) == tl.float32

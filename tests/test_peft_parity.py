@@ -66,12 +66,12 @@ def test_parity_check_catches_a_small_adapter_difference():
 def test_outputs_and_gradients_match_peft_through_triton_kernels(monkeypatch):
     # The Triton kernels, run by Triton's interpreter on CPU (slow: a one-layer model, 5 tokens); on a GPU, on it.
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
-    from fused_lora import triton_ops
+    from fused_lora.backends import lora_triton
 
     calls = []
     for op in ("forward", "backward"):
-        fn = getattr(triton_ops, op)
-        monkeypatch.setattr(triton_ops, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
+        fn = getattr(lora_triton, op)
+        monkeypatch.setattr(lora_triton, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
     peft_model, ours = make_pair("gpt2_cls", dict(r=2, target_modules=["c_attn", "c_fc"], bias="lora_only",
                                                   task_type="SEQ_CLS"), n_layer=1, n_embd=16)
     peft_model.to(DEVICE)

@@ -33,7 +33,7 @@ from fused_lora import (  # noqa: E402
     unmerge_lora,
 )
 from fused_lora import peft as flp  # noqa: E402
-from fused_lora.base_ops import quantized_base  # noqa: E402
+from fused_lora.base_layers import quantized_base  # noqa: E402
 from fused_lora.quantized import QuantizedLoRALinear  # noqa: E402
 
 KINDS = {
@@ -105,7 +105,7 @@ def check_layer(kind, compute_dtype, x_dtype, backend, p, seed=3):
     assert layer.weight.grad is None
 
 
-# "torch"; the Triton backend's fused 4-bit path (W dequantized in the GEMMs' registers, bnb4_ops) and its composed
+# "torch"; the Triton backend's fused 4-bit path (W dequantized in the GEMMs' registers, bnb4_triton) and its composed
 # path (bitsandbytes' own matmul, the rank-r term added in place), chosen with FUSED_LORA_GEMM.
 PATHS = ["torch", "triton-fused", "triton-composed"]
 
@@ -113,12 +113,12 @@ PATHS = ["torch", "triton-fused", "triton-composed"]
 @pytest.fixture
 def path_calls(monkeypatch):
     """Select a path by name; returns the calls of the 4-bit GEMMs (to prove which path ran)."""
-    from fused_lora import bnb4_ops
+    from fused_lora.backends import bnb4_triton
 
     calls = []
     for fn in ("forward_4bit", "dx_4bit"):
-        real = getattr(bnb4_ops, fn)
-        monkeypatch.setattr(bnb4_ops, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+        real = getattr(bnb4_triton, fn)
+        monkeypatch.setattr(bnb4_triton, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
 
     def select(path: str) -> str:
         if path.startswith("triton-"):
@@ -155,10 +155,10 @@ def test_same_mask_with_dropout(path, kind, path_calls):
 def test_auto_times_the_4bit_paths_once_per_shape(path_calls, monkeypatch):
     """FUSED_LORA_GEMM=auto (the default on a GPU) times the fused 4-bit and the composed forward once per shape and
     keeps the faster; here with a timer injected as on a machine where bitsandbytes' matmul wins."""
-    from fused_lora import gemm_choice
+    from fused_lora.backends import gemm_choice
 
     _, calls = path_calls
-    monkeypatch.setattr("fused_lora.quantized.resolve_gemm", lambda device: "auto")
+    monkeypatch.setattr("fused_lora.dispatch.resolve_gemm", lambda device: "auto")
     timed = []
 
     def timer(name, fn, device):
@@ -431,12 +431,21 @@ def test_unaligned_k_takes_the_composed_path_on_a_gpu():
     unaligned kernels' tiles spilled there: kernels/configs.py); aligned layers and CPU runs keep the choice."""
     from types import SimpleNamespace
 
-    from fused_lora.quantized import _choose_4bit_path
+    from fused_lora import dispatch
+    from fused_lora.base_layers import BNB_4BIT
 
-    base = SimpleNamespace(layer=SimpleNamespace(weight=SimpleNamespace(quant_state=SimpleNamespace(blocksize=64))))
-    gpu = lambda k: SimpleNamespace(device=torch.device("cuda"), shape=(3, k))  # noqa: E731
-    assert _choose_4bit_path(gpu(70), base, None, None, None, 1.0, 0.0, None) == "composed"
+    layer = SimpleNamespace(weight=SimpleNamespace(quant_state=SimpleNamespace(blocksize=64)))
+    gpu = lambda k: SimpleNamespace(device=torch.device("cuda"), shape=(3, k), dtype=torch.float32)  # noqa: E731
+    cpu = SimpleNamespace(device=torch.device("cpu"), shape=(3, 70), dtype=torch.float32)
+
+    def gemm(x):
+        fits = dispatch.fused_4bit_fits(x, layer, torch.float32)
+        return dispatch.route(dispatch.LORA, BNB_4BIT, x.device, torch.float32, "triton", fused_ok=fits)[1]
+
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fused_lora.quantized.resolve_gemm", lambda device: "fused")
-        assert _choose_4bit_path(gpu(70), base, None, None, None, 1.0, 0.0, None) == "composed"
-        assert _choose_4bit_path(gpu(128), base, None, None, None, 1.0, 0.0, None) == "fused-4bit"
+        mp.setattr("fused_lora.dispatch.resolve_gemm", lambda device: "auto")
+        assert gemm(gpu(70)) == "composed"
+        mp.setattr("fused_lora.dispatch.resolve_gemm", lambda device: "fused")
+        assert gemm(gpu(70)) == "composed"
+        assert gemm(gpu(128)) == "fused"
+        assert gemm(cpu) == "fused"

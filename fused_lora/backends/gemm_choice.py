@@ -1,11 +1,13 @@
-"""``FUSED_LORA_GEMM=auto``: which base GEMM the Triton backend runs, chosen by timing both on first use.
+"""``FUSED_LORA_GEMM=auto``: which base GEMM the Triton backend runs, chosen by timing the candidates on first use.
+The one mechanism for every variant and base kind (dense LoRA, 4-bit LoRA, DoRA): the router says ``auto``, and the
+first forward of a key resolves it here (:func:`resolve`), at run time (also inside ``torch.compile``'s custom ops).
 
 The fused path folds the rank-r term into a Triton GEMM (one write of y, one of dX); the composed path runs
 cuBLAS's GEMM and adds the rank-r term in place (one more read and write of y and of dX). Which is faster depends on
 the GPU and the shape: on an H100 a pointer-load Triton GEMM typically trails cuBLAS by 10-30 % while the fusion
-saves only the rank-r update's M×N pass (bench/traffic_model.py). So the first forward of a key (device, dtypes,
-layout, K, N, rank, token bucket) runs both a few times and keeps the faster; every later call, forward and
-backward, takes the kept choice (a dict lookup). Choices can be kept across processes in a JSON file
+saves only the rank-r update's M×N pass (bench/traffic_model.py). So the first forward of a key (variant and base,
+device, dtypes, layout, K, N, rank, token bucket) runs each candidate a few times and keeps the fastest; every later
+call, forward and backward, takes the kept choice (a dict lookup). Choices can be kept across processes in a JSON file
 (``FUSED_LORA_GEMM_CACHE=path``), written atomically.
 
 Timing uses CUDA events by default; tests inject a timer (``set_timer``).
@@ -21,25 +23,23 @@ from pathlib import Path
 
 import torch
 
+from ..hardware import device_name
+from ..kernels.configs import m_bucket
+
 CACHE_ENV = "FUSED_LORA_GEMM_CACHE"
 REPEATS = 3  # timed runs of each path after one warm-up (which also compiles and autotunes the kernels)
 
 _choices: dict[str, str] = {}
-_names: dict[torch.device, str] = {}
 _loaded_from: str | None = None
 _timer: Callable[[str, Callable[[], object], torch.device], float] | None = None
 
 
-def key(device: torch.device, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, layout: str,
-        m_bucket: int) -> str:
-    """The decision's key: what changes which GEMM is faster (a string, for the JSON file)."""
-    name = _names.get(device)
-    if name is None:
-        name = _names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    K = x.shape[1]
-    N = weight.shape[0] if layout == "linear" else weight.shape[1]
-    return (f"{name}|{str(x.dtype).removeprefix('torch.')}|{str(lora_A.dtype).removeprefix('torch.')}|{layout}"
-            f"|K{K}|N{N}|R{lora_A.shape[0]}|M{m_bucket}")
+def key(kind: str, x2d: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, layout: str) -> str:
+    """The decision's key: what changes which path is faster (a string, for the JSON file). ``kind``: the variant and
+    base ("lora", "lora-bnb4", "dora")."""
+    K, N, M = x2d.shape[1], lora_B.shape[0], x2d.shape[0]
+    return (f"{kind}|{device_name(x2d.device)}|{str(x2d.dtype).removeprefix('torch.')}"
+            f"|{str(lora_A.dtype).removeprefix('torch.')}|{layout}|K{K}|N{N}|R{lora_A.shape[0]}|M{m_bucket(M)}")
 
 
 def set_timer(timer: Callable[[str, Callable[[], object], torch.device], float] | None) -> None:
@@ -81,7 +81,7 @@ def _load() -> None:
     except (OSError, ValueError):
         return  # no file yet, or not ours: decide again, and write a good one
     if isinstance(saved, dict):
-        _choices.update({k: v for k, v in saved.items() if v in ("fused", "composed") and k not in _choices})
+        _choices.update({k: v for k, v in saved.items() if isinstance(v, str) and k not in _choices})
 
 
 def _save() -> None:
@@ -103,17 +103,18 @@ def cached(k: str) -> str | None:
     return _choices.get(k)
 
 
-def choose(k: str, device: torch.device, run_fused: Callable[[], object], run_composed: Callable[[], object]) -> str:
-    """The kept choice for ``k``, or, on first use, the faster of the two paths (each run once to warm up, then
-    ``REPEATS`` times; the median counts), kept and written to the cache file."""
+def choose(k: str, device: torch.device, candidates: dict[str, Callable[[], object]]) -> str:
+    """The kept choice for ``k``, or, on first use, the fastest candidate (each run once to warm up, then ``REPEATS``
+    times; the median counts), kept and written to the cache file. Without CUDA events and without an injected timer
+    (the interpreter on CPU) nothing is timed: the first candidate."""
     choice = cached(k)
-    if choice is not None:
+    if choice in candidates:
         return choice
     if _timer is None and device.type != "cuda":
-        return "fused"  # nothing to time with (CUDA events) and nothing worth timing: the interpreter on CPU
+        return next(iter(candidates))
     timer = _timer or _cuda_time
     times = {}
-    for name, run in (("fused", run_fused), ("composed", run_composed)):
+    for name, run in candidates.items():
         run()  # warm-up: compiles and autotunes the kernels of this path
         samples = sorted(timer(name, run, device) for _ in range(REPEATS))
         times[name] = samples[len(samples) // 2]
@@ -121,3 +122,21 @@ def choose(k: str, device: torch.device, run_fused: Callable[[], object], run_co
     _choices[k] = choice
     _save()
     return choice
+
+
+def resolve(gemm: str, k: Callable[[], str], device: torch.device, run: Callable[[str], object],
+            names: tuple[str, ...] = ("fused", "composed")) -> str:
+    """``gemm`` itself, or for ``"auto"`` the kept or timed choice among ``names`` for the key ``k()``; ``run(name)``
+    runs that path once on the call's inputs (no autograd: the timing runs are not part of the graph)."""
+    if gemm != "auto":
+        return gemm
+    with torch.no_grad():
+        return choose(k(), device, {name: (lambda n=name: run(n)) for name in names})
+
+
+def resolved(gemm: str, k: Callable[[], str]) -> str:
+    """The backward's view of ``gemm``: for ``"auto"``, the choice its forward made for this key (``"fused"`` when
+    none is kept: the interpreter)."""
+    if gemm != "auto":
+        return gemm
+    return cached(k()) or "fused"

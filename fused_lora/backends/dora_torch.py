@@ -1,10 +1,10 @@
-"""DoRA in plain PyTorch: the "torch" backend of :class:`fused_lora.dora.DoRALinearFunction` (CPU tensors, or anywhere
-it is forced), and ``dora_ref``, the reference every backend is tested against.
+"""DoRA on the PyTorch backend of :class:`fused_lora.autograd.dora.DoRALinearFunction` (CPU tensors, or anywhere it is
+forced, or a kernel cannot run). Its reference, ``dora_ref``, is in ``reference.py``.
 
     y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ s·(x_d Aᵀ) Bᵀ,     g = magnitude / ‖W + s·B A‖_row (detached)
 
 The backend keeps what the kernels keep for backward (x, S = x_d Aᵀ, P = x_d Wᵀ + s·S Bᵀ, and the squared row norms):
-no mask and no dropped copy of x; the mask is regenerated from the seed (``torch_ops.keep_mask``) in backward. P is the
+no mask and no dropped copy of x; the mask is regenerated from the seed (``dropout.keep_mask``) in backward. P is the
 M×N product the magnitude's gradient needs (Σ_rows dY ⊙ P / ‖·‖): keeping it is cheaper than a second base GEMM.
 """
 
@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from .torch_ops import _scaled_mm, keep_mask
-
-
-def _w_nk(weight: torch.Tensor, weight_layout: str) -> torch.Tensor:
-    """W as out×in (a view for Conv1D's in×out weight)."""
-    return weight if weight_layout == "linear" else weight.t()
+from ..dropout import drop_scale, keep_mask
+from ..reference import weight_nk
+from .lora_torch import scaled_mm
 
 
 def norm_sq(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
             weight_layout: str) -> torch.Tensor:
     """‖W + s·B A‖² per output row, fp32 (N). B A is formed in fp32 (an N×K temporary; the kernels form it tile by
     tile in registers)."""
-    w = _w_nk(weight, weight_layout)
+    w = weight_nk(weight, weight_layout)
     v = torch.addmm(w.float(), lora_B.float(), lora_A.float(), alpha=scaling)
     return v.mul_(v).sum(1)
-
-
-def _drop_scale(p: float) -> float:
-    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -41,7 +34,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     ad = lora_A.dtype
     sq = norm_sq(weight, lora_A, lora_B, scaling, weight_layout)
     g = magnitude.float() / sq.sqrt()
-    w_t = _w_nk(weight, weight_layout).t()  # K×N view
+    w_t = weight_nk(weight, weight_layout).t()  # K×N view
     x_a = x if x.dtype == ad else x.to(ad)
     if p == 0:
         s = x_a @ lora_A.t()
@@ -55,10 +48,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     if keep is None:
         keep = keep_mask(seed, tuple(x.shape), p, x.device)
     xk = x_a * keep  # keep ⊙ x (NaN·0 stays NaN, as nn.Dropout); 1/(1-p) goes on the M×N and M×r products
-    scale = _drop_scale(p)
+    scale = drop_scale(p)
     w_ad = w_t if w_t.dtype == ad else w_t.to(ad)  # PEFT computes x_d Wᵀ in the adapters' dtype too
-    s = _scaled_mm(xk, lora_A.t(), scale)
-    P = _scaled_mm(xk, w_ad, scale)
+    s = scaled_mm(xk, lora_A.t(), scale)
+    P = scaled_mm(xk, w_ad, scale)
     del xk
     # y = x Wᵀ + b + (g − 1) ⊙ x_d Wᵀ + g ⊙ s·S Bᵀ = (x Wᵀ − x_d Wᵀ) + g ⊙ P + b, with T = s·S Bᵀ only in P (the
     # kernels' epilogue, and why: kernels/dora.py)
@@ -89,7 +82,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     g = magnitude.float() / norm
     g_ad = g if ad == torch.float32 else g.to(ad)
     dy_a = dy if dy.dtype == ad else dy.to(ad)
-    drop = _drop_scale(p) if p > 0 else 1.0
+    drop = drop_scale(p) if p > 0 else 1.0
     dx = da = db = dbias = dmag = None
     if need_db:
         db = (dy_a.t() @ (s if s.dtype == ad else s.to(ad))).mul_((scaling * g_ad)[:, None])
@@ -100,14 +93,14 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         dmag = dmag if dmag.dtype == magnitude.dtype else dmag.to(magnitude.dtype)
     if not (need_dx or need_da):
         return dx, da, db, dbias, dmag
-    ds = _scaled_mm(dy_a, lora_B * g_ad[:, None], scaling * drop)
+    ds = scaled_mm(dy_a, lora_B * g_ad[:, None], scaling * drop)
     if p > 0 and keep is None:
         keep = keep_mask(seed, tuple(x.shape), p, x.device)
     if need_da:
         x_a = x if x.dtype == ad else x.to(ad)
         da = ds.t() @ (x_a if p == 0 else x_a * keep)
     if need_dx:
-        w = _w_nk(weight, weight_layout)  # N×K
+        w = weight_nk(weight, weight_layout)  # N×K
         lora_dx = ds @ lora_A
         if lora_dx.dtype != dy.dtype:
             lora_dx = lora_dx.to(dy.dtype)
@@ -119,52 +112,3 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
     return dx, da, db, dbias, dmag
-
-
-def dora_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    magnitude: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    training: bool = True,
-    weight_layout: str = "linear",
-    *,
-    dropout_mask: torch.Tensor | None = None,
-    upcast: torch.dtype | None = None,
-) -> torch.Tensor:
-    """PEFT's DoRA layer (``peft.tuners.lora.variants.DoraLinearVariant.forward`` and ``dora.DoraLinearLayer``), op for
-    op, as eager autograd ops: the definition the backends are tested against (in fp64 with ``upcast=torch.float64``).
-
-    PEFT's dtype rules without ``upcast``: the base layer in x's dtype; x cast to the adapters' dtype, W too for the
-    norm and for x_d Wᵀ; the norm ‖W + s·B A‖ in the adapters' dtype and detached; without dropout (p = 0 or not
-    training) the base product is the base layer's output minus its bias, with dropout it is x_d Wᵀ computed again
-    (PEFT applies the magnitude correction to the dropped input's base product). ``dropout_mask``: the scaled keep mask
-    (0 or 1/(1-p)) a backend used (``fused_lora.dropout_mask``); it takes the dropout branch.
-    """
-    out_dtype = x.dtype
-    if upcast is not None:
-        x, weight, lora_A, lora_B, magnitude = (t.to(upcast) for t in (x, weight, lora_A, lora_B, magnitude))
-        bias = bias.to(upcast) if bias is not None else None
-        out_dtype = upcast
-    w = _w_nk(weight, weight_layout)
-    result = torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-    x_a = x.to(lora_A.dtype)
-    w_a = w.to(x_a.dtype)
-    lora_weight = (lora_B @ lora_A).to(x_a.dtype)
-    weight_norm = torch.linalg.norm(w_a + scaling * lora_weight.detach(), dim=1).to(w_a.dtype).detach()
-    g = (magnitude / weight_norm).view(1, -1)
-    if dropout_mask is not None or (training and dropout_p > 0):
-        if dropout_mask is not None:
-            x_a = x_a * dropout_mask.to(x_a.dtype)
-        else:
-            x_a = torch.nn.functional.dropout(x_a, dropout_p, training=True)
-        base_result = torch.nn.functional.linear(x_a, w_a)
-    else:
-        base_result = result - bias if bias is not None else result
-    lora_result = (x_a @ lora_A.t()) @ lora_B.t()
-    result_dora = (g - 1) * base_result + g * lora_result * scaling
-    return (result + result_dora).to(result.dtype).to(out_dtype)

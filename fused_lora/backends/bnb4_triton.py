@@ -11,8 +11,8 @@ Layers whose K (in_features) is a multiple of the blocksize (every projection of
 blocksize 64) take the kernels' ``ALIGNED`` path (block scales loaded per row of W); other shapes are exact too,
 with per-element scale loads and the 64×64 tiles only (kernels/lora_4bit.py).
 
-S and dS come from the dense path's own launchers (``triton_ops.lora_down`` / ``lora_dy_pass``), and dA from
-``triton_ops.lora_da``: only the base GEMMs read W. Numerics follow ``bnb.matmul_4bit``: W is ``code[q] · absmax``
+S and dS come from the dense path's own launchers (``lora_triton.lora_down`` / ``lora_dy_pass``), and dA from
+``lora_triton.lora_da``: only the base GEMMs read W. Numerics follow ``bnb.matmul_4bit``: W is ``code[q] · absmax``
 in fp32 rounded to the quant state's dtype, then to x's dtype (``dequantize_4bit(W, state).to(x.dtype)``); the GEMM
 then runs as the dense kernels' (fp32 accumulation, the rank-r term in the same accumulator, one rounding).
 ``Linear4bit`` casts x and the bias to its ``compute_dtype`` before its matmul: callers do the same before
@@ -29,8 +29,21 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import kernels, triton_ops
-from .kernels.configs import m_bucket
+from ..kernels.configs import m_bucket
+from ..kernels.lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
+from .lora_triton import backward_with, forward_with
+from .triton_launch import (
+    INT32_REACH,
+    TILE_OVERHANG,
+    TL_DTYPES,
+    dot_dtype,
+    dot_precision,
+    drop_args,
+    on_device,
+    rank_block,
+    unused,
+    wide_offsets,
+)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (functional.dequantize_4bit checks these)
 QUANT_TYPES = ("nf4", "fp4")
@@ -144,10 +157,10 @@ class Packed4bit:
 
 def _quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, object]]:
     """(the six pointer arguments every 4-bit kernel takes after w_ptr's, its quantization constexprs)."""
-    unused = triton_ops._unused(packed.device)
+    nothing = unused(packed.device)
     pointers = [packed.data, packed.absmax, packed.code,
-                packed.absmax2 if packed.nested else unused, packed.code2 if packed.nested else unused,
-                packed.offset if packed.nested else unused]
+                packed.absmax2 if packed.nested else nothing, packed.code2 if packed.nested else nothing,
+                packed.offset if packed.nested else nothing]
     consts = {"NESTED": packed.nested, "QBLOCK_LOG2": packed.blocksize.bit_length() - 1,
               "QBLOCK2_LOG2": packed.blocksize2.bit_length() - 1,
               "ALIGNED": packed.shape[1] % packed.blocksize == 0}  # every row of W starts a block (real models)
@@ -155,10 +168,10 @@ def _quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, objec
 
 
 def _w_wide(packed: Packed4bit) -> bool:
-    """Whether W's flat element index n·K + k (tile overhang included) needs int64 (``triton_ops.wide_offsets``)."""
+    """Whether W's flat element index n·K + k (tile overhang included) needs int64 (``triton_launch.wide_offsets``)."""
     N, K = packed.shape
-    overhang = triton_ops._TILE_OVERHANG
-    return (N - 1 + overhang) * K + K - 1 + overhang > triton_ops._INT32_REACH
+    overhang = TILE_OVERHANG
+    return (N - 1 + overhang) * K + K - 1 + overhang > INT32_REACH
 
 
 def _check_device(packed: Packed4bit, t: torch.Tensor) -> None:
@@ -171,7 +184,7 @@ def forward_4bit(
     scaling: float,
 ) -> torch.Tensor:
     """y = x Wᵀ + b + scaling · S Bᵀ in x's dtype (M×N), one Triton GEMM reading W from its 4-bit storage.
-    x: M×K (any strides); S: M×r (``triton_ops.lora_down``'s fp32 output); lora_B: N×r."""
+    x: M×K (any strides); S: M×r (``lora_triton.lora_down``'s fp32 output); lora_B: N×r."""
     M, K = x.shape
     N, R = lora_B.shape
     if packed.shape != (N, K) or s.shape != (M, R):
@@ -182,20 +195,20 @@ def forward_4bit(
     if M == 0 or N == 0:  # a grid with a zero dimension is not a launch
         return y
     pointers, quant = _quant_args(packed)
-    bias_arg = bias if bias is not None else triton_ops._unused(x.device)
+    bias_arg = bias if bias is not None else unused(x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    with triton_ops._on(x.device):
-        kernels.lora_fwd_4bit_kernel[grid](
+    with on_device(x.device):
+        lora_fwd_4bit_kernel[grid](
             x, *pointers, bias_arg, s, lora_B, y,
             M, N, K, R, m_bucket(M),
             x.stride(0), x.stride(1), s.stride(0), s.stride(1), lora_B.stride(0), lora_B.stride(1),
             y.stride(0), y.stride(1), bias_arg.stride(0),
             scaling,
-            HAS_BIAS=bias is not None, W_DTYPE=triton_ops._TL_DTYPES[packed.dtype], **quant,
-            BASE_DOT=triton_ops.dot_dtype(x.dtype), BASE_PREC=triton_ops.dot_precision(x.dtype, x.device),
-            LORA_DOT=triton_ops.dot_dtype(lora_B.dtype), LORA_PREC=triton_ops.dot_precision(lora_B.dtype, x.device),
-            WIDE=triton_ops.wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed),
-            BLOCK_R=triton_ops._block_r(R, lora_B.dtype),
+            HAS_BIAS=bias is not None, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
+            BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
+            LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
+            WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed),
+            BLOCK_R=rank_block(R, lora_B.dtype),
         )
     return y
 
@@ -205,8 +218,8 @@ def dx_4bit(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``), one Triton GEMM reading W from its 4-bit storage; m is the
-    kernels' dropout mask for ``seed`` and ``p`` (regenerated, as in ``triton_ops.lora_dx``). dY: M×N (any
-    strides); dS: M×r (``triton_ops.lora_dy_pass``'s fp32 output); lora_A: r×K."""
+    kernels' dropout mask for ``seed`` and ``p`` (regenerated, as in ``lora_triton.lora_dx``). dY: M×N (any
+    strides); dS: M×r (``lora_triton.lora_dy_pass``'s fp32 output); lora_A: r×K."""
     M, N = dy.shape
     R, K = lora_A.shape
     if packed.shape != (N, K) or ds.shape != (M, R):
@@ -218,17 +231,17 @@ def dx_4bit(
         return dx
     pointers, quant = _quant_args(packed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-    with triton_ops._on(dy.device):
-        kernels.lora_dx_4bit_kernel[grid](
+    with on_device(dy.device):
+        lora_dx_4bit_kernel[grid](
             dy, *pointers, ds, lora_A, dx, M, N, K, R, m_bucket(M),
             dy.stride(0), dy.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
             dx.stride(0), dx.stride(1),
-            *triton_ops._drop_args(seed, p),
-            HAS_DROPOUT=p > 0, W_DTYPE=triton_ops._TL_DTYPES[packed.dtype], **quant,
-            BASE_DOT=triton_ops.dot_dtype(dy.dtype), BASE_PREC=triton_ops.dot_precision(dy.dtype, dy.device),
-            LORA_DOT=triton_ops.dot_dtype(lora_A.dtype), LORA_PREC=triton_ops.dot_precision(lora_A.dtype, dy.device),
-            WIDE=triton_ops.wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed),
-            BLOCK_R=triton_ops._block_r(R, lora_A.dtype),
+            *drop_args(seed, p),
+            HAS_DROPOUT=p > 0, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
+            BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
+            LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
+            WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed),
+            BLOCK_R=rank_block(R, lora_A.dtype),
         )
     return dx
 
@@ -243,8 +256,8 @@ def dequantize(packed: Packed4bit, *, forward_tiles: bool = False) -> torch.Tens
         return out
     pointers, quant = _quant_args(packed)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
-    with triton_ops._on(packed.device):
-        kernels.dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles)
+    with on_device(packed.device):
+        dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles)
     return out
 
 
@@ -270,7 +283,7 @@ def dequantize_ref(packed: Packed4bit) -> torch.Tensor:
 
 
 def packed_weight(base) -> Packed4bit:
-    """The ``Packed4bit`` of a ``base_ops.Bnb4Base``'s layer, built once and kept on the layer while its weight's
+    """The ``Packed4bit`` of a ``base_layers.Bnb4Base``'s layer, built once and kept on the layer while its weight's
     storage and quantization state stay the same objects (a merge requantizes: a new storage, a new pack). On CPU the
     weight is first unpacked from bitsandbytes' inference packing if eval-mode calls repacked it
     (``Bnb4Base.canonical_weight``)."""
@@ -287,14 +300,14 @@ def fused_forward(
     x: torch.Tensor, base, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
     p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ for a bitsandbytes ``Linear4bit`` base (``base_ops.Bnb4Base``), x
+    """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ for a bitsandbytes ``Linear4bit`` base (``base_layers.Bnb4Base``), x
     already in its compute dtype: ``lora_down`` (S), then one GEMM reading the 4-bit W with the rank-r term in its
     accumulator. 2 launches. The bias is cast to the compute dtype first, as ``Linear4bit.forward`` does.
     Returns (y, S fp32)."""
     packed = packed_weight(base)
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    return triton_ops._forward_with(x, base, lora_A, lora_B, scaling, p, seed, "fused-bnb4",
-                                    lambda s: forward_4bit(x, packed, bias, s, lora_B, scaling))
+    return forward_with(x, base, lora_A, lora_B, scaling, p, seed, "fused-bnb4",
+                        lambda s: forward_4bit(x, packed, bias, s, lora_B, scaling))
 
 
 def fused_backward(
@@ -304,6 +317,6 @@ def fused_backward(
     """dX = dY W + m ⊙ (dS A) in one GEMM reading the 4-bit W (dY in the compute dtype, as bitsandbytes'
     ``MatMul4Bit.backward``), dA, dB, dbias as the dense path. 3 launches. Returns (dX, dA, dB, dbias)."""
     packed = packed_weight(base)
-    return triton_ops._backward_with(
+    return backward_with(
         dy, x, base, lora_A, lora_B, s, scaling, p, seed, (need_dx, need_da, need_db, need_dbias), "fused-bnb4",
         lambda ds: dx_4bit(dy if dy.dtype == x.dtype else dy.to(x.dtype), packed, ds, lora_A, seed, p, x.dtype))

@@ -1,12 +1,22 @@
-"""The frozen base layer's GEMM as the composed path needs it: its output, and its input gradient.
+"""The kinds of frozen base layer LoRA can sit on, in one place: how to recognise each, its forward, its input
+gradient, and (for quantized ones) how to dequantize and quantize again.
+
+    kind        layers                                        weight
+    "dense"     nn.Linear ("linear" layout), GPT-2 Conv1D     float, N×K ("linear") or K×N ("conv1d")
+    "bnb-4bit"  bitsandbytes Linear4bit (NF4/FP4)              packed 4-bit + quant_state
+    "bnb-8bit"  bitsandbytes Linear8bitLt                      int8 + per-row scales
 
     y  = base(x)                  forward
     dX = dY · ∂base/∂x            backward (the weight is frozen: no weight gradient)
 
-The composed path (``triton_ops.composed_forward`` / ``torch_ops.composed_forward``) adds the LoRA branch to ``y``
-and to ``dX`` in place. Each base here computes exactly what its layer computes (the same dtype casts and rounding)
-and keeps nothing for backward beyond the layer's own weight: a bitsandbytes 4-bit base dequantizes W again in
-backward, as bitsandbytes' own ``MatMul4Bit`` does, and no dequantized copy outlives the call.
+The composed path (``backends.lora_triton.composed_forward`` / ``backends.lora_torch.composed_forward``) adds the LoRA
+branch to ``y`` and to ``dX`` in place. Each base here computes exactly what its layer computes (the same dtype casts
+and rounding) and keeps nothing for backward beyond the layer's own weight: a bitsandbytes 4-bit base dequantizes W
+again in backward, as bitsandbytes' own ``MatMul4Bit`` does, and no dequantized copy outlives the call.
+
+A new base kind (GPTQ, say) starts here: its detection in :func:`base_kind`, a base class with ``forward`` /
+``input_grad`` / ``dequantized`` in :func:`quantized_base`, its requantization in :func:`requantized`; then a row in
+the router's table (``dispatch.py``).
 
 bitsandbytes is optional: it is imported only when a bitsandbytes layer is handed over.
 """
@@ -18,7 +28,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-BNB_4BIT, BNB_8BIT = "bnb-4bit", "bnb-8bit"
+DENSE, BNB_4BIT, BNB_8BIT = "dense", "bnb-4bit", "bnb-8bit"
+
+_conv1d: list[type | None] = []  # transformers' Conv1D, looked up once (this runs per call in fused_lora.peft)
+
+
+def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight in×out), or None without transformers."""
+    if not _conv1d:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # transformers is a dependency, but the layers themselves do not need it
+            Conv1D = None
+        _conv1d.append(Conv1D)
+    return _conv1d[0]
 
 
 def quantized_kind(module: nn.Module) -> str | None:
@@ -36,6 +59,34 @@ def looks_quantized(module: nn.Module) -> bool:
     """A layer whose weight is not floating point (GPTQ/AWQ/HQQ/torchao and other packed formats)."""
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point
+
+
+def dense_layout(module: nn.Module) -> str | None:
+    """"linear" for an ``nn.Linear`` (and subclasses that are not quantized), "conv1d" for transformers' ``Conv1D``,
+    else None."""
+    if quantized_kind(module) is not None:
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """``DENSE``, ``BNB_4BIT`` or ``BNB_8BIT`` for a layer LoRA can sit on, else None."""
+    kind = quantized_kind(module)
+    if kind is not None:
+        return kind
+    return DENSE if dense_layout(module) is not None else None
+
+
+def unsupported_quantized_message(where: str, type_name: str, dtype: torch.dtype) -> str:
+    return (f"{where}: {type_name} holds a {dtype} weight; fused_lora serves floating-point nn.Linear / Conv1D layers "
+            "and bitsandbytes Linear4bit / Linear8bitLt (QLoRA). Other quantized formats (GPTQ, AWQ, HQQ, torchao, …) "
+            "are not supported: load the model in floating point or with a BitsAndBytesConfig, or leave this layer "
+            "out of target_modules")
 
 
 @dataclass(frozen=True)
@@ -117,6 +168,31 @@ class Bnb8Base:
 
     def input_grad(self, dy: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
         return (dy.to(x_dtype) @ self.dequantized().to(x_dtype))
+
+
+def requantized(layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    """A new bitsandbytes weight for ``layer`` holding ``weight`` (N×K, float), quantized like the old one, as
+    PEFT's merge does (``peft.tuners.lora.bnb``)."""
+    import bitsandbytes as bnb
+
+    old = layer.weight
+    kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+    kwargs["requires_grad"] = False
+    if quantized_kind(layer) == BNB_4BIT:
+        kwargs["bnb_quantized"] = False
+        kwargs.pop("quant_state", None)
+        return bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+    kwargs = {k: kwargs[k] for k in ("requires_grad", "has_fp16_weights") if k in kwargs}
+    return bnb.nn.Int8Params(weight.to("cpu"), **kwargs).to(old.device)
+
+
+def set_requantized(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Replaces ``layer``'s quantized weight by ``weight`` (float, N×K) quantized again; an 8-bit layer's cached
+    int8 state is reset so that its next forward reads the new weight."""
+    layer.weight = requantized(layer, weight)
+    if quantized_kind(layer) == BNB_8BIT:
+        layer.state.reset_grads()
+        layer.state.CB = layer.state.SCB = None
 
 
 def quantized_base(module: nn.Module) -> Bnb4Base | Bnb8Base:

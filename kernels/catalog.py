@@ -1,4 +1,9 @@
-"""Triton kernels of the fused LoRA linear layer (installed as ``fused_lora.kernels``).
+"""Every Triton kernel of the package, by name: the index of ``kernels/`` (installed as ``fused_lora.kernels``).
+
+The folder has no ``__init__.py`` on purpose: the import name ``kernels`` belongs to HF's ``kernels`` package, which
+transformers imports, and a ``kernels/__init__.py`` at the project root would shadow it whenever the root is on
+``sys.path`` (``python -c``, ``python -m pytest``, a notebook). Import the kernels through their files
+(``fused_lora.kernels.lora_forward``) or this catalog.
 
 Forward, 2 launches:   ``lora_down_kernel``  S = dropout(x) Aᵀ
                        ``lora_fwd_kernel``   y = x Wᵀ + b + s·S Bᵀ
@@ -20,10 +25,10 @@ Composed path (the base GEMM is cuBLAS's or a quantized layer's own; ``lora_comp
                        ``lora_dx_add_kernel``  dX += m ⊙ (dS A) in place
 
 The dropout mask m is never stored: every kernel that needs it regenerates it from a Philox seed
-(``dropout.dropout_scale``). The launchers live in ``fused_lora.triton_ops``.
+(``dropout.dropout_scale``). The launchers live in ``fused_lora/backends/`` (``lora_triton``, ``dora_triton``,
+``bnb4_triton``, ``dropout_triton``).
 """
 
-from .configs import INTERPRET
 from .dora import dora_down_kernel, dora_dx_kernel, dora_dy_kernel, dora_fwd_kernel, dora_norm_kernel
 from .dropout import dropout_mask_kernel, dropout_scale
 from .lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
@@ -32,7 +37,6 @@ from .lora_compose import lora_dx_add_kernel, lora_up_add_kernel
 from .lora_forward import lora_down_kernel, lora_fwd_kernel
 
 __all__ = [
-    "INTERPRET",
     "dora_down_kernel",
     "dora_dx_kernel",
     "dora_dy_kernel",
@@ -51,3 +55,5 @@ __all__ = [
     "lora_fwd_kernel",
     "lora_up_add_kernel",
 ]
+
+KERNELS = {name: globals()[name] for name in __all__ if name.endswith("_kernel")}

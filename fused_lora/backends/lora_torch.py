@@ -1,81 +1,29 @@
-"""The pure-PyTorch backend: same semantics as the Triton kernels, for CPU tensors (and anywhere a
-user forces it).
+"""LoRA on the PyTorch backend: same semantics as the Triton kernels, for CPU tensors (and anywhere a user forces it,
+or a kernel cannot run).
 
 Like the kernels it keeps no M×K tensor beside x for backward: the dropout mask is regenerated from a
-seeded ``torch.Generator`` in backward (once, shared by dX and dA) instead of saving the mask or the
-dropped copy of x as PEFT does. The base GEMM and the rank-r update are chained with in-place
-``addmm_`` so y is written once when the adapters share x's dtype. The base is any layer of ``base_ops``
-(dense, or bitsandbytes 4/8-bit): ``forward``/``backward`` are the dense case.
+seeded ``torch.Generator`` (``dropout.keep_mask``) in backward (once, shared by dX and dA) instead of saving the mask or
+the dropped copy of x as PEFT does. The base GEMM and the rank-r update are chained with in-place
+``addmm_`` so y is written once when the adapters share x's dtype. The base is any layer of ``base_layers``
+(dense, or bitsandbytes 4/8-bit): ``forward``/``backward`` are the dense case, inlined (its host cost is what small
+layers pay on CPU, issue 14); ``native_forward`` is the dense case without dropout as plain autograd ops.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-
-def generator_seed(seed: int) -> int:
-    """The 32-bit seed of the Generator for a 64-bit dropout seed.
-
-    The CPU Generator's Mersenne Twister keeps only the low 32 bits of what ``manual_seed`` gets, so seeds
-    that differ above bit 31 would share a mask. The high word is hashed (splitmix64's finalizer) into the
-    low one; seeds in [0, 2**32), every seed the layer draws itself, map to themselves. A 32-bit state can
-    still not tell every pair of 64-bit seeds apart (the kernels' Philox key uses all 64 bits).
-    """
-    seed &= 2**64 - 1
-    low, high = seed & 0xFFFFFFFF, seed >> 32
-    if high == 0:
-        return low
-    z = (high * 0x9E3779B97F4A7C15) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return low ^ ((z ^ (z >> 31)) & 0xFFFFFFFF)
+from ..dropout import keep_mask, scaled_keep_mask
 
 
-_local = threading.local()  # one Generator per thread and device: re-seeded per call, never shared mid-draw
-
-
-def _generator(device: torch.device) -> torch.Generator:
-    gens = getattr(_local, "generators", None)
-    if gens is None:
-        gens = _local.generators = {}
-    gen = gens.get(device)
-    if gen is None:
-        gen = gens[device] = torch.Generator(device=device)
-    return gen
-
-
-def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
-    """Boolean keep mask for ``seed``: 64-bit random words from a seeded Generator, cut into four 16-bit
-    lanes, kept where a lane is >= round(p·65536) - 32768.
-
-    One RNG draw feeds four elements: 4.3 ms for 2048×1024 on this project's 2-core CPU, against 8.9 ms
-    for ``rand`` + ``ge_`` and 23 ms for ``bernoulli_`` (bench/results/cpu-2026-11-24/NOTES.md), and it
-    runs twice per step (forward and backward). The drop probability is p rounded to a multiple of
-    1/65536 (|error| <= 7.6e-6); the kept values are scaled by exactly 1/(1-p), as nn.Dropout does. The Generator
-    is reused (one per thread and device, re-seeded each call: constructing one cost ~1 µs a call, issue 14).
-    """
-    gen = _generator(device)
-    gen.manual_seed(generator_seed(seed))
-    n = shape[0] * shape[1]
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=device)
-    lanes = words.view(torch.int16)
-    if lanes.numel() != n:
-        lanes = lanes[:n]
-    return lanes.view(shape) >= round(p * 65536) - 32768
-
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha · (a @ b). (An addmm of a cached zero with beta=0 is one op instead of two, 2.6 µs against 4.2 at 4×64
     on one thread, but at M = 1 MKL sums it by another route with twice the rounding error: 3e-4 against 1.4e-4
     at 1×4096×4, enough to fail test_adversarial.test_very_wide; accuracy first.)"""
     return (a @ b).mul_(alpha)
 
 
-def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
-    """The scaled keep mask (fp32, 0 or 1/(1-p)) this backend uses for ``seed``; M×K."""
-    return keep_mask(seed, shape, p, device).float().mul_(1.0 / (1.0 - p))
+dropout_mask = scaled_keep_mask  # the scaled keep mask (fp32, 0 or 1/(1-p)) this backend uses for a seed; M×K
 
 
 def _keep_as(keep: torch.Tensor | None, seed: int, x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -94,21 +42,21 @@ def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torc
     if p == 0:
         return torch.nn.functional.linear(x_a, lora_A), x_a
     # (keep ⊙ x) Aᵀ / (1-p): the 1/(1-p) goes on the M×r result, not on an M×K tensor.
-    return _scaled_mm(x_a * _keep_as(keep, seed, x, p, x_a.dtype), lora_A.t(), 1.0 / (1.0 - p)), x_a
+    return scaled_mm(x_a * _keep_as(keep, seed, x, p, x_a.dtype), lora_A.t(), 1.0 / (1.0 - p)), x_a
 
 
 def _add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y += scaling · S Bᵀ in place; fp32 adapters on a half base: computed in fp32, rounded once (as PEFT)."""
     if lora_B.dtype == y.dtype:
         return y.addmm_(s, lora_B.t(), alpha=scaling)
-    return y.add_(_scaled_mm(s, lora_B.t(), scaling).to(y.dtype))
+    return y.add_(scaled_mm(s, lora_B.t(), scaling).to(y.dtype))
 
 
 def composed_forward(
     x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
     *, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = base(x) + scaling · dropout(x) Aᵀ Bᵀ for any base of ``base_ops`` (its ``forward`` is the layer's own).
+    """y = base(x) + scaling · dropout(x) Aᵀ Bᵀ for any base of ``base_layers`` (its ``forward`` is the layer's own).
     Returns (y M×N in the base's output dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean
     keep mask to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands
     in)."""
@@ -140,12 +88,12 @@ def _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_d
     da = db = dbias = lora_dx = keep_f = None
     dy_lora = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
     if need_db:
-        db = _scaled_mm(dy_lora.t(), s if s.dtype == lora_B.dtype else s.to(lora_B.dtype), scaling)
+        db = scaled_mm(dy_lora.t(), s if s.dtype == lora_B.dtype else s.to(lora_B.dtype), scaling)
     if need_dbias:
         dbias = dy.sum(0, dtype=torch.float32)
     if not (need_dx or need_da):
         return lora_dx, keep_f, da, db, dbias
-    ds = _scaled_mm(dy_lora, lora_B, scaling if p == 0 else scaling / (1.0 - p))
+    ds = scaled_mm(dy_lora, lora_B, scaling if p == 0 else scaling / (1.0 - p))
     if p > 0:
         keep_f = _keep_as(keep, seed, x, p, lora_A.dtype)
     if need_da:
@@ -196,3 +144,15 @@ def backward(
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
     return dx, da, db, dbias
+
+
+def native_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, scaling: float, weight_layout: str) -> torch.Tensor:
+    """The dense layer without dropout as plain autograd ops (no Function): :func:`forward`'s arithmetic (the base
+    GEMM, S = x Aᵀ, the rank-r update added in place), N-D inputs through a 2-D view and back without a view (as
+    torch.matmul). With adapters in x's dtype, PyTorch's own autograd saves what the Function would (x and S; the
+    frozen W's GEMM saves nothing more) and runs its backward in C++: no Python Function, the host cost of small layers
+    (issue 14)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _ = forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, weight_layout)
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))

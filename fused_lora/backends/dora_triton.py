@@ -1,14 +1,12 @@
-"""Launchers of the DoRA kernels (``kernels/dora.py``): torch tensors in, Triton kernels launched, torch tensors out.
+"""DoRA on the Triton backend: the launchers of the DoRA kernels (``kernels/dora.py``) and the layer's two passes.
 
-Forward, 3 launches: ``dora_norm_sq`` (‖W + s·B A‖² per row), S (``triton_ops.lora_down`` when p = 0, ``dora_down``
+Forward, 3 launches: ``dora_norm_sq`` (‖W + s·B A‖² per row), S (``lora_triton.lora_down`` when p = 0, ``dora_down``
 when p > 0, which also writes x_d for the next launch), ``dora_forward_gemm`` (y and P). Backward, 3 launches:
-``dora_dy_pass`` (dS, dB, dbias, d magnitude, G), dX (``triton_ops.lora_dx`` on G when p = 0, ``dora_dx`` when p > 0),
-``triton_ops.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers.
+``dora_dy_pass`` (dS, dB, dbias, d magnitude, G), dX (``lora_triton.lora_dx`` on G when p = 0, ``dora_dx`` when
+p > 0), ``lora_triton.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers.
 
-Conventions as ``triton_ops``: 2-D views whose strides the kernels follow, the weight in either layout read in place,
-launches on the tensors' device (``triton_ops._on``), and a kernel that cannot be built or launched
-(``triton_ops.KERNEL_FAILURES``) hands the call to the PyTorch path (``dora_torch``) with the kernels' own dropout mask,
-one warning per reason, that signature not tried again.
+Conventions as the LoRA launchers (``triton_launch``), and a kernel that cannot be built or launched hands the call to
+the PyTorch path (``dora_torch``) with the kernels' own dropout mask (``kernel_fallback``).
 """
 
 from __future__ import annotations
@@ -16,18 +14,20 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import dora_torch, triton_ops
-from .kernels import dora as dora_kernels
-from .kernels.configs import m_bucket
-from .triton_ops import (
-    _block_r,
-    _drop_args,
-    _on,
-    _split_factor,
-    _unused,
-    _weight_strides,
+from ..kernels.configs import m_bucket
+from ..kernels.dora import dora_down_kernel, dora_dx_kernel, dora_dy_kernel, dora_fwd_kernel, dora_norm_kernel
+from . import dora_torch
+from .dropout_triton import dropout_mask
+from .kernel_fallback import guarded, kernel_keep, signature
+from .lora_triton import lora_da, lora_down, lora_dx
+from .triton_launch import (
     dot_dtype,
     dot_precision,
+    drop_args,
+    rank_block,
+    split_factor,
+    unused,
+    weight_strides,
     wide_offsets,
 )
 
@@ -37,17 +37,17 @@ def dora_norm_sq(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     """‖W + scaling·B A‖² per output row, fp32 (N), without B A in memory."""
     N, R = lora_B.shape
     K = lora_A.shape[1]
-    stride_wk, stride_wn = _weight_strides(weight, weight_layout)
+    stride_wk, stride_wn = weight_strides(weight, weight_layout)
     if split_k is None:
-        split_k = _split_factor(triton.cdiv(N, 64), triton.cdiv(K, 256), weight.device)
+        split_k = split_factor(triton.cdiv(N, 64), triton.cdiv(K, 256), weight.device)
     sq = torch.zeros((N,), device=weight.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)
-    dora_kernels.dora_norm_kernel[grid](
+    dora_norm_kernel[grid](
         weight, lora_A, lora_B, sq, N, K, R,
         stride_wk, stride_wn, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, weight.device),
-        WIDE=wide_offsets(weight, lora_A, lora_B), BLOCK_R=_block_r(R, lora_A.dtype),
+        WIDE=wide_offsets(weight, lora_A, lora_B), BLOCK_R=rank_block(R, lora_A.dtype),
     )
     return sq
 
@@ -58,13 +58,13 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
     R = lora_A.shape[0]
     s = torch.empty((M, R), device=x.device, dtype=torch.float32)
     xd = torch.empty((M, K), device=x.device, dtype=x.dtype)
-    block_r = _block_r(R, lora_A.dtype)
+    block_r = rank_block(R, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
-    dora_kernels.dora_down_kernel[grid](
+    dora_down_kernel[grid](
         x, lora_A, s, xd, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
         xd.stride(0), xd.stride(1),
-        *_drop_args(seed, p),
+        *drop_args(seed, p),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
         WIDE=wide_offsets(x, lora_A, s, xd), BLOCK_R=block_r,
     )
@@ -81,21 +81,21 @@ def dora_forward_gemm(
     N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     P = torch.empty((M, N), device=x.device, dtype=lora_B.dtype)
-    stride_wk, stride_wn = _weight_strides(weight, weight_layout)
-    bias_arg = bias if bias is not None else _unused(x.device)
+    stride_wk, stride_wn = weight_strides(weight, weight_layout)
+    bias_arg = bias if bias is not None else unused(x.device)
     xd_arg = xd if xd is not None else x  # not read without dropout (HAS_DROPOUT off): x's strides keep the variant
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    dora_kernels.dora_fwd_kernel[grid](
+    dora_fwd_kernel[grid](
         x, xd_arg, weight, bias_arg, s, lora_B, sq, magnitude, y, P,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), xd_arg.stride(0), xd_arg.stride(1), stride_wk, stride_wn, s.stride(0), s.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), P.stride(0), P.stride(1), bias_arg.stride(0),
         magnitude.stride(0),
-        scaling, _drop_args(0, p)[2],
+        scaling, drop_args(0, p)[2],
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(x.dtype),
         BASE_PREC=dot_precision(x.dtype, x.device), LORA_DOT=dot_dtype(lora_B.dtype),
         LORA_PREC=dot_precision(lora_B.dtype, x.device),
-        WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, P), BLOCK_R=_block_r(R, lora_B.dtype),
+        WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, P), BLOCK_R=rank_block(R, lora_B.dtype),
     )
     return y, P
 
@@ -109,20 +109,20 @@ def dora_dy_pass(
     when not needed. G = g⊙dY, or (g − 1)⊙dY with ``g_minus_one``."""
     M, N = dy.shape
     R = lora_B.shape[1]
-    block_r = _block_r(R, lora_B.dtype)
+    block_r = rank_block(R, lora_B.dtype)
     if split_n is None:
-        split_n = _split_factor(triton.cdiv(M, 64) * triton.cdiv(R, block_r), triton.cdiv(N, 128), dy.device)
+        split_n = split_factor(triton.cdiv(M, 64) * triton.cdiv(R, block_r), triton.cdiv(N, 128), dy.device)
     f32 = {"device": dy.device, "dtype": torch.float32}
-    unused = _unused(dy.device)
-    ds = (torch.zeros((M, R), **f32) if split_n > 1 else torch.empty((M, R), **f32)) if need_ds else unused
-    db = torch.zeros((N, R), **f32) if need_db else unused
-    dbias = torch.zeros((N,), **f32) if need_dbias else unused
-    dmag = torch.zeros((N,), **f32) if need_dmag else unused
-    g = torch.empty((M, N), device=dy.device, dtype=dy.dtype) if write_g else unused
-    p_arg = P if need_dmag else unused  # (P is an empty placeholder when the magnitude is frozen)
+    nothing = unused(dy.device)
+    ds = (torch.zeros((M, R), **f32) if split_n > 1 else torch.empty((M, R), **f32)) if need_ds else nothing
+    db = torch.zeros((N, R), **f32) if need_db else nothing
+    dbias = torch.zeros((N,), **f32) if need_dbias else nothing
+    dmag = torch.zeros((N,), **f32) if need_dmag else nothing
+    g = torch.empty((M, N), device=dy.device, dtype=dy.dtype) if write_g else nothing
+    p_arg = P if need_dmag else nothing  # (P is an empty placeholder when the magnitude is frozen)
     strides = lambda t, on: (t.stride(0), t.stride(1)) if on else (1, 1)  # noqa: E731
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_n)
-    dora_kernels.dora_dy_kernel[grid](
+    dora_dy_kernel[grid](
         dy, lora_B, s, p_arg, sq, magnitude, ds, db, dbias, dmag, g, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
         *strides(P, need_dmag), magnitude.stride(0), *strides(ds, need_ds), *strides(db, need_db),
@@ -143,26 +143,21 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
     M, N = dy.shape
     R, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
-    stride_wk, stride_wn = _weight_strides(weight, weight_layout)
+    stride_wk, stride_wn = weight_strides(weight, weight_layout)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-    dora_kernels.dora_dx_kernel[grid](
+    dora_dx_kernel[grid](
         dy, gm, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), gm.stride(0), gm.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        *_drop_args(seed, p),
+        *drop_args(seed, p),
         BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
-        WIDE=wide_offsets(dy, gm, weight, ds, lora_A, dx), BLOCK_R=_block_r(R, lora_A.dtype),
+        WIDE=wide_offsets(dy, gm, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),
     )
     return dx
 
 
 # --------------------------------------------------------------------------------------- the layer, with fallback
-def _fallback_keep(seed: int, x: torch.Tensor, p: float) -> torch.Tensor | None:
-    """The kernels' boolean keep mask (None without dropout; all False at p = 1), for the PyTorch path."""
-    if p >= 1.0:
-        return torch.zeros(x.shape, device=x.device, dtype=torch.bool)
-    return triton_ops._kernel_keep(seed, x, p)
 
 
 def forward(
@@ -170,27 +165,25 @@ def forward(
     magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
 ) -> tuple[torch.Tensor, ...]:
     """(y in x's dtype, S fp32 M×r, P M×N in the adapters' dtype, sq fp32 N). Three launches."""
+    def fallback(keep):
+        y, s, P, sq = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
+                                         keep=keep)
+        return y, s.float(), P, sq
+
     if x.numel() == 0:  # a grid with a zero dimension is not a launch
-        y, s, P, sq = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
-                                         keep=_fallback_keep(seed, x, p) if p > 0 else None)
-        return y, s.float(), P, sq
-    key = triton_ops._signature(x.device, "dora forward", x, weight, lora_A, lora_B, magnitude, layout=weight_layout,
-                                drop=p > 0)
-    with _on(x.device):
-        if not triton_ops._failed_before(key):
-            try:
-                sq = dora_norm_sq(weight, lora_A, lora_B, scaling, weight_layout)
-                if p > 0:
-                    s, xd = dora_down(x, lora_A, seed, p)
-                else:
-                    s, xd = triton_ops.lora_down(x, lora_A, seed, 0.0), None
-                y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, sq, magnitude, scaling, p, weight_layout)
-                return y, s, P, sq
-            except triton_ops.KERNEL_FAILURES as err:
-                triton_ops._record_failure(key, "DoRA forward", err)
-        y, s, P, sq = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
-                                         keep=_fallback_keep(seed, x, p) if p > 0 else None)
-        return y, s.float(), P, sq
+        return fallback(kernel_keep(seed, x, p))
+
+    def launch():
+        sq = dora_norm_sq(weight, lora_A, lora_B, scaling, weight_layout)
+        if p > 0:
+            s, xd = dora_down(x, lora_A, seed, p)
+        else:
+            s, xd = lora_down(x, lora_A, seed, 0.0), None
+        y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, sq, magnitude, scaling, p, weight_layout)
+        return y, s, P, sq
+
+    key = signature(x.device, "dora forward", x, weight, lora_A, lora_B, magnitude, layout=weight_layout, drop=p > 0)
+    return guarded(key, "DoRA forward", launch, fallback, seed, x, p)
 
 
 def backward(
@@ -200,31 +193,31 @@ def backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """(dX, dA fp32, dB fp32, dbias fp32, d magnitude fp32), None where not needed. Three launches."""
     needs = (need_dx, need_da, need_db, need_dbias, need_dmag)
+
+    def fallback(keep):
+        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed,
+                                   weight_layout, *needs, keep=keep)
+
     if x.numel() == 0 or dy.numel() == 0:
-        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed,
-                                   weight_layout, *needs, keep=_fallback_keep(seed, x, p) if p > 0 else None)
-    key = triton_ops._signature(x.device, "dora backward", dy, x, lora_A, lora_B, magnitude, layout=weight_layout,
-                                drop=p > 0, needs=needs)
-    with _on(x.device):
-        if not triton_ops._failed_before(key):
-            try:
-                dx = da = None
-                ds, db, dbias, dmag, g = dora_dy_pass(dy, lora_B, s, P, sq, magnitude, scaling, need_dx or need_da,
-                                                      need_db, need_dbias, need_dmag, need_dx, p > 0)
-                if need_dx:
-                    if p > 0:
-                        dx = dora_dx(dy, g, weight, ds, lora_A, weight_layout, seed, p, x.dtype)
-                    else:  # dX = (g⊙dY) W + dS A: LoRA's kernel with G for dY
-                        dx = triton_ops.lora_dx(g, weight, ds, lora_A, weight_layout, seed, 0.0, x.dtype)
-                if need_da:
-                    da = triton_ops.lora_da(ds, x, lora_A, seed, p)
-                return dx, da, db, dbias, dmag
-            except triton_ops.KERNEL_FAILURES as err:
-                triton_ops._record_failure(key, "DoRA backward", err)
-        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed,
-                                   weight_layout, *needs, keep=_fallback_keep(seed, x, p) if p > 0 else None)
+        return fallback(kernel_keep(seed, x, p))
+
+    def launch():
+        dx = da = None
+        ds, db, dbias, dmag, g = dora_dy_pass(dy, lora_B, s, P, sq, magnitude, scaling, need_dx or need_da,
+                                              need_db, need_dbias, need_dmag, need_dx, p > 0)
+        if need_dx:
+            if p > 0:
+                dx = dora_dx(dy, g, weight, ds, lora_A, weight_layout, seed, p, x.dtype)
+            else:  # dX = (g⊙dY) W + dS A: LoRA's kernel with G for dY
+                dx = lora_dx(g, weight, ds, lora_A, weight_layout, seed, 0.0, x.dtype)
+        if need_da:
+            da = lora_da(ds, x, lora_A, seed, p)
+        return dx, da, db, dbias, dmag
+
+    key = signature(x.device, "dora backward", dy, x, lora_A, lora_B, magnitude, layout=weight_layout, drop=p > 0,
+                    needs=needs)
+    return guarded(key, "DoRA backward", launch, fallback, seed, x, p)
 
 
-def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
-    """The kernels' scaled keep mask (as ``triton_ops.dropout_mask``)."""
-    return triton_ops.dropout_mask(seed, shape, p, device)
+__all__ = ["backward", "dora_down", "dora_dx", "dora_dy_pass", "dora_forward_gemm", "dora_norm_sq", "dropout_mask",
+           "forward"]

@@ -1,0 +1,24 @@
+"""Launcher of ``kernels/dropout.py``: the kernels' dropout mask written out, for users, tests, the differentiable
+backward and the PyTorch path standing in for a kernel (which must apply the kernels' own mask)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..kernels.dropout import dropout_mask_kernel
+from .triton_launch import drop_args, on_device, wide_offsets
+
+
+def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
+    """The scaled keep mask (fp32, 0 or 1/(1-p)) the kernels use for ``seed``; M×K."""
+    M, K = shape
+    out = torch.empty((M, K), device=device, dtype=torch.float32)
+    if M == 0 or K == 0:
+        return out
+    block = 32
+    grid = (triton.cdiv(M, block), triton.cdiv(K, block))
+    with on_device(device):
+        dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), *drop_args(seed, p),
+                                  WIDE=wide_offsets(out), BLOCK_M=block, BLOCK_K=block)
+    return out

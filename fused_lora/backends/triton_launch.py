@@ -1,0 +1,133 @@
+"""The launch toolbox every Triton launcher uses: which device and stream, operand precision, rank chunks, split
+factors, 64-bit offsets, the dropout arguments.
+
+Launchers take 2-D views (x: M×K, dY: M×N) whose strides the kernels follow, and the weight in either layout
+("linear": N×K, "conv1d": K×N) read through strides, never transposed or copied. Every launch runs on the tensors'
+device and that device's current stream (:func:`on_device`), never on whatever device happens to be current: a model
+spread over two GPUs runs each layer where it lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dropout import drop_scale
+from ..hardware import device_arch, fma_dots, num_sms, tf32_enabled
+from ..kernels.configs import INTERPRET
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def on_device(device: torch.device):
+    """Launches inside go to ``device`` and its current stream (Triton launches on the *current* device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+_unused: dict[torch.device, torch.Tensor] = {}
+
+
+def unused(device: torch.device) -> torch.Tensor:
+    """One fp32 element per device passed for outputs a launch does not need (never read or written by the
+    kernel, whose flag switches that code off): nothing allocated or zero-filled per call."""
+    t = _unused.get(device)
+    if t is None:
+        t = _unused[device] = torch.zeros(1, device=device, dtype=torch.float32)
+    return t
+
+
+def arch(device: torch.device) -> int:
+    """The ``ARCH`` launch argument: the device's compute capability (sm_90 → 90; 0 under the interpreter). The
+    autotuners key on it, so a process with two GPU kinds tunes each apart, and the configs' pruning reads it."""
+    return device_arch(device)
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The dtype operands of ``dtype`` are cast to before ``tl.dot``.
+
+    Under the interpreter, bf16 (and fp16) dots are computed in fp32: Triton's interpreter stores bf16
+    as uint16 and its dot/add/mul act on the bit patterns (triton#11584, closed unfixed; a bf16 dot gives
+    ~1e11 here on triton 3.9). Loads, stores and casts are right, and the product of two half values is
+    exact in fp32, so upcasting the operands gives what a GPU tensor core computes (half inputs, fp32
+    accumulation). ``tests/test_interpreter_bf16.py`` checks both the bug and this workaround.
+    """
+    if INTERPRET:
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """fp32 dots follow PyTorch's switch: TF32 when it allows TF32 (``hardware.tf32_enabled``), else 3xTF32
+    (``kernels/precision.py``: about fp32 accuracy on tensor cores; IEEE fp32 dots ran on the FMA units and
+    spilled, bench/compile_report.py). GPUs before Ampere have no TF32 and Triton lowers their dots to FMA: plain IEEE
+    there. The interpreter computes every fp32 dot exactly and accepts both names, so the CPU tests run the same split
+    code the GPU does. Half operands ignore the precision."""
+    if device is not None and fma_dots(device):
+        return "ieee"
+    if dtype == torch.float32 and not tf32_enabled():
+        return "tf32x3"
+    return "tf32"
+
+
+def weight_strides(weight: torch.Tensor, weight_layout: str) -> tuple[int, int]:
+    """(stride along K, stride along N) of the weight in its own layout."""
+    if weight_layout == "linear":  # N×K
+        return weight.stride(1), weight.stride(0)
+    return weight.stride(0), weight.stride(1)  # conv1d: K×N
+
+
+def rank_block(r: int, adapter_dtype: torch.dtype, device: torch.device | None = None) -> int:
+    """Rank chunk of the kernels that loop over the rank inside one program (the GEMMs' rank-r term, the in-place
+    adds). tl.dot needs every dimension >= 16; chunks of up to 64 keep the fp32 accumulators small. fp32 adapters
+    take chunks of 16 there: their 3xTF32 dots hold split operands beside a 128×128 accumulator, and 32-rank chunks
+    spilled 8-88 B per thread, 64-rank ones 80-8288 B (bench/compile_report.py, sm_80/sm_90); looping costs them
+    nothing, the tiles they read are tiny. 16 on Turing (FMA dots): 64-rank chunks spilled 1.8-2.9 KB of stack per
+    thread in every fp16 config of the rank-r kernels on sm_75 (compile report, triton 3.6/3.9)."""
+    if adapter_dtype == torch.float32 or (device is not None and fma_dots(device)):
+        return 16
+    return min(64, max(16, triton.next_power_of_2(r)))
+
+
+def skinny_rank_block(r: int, device: torch.device | None = None) -> int:
+    """Rank chunk of the skinny kernels (S = x Aᵀ, the dY pass, dA), whose grid spreads chunks over programs: each
+    chunk re-reads x or dY and regenerates the mask. Up to 64 for every adapter dtype: with fp32 adapters 64-rank
+    chunks compile without spills in the skinny configs (kernels/configs.py; issue 14), so r <= 64 reads x or dY
+    once (16-rank chunks read them r/16 times: 4× at r = 64, bench/traffic_model.py). 16 on Turing."""
+    if device is not None and fma_dots(device):
+        return 16
+    return min(64, max(16, triton.next_power_of_2(r)))
+
+
+def split_factor(programs: int, max_split: int, device: torch.device, cap: int = 32) -> int:
+    """How many slices to split a reduction into so that ~2 programs run per SM."""
+    if device.type != "cuda":
+        return 1
+    want = triton.cdiv(2 * num_sms(device), max(programs, 1))
+    return max(1, min(want, max_split, cap))
+
+
+# Element offsets a kernel may form, tile overhang included (masked lanes past the last row or column of a
+# tile still compute their offsets): the largest tile edge is 256.
+INT32_REACH = 2**31 - 1
+TILE_OVERHANG = 256
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether a launch over these tensors needs 64-bit offsets (``kernels/indexing.py``): some tensor spans 2³¹
+    elements or more from its first element, counting the tiles' overhang."""
+    for t in tensors:
+        reach = sum((size - 1 + TILE_OVERHANG) * abs(stride) for size, stride in zip(t.shape, t.stride(),
+                                                                                         strict=True))
+        if reach > INT32_REACH:
+            return True
+    return False
+
+
+def drop_args(seed: int, p: float) -> tuple[int, float, float]:
+    """The kernels' (seed, p, 1/(1-p)) arguments."""
+    return seed, p, drop_scale(p)

@@ -155,16 +155,13 @@ def check_first_call(layer: nn.Module, fwd: set[str], bwd: set[str], names: set[
 
 
 # ----------------------------------------------------------------------------------------------- the public paths
-ISSUE_20 = pytest.mark.xfail(strict=True, reason="issue 20: lora_up_add_kernel / lora_dx_add_kernel add in place "
-                                                 "without restore_value")
-COMPOSED = pytest.param("composed", marks=ISSUE_20)
 # Every path with dropout off and a trained bias, then on with a frozen one; each with the two modes in turn.
 LORA_CASES = [(0.0, True, "all"), (0.3, False, "one")]
 PATH_4BIT = {"fused": "4bit-fused", "composed": "composed"}
 
 
 @pytest.mark.parametrize(("p", "bias_trained", "mode"), LORA_CASES)
-@pytest.mark.parametrize("gemm", ["fused", COMPOSED])
+@pytest.mark.parametrize("gemm", ["fused", "composed"])
 def test_dense_first_call(gemm, p, bias_trained, mode, autotune_harness, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
     monkeypatch.setenv("FUSED_LORA_GEMM", gemm)
@@ -173,7 +170,7 @@ def test_dense_first_call(gemm, p, bias_trained, mode, autotune_harness, monkeyp
 
 
 @pytest.mark.parametrize(("p", "bias_trained", "mode"), LORA_CASES)
-@pytest.mark.parametrize("gemm", ["fused", COMPOSED])
+@pytest.mark.parametrize("gemm", ["fused", "composed"])
 def test_4bit_first_call(gemm, p, bias_trained, mode, autotune_harness, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
     monkeypatch.setenv("FUSED_LORA_GEMM", gemm)
@@ -182,7 +179,6 @@ def test_4bit_first_call(gemm, p, bias_trained, mode, autotune_harness, monkeypa
                      autotune_harness, mode)
 
 
-@ISSUE_20
 @pytest.mark.parametrize(("p", "bias_trained", "mode"), LORA_CASES)
 def test_8bit_first_call(p, bias_trained, mode, autotune_harness, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")  # an 8-bit base takes the composed path
@@ -302,7 +298,6 @@ def test_direct_launch_first_call(kernel, mode, autotune_harness):
 
 
 # ------------------------------------------------------------------------------------------------ the harness itself
-@ISSUE_20
 def test_every_autotuned_kernel_is_covered_and_protected():
     """The harness finds exactly the package's autotuned kernels, the tests above benchmark each of them, and each
     declares the protection of the audit (PROTECTION)."""
@@ -343,8 +338,7 @@ def test_harness_restores_the_autotuners_and_fails_when_nothing_ran():
 VARIANT_RTOL = 2e-6
 
 
-@pytest.mark.parametrize(("gemm", "use_dora"), [("fused", False), pytest.param("composed", False, marks=ISSUE_20),
-                                                ("fused", True)])
+@pytest.mark.parametrize(("gemm", "use_dora"), [("fused", False), ("composed", False), ("fused", True)])
 def test_first_call_launching_another_config(gemm, use_dora, autotune_harness, monkeypatch):
     """The benchmarks' last config (doubled tiles) launched for real: the zeroed and restored buffers are right for a
     launch that is not the kernel's own config, and the variant computes the same result."""

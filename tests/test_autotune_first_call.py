@@ -24,7 +24,11 @@ from torch import nn
 
 from fused_lora import LoRALinear
 
-pytestmark = pytest.mark.skipif(CUDA, reason="the harness runs the kernels through Triton's interpreter (CPU)")
+pytestmark = [
+    pytest.mark.skipif(CUDA, reason="the harness runs the kernels through Triton's interpreter (CPU)"),
+    # a kernel failing under the harness must fail the test, not hand the call to the PyTorch path
+    pytest.mark.filterwarnings("error::fused_lora.FallbackWarning"),
+]
 
 M, K, N, R = 37, 45, 29, 5  # odd sizes: edge tiles everywhere
 K4 = 64  # 4-bit/8-bit: K a multiple of bitsandbytes' blocksize (the aligned loads every real projection takes)

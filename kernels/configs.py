@@ -10,8 +10,10 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# FUSED_LORA_AUTOTUNE=0: every kernel takes the first config that fits the device, with no benchmarking (a GPU
-# check that must finish in a fixed time: bench/run_gpu.sh check). Read at import, like TRITON_INTERPRET.
+# FUSED_LORA_AUTOTUNE=0: every kernel takes the first config that fits the device (a GPU check that must finish in a
+# fixed time: bench/run_gpu.sh check). Triton 3.9 then skips benchmarking; triton 3.6 (the GPU image's) still
+# benchmarks the one config left on the call's arguments, which the restore_value / reset_to_zero lists make harmless
+# (issue 20, tests/test_autotune_first_call.py). Read at import, like TRITON_INTERPRET.
 AUTOTUNE = os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
 
 # Kernel arguments whose value changes from call to call. Triton's JIT specializes an int argument that is 1 or

@@ -8,6 +8,10 @@ Each reads and writes its M×N (M×K) tile once, with the rank-r product compute
 temporary, unlike ``result + lora_B(lora_A(x)) * scaling``. The fp32 result is rounded to the output dtype
 once, as PEFT rounds its fp32-adapter sum once. S, dS and the forward/backward kernels of the rank-r branch
 are ``lora_down_kernel``, ``lora_dy_kernel`` and ``lora_da_kernel``, shared with the fused path.
+
+Both are autotuned on the output they add into: ``restore_value`` makes the autotuner copy it before each benchmark
+run and put it back after (triton 3.6 and 3.9), so the first call of a key adds the term once, not once per benchmark
+run besides (issue 20; tests/test_autotune_first_call.py). The copy is made only while a new key is tuned.
 """
 
 import triton
@@ -19,7 +23,7 @@ from .indexing import index
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R"],
+@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R"], restore_value=["y_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("y_ptr", ADD_CONFIGS,
                                                                    kernel="lora_up_add_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -43,7 +47,7 @@ def lora_up_add_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R"],
+@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R"], restore_value=["dx_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dx_ptr", ADD_CONFIGS,
                                                                     kernel="lora_dx_add_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)

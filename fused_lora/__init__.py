@@ -33,6 +33,8 @@ _register_source_kernels()
 from .adapters import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .autograd.dora import DoRALinearFunction  # noqa: E402
 from .autograd.lora import LoRALinearFunction  # noqa: E402
+from .backends.self_check import report as path_report  # noqa: E402
+from .backends.self_check import set_verify  # noqa: E402
 from .config import LoRAConfig  # noqa: E402
 from .dispatch import BACKENDS, resolve_backend  # noqa: E402
 from .dropout import draw_dropout_seed  # noqa: E402
@@ -71,11 +73,13 @@ __all__ = [
     "lora_linear_ref",
     "lora_scaling",
     "merge_lora",
+    "path_report",
     "plan_injection",
     "print_trainable_parameters",
     "read_adapter_config",
     "resolve_backend",
     "save_adapter",
+    "set_verify",
     "trainable_parameters",
     "unload_lora",
     "unmerge_lora",

@@ -93,6 +93,7 @@ def unsupported_quantized_message(where: str, type_name: str, dtype: torch.dtype
 class DenseBase:
     """``nn.Linear`` (weight N×K) or GPT-2 ``Conv1D`` (weight K×N) through cuBLAS, in x's dtype."""
 
+    kind = DENSE
     weight: torch.Tensor
     bias: torch.Tensor | None
     layout: str
@@ -114,6 +115,7 @@ class Bnb4Base:
     cast back to x's dtype); input gradient ``dY · dequantize_4bit(W)`` in the compute dtype, as
     ``MatMul4Bit.backward``."""
 
+    kind = BNB_4BIT
     layer: nn.Module
 
     @property
@@ -155,6 +157,7 @@ class Bnb8Base:
     """bitsandbytes ``Linear8bitLt`` (int8 weight with per-row scales): its own forward; input gradient
     ``dY · (CB · SCB / 127)`` in x's dtype, as ``MatMul8bitLt.backward``."""
 
+    kind = BNB_8BIT
     layer: nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ Per call, in this order:
 2. The backend (:func:`resolve_backend`): ``FUSED_LORA_BACKEND`` / ``backend=``; ``auto`` takes Triton on CUDA (and on
    CPU under ``TRITON_INTERPRET=1``), except where the GPU cannot run the kernels (``hardware.unfit_reason``: ROCm,
    before sm_75, bf16 on Turing), which take the PyTorch path with one ``FallbackWarning``.
-3. The GEMM (:func:`route`): ``FUSED_LORA_GEMM=fused|composed|auto`` (default ``auto``: timed per shape on the first
-   forward, ``backends/gemm_choice.py``; composed on Turing, whose Triton dots run on FMA units), narrowed to what the
-   table's row has: a GEMM the row lacks takes the row's other one, or the PyTorch path (DoRA's composed).
+3. The path (:func:`route`): ``FUSED_LORA_GEMM=fused|composed|auto``, narrowed to what the table's row has (a GEMM
+   the row lacks takes the row's other one, or the PyTorch path: DoRA's composed). ``auto`` (the default) times the
+   row's GEMMs and the PyTorch path on the first forward of a shape and keeps the fastest (``backends/gemm_choice.py``;
+   no fused GEMM on Turing, whose Triton dots run on FMA units). A path's first forward and backward are checked
+   against the PyTorch path, and a key that fails moves to the next path (``backends/self_check.py``).
 4. The dropout seed (``dropout.seed_tensor``), then the Function (or native ops) with that route.
 
 Decided at run time, in one place each: a kernel that cannot be built or launched (``backends/kernel_fallback.py``),
@@ -105,42 +107,42 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
 
 def resolve_gemm(device: torch.device) -> str:
     """``FUSED_LORA_GEMM`` for the Triton backend on ``device``: 'fused' (Triton base GEMM with the rank-r term folded
-    in), 'composed' (cuBLAS or the quantized layer's base GEMM plus in-place rank-r kernels) or 'auto' (timed on first
-    use per shape: ``gemm_choice``)."""
+    in), 'composed' (cuBLAS or the quantized layer's base GEMM plus in-place rank-r kernels) or 'auto' (the default:
+    the row's paths and the PyTorch path timed on first use per shape, ``backends/gemm_choice.py``; on CPU, under the
+    interpreter, there is no clock: 'fused')."""
     choice = os.environ.get(GEMM_ENV_VAR, "auto")
     if choice not in GEMM_MODES:
         raise ValueError(f"fused_lora: {GEMM_ENV_VAR}={choice!r}; choose one of {GEMM_MODES}")
-    if choice != "auto":
-        return choice
-    capability = hardware.device_capability(device)
-    if capability is None:  # CPU under the interpreter: nothing to time
+    if choice == "auto" and hardware.device_capability(device) is None:
         return "fused"
-    # Turing: Triton compiles tl.dot to FMA instructions (no HMMA, stack spills in every GEMM config:
-    # bench/results/compile/sm_75-*), while cuBLAS uses its tensor cores: composed, without timing.
-    return "composed" if capability < (8, 0) else "auto"
+    return choice
 
 
 def route(variant: str, base: str, device: torch.device, dtype: torch.dtype | None,
-          backend: str | None = None, *, fused_ok: bool = True) -> tuple[str, str]:
-    """(backend, GEMM) for one call: the table's row for (``variant``, ``base``), the device and the settings.
-    ``fused_ok=False``: this call's inputs rule the fused GEMM out (a 4-bit base whose x is not in the compute dtype, or
-    whose K is not a multiple of the blocksize on a GPU)."""
+          backend: str | None = None, *, fused_ok: bool = True) -> tuple[str, str, str]:
+    """(backend, path, candidates) for one call: the table's row for (``variant``, ``base``), the device and the
+    settings. The path is one of the row's GEMMs, ``"auto"`` (timed on the first forward of a shape among the
+    comma-separated ``candidates``: the row's GEMMs and the PyTorch path), or ``"torch"`` on the PyTorch backend.
+    ``fused_ok=False``: this call's inputs rule the fused GEMM out (a 4-bit base whose x is not in the compute dtype,
+    or whose K is not a multiple of the blocksize on a GPU)."""
     name = resolve_backend(backend, device, dtype)
     if name == "torch":
-        return "torch", ""
+        return "torch", "torch", "torch"
     gemms = TRITON_GEMMS[(variant, base)]
-    if not fused_ok:
+    setting = resolve_gemm(device)
+    if not fused_ok or (setting == "auto" and hardware.fma_dots(device)):
+        # Turing: Triton compiles tl.dot to FMA instructions (no HMMA, stack spills in every GEMM config:
+        # bench/results/compile/sm_75-*), while cuBLAS uses its tensor cores: the fused GEMM is not a candidate.
         gemms = tuple(g for g in gemms if g != "fused")
-    gemm = resolve_gemm(device)
-    if gemm == "auto":
-        return "triton", gemms[0] if len(gemms) == 1 else "auto"
-    if gemm in gemms:
-        return "triton", gemm
-    if variant == DORA:  # the row has no composed kernels: cuBLAS through the PyTorch path
+    if not gemms or (setting not in ("auto", *gemms) and variant == DORA):
+        # DoRA's row has no composed kernels: cuBLAS through the PyTorch path
         warn_fallback(f"{device} runs LoRA's composed path (cuBLAS base GEMM); DoRA has no composed kernels: running "
                       "the PyTorch path")
-        return "torch", ""
-    return "triton", gemms[0]
+        return "torch", "torch", "torch"
+    candidates = ",".join((*gemms, "torch"))
+    if setting == "auto" or setting in gemms:
+        return "triton", setting, candidates
+    return "triton", gemms[0], candidates
 
 
 def fused_4bit_fits(x: torch.Tensor, layer: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
@@ -178,14 +180,14 @@ def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         p, scaling = 0.0, 0.0
     if in_function_transform((x, weight, bias, lora_A, lora_B)):
         return plain_lora(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
-    name, gemm = route(LORA, DENSE, x.device, x.dtype, backend)
+    name, path, candidates = route(LORA, DENSE, x.device, x.dtype, backend)
     if name == "torch" and p == 0 and lora_A.dtype == x.dtype:
         # Without dropout and with adapters in x's dtype, PyTorch's own autograd over the same ops saves what the
         # Function would and runs its backward in C++ (issue 14). fp32 adapters on a half x would make autograd keep an
         # fp32 copy of x: those take the Function.
         return lora_torch.native_forward(x, weight, bias, lora_A, lora_B, scaling, weight_layout)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed_tensor(p, dropout_seed),
-                                    weight_layout, name, gemm)
+                                    weight_layout, name, path, candidates)
 
 
 def dora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -194,9 +196,9 @@ def dora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """DoRA on a dense base, inputs checked (as :func:`lora_call`)."""
     if in_function_transform((x, weight, bias, lora_A, lora_B, magnitude)):
         return plain_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, weight_layout)
-    name, _ = route(DORA, DENSE, x.device, x.dtype, backend)
+    name, path, candidates = route(DORA, DENSE, x.device, x.dtype, backend)
     return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, p,
-                                    seed_tensor(p, dropout_seed), weight_layout, name)
+                                    seed_tensor(p, dropout_seed), weight_layout, name, path, candidates)
 
 
 def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -213,6 +215,6 @@ def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor
     base = quantized_base(layer)
     compute = getattr(base, "compute_dtype", x.dtype)
     fused_ok = kind == BNB_4BIT and fused_4bit_fits(x, layer, compute)
-    name, gemm = route(LORA, kind, x.device, compute, backend, fused_ok=fused_ok)
+    name, path, candidates = route(LORA, kind, x.device, compute, backend, fused_ok=fused_ok)
     return QuantLoRAFunction.apply(x, bias, lora_A, lora_B, base, scaling, p, seed_tensor(p, dropout_seed), name,
-                                   gemm or "composed")
+                                   path, candidates)

@@ -164,17 +164,18 @@ def test_auto_times_the_4bit_paths_once_per_shape(path_calls, monkeypatch):
     def timer(name, fn, device):
         timed.append(name)
         fn()
-        return {"fused": 2.0, "composed": 1.0}[name]
+        return {"fused": 2.0, "composed": 1.0, "torch": 3.0}[name]
 
     gemm_choice.clear()
     gemm_choice.set_timer(timer)
     try:
         check_layer("nf4-double", torch.float32, torch.float32, "triton", p=0.0)
-        assert timed == ["fused"] * gemm_choice.REPEATS + ["composed"] * gemm_choice.REPEATS
+        assert timed == ["fused"] * gemm_choice.REPEATS + ["composed"] * gemm_choice.REPEATS + \
+            ["torch"] * gemm_choice.REPEATS
         assert "dx_4bit" not in calls  # trained on the composed path
         calls.clear()
         check_layer("nf4-double", torch.float32, torch.float32, "triton", p=0.0)  # the same shape: no timing again
-        assert len(timed) == 2 * gemm_choice.REPEATS and calls == []
+        assert len(timed) == 3 * gemm_choice.REPEATS and calls == []
     finally:
         gemm_choice.set_timer(None)
         gemm_choice.clear()
@@ -440,12 +441,14 @@ def test_unaligned_k_takes_the_composed_path_on_a_gpu():
 
     def gemm(x):
         fits = dispatch.fused_4bit_fits(x, layer, torch.float32)
-        return dispatch.route(dispatch.LORA, BNB_4BIT, x.device, torch.float32, "triton", fused_ok=fits)[1]
+        return dispatch.route(dispatch.LORA, BNB_4BIT, x.device, torch.float32, "triton", fused_ok=fits)[1:]
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fused_lora.hardware.device_capability", lambda device: (9, 0) if device.type == "cuda" else None)
         mp.setattr("fused_lora.dispatch.resolve_gemm", lambda device: "auto")
-        assert gemm(gpu(70)) == "composed"
+        assert gemm(gpu(70)) == ("auto", "composed,torch")  # timed, but never the fused GEMM
+        assert gemm(gpu(128)) == ("auto", "fused,composed,torch")
         mp.setattr("fused_lora.dispatch.resolve_gemm", lambda device: "fused")
-        assert gemm(gpu(70)) == "composed"
-        assert gemm(gpu(128)) == "fused"
-        assert gemm(cpu) == "fused"
+        assert gemm(gpu(70))[0] == "composed"
+        assert gemm(gpu(128))[0] == "fused"
+        assert gemm(cpu)[0] == "fused"

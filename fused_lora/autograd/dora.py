@@ -18,40 +18,98 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import dora_torch, dora_triton
+from ..backends import dora_torch, dora_triton, gemm_choice
 from ..dropout import seed_value
 from ..reference import dora_ref
+from . import paths
 from .common import as_2d, as_input_shape, cast_grads, fake_grads, grads_out, s_dtype, without_autocast
+from .paths import upcast
 
 IMPLEMENTATIONS = {"torch": dora_torch, "triton": dora_triton}
 
 
-def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, backend):
-    y, s, P, sq = without_autocast(IMPLEMENTATIONS[backend].forward, x.device.type, x, weight, bias, lora_A, lora_B,
-                                   magnitude, scaling, p, seed_value(seed), weight_layout)
-    want = s_dtype(backend, lora_A)
-    return y, (s if s.dtype == want else s.to(want)), P, sq
+def _forward_on(path, x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, keep):
+    if path == "torch":
+        return dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
+                                  keep=keep)
+    return dora_triton.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout)
 
 
-def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout, backend,
-                 need_dx, need_da, need_db, need_dbias, need_dmag):
-    grads = without_autocast(IMPLEMENTATIONS[backend].backward, dy.device.type, dy, x, weight, lora_A, lora_B,
-                             magnitude, s, P, sq, scaling, p, seed_value(seed), weight_layout, need_dx, need_da,
-                             need_db, need_dbias, need_dmag)
-    return cast_grads(grads, (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32, magnitude.dtype))
+def _backward_on(path, dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout, needs,
+                 keep):
+    if path == "torch":
+        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed,
+                                   weight_layout, *needs, keep=keep)
+    return dora_triton.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout,
+                                *needs)
+
+
+def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, backend, gemm,
+                candidates):
+    """(y, S, P, sq, the path run); on the Triton backend the path is chosen and checked as LoRA's
+    (``autograd/paths.py``)."""
+    seed = seed_value(seed)
+    device_type = x.device.type
+    if backend == "torch":
+        y, s, P, sq = without_autocast(dora_torch.forward, device_type, x, weight, bias, lora_A, lora_B, magnitude,
+                                       scaling, p, seed, weight_layout)
+        return y, s, P, sq, "torch"
+    mask = paths.kernels_mask(seed, x, p)
+
+    def call(path):
+        return without_autocast(_forward_on, device_type, path, x, weight, bias, lora_A, lora_B, magnitude, scaling, p,
+                                seed, weight_layout, mask() if path == "torch" else None)
+
+    def ref64():
+        return dora_torch.forward(*upcast(x, weight, bias, lora_A, lora_B, magnitude), scaling, p, seed, weight_layout,
+                                  keep=mask())
+
+    key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
+    (y, s, P, sq), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
+                                        paths.describe(x, lora_A, lora_B, weight.shape))
+    return y, (s if s.dtype == torch.float32 else s.float()), P, sq, path
+
+
+def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout, backend, gemm,
+                 candidates, need_dx, need_da, need_db, need_dbias, need_dmag):
+    seed = seed_value(seed)
+    needs = (need_dx, need_da, need_db, need_dbias, need_dmag)
+    dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32, magnitude.dtype)
+    if backend == "torch":
+        grads = without_autocast(dora_torch.backward, dy.device.type, dy, x, weight, lora_A, lora_B, magnitude, s, P,
+                                 sq, scaling, p, seed, weight_layout, *needs)
+        return cast_grads(grads, dtypes)
+    mask = paths.kernels_mask(seed, x, p)
+
+    def call(path):
+        grads = without_autocast(_backward_on, dy.device.type, path, dy, x, weight, lora_A, lora_B, magnitude, s, P,
+                                 sq, scaling, p, seed, weight_layout, needs, mask() if path == "torch" else None)
+        return cast_grads(grads, dtypes)
+
+    def ref64():
+        x64, w64, a64, b64, m64, dy64 = upcast(x, weight, lora_A, lora_B, magnitude, dy)
+        _, s64, p64, sq64 = dora_torch.forward(x64, w64, None, a64, b64, m64, scaling, p, seed, weight_layout,
+                                               keep=mask())
+        return dora_torch.backward(dy64, x64, w64, a64, b64, m64, s64, p64, sq64, scaling, p, seed, weight_layout,
+                                   *needs, keep=mask())
+
+    key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
+    return paths.backward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
+                          paths.describe(x, lora_A, lora_B, weight.shape))
 
 
 @torch.library.custom_op("fused_lora::dora_forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     magnitude: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str,
-    backend: str,
+    backend: str, gemm: str, candidates: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend)
+    return run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
+                       gemm, candidates)[:4]
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend):
+def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend, gemm, candidates):
     M, N, R = x.shape[0], lora_B.shape[0], lora_A.shape[0]
     return (x.new_empty(M, N), x.new_empty(M, R, dtype=s_dtype(backend, lora_A)),
             x.new_empty(M, N, dtype=lora_B.dtype), x.new_empty(N, dtype=torch.float32))
@@ -61,16 +119,17 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weig
 def _backward_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, sq: torch.Tensor, scaling: float, dropout_p: float,
-    seed: torch.Tensor | None, weight_layout: str, backend: str, need_dx: bool, need_da: bool, need_db: bool,
-    need_dbias: bool, need_dmag: bool,
+    seed: torch.Tensor | None, weight_layout: str, backend: str, gemm: str, candidates: str, need_dx: bool,
+    need_da: bool, need_db: bool, need_dbias: bool, need_dmag: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return grads_out(dy, run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, dropout_p, seed,
-                                      weight_layout, backend, need_dx, need_da, need_db, need_dbias, need_dmag))
+                                      weight_layout, backend, gemm, candidates, need_dx, need_da, need_db, need_dbias,
+                                      need_dmag))
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, dropout_p, seed, weight_layout, backend,
-      need_dx, need_da, need_db, need_dbias, need_dmag):
+def _(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, dropout_p, seed, weight_layout, backend, gemm,
+      candidates, need_dx, need_da, need_db, need_dbias, need_dmag):
     return fake_grads(dy, ((x.shape, x.dtype) if need_dx else None, (lora_A.shape, lora_A.dtype) if need_da else None,
                            (lora_B.shape, lora_B.dtype) if need_db else None,
                            ((lora_B.shape[0],), torch.float32) if need_dbias else None,
@@ -91,14 +150,19 @@ class DoRALinearFunction(torch.autograd.Function):
     seed drawn) rather than ``apply``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend):
-        run = _forward_op if torch.compiler.is_compiling() else run_forward
-        y, s, P, sq = run(as_2d(x), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout,
-                          backend)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
+                gemm, candidates):
+        args = (as_2d(x), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
+                gemm, candidates)
+        if torch.compiler.is_compiling():
+            y, s, P, sq = _forward_op(*args)
+        else:  # the path run kept for backward
+            y, s, P, sq, gemm = run_forward(*args)
         # P serves only the magnitude's gradient: a frozen magnitude keeps no M×N tensor
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, s, P if ctx.needs_input_grad[5] else
                               P.new_empty(0), sq, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_layout, ctx.backend = scaling, dropout_p, weight_layout, backend
+        ctx.gemm, ctx.candidates = gemm, candidates
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return as_input_shape(y, x)
 
@@ -116,9 +180,10 @@ class DoRALinearFunction(torch.autograd.Function):
                               strict=True))
             grads = iter(torch.autograd.grad(y, [t for t, need in wanted if need], dy, create_graph=True))
             dx, dbias, da, db, dmag = (next(grads) if need else None for _, need in wanted)
-            return dx, None, dbias, da, db, dmag, None, None, None, None, None
+            return dx, None, dbias, da, db, dmag, None, None, None, None, None, None, None
         args = (as_2d(dy), as_2d(x), weight, lora_A, lora_B, magnitude, s, P, sq, ctx.scaling, ctx.dropout_p, seed,
-                ctx.weight_layout, ctx.backend, need_dx, need_da, need_db, need_dbias, need_dmag)
+                ctx.weight_layout, ctx.backend, ctx.gemm, ctx.candidates, need_dx, need_da, need_db, need_dbias,
+                need_dmag)
         run = _backward_op if torch.compiler.is_compiling() else run_backward
         dx, da, db, dbias, dmag = run(*args)
         if need_dx and x.dim() != 2:
@@ -126,4 +191,4 @@ class DoRALinearFunction(torch.autograd.Function):
         if need_dbias and dbias.dtype != ctx.bias_dtype:
             dbias = dbias.to(ctx.bias_dtype)
         return (dx if need_dx else None, None, dbias if need_dbias else None, da if need_da else None,
-                db if need_db else None, dmag if need_dmag else None, None, None, None, None, None)
+                db if need_db else None, dmag if need_dmag else None, None, None, None, None, None, None, None)

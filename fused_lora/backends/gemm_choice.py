@@ -30,6 +30,7 @@ CACHE_ENV = "FUSED_LORA_GEMM_CACHE"
 REPEATS = 3  # timed runs of each path after one warm-up (which also compiles and autotunes the kernels)
 
 _choices: dict[str, str] = {}
+_times: dict[str, dict[str, float]] = {}  # key → candidate → seconds (median), for self_check.report()
 _loaded_from: str | None = None
 _timer: Callable[[str, Callable[[], object], torch.device], float] | None = None
 
@@ -53,7 +54,19 @@ def clear() -> None:
     """Forget every choice made in this process (the file, if any, is read again on next use)."""
     global _loaded_from
     _choices.clear()
+    _times.clear()
     _loaded_from = None
+
+
+def choices() -> dict[str, str]:
+    """key → the path ``auto`` keeps for it (timed here, or read from the cache file)."""
+    _load()
+    return dict(_choices)
+
+
+def times() -> dict[str, dict[str, float]]:
+    """key → candidate → median seconds, for the keys timed in this process."""
+    return {k: dict(v) for k, v in _times.items()}
 
 
 def _cuda_time(name: str, fn: Callable[[], object], device: torch.device) -> float:
@@ -104,9 +117,9 @@ def cached(k: str) -> str | None:
 
 
 def choose(k: str, device: torch.device, candidates: dict[str, Callable[[], object]]) -> str:
-    """The kept choice for ``k``, or, on first use, the fastest candidate (each run once to warm up, then ``REPEATS``
-    times; the median counts), kept and written to the cache file. Without CUDA events and without an injected timer
-    (the interpreter on CPU) nothing is timed: the first candidate."""
+    """The kept choice for ``k`` (when it is still a candidate), or, on first use, the fastest candidate (each run
+    once to warm up, then ``REPEATS`` times; the median counts), kept and written to the cache file. Without CUDA events
+    and without an injected timer (the interpreter on CPU) nothing is timed: the first candidate."""
     choice = cached(k)
     if choice in candidates:
         return choice
@@ -120,23 +133,23 @@ def choose(k: str, device: torch.device, candidates: dict[str, Callable[[], obje
         times[name] = samples[len(samples) // 2]
     choice = min(times, key=times.get)
     _choices[k] = choice
+    _times[k] = times
     _save()
     return choice
 
 
-def resolve(gemm: str, k: Callable[[], str], device: torch.device, run: Callable[[str], object],
-            names: tuple[str, ...] = ("fused", "composed")) -> str:
-    """``gemm`` itself, or for ``"auto"`` the kept or timed choice among ``names`` for the key ``k()``; ``run(name)``
+def resolve(gemm: str, k: str, device: torch.device, run: Callable[[str], object], names: tuple[str, ...]) -> str:
+    """``gemm`` itself, or for ``"auto"`` the kept or timed choice among ``names`` for the key ``k``; ``run(name)``
     runs that path once on the call's inputs (no autograd: the timing runs are not part of the graph)."""
     if gemm != "auto":
         return gemm
     with torch.no_grad():
-        return choose(k(), device, {name: (lambda n=name: run(n)) for name in names})
+        return choose(k, device, {name: (lambda n=name: run(n)) for name in names})
 
 
-def resolved(gemm: str, k: Callable[[], str]) -> str:
+def resolved(gemm: str, k: str) -> str:
     """The backward's view of ``gemm``: for ``"auto"``, the choice its forward made for this key (``"fused"`` when
     none is kept: the interpreter)."""
     if gemm != "auto":
         return gemm
-    return cached(k()) or "fused"
+    return cached(k) or "fused"

@@ -19,7 +19,9 @@
 #
 # Triton's cache (and inductor's) go in .triton-cache/ of the repo (git-ignored; RUN_GPU_CACHE elsewhere): a second
 # call on the same warm machine reuses the compiles. Output: at most 8 files (what the device tool returns) into
-# $OUT when set, else bench/results/<gpu>-<date>/: env.txt, run.log, layer.{json,md,png}, model.{json,md,png}.
+# $OUT when set, else bench/results/<gpu>-<date>/: env.txt, run.log, verify.md (check: the first-call self-check
+# over a case matrix, bench/verify_matrix.py), layer.{json,md,png}, model.{json,md,png} (the plots are dropped when
+# they would make more than 8 files).
 # Exit status 0 when every stage passed, 1 when one failed, timed out or was skipped for the budget, 2 on usage.
 #
 # RUN_GPU_DEVICE=cpu: the dry run (CI, tests/test_run_gpu_script.py): the same stages on CPU at tiny sizes (the
@@ -177,19 +179,25 @@ else
 fi
 
 # --- stages ------------------------------------------------------------------------------------------
-# check CAP: tests/test_gpu.py -m check in two pytest processes (-k "not real_size", -k real_size), one cap.
+# check CAP: tests/test_gpu.py -m check in two pytest processes (-k "not real_size", -k real_size), and the self-check
+# over the case matrix (bench/verify_matrix.py → verify.md) in a third, one cap.
 check_stage() {
-    local t t0 rc=0 r g pids=() rcs=() sel=("not real_size" "real_size")
+    local t t0 rc=0 r g pids=() rcs=() sel=("not real_size" "real_size") quick=()
     if ! t=$(cap_for "$1"); then skipped check; return 0; fi
+    [ "$DRY" = 1 ] && quick=(--quick)
     echo "== [check] start: cap ${t}s, $(left)s of ${BUDGET}s left: tests/test_gpu.py -m check," \
-         "FUSED_LORA_AUTOTUNE=0, two processes: -k '${sel[0]}' | -k '${sel[1]}'" | tee -a "$LOG"
+         "FUSED_LORA_AUTOTUNE=0, two processes: -k '${sel[0]}' | -k '${sel[1]}'; bench/verify_matrix.py" | tee -a "$LOG"
     t0=$(now)
     for g in 0 1; do
         FUSED_LORA_AUTOTUNE=0 timeout -k "$KILL_GRACE" "$t" "${PYTEST[@]}" -v "$REPO/tests/test_gpu.py" -m check \
             -k "${sel[$g]}" >"$WORK/check-$g.log" 2>&1 &
         pids+=($!)
     done
-    for g in 0 1; do
+    # no new case after 3/4 of the cap: the table is written after the last case that started
+    FUSED_LORA_AUTOTUNE=0 timeout -k "$KILL_GRACE" "$t" "$PY" "$REPO/bench/verify_matrix.py" --device "$DEVICE" \
+        --out "$RES" --time-budget $(( t * 3 / 4 )) ${quick[@]+"${quick[@]}"} >"$WORK/check-2.log" 2>&1 &
+    pids+=($!)
+    for g in 0 1 2; do
         wait "${pids[$g]}"
         r=$?
         rcs+=("$r")
@@ -203,6 +211,10 @@ check_stage() {
             echo "process $((g + 1)) killed at ${t}s while running: $(grep -E '::' "$WORK/check-$g.log" | tail -n 1)"
         fi
     done
+    { echo "---- [check] process 3 (rc=${rcs[2]}): bench/verify_matrix.py"; cat "$WORK/check-2.log"; } >>"$LOG"
+    echo "self-check over the case matrix (rc=${rcs[2]}): $(grep -c ': forward pass, backward pass' \
+        "$WORK/check-2.log") cases passed both ways; not passed:"
+    grep -vE ': forward pass, backward pass$' "$WORK/check-2.log" | tail -n 20
     finish check "$rc" "$t" "$t0"
 }
 
@@ -314,6 +326,14 @@ esac
 
 # --- summary (the device tool shows the last 12,000 characters) ---------------------------------------------
 echo
+if [ "$(find "$RES" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then  # the device tool brings back 8 files at most
+    echo "(more than 8 files: the plots are left out; redraw them from the JSON with bench/report.py)"
+    rm -f "$RES"/*.png
+fi
+if [ -f "$RES/verify.md" ]; then
+    echo "---- verify.md: the self-check over the case matrix"
+    grep -vE '\| pass \|$' "$RES/verify.md" | grep -E '^\||^First-call|^Cut' | head -n 30
+fi
 if [ -f "$RES/layer.md" ]; then
     echo "---- layer.md: targets"; sed -n '/^## Targets/,$p' "$RES/layer.md" | tail -n +3
 fi

@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the trained adapter here in PEFT's format (adapter_model.safetensors + "
                         "adapter_config.json)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="print what fused-lora timed, chose and verified per layer shape (fused_lora.path_report)")
     return p.parse_args(argv)
 
 
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"step time {step_ms:.1f} ms (median) | training {train_time:.1f} s | "
           f"peak memory {memory:.0f} MiB ({memory_kind})")
 
+    if args.verbose:
+        sentiment_data.print_path_report()
     if args.save_adapter:
         save_adapter(model, args.save_adapter)
         print(f"adapter saved to {args.save_adapter} (PEFT format: peft.PeftModel.from_pretrained reads it)")

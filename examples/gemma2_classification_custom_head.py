@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--show-quantized-error", action="store_true",
                    help="put an int8 layer in the head and show the error inject_lora gives, then exit")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="print what fused-lora timed, chose and verified per layer shape (fused_lora.path_report)")
     return p.parse_args(argv)
 
 
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - start
     head_changed = all(not torch.equal(a, b) for a, b in zip(head_before, model.score.parameters(), strict=True))
     print(f"{step} steps in {elapsed:.1f} s; every head parameter changed: {head_changed}")
+    if args.verbose:
+        sentiment_data.print_path_report()
     return {"accuracy": accuracies[-1], "accuracies": accuracies, "steps": step, "time_s": elapsed,
             "adapted": adapted, "head_trainable": head_trainable, "head_changed": head_changed, "model": model}
 

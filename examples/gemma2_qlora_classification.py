@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--plot", default="", help="write the loss curve to this PNG ('' for none)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="print what fused-lora timed, chose and verified per layer shape (fused_lora.path_report)")
     return p.parse_args(argv)
 
 
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot:
         plot(args.plot, losses, f"Gemma2 QLoRA ({args.quant_type}) r={args.r} on {device}: training loss")
         print(f"loss curve: {args.plot}")
+    if args.verbose:
+        sentiment_data.print_path_report()
     return {"accuracy": accuracies[-1], "accuracies": accuracies, "losses": losses, "steps": step,
             "time_s": elapsed, "quantized_layers": len(quantized), "model": model}
 

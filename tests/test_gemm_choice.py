@@ -14,7 +14,7 @@ from test_fallbacks import counting
 from test_functional import make_problem, run_and_check
 
 from fused_lora import dispatch, hardware
-from fused_lora.backends import gemm_choice, lora_triton
+from fused_lora.backends import gemm_choice, lora_triton, self_check
 
 pytestmark = pytest.mark.skipif(CUDA, reason="injects a GPU capability and a timer into the CPU path")
 
@@ -26,9 +26,11 @@ def auto_on_a_gpu_like_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSED_LORA_GEMM_CACHE", str(tmp_path / "choices.json"))
     monkeypatch.setattr(hardware, "device_capability", lambda device: (9, 0))  # resolve_gemm says "auto"
     gemm_choice.clear()
+    self_check.clear()
     yield
     gemm_choice.set_timer(None)
     gemm_choice.clear()
+    self_check.clear()
 
 
 def fake_timer(times: dict[str, float], calls: list[str]):

@@ -35,12 +35,20 @@ _loaded_from: str | None = None
 _timer: Callable[[str, Callable[[], object], torch.device], float] | None = None
 
 
+_keys: dict[tuple, str] = {}
+
+
 def key(kind: str, x2d: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, layout: str) -> str:
     """The decision's key: what changes which path is faster (a string, for the JSON file). ``kind``: the variant and
-    base ("lora", "lora-bnb4", "dora")."""
-    K, N, M = x2d.shape[1], lora_B.shape[0], x2d.shape[0]
-    return (f"{kind}|{device_name(x2d.device)}|{str(x2d.dtype).removeprefix('torch.')}"
-            f"|{str(lora_A.dtype).removeprefix('torch.')}|{layout}|K{K}|N{N}|R{lora_A.shape[0]}|M{m_bucket(M)}")
+    base ("lora", "lora-bnb-4bit", "dora"). Made once per shape and kept (this runs on every Triton-path call)."""
+    parts = (kind, x2d.device, x2d.dtype, lora_A.dtype, layout, x2d.shape[1], lora_B.shape[0], lora_A.shape[0],
+             m_bucket(x2d.shape[0]))
+    k = _keys.get(parts)
+    if k is None:
+        kind, device, dtype, adapter_dtype, layout, K, N, R, M = parts
+        k = _keys[parts] = (f"{kind}|{device_name(device)}|{str(dtype).removeprefix('torch.')}"
+                            f"|{str(adapter_dtype).removeprefix('torch.')}|{layout}|K{K}|N{N}|R{R}|M{M}")
+    return k
 
 
 def set_timer(timer: Callable[[str, Callable[[], object], torch.device], float] | None) -> None:

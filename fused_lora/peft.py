@@ -9,10 +9,11 @@ Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`,
 ``save_pretrained``, ``merge_and_unload``, ``set_adapter``, ``disable_adapter``, the repr (``lora.Linear(...)``) and
 so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay
 PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
-would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter, or its DoRA
-(``use_dora=True`` on an nn.Linear / Conv1D base: the fused DoRA Function, ``fused_lora.dora``); anything else
-(adapters disabled or merged, mixed-adapter batches, other variants, DoRA on quantized bases, several active
-adapters, ``lora_bias``, custom or hooked bases, dtypes the Function does not take) runs PEFT's own forward.
+would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter (``lora_bias=True``
+included: lora_B's bias enters as ``scaling · b_B``), or its DoRA (``use_dora=True`` on an nn.Linear / Conv1D base:
+the fused DoRA Function, ``fused_lora.dora``); anything else (adapters disabled or merged, mixed-adapter batches,
+other variants, DoRA on quantized bases, several active adapters, custom or hooked bases, dtypes the Function does
+not take) runs PEFT's own forward.
 
 Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
 that says why, and a reason is reported once per process (a layer that falls back at call time, say after
@@ -126,8 +127,6 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
     variant = _variant_name(layer, adapter)
     if variant is not None:
         return variant
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        return "lora_bias=True"
     base = layer.get_base_layer()
     quantized = quantized_kind(base) is not None
     if not quantized and _weight_layout(base) is None:
@@ -143,7 +142,12 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "4-bit base weight without a quant_state (not quantized yet)"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
-        return "lora_A/lora_B are not plain bias-free nn.Linear modules"
+        return "lora_A/lora_B are not plain nn.Linear modules (lora_A without a bias)"
+    if lora_B.bias is not None:  # lora_bias=True: served, as scaling · b_B beside the fused call (_lora_B_bias)
+        if _is_dora(layer, adapter):
+            return "a lora_B bias (lora_bias=True) with DoRA"
+        if lora_B.bias.dtype != lora_B.weight.dtype:
+            return f"lora_B bias of dtype {lora_B.bias.dtype} beside a {lora_B.weight.dtype} lora_B weight"
     if type(dropout) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout module {type(dropout).__name__}"
     if _is_dora(layer, adapter):
@@ -235,13 +239,29 @@ class FusedLinear(_Fused, PeftLoraLinear):
         magnitude = None
         if _is_dora(self, adapter):  # PEFT drops x only when the layer trains and its dropout is a Dropout
             magnitude, training = self.lora_magnitude_vector[adapter].weight, training and self.training
-        return fused_lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                 float(self.scaling[adapter]), p, training, _weight_layout(base), magnitude=magnitude)
+        lora_B, scaling = self.lora_B[adapter], float(self.scaling[adapter])
+        bias = base.bias
+        if lora_B.bias is not None:
+            # lora_bias=True: PEFT's lora_B(...) * scaling adds scaling · b_B to every row. Folded into the bias the
+            # Function adds, it costs no pass over the output; autograd gives b_B its gradient scaling · Σ dY (and
+            # the base bias Σ dY when it trains). In fp32 when either is (the Function takes an fp32 bias).
+            bias = _lora_B_bias(lora_B, scaling) if bias is None else bias + _lora_B_bias(lora_B, scaling)
+        return fused_lora_linear(x, base.weight, bias, self.lora_A[adapter].weight, lora_B.weight, scaling, p, training,
+                                 _weight_layout(base), magnitude=magnitude)
+
+
+def _lora_B_bias(lora_B: nn.Linear, scaling: float) -> torch.Tensor:
+    return lora_B.bias * scaling
 
 
 def _quantized_call(self, x, adapter, p, training):
-    return quantized_lora(x, self.get_base_layer(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                          float(self.scaling[adapter]), p, training)
+    lora_B, scaling = self.lora_B[adapter], float(self.scaling[adapter])
+    y = quantized_lora(x, self.get_base_layer(), self.lora_A[adapter].weight, lora_B.weight, scaling, p, training)
+    if lora_B.bias is not None:
+        # lora_bias=True on a bitsandbytes base: the base layer adds its own bias inside quantized_lora, so
+        # scaling · b_B is added here, in the output's dtype, as PEFT adds its LoRA term (cast to the result's dtype).
+        y = y + _lora_B_bias(lora_B, scaling).to(y.dtype)
+    return y
 
 
 # PEFT's LoRA class → the class accelerate swaps it to. PEFT's bitsandbytes classes exist only when bitsandbytes is
@@ -273,7 +293,7 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Works on a ``peft.PeftModel`` or any module holding PEFT LoRA layers. Every ``peft.tuners.lora.Linear`` is
     switched (in place, by class swap) to :class:`FusedLinear`; whether a call takes the fused path is decided
     per call, so ``set_adapter``, ``disable_adapter``, ``merge_adapter`` and the like keep working. Layers that
-    cannot be served now (DoRA on quantized bases, several active adapters, ``lora_bias``, …) are named in one
+    cannot be served now (DoRA on quantized bases, several active adapters, custom bases, …) are named in one
     ``UserWarning`` with the reason; they and any other PEFT layer type run PEFT's forward. Layers that PEFT
     creates later (``add_adapter`` targeting new modules) are plain PEFT layers: call ``accelerate`` again.
 

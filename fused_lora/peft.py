@@ -1,7 +1,10 @@
-"""One line to run an existing PEFT model's LoRA layers through fused_lora's fused Function.
+"""One line to run PEFT's LoRA layers through fused_lora's fused Function.
 
     import fused_lora.peft
     model = fused_lora.peft.accelerate(peft_model)      # same model object, same modules and state dict
+
+    fused_lora.peft.enable()                            # or: every PEFT LoRA model made from now on (get_peft_model,
+                                                        # PeftModel.from_pretrained, TRL's trainers with peft_config)
 
 Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`, a subclass that only overrides
 ``forward`` (PEFT's bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` LoRA layers to ``FusedLinear4bit`` /
@@ -24,29 +27,40 @@ check that its warning is the last one).
 
 Not served by the fused path (documented, not a bug): forward hooks registered on the ``lora_A``/``lora_B``/
 ``lora_dropout`` submodules do not fire, because those submodules are not called; their parameters are.
+
+:func:`enable` does :func:`accelerate`'s work wherever PEFT builds LoRA layers, without access to the model object;
+:func:`disable` takes the patch out again. Tested against peft 0.21.2 (the version the project's CI installs), 0.18.1,
+0.15.2 and 0.13.2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 try:
     from peft.tuners.lora import Linear as PeftLoraLinear
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, LoraModel
     from peft.tuners.lora.dora import DoraLinearLayer
 except ImportError as err:  # peft is an optional dependency
     raise ImportError("fused_lora.peft needs the `peft` package: pip install peft") from err
+try:
+    from peft.tuners.mixed import MixedModel  # PeftMixedModel's tuner
+except ImportError:  # pragma: no cover (a PEFT without mixed adapter types)
+    MixedModel = None
 
 from .base_ops import BNB_4BIT, quantized_kind
 from .functional import fused_lora_linear
 from .quantized import quantized_lora
 
-__all__ = ["FusedLinear", "accelerate", "is_accelerated", "restore"]
+__all__ = ["FusedLinear", "accelerate", "disable", "enable", "enabled", "is_accelerated", "is_enabled", "restore"]
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Reasons already reported in this process: a layer that falls back at call time (for example after
@@ -300,10 +314,17 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model holds no PEFT LoRA layer.
     """
-    lora_layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
-    if not lora_layers:
+    if not _serve(peft_model, stacklevel=2):
         raise ValueError(f"fused_lora.peft.accelerate: {type(peft_model).__name__} holds no PEFT LoRA layer "
                          "(peft.tuners.lora.LoraLayer); wrap it with peft.get_peft_model first")
+    return peft_model
+
+
+def _serve(model: nn.Module, stacklevel: int) -> int:
+    """Swaps every PEFT LoRA layer of ``model`` that has a fused class to it (layers already swapped stay) and warns
+    once about the layers that cannot be served, with the reasons not reported before; returns the number of LoRA
+    layers found."""
+    lora_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     unserved: dict[str, list[str]] = defaultdict(list)
     for name, layer in lora_layers:
         if type(layer) in _SERVED:
@@ -312,8 +333,8 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
         if reason is not None and reason not in _reported:
             unserved[reason].append(name)
     if unserved:
-        _warn(unserved, len(lora_layers), stacklevel=2)
-    return peft_model
+        _warn(unserved, len(lora_layers), stacklevel=stacklevel + 1)
+    return len(lora_layers)
 
 
 def restore(peft_model: nn.Module) -> nn.Module:
@@ -323,3 +344,93 @@ def restore(peft_model: nn.Module) -> nn.Module:
         if type(module) in original:
             module.__class__ = original[type(module)]
     return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# enable() / disable(): every PEFT LoRA model made afterwards
+# ---------------------------------------------------------------------------------------------------------------
+
+# Tuner class → what its own __dict__ held under "inject_adapter" before enable() (_ABSENT: nothing, it inherited
+# BaseTuner's), so that disable() puts back exactly that. Empty while disabled.
+_PATCHED: dict[type, object] = {}
+_ABSENT = object()
+_LOCK = threading.Lock()
+
+
+def _tuner_classes() -> tuple[type, ...]:
+    return tuple(cls for cls in (LoraModel, MixedModel) if cls is not None)
+
+
+def _serving(original):
+    """``inject_adapter`` that runs PEFT's, then serves the tuner's whole model."""
+
+    @functools.wraps(original)
+    def inject_adapter(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        # Exact types only: subclasses such as AdaLoraModel build their own layer types, which nothing here serves.
+        if type(self) in _PATCHED:
+            _serve(self.model, stacklevel=2)
+        return result
+
+    inject_adapter.__fused_lora_wrapped__ = original
+    return inject_adapter
+
+
+def enable() -> None:
+    """From now on, every PEFT LoRA model is served by the fused path, as if :func:`accelerate` were called on it.
+
+    That is every model made by ``peft.get_peft_model``, ``PeftModel.from_pretrained`` (and ``AutoPeftModel*``),
+    ``peft.inject_adapter_in_model`` (and so transformers' ``model.add_adapter`` / ``model.load_adapter``),
+    ``PeftMixedModel``, and therefore TRL's trainers given a ``peft_config``, without access to the model object.
+    ``add_adapter`` / ``load_adapter`` / ``add_weighted_adapter`` on a model serve its new layers too. Calling it
+    again does nothing. Layers that cannot be served are named in one ``UserWarning`` per model, as by
+    :func:`accelerate`.
+
+    How: PEFT's LoRA tuner, ``peft.tuners.lora.LoraModel`` (and ``peft.tuners.mixed.MixedModel`` for mixed models),
+    gets an ``inject_adapter`` that runs PEFT's own and then swaps the LoRA layers of the tuner's model. Why there:
+    ``inject_adapter`` is ``BaseTuner``'s documented public method that creates the adapter layers, and every entry
+    point above reaches it (``BaseTuner.__init__`` calls it; ``PeftModel.add_adapter`` calls it); it is looked up on
+    the tuner's class at each call, so the patch reaches callers that imported ``get_peft_model`` into their own
+    modules before ``enable()`` (TRL's ``trl.trainer.sft_trainer`` does), which patching ``peft.get_peft_model``
+    would miss. Nothing else of PEFT is changed: not its functions, not its layer classes, not models made before
+    the call (a model made before ``enable()`` is served from its next ``add_adapter`` / ``load_adapter`` on, as a
+    whole). Subclasses of those tuners (``AdaLoraModel``, a user's own) keep PEFT's behaviour.
+
+    Tested against peft 0.21.2, 0.18.1, 0.15.2 and 0.13.2 (``tests/test_peft_enable.py``).
+    """
+    with _LOCK:
+        for cls in _tuner_classes():
+            if cls in _PATCHED:
+                continue
+            _PATCHED[cls] = cls.__dict__.get("inject_adapter", _ABSENT)
+            cls.inject_adapter = _serving(cls.inject_adapter)
+
+
+def disable() -> None:
+    """Undo :func:`enable`: PEFT's tuner classes get back exactly what they held, so models made afterwards are plain
+    PEFT models. Models made while enabled keep their fused layers (:func:`restore` makes one plain again). Calling
+    it when not enabled does nothing."""
+    with _LOCK:
+        for cls, own in _PATCHED.items():
+            if own is _ABSENT:
+                del cls.inject_adapter  # it inherited BaseTuner.inject_adapter: inherit it again
+            else:
+                cls.inject_adapter = own
+        _PATCHED.clear()
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` is in effect."""
+    return bool(_PATCHED)
+
+
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """:func:`enable` for the block; afterwards the state before the block (disabled, unless it was enabled)."""
+    was = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was:
+            disable()

@@ -14,6 +14,8 @@ from tiny_models import assert_close, build, input_ids
 from torch import nn
 
 peft = pytest.importorskip("peft")
+if "lora_bias" not in peft.LoraConfig.__dataclass_fields__:
+    pytest.skip(f"peft {peft.__version__} has no lora_bias (added in 0.14)", allow_module_level=True)
 
 import fused_lora.peft as flp  # noqa: E402
 

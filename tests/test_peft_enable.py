@@ -141,6 +141,12 @@ def test_model_made_before_enable_is_untouched(fused_calls):
     with torch.no_grad():
         assert torch.equal(before(input_ids=input_ids()).logits, reference(input_ids=input_ids()).logits)
     assert not fused_calls
+    # PEFT injecting into it again while enabled serves the model as a whole, so that it never mixes layer classes.
+    before.add_adapter("other", peft.LoraConfig(**dict(CONFIG, target_modules=["down_proj"])))
+    assert lora_types(before) == {"FusedLinear"}
+    with torch.no_grad():
+        assert_close("after add_adapter", before(input_ids=input_ids()).logits, reference(input_ids=input_ids()).logits)
+    assert len(fused_calls) == 4  # the active adapter is still "default" on q_proj and v_proj
 
 
 def test_enable_disable_enable_and_idempotence(fused_calls):

@@ -1,12 +1,14 @@
 """PEFT's own LoRA tests, run twice: plain, and with every model put through ``fused_lora.peft.accelerate``.
 
-    python bench/peft_suite.py                       # all 2880 selected tests, plain + accelerated, compare (CI)
-    python bench/peft_suite.py --selection quick     # 1226 of them (~1.5 min for both passes)
+    python bench/peft_suite.py                       # all 3051 selected tests, plain + accelerated, compare
+    python bench/peft_suite.py --selection quick     # 1367 of them (~2 min for both passes; CI runs this)
+    python bench/peft_suite.py --via enable          # the accelerated pass through fused_lora.peft.enable() instead
     python bench/peft_suite.py --backend triton      # + a third pass through the Triton kernels (Triton's
                                                      #   interpreter on CPU) over the tests where the fused
                                                      #   Function ran (~1 min more on CPU; not for CI)
     python bench/peft_suite.py --list                # print the selected test ids and exit
-    python bench/peft_suite.py --discover            # survey which test_custom_models.py tests build LoRA models
+    python bench/peft_suite.py --discover            # survey which test_custom_models.py / test_initialization.py
+                                                     #   tests build LoRA models
 
 What it does (issue 16):
 
@@ -19,7 +21,9 @@ What it does (issue 16):
    and once with ``bench/peft_suite_plugin.py --fused-accelerate``, which patches ``get_peft_model``,
    ``inject_adapter_in_model``, ``PeftModel.from_pretrained`` and ``PeftMixedModel.from_pretrained`` (in every peft
    module that binds them and in the test modules) so that each returned model goes through
-   ``fused_lora.peft.accelerate``, and counts swapped layers and calls of the fused Function.
+   ``fused_lora.peft.accelerate``, and counts swapped layers, calls of the fused Function and the reasons layers
+   kept PEFT's forward. With ``--via enable`` the plugin calls ``fused_lora.peft.enable()`` instead
+   (``--fused-enable``): PEFT's LoRA tuner serves every model it builds, PEFT's functions stay unpatched.
 3. Compares per-test outcomes. Exit status: 0 no regression; 1 a test that passes plain fails or errors
    accelerated; 2 the runner could not do its job (download, collection, a pass crashed, or the accelerated pass
    swapped no layer / never called the fused Function: the patch did not take effect).
@@ -41,14 +45,21 @@ Selection (fixed, made on peft 0.21.2; ``--discover`` redoes the survey for anot
   before any model is built) are left out: listed above LORA_TESTS.
 * ``tests/test_tuners_utils.py::TestModelAndLayerStatus``: ``get_layer_status``/``get_model_status``
   introspection, 77 tests (5 Hub ones excluded).
+* ``tests/test_initialization.py`` (issue 21): the 171 tests of the 115 functions in ``INIT_TESTS`` below, those that
+  built a LoRA model in an accelerated run of the file's 402 tests (init schemes, PiSSA/OLoRA/CorDA conversion with
+  rank_pattern/alpha_pattern/rsLoRA, lora_bias, DoRA at init, KaSA, hotswapping, weight tying, key mapping), less 6
+  that need scipy. ``test_lora_use_dora_linear`` fails accelerated: DoRA at init must leave the base output unchanged
+  to the bit, and the fused DoRA differs by 2.4e-7 (known; to be fixed in the DoRA code).
 * PEFT 0.21.2's tests have no higher-order autograd (create_graph), torch.func or forward-mode AD test and none with
   ``lora_dropout=1.0``: this runner cannot cover those; fused_lora's own tests must.
 
-``--selection lora`` (default) is all of it, 2880 tests. Measured on this project's 2-core CPU machine while other
+``--selection lora`` (default) is all of it, 3051 tests. Measured on this project's 2-core CPU machine while other
 jobs kept its load average at 2.4-4.7 (torch 2.13 CPU, OMP_NUM_THREADS=1): plain pass 74-75 s, accelerated 77-83 s
 (wall, ~8 s start-up included), plus ~12 s to collect the selection on the first run: ~2.7 min for the pair, within
-CI's 3-4 min. ``--selection quick`` keeps all of (b) and the status tests and takes (a) for the 17 cases of
-``SUBSET_CASES`` only (every test method still runs on them): 1226 tests, 39-55 s per pass, same conditions.
+CI's 3-4 min (before test_initialization.py; with it, 2026-12-04 on a busier machine: 153 s and 151 s).
+``--selection quick`` keeps all of (b), the status tests and the initialization tests but ``INIT_NOT_QUICK``, and
+takes (a) for the 17 cases of ``SUBSET_CASES`` only (every test method still runs on them): 1367 tests, 50 s plain
+and 70 s accelerated (2026-12-04; the 141 initialization tests add ~9 s and ~15 s of test time).
 
 Threads: the child pytest runs with OMP_NUM_THREADS=1 unless it is set. PEFT's test models are a few dozen features
 wide, so a second intra-op thread only adds synchronisation, and when anything else runs on a 2-core machine it
@@ -78,6 +89,7 @@ REPO = BENCH.parent
 PLUGIN = "peft_suite_plugin"  # bench/peft_suite_plugin.py, loaded with -p (bench/ goes on PYTHONPATH)
 CUSTOM = "tests/test_custom_models.py"
 STATUS = "tests/test_tuners_utils.py::TestModelAndLayerStatus"
+INIT = "tests/test_initialization.py"
 
 # Tests of test_custom_models.py that are not parametrized by a TEST_CASES entry and build LoRA models (found with
 # --discover on peft 0.21.2). Their parametrizations for other PEFT methods (``[AdaLoraConfig]``...) are dropped.
@@ -173,6 +185,132 @@ LORA_TESTS = (
     "TestRequiresGrad::test_requires_grad_modules_to_save_multiple_adapters",
 )
 
+# Tests of test_initialization.py that build LoRA models (found with --discover on peft 0.21.2: in an accelerated run of
+# its 402 tests, 121 functions built one), with all their parametrizations. Left out: 6 that need scipy (not in the
+# test extra: a kstest of the initial weights' distribution in test_lora_{linear,embedding,conv2d}_{default,gaussian}
+# and its init_gaussian variants); those that need the Hub failed before building any model (OPT, Mamba, NemotronH and
+# GPT-2 checkpoints: TestScaling, TestLowCpuMemUsage, TestNamingConflictWarning, TestLoadAdapterOfflineMode, ...).
+INIT_TESTS = (
+    "TestAdaLoraInitialization::test_adalora_default_init_identity",
+    "TestCordaInitialization::test_lora_corda_alpha_pattern_and_rslora_raises",
+    "TestCordaInitialization::test_lora_corda_conversion_same_output_after_loading",
+    "TestCordaInitialization::test_lora_corda_conversion_same_output_after_loading_with_alpha_pattern",
+    "TestCordaInitialization::test_lora_corda_conversion_same_output_after_loading_with_rank_pattern",
+    "TestCordaInitialization::test_lora_corda_conversion_same_output_after_loading_with_rslora",
+    "TestCordaInitialization::test_lora_corda_hooked_model_linear_init_default",
+    "TestCordaInitialization::test_lora_corda_linear_init_default",
+    "TestCordaInitialization::test_lora_corda_linear_init_default_with_rank_pattern",
+    "TestCordaInitialization::test_lora_corda_no_redundant_fields",
+    "TestCordaInitialization::test_lora_corda_rank_pattern_and_rslora_raises",
+    "TestCustomModelConfigWarning::test_no_warning_by_default_custom_model",
+    "TestCustomModelConfigWarning::test_warning_name_custom_model",
+    "TestCustomModelConfigWarning::test_warning_name_custom_model_with_custom_name",
+    "TestHotSwapping::test_hotswap_allowed_when_other_adapter_merged",
+    "TestHotSwapping::test_hotswap_different_peft_types_raises",
+    "TestHotSwapping::test_hotswap_extra_key_raises",
+    "TestHotSwapping::test_hotswap_missing_key_works",
+    "TestHotSwapping::test_hotswap_raises_when_target_adapter_merged",
+    "TestHotSwapping::test_hotswap_works",
+    "TestHotSwapping::test_hotswap_works_different_ranks_alphas",
+    "TestHotSwapping::test_hotswap_works_different_ranks_alphas_conv2d",
+    "TestHotSwapping::test_hotswap_works_different_ranks_conv2d_groups",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_conserves_requires_grad",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_conv2d_conserves_requires_grad",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_conv2d_groups_rank_not_divisible_raises",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_conv2d_groups_rank_padding_works",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_conv2d_lora_bias",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_conv2d_rank_padding_works",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_does_not_change_output",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_does_not_change_output_conv2d",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_lora_bias",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_lower_rank_padding_raises",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_model_already_compiled_ignore",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_model_already_compiled_raises",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_model_already_compiled_warns",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_model_already_compiled_wrong_argument",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_rank_padding_works",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_same_rank_padding_works",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_scalings_are_tensors",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_scalings_update_config",
+    "TestHotSwapping::test_prepare_model_for_compiled_hotswap_with_rank_pattern",
+    "TestKasaInitialization::test_kasa_deferred_truncation_preserves_other_adapter_contributions",
+    "TestKasaInitialization::test_kasa_deferred_truncation_with_bf16_base_and_fp32_adapter",
+    "TestKasaInitialization::test_kasa_merge_before_forward_applies_deferred_truncation",
+    "TestKasaInitialization::test_kasa_mixing_with_non_kasa_adapter_raises",
+    "TestKasaInitialization::test_kasa_multiple_kasa_adapters_allowed",
+    "TestKasaInitialization::test_kasa_reload_onto_original_base_retruncates",
+    "TestKasaInitialization::test_kasa_truncation_changes_base_forward",
+    "TestLoadPeftKeyMapping::test_key_mapping_save_new_load_new_lora",
+    "TestLoadPeftKeyMapping::test_key_mapping_save_new_load_old_lora",
+    "TestLoadPeftKeyMapping::test_key_mapping_save_old_load_new_lora",
+    "TestLoadPeftKeyMapping::test_key_mapping_save_old_load_old_lora",
+    "TestLoraInitialization::test_adding_multiple_adapters_with_different_target_parameters_raises",
+    "TestLoraInitialization::test_adding_multiple_adapters_with_same_target_parameters_works",
+    "TestLoraInitialization::test_error_raised_if_rank_not_divisible_by_groups",
+    "TestLoraInitialization::test_loading_multiple_adapters_with_target_parameters_works",
+    "TestLoraInitialization::test_lora_conv2d_false",
+    "TestLoraInitialization::test_lora_conv2d_with_bias_when_base_layer_has_no_bias_warns",
+    "TestLoraInitialization::test_lora_default_scaling_pattern",
+    "TestLoraInitialization::test_lora_embedding_false",
+    "TestLoraInitialization::test_lora_init_orthogonal",
+    "TestLoraInitialization::test_lora_init_orthogonal_half_precision_dtype",
+    "TestLoraInitialization::test_lora_linear_false",
+    "TestLoraInitialization::test_lora_linear_with_bias_when_base_layer_has_no_bias_warns",
+    "TestLoraInitialization::test_lora_mica_embedding_init_default",
+    "TestLoraInitialization::test_lora_mica_freezes_B",
+    "TestLoraInitialization::test_lora_mica_freezes_B_when_switching_adapters",
+    "TestLoraInitialization::test_lora_mica_linear_init_default",
+    "TestLoraInitialization::test_lora_mica_uses_minor_components",
+    "TestLoraInitialization::test_lora_olora_linear_init_default",
+    "TestLoraInitialization::test_lora_pissa_conversion_same_output_after_loading",
+    "TestLoraInitialization::test_lora_pissa_conversion_same_output_after_loading_with_alpha_pattern",
+    "TestLoraInitialization::test_lora_pissa_conversion_same_output_after_loading_with_rank_pattern",
+    "TestLoraInitialization::test_lora_pissa_conversion_same_output_after_loading_with_rslora",
+    "TestLoraInitialization::test_lora_pissa_linear_init_default",
+    "TestLoraInitialization::test_lora_rslora_scaling",
+    "TestLoraInitialization::test_lora_rslora_scaling_pattern",
+    "TestLoraInitialization::test_lora_scaling_default",
+    "TestLoraInitialization::test_lora_use_dora_linear",
+    "TestLoraInitialization::test_lora_use_dora_linear_init_false",
+    "TestLoraInitialization::test_lora_with_bias_argument",
+    "TestLoraInitialization::test_lora_with_bias_extra_params",
+    "TestLoraInitialization::test_matched_pattern_keys_do_not_warn",
+    "TestLoraInitialization::test_mha_exposes_attributes",
+    "TestLoraInitialization::test_mha_load_init_model_first",
+    "TestLoraInitialization::test_mha_merge_masks_method",
+    "TestLoraInitialization::test_misconfigured_second_adapter_warns_on_add_adapter",
+    "TestLoraInitialization::test_multiple_configs_with_bias_raises",
+    "TestLoraInitialization::test_olora_alpha_pattern_and_rslora_raises",
+    "TestLoraInitialization::test_olora_conversion_same_output_after_loading",
+    "TestLoraInitialization::test_olora_conversion_same_output_after_loading_with_alpha_pattern",
+    "TestLoraInitialization::test_olora_conversion_same_output_after_loading_with_rank_pattern",
+    "TestLoraInitialization::test_olora_conversion_same_output_after_loading_with_rslora",
+    "TestLoraInitialization::test_olora_rank_pattern_and_rslora_raises",
+    "TestLoraInitialization::test_partially_matched_pattern_warns_for_unmatched_keys_only",
+    "TestLoraInitialization::test_pissa_alpha_pattern_and_rslora_raises",
+    "TestLoraInitialization::test_pissa_rank_pattern_and_rslora_raises",
+    "TestLoraInitialization::test_rank_alpha_pattern_override",
+    "TestLoraInitialization::test_unmatched_alpha_pattern_key_warns",
+    "TestLoraInitialization::test_unmatched_rank_pattern_key_warns",
+    "TestLoraInitialization::test_valid_target_modules_invalid_target_parameters_warns",
+    "TestLoraInitialization::test_valid_target_parameters_invalid_target_modules_warns",
+    "TestWeightTying::test_alt_weight_tying_tied_model_lora",
+    "TestWeightTying::test_alt_weight_tying_tied_model_target_modules_lora",
+    "TestWeightTying::test_ensure_weight_tying_not_tying_when_model_config_tie_false",
+    "TestWeightTying::test_ensure_weight_tying_not_tying_when_model_config_tie_false_target_modules",
+    "TestWeightTying::test_weight_tying_enc_dec_modules_to_save_lora",
+    "TestWeightTying::test_weight_tying_enc_dec_no_tied_module_targeted_warns",
+    "TestWeightTying::test_weight_tying_enc_dec_target_modules_lora",
+    "TestWeightTying::test_weight_tying_tied_model_lora",
+    "TestWeightTying::test_weight_tying_tied_model_no_embed_lora",
+    "TestWeightTying::test_weight_tying_tied_model_target_modules_all_linear_lora",
+    "TestWeightTying::test_weight_tying_tied_model_target_modules_lora",
+    "TestWeightTying::test_weight_tying_tied_model_target_modules_str_lora",
+)
+# Left out of --selection quick (kept in lora): torch.compile's first compile (~18 s) and CorDA's covariance passes
+# (~15 s for the 20 tests).
+INIT_NOT_QUICK = ("TestHotSwapping::test_hotswap_works", "TestCordaInitialization::")
+
 # TestModelAndLayerStatus tests that need the Hub (transformers checkpoints) or a GPU; the rest build LoRA models.
 STATUS_EXCLUDED = (
     "test_base_model_type_transformers_automodel", "test_transformers_model",
@@ -206,13 +344,14 @@ _CONFIG_TOKEN = re.compile(r"[A-Za-z0-9]*Config\b")
 
 def selection_key(selection: str) -> str:
     """Hash of the rules, so that a cached id list is redone when they change."""
-    rules = json.dumps([selection, LORA_TESTS, STATUS_EXCLUDED, SUBSET_CASES if selection == "quick" else []])
+    rules = json.dumps([selection, LORA_TESTS, STATUS_EXCLUDED, INIT_TESTS,
+                        [SUBSET_CASES, INIT_NOT_QUICK] if selection == "quick" else []])
     return hashlib.sha1(rules.encode()).hexdigest()[:10]
 
 
 def select(ids: list[str], selection: str) -> list[str]:
     """The ids of ``selection`` among the collected ``ids`` (pytest node ids relative to the peft source root)."""
-    lora_tests = set(LORA_TESTS)
+    lora_tests, init_tests = set(LORA_TESTS), set(INIT_TESTS)
     needles = [re.compile(r"[\[-]" + re.escape(f"{case}-{model}-LoraConfig-")) for case, model in SUBSET_CASES]
     chosen = []
     for nodeid in ids:
@@ -222,6 +361,9 @@ def select(ids: list[str], selection: str) -> list[str]:
             continue  # another PEFT method's parametrization (AdaLoraConfig, TinyLoraConfig, ...)
         if nodeid.startswith(STATUS + "::"):
             if func.split("::")[-1] not in STATUS_EXCLUDED:
+                chosen.append(nodeid)
+        elif path == INIT:
+            if func in init_tests and (selection == "lora" or not func.startswith(INIT_NOT_QUICK)):
                 chosen.append(nodeid)
         elif path != CUSTOM:
             continue
@@ -335,7 +477,7 @@ def pytest_cmd(root: Path, args: list[str]) -> list[str]:
 
 def collect(root: Path, cache: Path, out: Path) -> list[str]:
     log = out / "collect.log"
-    cmd = pytest_cmd(root, ["--collect-only", "-q", CUSTOM, STATUS])
+    cmd = pytest_cmd(root, ["--collect-only", "-q", CUSTOM, STATUS, INIT])
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=root, env=child_env(cache, False, "auto"), stdout=f, stderr=subprocess.STDOUT,
                             text=True).returncode
@@ -365,13 +507,13 @@ def resolve(root: Path, cache: Path, out: Path, selection: str) -> list[str]:
 
 
 def run_pass(name: str, root: Path, cache: Path, out: Path, ids: list[str], accelerate: bool, backend: str,
-             extra: list[str]) -> dict:
+             extra: list[str], via: str = "accelerate") -> dict:
     args_file = out / f"{name}.args"
     args_file.write_text("\n".join(ids) + "\n")  # pytest reads arguments from @file (ids hold spaces and brackets)
     result_json = out / f"{name}.json"
     args = ["-q", "--tb=short", "--peft-suite-json", str(result_json), *extra, f"@{args_file}"]
     if accelerate:
-        args.insert(0, "--fused-accelerate")
+        args.insert(0, "--fused-enable" if via == "enable" else "--fused-accelerate")
     log = out / f"{name}.log"
     env = child_env(cache, accelerate, backend)
     tag = f" FUSED_LORA_BACKEND={env['FUSED_LORA_BACKEND']}" if "FUSED_LORA_BACKEND" in env else ""
@@ -410,7 +552,8 @@ def regressions(plain: dict, accel: dict) -> list[tuple[str, str, str]]:
 
 
 def summary(passes: dict[str, dict], regs: dict[str, list], selection: str, n_ids: int, version: str) -> str:
-    lines = [f"## PEFT {version} LoRA tests through fused_lora.peft.accelerate ({selection}: {n_ids} tests)", "",
+    via = next((res["via"] for res in passes.values() if res.get("via")), "accelerate")
+    lines = [f"## PEFT {version} LoRA tests through fused_lora.peft.{via} ({selection}: {n_ids} tests)", "",
              "| pass | passed | failed | error | skipped | other | seconds | swapped layers | fused calls "
              "| tests with fused calls |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in passes.items():
@@ -426,7 +569,10 @@ def summary(passes: dict[str, dict], regs: dict[str, list], selection: str, n_id
     lines += ["", f"{not_passing} tests do not pass plain (skipped, or failing without fused_lora): not compared."]
     stubbed = passes["plain"].get("stubbed_modules")
     if stubbed:
-        lines.append(f"Placeholder modules (not installed, unused by the selection): {', '.join(stubbed)}.")
+        lines.append(f"Placeholder modules (not installed; bench/peft_suite_plugin.py): {', '.join(stubbed)}.")
+    for name, res in passes.items():
+        if res["mode"] == "accelerated":
+            lines += ["", *fused_path_report(name, res)]
     for name, found in regs.items():
         lines += ["", f"### Regressions in the {name} pass: {len(found)} (pass plain, fail or error {name})", ""]
         for nodeid, outcome, message in found:
@@ -434,22 +580,47 @@ def summary(passes: dict[str, dict], regs: dict[str, list], selection: str, n_id
     return "\n".join(lines) + "\n"
 
 
-def discover(root: Path, cache: Path, out: Path) -> int:
-    """Runs every test_custom_models.py test that is not parametrized by a TEST_CASES entry nor by another PEFT
-    method, accelerated, and prints the Class::method names that built a LoRA model (the LORA_TESTS survey)."""
-    ids = collect(root, cache, out)
-    pool = [i for i in ids if i.startswith(CUSTOM + "::") and "Config-" not in i
-            and all(t == "LoraConfig" for t in _CONFIG_TOKEN.findall(i.partition("[")[2]))]
-    res = run_pass("discover", root, cache, out, pool, True, "auto", [])
-    found, hub = set(), set()
+def fused_path_report(name: str, res: dict) -> list[str]:
+    """Per test file: the tests that built LoRA models, those where the fused Function ran, and why layers kept
+    PEFT's forward (the reasons fused_lora.peft gave, with the number of tests that met each)."""
+    lines = [f"### Fused path in the {name} pass", "", "| file | tests | built LoRA models | ran the fused Function |",
+             "|---|---|---|---|"]
+    by_file: dict[str, list[int]] = {}
     for nodeid, test in res["tests"].items():
-        func = nodeid.split("::", 1)[1].partition("[")[0]
-        if test["lora_models"]:
-            found.add(func)
-        elif "huggingface.co" in test["message"]:
-            hub.add(func)
-    print("LORA_TESTS = (\n" + "".join(f'    "{f}",\n' for f in sorted(found)) + ")")
-    print("needing the Hub (not selectable offline): " + ", ".join(sorted(hub)))
+        counts = by_file.setdefault(nodeid.partition("::")[0], [0, 0, 0])
+        counts[0] += 1
+        counts[1] += bool(test["lora_models"])
+        counts[2] += bool(test["fused_calls"])
+    lines += [f"| {path} | {n} | {lora} | {fused} |" for path, (n, lora, fused) in sorted(by_file.items())]
+    reasons = res.get("fallback_reasons", {})
+    if reasons:
+        lines += ["", "| fallback reason (PEFT's forward kept) | tests |", "|---|---|"]
+        lines += [f"| {reason} | {n} |" for reason, n in reasons.items()]
+    return lines
+
+
+def discover(root: Path, cache: Path, out: Path) -> int:
+    """Runs, accelerated, every test_custom_models.py test that is not parametrized by a TEST_CASES entry nor by
+    another PEFT method, and every test_initialization.py test not parametrized for another method, and prints the
+    Class::method names that built a LoRA model (the LORA_TESTS and INIT_TESTS surveys)."""
+    ids = collect(root, cache, out)
+    lora_only = [i for i in ids if all(t == "LoraConfig" for t in _CONFIG_TOKEN.findall(i.partition("[")[2]))]
+    pools = {"LORA_TESTS": [i for i in lora_only if i.startswith(CUSTOM + "::") and "Config-" not in i],
+             "INIT_TESTS": [i for i in lora_only if i.startswith(INIT + "::")]}
+    res = run_pass("discover", root, cache, out, [i for pool in pools.values() for i in pool], True, "auto", [])
+    for name, pool in pools.items():
+        found, hub, other = set(), set(), set()
+        for nodeid in pool:
+            test = res["tests"].get(nodeid, {"lora_models": 0, "message": "", "outcome": "missing"})
+            func = nodeid.split("::", 1)[1].partition("[")[0]
+            if test["lora_models"]:
+                (other if test["outcome"] in BAD and "placeholder" in test["message"] else found).add(func)
+            elif "huggingface.co" in test["message"]:
+                hub.add(func)
+        print(f"{name} = (\n" + "".join(f'    "{f}",\n' for f in sorted(found - other)) + ")")
+        print("needing the Hub (not selectable offline): " + ", ".join(sorted(hub)))
+        if other:
+            print("needing a module that is not installed (placeholder): " + ", ".join(sorted(other)))
     return 0
 
 
@@ -466,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the selected test ids and exit")
     ap.add_argument("--discover", action="store_true", help="survey which tests build LoRA models (for LORA_TESTS)")
     ap.add_argument("--pytest-arg", action="append", default=[], help="extra argument for both pytest runs")
+    ap.add_argument("--via", choices=("accelerate", "enable"), default="accelerate",
+                    help="how the accelerated pass reaches the fused path: accelerate (PEFT's entry points patched to "
+                         "call fused_lora.peft.accelerate on what they return) or enable (fused_lora.peft.enable())")
     args = ap.parse_args(argv)
 
     try:
@@ -487,10 +661,10 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = "auto" if args.backend == "triton" else args.backend
     passes = {"plain": run_pass("plain", root, cache, out, ids, False, "auto", args.pytest_arg)}
-    passes["accelerated"] = run_pass("accelerated", root, cache, out, ids, True, backend, args.pytest_arg)
+    passes["accelerated"] = run_pass("accelerated", root, cache, out, ids, True, backend, args.pytest_arg, args.via)
     if args.backend == "triton":
         fused = [i for i in ids if passes["accelerated"]["tests"].get(i, {}).get("fused_calls")]
-        passes["triton"] = run_pass("triton", root, cache, out, fused, True, "triton", args.pytest_arg)
+        passes["triton"] = run_pass("triton", root, cache, out, fused, True, "triton", args.pytest_arg, args.via)
     regs = {name: regressions(passes["plain"], res) for name, res in passes.items() if name != "plain"}
 
     text = summary(passes, regs, args.selection, len(ids), version)

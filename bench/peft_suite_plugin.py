@@ -4,18 +4,22 @@
 Loaded with ``-p peft_suite_plugin`` (bench/ on PYTHONPATH). Options:
 
     --fused-accelerate        patch PEFT so that get_peft_model, inject_adapter_in_model, PeftModel.from_pretrained
-                              and PeftMixedModel.from_pretrained return accelerated models (without it the plugin
-                              only records outcomes: the plain pass)
+                              and PeftMixedModel.from_pretrained return accelerated models (without it, or
+                              --fused-enable, the plugin only records outcomes: the plain pass)
+    --fused-enable            instead: call fused_lora.peft.enable() (PEFT's LoRA tuner serves every model it builds)
     --peft-suite-json PATH    write per-test outcomes, swapped layers and fused calls as JSON at session end
 
 Counts: "swapped" is the number of LoRA layers that ``accelerate`` turned into ``fused_lora.peft.FusedLinear`` (a
 layer swapped once counts once), "fused calls" the calls of ``fused_lora.peft.fused_lora_linear`` (the fused Function's
 entry point; ``FusedLinear.forward`` looks it up as a module global on every call, so wrapping it there sees every
-fused forward). Under torch.compile a call is counted when dynamo traces it, not per compiled run.
+fused forward). Under torch.compile a call is counted when dynamo traces it, not per compiled run. "Fallback reasons"
+are the reasons ``fused_lora.peft`` gave for keeping PEFT's forward (``layer_reason`` / ``_call_reason`` returning
+one, when a model is accelerated or a layer is called), per test.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.machinery
 import importlib.util
@@ -63,6 +67,13 @@ def _stub_modules() -> dict[str, dict]:
         "diffusers": {"StableDiffusionPipeline": _unavailable("diffusers"), "__version__": _STUB_VERSION},
         "datasets": {"load_dataset": _unavailable("datasets")},
         "parameterized": {"parameterized": _ParameterizedStub},
+        # test_initialization.py: `from scipy import stats` (kstest in 6 initialization-distribution tests, which
+        # bench/peft_suite.py leaves out of its selection when scipy is missing)
+        "scipy": {"stats": types.SimpleNamespace(kstest=_unavailable("scipy"))},
+        # peft.tuners.lora.corda (imported by test_initialization.py) does `from attr import dataclass` (attrs, not in
+        # peft's dependencies); attrs' `dataclass` is `attr.s(auto_attribs=True)`, which dataclasses.dataclass matches
+        # for corda's plain tensor containers
+        "attr": {"dataclass": dataclasses.dataclass},
     }
 
 
@@ -81,13 +92,15 @@ def _install_stubs() -> list[str]:
 
 
 class _Recorder:
-    def __init__(self, accelerate: bool):
+    def __init__(self, accelerate: bool, via: str = "accelerate"):
         self.accelerate = accelerate
+        self.via = via  # "accelerate" (entry points patched) or "enable" (fused_lora.peft.enable())
         self.current: str | None = None  # nodeid of the running test (setup, call and teardown)
         self.reports: dict[str, dict[str, pytest.TestReport]] = defaultdict(dict)
         self.fused_calls: dict[str, int] = defaultdict(int)
         self.swapped: dict[str, int] = defaultdict(int)
         self.accelerated_models: dict[str, int] = defaultdict(int)
+        self.reasons: dict[str, set[str]] = defaultdict(set)
         self.patched: list[str] = []
         self.stubbed: list[str] = []
         self.start = time.perf_counter()
@@ -115,13 +128,58 @@ class _Recorder:
         return model
 
     def install(self) -> None:
+        import fused_lora.peft as flp
+
+        self._record_reasons(flp)
+        if self.via == "enable":
+            self._install_enable(flp)
+        else:
+            self._install_accelerate(flp)
+        # Count the fused Function's calls where FusedLinear.forward looks it up.
+        real = flp.fused_lora_linear
+
+        @functools.wraps(real)
+        def counting(*args, **kwargs):
+            self.fused_calls[self.current or "<outside tests>"] += 1
+            return real(*args, **kwargs)
+
+        flp.fused_lora_linear = counting
+
+    def _record_reasons(self, flp) -> None:
+        for name in ("layer_reason", "_call_reason"):  # module globals, looked up at each call
+            real = getattr(flp, name)
+
+            @functools.wraps(real)
+            def recording(*args, _real=real, **kwargs):
+                reason = _real(*args, **kwargs)
+                if reason is not None:
+                    self.reasons[self.current or "<outside tests>"].add(reason)
+                return reason
+
+            setattr(flp, name, recording)
+
+    def _install_enable(self, flp) -> None:
+        real = flp._serve
+
+        @functools.wraps(real)
+        def counting_serve(model, stacklevel):
+            before = sum(type(m) is flp.FusedLinear for m in model.modules())
+            found = real(model, stacklevel + 1)
+            key = self.current or "<outside tests>"
+            self.swapped[key] += sum(type(m) is flp.FusedLinear for m in model.modules()) - before
+            self.accelerated_models[key] += bool(found)
+            return found
+
+        flp._serve = counting_serve
+        flp.enable()
+        self.patched.append("fused_lora.peft.enable()")
+
+    def _install_accelerate(self, flp) -> None:
         import peft
         import peft.mapping
         import peft.mapping_func
         import peft.mixed_model
         import peft.peft_model
-
-        import fused_lora.peft as flp
 
         # Plain functions: replace every module-level binding of the original in peft.* (peft re-exports them from
         # peft/__init__.py, peft.mapping and peft.mapping_func). Test modules bind them with `from peft import ...`
@@ -148,16 +206,6 @@ class _Recorder:
 
             cls.from_pretrained = classmethod(from_pretrained)
             self.patched.append(f"{cls.__module__}.{cls.__name__}.from_pretrained")
-
-        # Count the fused Function's calls where FusedLinear.forward looks it up.
-        real = flp.fused_lora_linear
-
-        @functools.wraps(real)
-        def counting(*args, **kwargs):
-            self.fused_calls[self.current or "<outside tests>"] += 1
-            return real(*args, **kwargs)
-
-        flp.fused_lora_linear = counting
 
     def _sweep(self, prefixes: tuple[str, ...] | None = None) -> None:
         for mod_name, module in list(sys.modules.items()):
@@ -214,13 +262,17 @@ class _Recorder:
                 "fused_calls": self.fused_calls.get(nodeid, 0),
                 "swapped": self.swapped.get(nodeid, 0),
                 "lora_models": self.accelerated_models.get(nodeid, 0),
+                "fallback_reasons": sorted(self.reasons.get(nodeid, ())),
                 "seconds": round(sum(r.duration for r in self.reports[nodeid].values()), 3),
             }
-        totals = defaultdict(int)
+        totals, reasons = defaultdict(int), defaultdict(int)
         for t in tests.values():
             totals[t["outcome"]] += 1
+            for reason in t["fallback_reasons"]:
+                reasons[reason] += 1
         return {
             "mode": "accelerated" if self.accelerate else "plain",
+            "via": self.via if self.accelerate else None,
             "backend": os.environ.get("FUSED_LORA_BACKEND", "auto"),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
             "exitstatus": int(exitstatus),
@@ -230,6 +282,8 @@ class _Recorder:
             "accelerated_models": sum(self.accelerated_models.values()),
             "fused_calls": sum(self.fused_calls.values()),
             "tests_with_fused_calls": sum(1 for t in tests.values() if t["fused_calls"]),
+            "tests_with_lora_models": sum(1 for t in tests.values() if t["lora_models"]),
+            "fallback_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),  # reason -> number of tests
             "patched": self.patched,
             "stubbed_modules": self.stubbed,
             "tests": tests,
@@ -257,13 +311,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("peft_suite", "fused_lora PEFT-suite runner (bench/peft_suite.py)")
     group.addoption("--fused-accelerate", action="store_true", default=False,
                     help="pass every model PEFT's entry points return through fused_lora.peft.accelerate")
+    group.addoption("--fused-enable", action="store_true", default=False,
+                    help="serve every PEFT LoRA model through fused_lora.peft.enable() instead")
     group.addoption("--peft-suite-json", default=None, help="write per-test outcomes and counts to this JSON file")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     import peft  # noqa: F401  (before the placeholders: see _install_stubs)
 
-    recorder = _Recorder(accelerate=config.getoption("--fused-accelerate"))
+    via = "enable" if config.getoption("--fused-enable") else "accelerate"
+    recorder = _Recorder(accelerate=config.getoption("--fused-accelerate") or via == "enable", via=via)
     recorder.stubbed = _install_stubs()
     if recorder.accelerate:
         recorder.install()
@@ -273,7 +330,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     recorder = session.config.stash[_KEY]
-    if recorder.accelerate:
+    if recorder.accelerate and recorder.via == "accelerate":
         recorder._sweep()  # test modules and helpers that bound the originals before install()
 
 

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, pattern_key
 from .injector import (
     InjectionPlan,
     check_not_injected,
@@ -66,8 +66,9 @@ def adapter_shapes(model: nn.Module, plan: InjectionPlan) -> dict[str, tuple[int
     for path in plan.targets:
         module = model.get_submodule(path)
         fan_in, fan_out = in_out_features(module)
-        shapes[f"{path}.lora_A"] = (config.r, fan_in)
-        shapes[f"{path}.lora_B"] = (fan_out, config.r)
+        r = config.rank_for(path)  # rank_pattern's rank for this module, else config.r
+        shapes[f"{path}.lora_A"] = (r, fan_in)
+        shapes[f"{path}.lora_B"] = (fan_out, r)
         if config.use_dora:  # PEFT's key has no ".weight": get_peft_model_state_dict strips it for DoRA
             shapes[f"{path}.lora_magnitude_vector"] = (fan_out,)
         if config.bias == "lora_only" and module.bias is not None:
@@ -255,8 +256,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         seen.add(ptr)
     conv1d = any(model.get_submodule(t).weight_layout == "conv1d" for t in plan.targets)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config_json = json.dumps(plan.config.to_peft_dict(base_model_name_or_path=name_or_path, fan_in_fan_out=conv1d),
-                             indent=2, sort_keys=True)
+    config_dict = plan.config.to_peft_dict(base_model_name_or_path=name_or_path, fan_in_fan_out=conv1d)
+    # Top-level keys sorted as PEFT writes them; rank_pattern / alpha_pattern keep their order, unlike PEFT's
+    # json.dumps(sort_keys=True): the first matching key wins, so sorting them can give a module another rank than
+    # the one it was trained with (and a file that PEFT itself cannot load back).
+    config_json = json.dumps(dict(sorted(config_dict.items())), indent=2)
     metadata = {"format": "pt", DIGEST_KEY: tensors_digest(tensors)}
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -284,9 +288,10 @@ def _check_injected_matches(model: nn.Module, plan: InjectionPlan, source: str) 
                          f"{sorted(have - want)[:5]}. Load it into a fresh model, or unload_lora(model) first")
     for path in plan.targets:
         layer = layers[path]
-        if layer.r != config.r or abs(layer.scaling - config.scaling) > 1e-12 * max(1.0, abs(config.scaling)):
-            raise ValueError(f"load_adapter: {source} has r={config.r}, lora_alpha={config.lora_alpha}, use_rslora="
-                             f"{config.use_rslora} (scaling {config.scaling:g}) but layer {path!r} has r={layer.r}, "
+        r, alpha, scaling = config.rank_for(path), config.alpha_for(path), config.scaling_for(path)
+        if layer.r != r or abs(layer.scaling - scaling) > 1e-12 * max(1.0, abs(scaling)):
+            raise ValueError(f"load_adapter: {source} has r={r}, lora_alpha={alpha}, use_rslora={config.use_rslora} "
+                             f"(scaling {scaling:g}){_from_patterns(config, path)} but layer {path!r} has r={layer.r}, "
                              f"scaling {layer.scaling:g}. Load it into a fresh model, or unload_lora(model) first")
         if layer.merged:
             raise ValueError(f"load_adapter: layer {path!r} is merged; call unmerge_lora(model) before loading "
@@ -302,6 +307,14 @@ def _check_injected_matches(model: nn.Module, plan: InjectionPlan, source: str) 
                              f"{plan.modules_to_save} but the model was injected with bias={ours.config.bias!r}, "
                              f"modules_to_save={ours.modules_to_save}. Load it into a fresh model, or "
                              "unload_lora(model) first")
+
+
+def _from_patterns(config: LoRAConfig, path: str) -> str:
+    """Which rank_pattern / alpha_pattern keys gave ``path`` its r and alpha, for error messages."""
+    parts = [f"{what}[{key!r}]" for what, keys in (("rank_pattern", config.rank_pattern),
+                                                    ("alpha_pattern", config.alpha_pattern))
+             for key in [pattern_key(keys, path)] if key in keys]
+    return f" for it (from {', '.join(parts)})" if parts else ""
 
 
 def _match_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], plan: InjectionPlan,

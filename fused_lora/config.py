@@ -7,6 +7,9 @@ from the ``adapter_config.json`` that ``peft.LoraConfig`` reads and writes, so a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +77,6 @@ TASK_HEADS: dict[str | None, tuple[str, ...]] = {
 # an adapter that uses one must fail loudly instead of silently computing something else.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
     "lora_bias": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "target_parameters": None,
     "layer_replication": None,
     "trainable_token_indices": None,
@@ -107,6 +108,47 @@ def _names_or_regex(value: Any, field: str) -> list[str] | str | None:
     return value if value is None or isinstance(value, str) else _string_list(value, field)
 
 
+def _pattern_regex(key: str) -> str:
+    # peft.utils.other.get_pattern_key (peft 0.21.2): the key is a regular expression
+    # that must match the end of the module name, either the whole name or a part after a dot.
+    return rf"(.*\.)?({key})$"
+
+
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether the rank_pattern / alpha_pattern ``key`` (a regex) matches the module ``name`` as a whole or as a
+    suffix after a ``.``."""
+    return re.match(_pattern_regex(key), name) is not None
+
+
+def pattern_key(keys: Iterable[str], name: str) -> str:
+    """PEFT's ``get_pattern_key``: the first key (in order) that matches ``name`` (:func:`pattern_matches`), else
+    ``name`` itself."""
+    return next((key for key in keys if pattern_matches(key, name)), name)
+
+
+def _pattern(value: Any, what: str) -> dict[str, Any]:
+    """A rank_pattern / alpha_pattern: a dict of regex keys (checked to compile) to positive int ranks / numbers."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"LoRAConfig: {what} must be a dict of module names or regexes to "
+                        f"{'ranks' if what == 'rank_pattern' else 'alphas'}, got {value!r}")
+    checked = {}
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"LoRAConfig: {what} keys must be strings (module names or regexes), got {key!r}")
+        try:
+            re.compile(_pattern_regex(key))
+        except re.error as err:
+            raise ValueError(f"LoRAConfig: {what} key {key!r} is not a valid regular expression ({err})") from None
+        if what == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"LoRAConfig: {what}[{key!r}]={v!r} must be a positive integer (a rank)")
+        if what == "alpha_pattern" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TypeError(f"LoRAConfig: {what}[{key!r}]={v!r} must be a number (a lora_alpha)")
+        checked[key] = v
+    return checked
+
+
 @dataclass
 class LoRAConfig:
     """What to adapt and how, in PEFT's words (``peft.LoraConfig``'s field names, defaults and meanings).
@@ -134,6 +176,13 @@ class LoRAConfig:
         use_dora: DoRA (weight-decomposed LoRA, PEFT's meaning): each adapted layer gets a trainable
             ``lora_magnitude_vector`` and computes ``x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ s·B A x_d`` with
             g = magnitude / ‖W + s·B A‖ per output row (``docs/dora.md``). nn.Linear and Conv1D bases only.
+        rank_pattern: module name or regex → the rank of the modules it matches, instead of ``r``. PEFT's matching
+            (``get_pattern_key``): a key matches a module whose full name it matches as a whole or as a suffix after
+            a ``.`` (``"q_proj"``, ``"layers.0.self_attn.q_proj"``, ``"model.layers.[01].*"``); the first
+            matching key, in the dict's order, wins. :func:`~fused_lora.save_adapter` keeps that order in
+            ``adapter_config.json``; PEFT's ``save_pretrained`` sorts the keys, which changes the winner where two keys
+            match one module (PEFT then cannot load its own file back; neither can fused_lora, with a shape error).
+        alpha_pattern: the same for ``lora_alpha``.
     """
 
     r: int = 8
@@ -149,6 +198,8 @@ class LoRAConfig:
     init_lora_weights: bool | str = True
     task_type: str | None = None
     use_dora: bool = False
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -171,6 +222,8 @@ class LoRAConfig:
         self.target_modules = _names_or_regex(self.target_modules, "target_modules")
         self.exclude_modules = _names_or_regex(self.exclude_modules, "exclude_modules")
         self.modules_to_save = _string_list(self.modules_to_save, "modules_to_save")
+        self.rank_pattern = _pattern(self.rank_pattern, "rank_pattern")
+        self.alpha_pattern = _pattern(self.alpha_pattern, "alpha_pattern")
         if isinstance(self.layers_pattern, (list, tuple)):
             self.layers_pattern = _string_list(self.layers_pattern, "layers_pattern")
         if isinstance(self.layers_to_transform, (list, tuple, set)):
@@ -191,7 +244,21 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
+        """The scale of modules no ``rank_pattern`` / ``alpha_pattern`` key matches."""
         return self.lora_alpha / self.r ** 0.5 if self.use_rslora else self.lora_alpha / self.r
+
+    def rank_for(self, name: str) -> int:
+        """The rank of the module ``name`` (its full name in the model): ``rank_pattern``'s, else ``r``."""
+        return self.rank_pattern.get(pattern_key(self.rank_pattern, name), self.r)
+
+    def alpha_for(self, name: str) -> float:
+        """The ``lora_alpha`` of the module ``name``: ``alpha_pattern``'s, else ``lora_alpha``."""
+        return self.alpha_pattern.get(pattern_key(self.alpha_pattern, name), self.lora_alpha)
+
+    def scaling_for(self, name: str) -> float:
+        """The module's scale, PEFT's ``update_layer``: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        r, alpha = self.rank_for(name), self.alpha_for(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def effective_modules_to_save(self) -> list[str]:
         """``modules_to_save`` plus the task's head names (what PEFT puts in its saved config)."""
@@ -225,8 +292,8 @@ class LoRAConfig:
             "fan_in_fan_out": fan_in_fan_out,
             "use_dora": self.use_dora,
             "lora_bias": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
         }
 
     @classmethod
@@ -276,4 +343,6 @@ class LoRAConfig:
             use_rslora=use_rslora,
             init_lora_weights=init,
             task_type=data.get("task_type"),
+            rank_pattern=data.get("rank_pattern"),
+            alpha_pattern=data.get("alpha_pattern"),
         )

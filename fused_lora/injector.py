@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .base_layers import DENSE, base_kind, conv1d_class, quantized_kind, unsupported_quantized_message
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig, pattern_matches
 from .dispatch import DORA, refusal
 from .layer import LoRALinear
 
@@ -284,6 +284,17 @@ def _warn_tied(model: nn.Module, modules_to_save: list[str]) -> None:
             return
 
 
+def _warn_unmatched_patterns(plan: InjectionPlan) -> None:
+    """PEFT's warning (``BaseTuner.inject_adapter``): rank_pattern / alpha_pattern keys that match no target."""
+    for what in ("rank_pattern", "alpha_pattern"):
+        keys = getattr(plan.config, what)
+        unmatched = sorted(k for k in keys if not any(pattern_matches(k, t) for t in plan.targets))
+        if unmatched:
+            warnings.warn(f"inject_lora: these {what} keys match no adapted module and are ignored: {unmatched} "
+                          f"(a key matches a module's full name, or its end after a '.'; adapted: "
+                          f"{plan.targets[:3]}{', …' if len(plan.targets) > 3 else ''})", RuntimeWarning, stacklevel=3)
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replaces the targeted ``nn.Linear`` / ``Conv1D`` modules with ``LoRALinear`` in place (sharing weights),
     freezes everything else, and makes trainable the LoRA parameters, the biases per ``config.bias`` and the
@@ -291,6 +302,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     check_not_injected(model)
     plan = plan_injection(model, config)
     _warn_tied(model, plan.modules_to_save)
+    _warn_unmatched_patterns(plan)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     originals: dict[str, nn.Module] = {}
     try:
@@ -300,7 +312,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             parent_name, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_name)
             original = getattr(parent, child)
-            layer = LoRALinear.from_linear(original, r=config.r, lora_alpha=config.lora_alpha,
+            layer = LoRALinear.from_linear(original, r=config.rank_for(path), lora_alpha=config.alpha_for(path),
                                            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                                            init_lora_weights=config.init_lora_weights, use_dora=config.use_dora)
             layer.train(original.training)

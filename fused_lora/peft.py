@@ -1,7 +1,10 @@
-"""One line to run an existing PEFT model's LoRA layers through fused_lora's fused Function.
+"""One line to run PEFT's LoRA layers through fused_lora's fused Function.
 
     import fused_lora.peft
     model = fused_lora.peft.accelerate(peft_model)      # same model object, same modules and state dict
+
+    fused_lora.peft.enable()                            # or: every PEFT LoRA model made from now on (get_peft_model,
+                                                        # PeftModel.from_pretrained, TRL's trainers with peft_config)
 
 Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`, a subclass that only overrides
 ``forward`` (PEFT's bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` LoRA layers to ``FusedLinear4bit`` /
@@ -9,10 +12,11 @@ Each ``peft.tuners.lora.Linear`` gets its class swapped to :class:`FusedLinear`,
 ``save_pretrained``, ``merge_and_unload``, ``set_adapter``, ``disable_adapter``, the repr (``lora.Linear(...)``) and
 so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_type`` ``lora.Linear``) all stay
 PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
-would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter, or its DoRA
-(``use_dora=True`` on an nn.Linear / Conv1D base: the fused DoRA Function, ``fused_lora.autograd.dora``); anything else
-(adapters disabled or merged, mixed-adapter batches, other variants, DoRA on quantized bases, several active
-adapters, ``lora_bias``, custom or hooked bases, dtypes the Function does not take) runs PEFT's own forward.
+would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter (``lora_bias=True``
+included: lora_B's bias enters as ``scaling · b_B``), or its DoRA (``use_dora=True`` on an nn.Linear / Conv1D base:
+the fused DoRA Function, ``fused_lora.autograd.dora``); anything else (adapters disabled or merged, mixed-adapter
+batches, other variants, DoRA on quantized bases, several active adapters, custom or hooked bases, dtypes the
+Function does not take) runs PEFT's own forward.
 
 Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
 that says why, and a reason is reported once per process (a layer that falls back at call time, say after
@@ -23,29 +27,41 @@ check that its warning is the last one).
 
 Not served by the fused path (documented, not a bug): forward hooks registered on the ``lora_A``/``lora_B``/
 ``lora_dropout`` submodules do not fire, because those submodules are not called; their parameters are.
+
+:func:`enable` does :func:`accelerate`'s work wherever PEFT builds LoRA layers, without access to the model object;
+:func:`disable` takes the patch out again. Tested against peft 0.21.2 (the version the project's CI installs), 0.18.1,
+0.15.2 and 0.13.2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 try:
     from peft.tuners.lora import Linear as PeftLoraLinear
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer, LoraModel
     from peft.tuners.lora.dora import DoraLinearLayer
 except ImportError as err:  # peft is an optional dependency
     raise ImportError("fused_lora.peft needs the `peft` package: pip install peft") from err
+try:
+    from peft.tuners.mixed import MixedModel  # PeftMixedModel's tuner
+except ImportError:  # pragma: no cover (a PEFT without mixed adapter types)
+    MixedModel = None
 
 from .base_layers import BNB_4BIT, DENSE, conv1d_class, quantized_kind
 from .dispatch import DORA, refusal
 from .functional import fused_lora_linear
 from .quantized import quantized_lora
 
-__all__ = ["FusedLinear", "accelerate", "is_accelerated", "restore"]
+__all__ = ["FusedLinear", "accelerate", "disable", "enable", "enabled", "is_accelerated", "is_enabled", "restore"]
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Reasons already reported in this process: a layer that falls back at call time (for example after
@@ -119,8 +135,6 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
     variant = _variant_name(layer, adapter)
     if variant is not None:
         return variant
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        return "lora_bias=True"
     base = layer.get_base_layer()
     quantized = quantized_kind(base) is not None
     if not quantized and _weight_layout(base) is None:
@@ -136,7 +150,12 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "4-bit base weight without a quant_state (not quantized yet)"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
-        return "lora_A/lora_B are not plain bias-free nn.Linear modules"
+        return "lora_A/lora_B are not plain nn.Linear modules (lora_A without a bias)"
+    if lora_B.bias is not None:  # lora_bias=True: served, as scaling · b_B beside the fused call (_lora_B_bias)
+        if _is_dora(layer, adapter):
+            return "a lora_B bias (lora_bias=True) with DoRA"
+        if lora_B.bias.dtype != lora_B.weight.dtype:
+            return f"lora_B bias of dtype {lora_B.bias.dtype} beside a {lora_B.weight.dtype} lora_B weight"
     if type(dropout) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout module {type(dropout).__name__}"
     if _is_dora(layer, adapter):
@@ -228,13 +247,29 @@ class FusedLinear(_Fused, PeftLoraLinear):
         magnitude = None
         if _is_dora(self, adapter):  # PEFT drops x only when the layer trains and its dropout is a Dropout
             magnitude, training = self.lora_magnitude_vector[adapter].weight, training and self.training
-        return fused_lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                 float(self.scaling[adapter]), p, training, _weight_layout(base), magnitude=magnitude)
+        lora_B, scaling = self.lora_B[adapter], float(self.scaling[adapter])
+        bias = base.bias
+        if lora_B.bias is not None:
+            # lora_bias=True: PEFT's lora_B(...) * scaling adds scaling · b_B to every row. Folded into the bias the
+            # Function adds, it costs no pass over the output; autograd gives b_B its gradient scaling · Σ dY (and
+            # the base bias Σ dY when it trains). In fp32 when either is (the Function takes an fp32 bias).
+            bias = _lora_B_bias(lora_B, scaling) if bias is None else bias + _lora_B_bias(lora_B, scaling)
+        return fused_lora_linear(x, base.weight, bias, self.lora_A[adapter].weight, lora_B.weight, scaling, p, training,
+                                 _weight_layout(base), magnitude=magnitude)
+
+
+def _lora_B_bias(lora_B: nn.Linear, scaling: float) -> torch.Tensor:
+    return lora_B.bias * scaling
 
 
 def _quantized_call(self, x, adapter, p, training):
-    return quantized_lora(x, self.get_base_layer(), self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                          float(self.scaling[adapter]), p, training)
+    lora_B, scaling = self.lora_B[adapter], float(self.scaling[adapter])
+    y = quantized_lora(x, self.get_base_layer(), self.lora_A[adapter].weight, lora_B.weight, scaling, p, training)
+    if lora_B.bias is not None:
+        # lora_bias=True on a bitsandbytes base: the base layer adds its own bias inside quantized_lora, so
+        # scaling · b_B is added here, in the output's dtype, as PEFT adds its LoRA term (cast to the result's dtype).
+        y = y + _lora_B_bias(lora_B, scaling).to(y.dtype)
+    return y
 
 
 # PEFT's LoRA class → the class accelerate swaps it to. PEFT's bitsandbytes classes exist only when bitsandbytes is
@@ -266,17 +301,24 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Works on a ``peft.PeftModel`` or any module holding PEFT LoRA layers. Every ``peft.tuners.lora.Linear`` is
     switched (in place, by class swap) to :class:`FusedLinear`; whether a call takes the fused path is decided
     per call, so ``set_adapter``, ``disable_adapter``, ``merge_adapter`` and the like keep working. Layers that
-    cannot be served now (DoRA on quantized bases, several active adapters, ``lora_bias``, …) are named in one
+    cannot be served now (DoRA on quantized bases, several active adapters, custom bases, …) are named in one
     ``UserWarning`` with the reason; they and any other PEFT layer type run PEFT's forward. Layers that PEFT
     creates later (``add_adapter`` targeting new modules) are plain PEFT layers: call ``accelerate`` again.
 
     Raises:
         ValueError: the model holds no PEFT LoRA layer.
     """
-    lora_layers = [(name, m) for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
-    if not lora_layers:
+    if not _serve(peft_model, stacklevel=2):
         raise ValueError(f"fused_lora.peft.accelerate: {type(peft_model).__name__} holds no PEFT LoRA layer "
                          "(peft.tuners.lora.LoraLayer); wrap it with peft.get_peft_model first")
+    return peft_model
+
+
+def _serve(model: nn.Module, stacklevel: int) -> int:
+    """Swaps every PEFT LoRA layer of ``model`` that has a fused class to it (layers already swapped stay) and warns
+    once about the layers that cannot be served, with the reasons not reported before; returns the number of LoRA
+    layers found."""
+    lora_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     unserved: dict[str, list[str]] = defaultdict(list)
     for name, layer in lora_layers:
         if type(layer) in _SERVED:
@@ -285,8 +327,8 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
         if reason is not None and reason not in _reported:
             unserved[reason].append(name)
     if unserved:
-        _warn(unserved, len(lora_layers), stacklevel=2)
-    return peft_model
+        _warn(unserved, len(lora_layers), stacklevel=stacklevel + 1)
+    return len(lora_layers)
 
 
 def restore(peft_model: nn.Module) -> nn.Module:
@@ -296,3 +338,93 @@ def restore(peft_model: nn.Module) -> nn.Module:
         if type(module) in original:
             module.__class__ = original[type(module)]
     return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# enable() / disable(): every PEFT LoRA model made afterwards
+# ---------------------------------------------------------------------------------------------------------------
+
+# Tuner class → what its own __dict__ held under "inject_adapter" before enable() (_ABSENT: nothing, it inherited
+# BaseTuner's), so that disable() puts back exactly that. Empty while disabled.
+_PATCHED: dict[type, object] = {}
+_ABSENT = object()
+_LOCK = threading.Lock()
+
+
+def _tuner_classes() -> tuple[type, ...]:
+    return tuple(cls for cls in (LoraModel, MixedModel) if cls is not None)
+
+
+def _serving(original):
+    """``inject_adapter`` that runs PEFT's, then serves the tuner's whole model."""
+
+    @functools.wraps(original)
+    def inject_adapter(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        # Exact types only: subclasses such as AdaLoraModel build their own layer types, which nothing here serves.
+        if type(self) in _PATCHED:
+            _serve(self.model, stacklevel=2)
+        return result
+
+    inject_adapter.__fused_lora_wrapped__ = original
+    return inject_adapter
+
+
+def enable() -> None:
+    """From now on, every PEFT LoRA model is served by the fused path, as if :func:`accelerate` were called on it.
+
+    That is every model made by ``peft.get_peft_model``, ``PeftModel.from_pretrained`` (and ``AutoPeftModel*``),
+    ``peft.inject_adapter_in_model`` (and so transformers' ``model.add_adapter`` / ``model.load_adapter``),
+    ``PeftMixedModel``, and therefore TRL's trainers given a ``peft_config``, without access to the model object.
+    ``add_adapter`` / ``load_adapter`` / ``add_weighted_adapter`` on a model serve its new layers too. Calling it
+    again does nothing. Layers that cannot be served are named in one ``UserWarning`` per model, as by
+    :func:`accelerate`.
+
+    How: PEFT's LoRA tuner, ``peft.tuners.lora.LoraModel`` (and ``peft.tuners.mixed.MixedModel`` for mixed models),
+    gets an ``inject_adapter`` that runs PEFT's own and then swaps the LoRA layers of the tuner's model. Why there:
+    ``inject_adapter`` is ``BaseTuner``'s documented public method that creates the adapter layers, and every entry
+    point above reaches it (``BaseTuner.__init__`` calls it; ``PeftModel.add_adapter`` calls it); it is looked up on
+    the tuner's class at each call, so the patch reaches callers that imported ``get_peft_model`` into their own
+    modules before ``enable()`` (TRL's ``trl.trainer.sft_trainer`` does), which patching ``peft.get_peft_model``
+    would miss. Nothing else of PEFT is changed: not its functions, not its layer classes, not models made before
+    the call (a model made before ``enable()`` is served from its next ``add_adapter`` / ``load_adapter`` on, as a
+    whole). Subclasses of those tuners (``AdaLoraModel``, a user's own) keep PEFT's behaviour.
+
+    Tested against peft 0.21.2, 0.18.1, 0.15.2 and 0.13.2 (``tests/test_peft_enable.py``).
+    """
+    with _LOCK:
+        for cls in _tuner_classes():
+            if cls in _PATCHED:
+                continue
+            _PATCHED[cls] = cls.__dict__.get("inject_adapter", _ABSENT)
+            cls.inject_adapter = _serving(cls.inject_adapter)
+
+
+def disable() -> None:
+    """Undo :func:`enable`: PEFT's tuner classes get back exactly what they held, so models made afterwards are plain
+    PEFT models. Models made while enabled keep their fused layers (:func:`restore` makes one plain again). Calling
+    it when not enabled does nothing."""
+    with _LOCK:
+        for cls, own in _PATCHED.items():
+            if own is _ABSENT:
+                del cls.inject_adapter  # it inherited BaseTuner.inject_adapter: inherit it again
+            else:
+                cls.inject_adapter = own
+        _PATCHED.clear()
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` is in effect."""
+    return bool(_PATCHED)
+
+
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """:func:`enable` for the block; afterwards the state before the block (disabled, unless it was enabled)."""
+    was = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was:
+            disable()

@@ -6,9 +6,10 @@ kernel, block scales rounded to bf16. Its forward is then ~0.3% off in every mod
 fused-lora keeps the layers it serves in the standard packing (``base_layers.standard_4bit_packing``) and reads a
 weight repacked before it saw it back without loss. Checked here: the reading, bit for bit; eval → train → eval on a
 4-bit model loaded through ``from_pretrained``, on every path, each LoRA layer's y, dX, dA and dB against fp64 on
-``bitsandbytes.functional.dequantize_4bit`` of its weight (the rule of helpers.py). On a CPU without AVX512-BF16
-bitsandbytes does not repack: the tests then repack with its own converter (private, test-only) or ask for the
-repack through the layer's flag.
+``bitsandbytes.functional.dequantize_4bit`` of its weight (the rule of helpers.py); and what PEFT's own QLoRA
+layers do there. On a CPU without AVX512-BF16 bitsandbytes does not repack: the tests then repack with its own
+converter (private, test-only) or ask for the repack through the layer's flag, and skip what only the real kernel
+shows.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from helpers import assert_within_torch_error, atol_for
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from bitsandbytes import functional as F  # noqa: E402
 
 from fused_lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
+from fused_lora import peft as flp  # noqa: E402
 from fused_lora.backends import bnb4_triton  # noqa: E402
 from fused_lora.base_layers import (  # noqa: E402
     in_cpu_packing,
@@ -349,3 +352,41 @@ def test_inject_lora_keeps_the_other_4bit_layers_standard(checkpoint):
                                                           task_type="SEQ_CLS"))
     evaluate(model)
     assert not any(in_cpu_packing(m.weight) for m in four_bit_layers(model))
+
+
+# ------------------------------------------------------------------------------------------ PEFT there
+
+
+def peft_model(checkpoint):
+    model = peft.get_peft_model(load_4bit(checkpoint), peft.LoraConfig(r=8, lora_alpha=16,
+                                                                       target_modules=PROJECTIONS,
+                                                                       task_type="SEQ_CLS"))
+    randomize_b(model)
+    return model
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.skipif(not REPACKS, reason="bitsandbytes repacks (and runs its gemv kernel) only with AVX512-BF16")
+def test_peft_qlora_loses_the_input_gradient_after_an_evaluation(checkpoint):
+    """What README's QLoRA section says: after one evaluation PEFT's QLoRA layers run bitsandbytes' repacked kernel,
+    which passes no input gradient (measured: the gradient at the input embeddings 82% off, LoRA gradients 67% off
+    in the median, up to 96%); the same PEFT model under ``fused_lora.peft.accelerate`` is unaffected."""
+    model = peft_model(checkpoint)
+    fresh = copy.deepcopy(model)
+    evaluate(model)
+    assert all(in_cpu_packing(m.weight) for m in four_bit_layers(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's "an autograd kernel was not registered" (once per process)
+        _, embeds_grad, grads = train_step(model)
+    _, want_embeds, want = train_step(fresh)
+    assert relative(embeds_grad, want_embeds) > 0.3
+    assert max(relative(grads[k], want[k]) for k in want) > 0.5
+
+    accelerated = flp.accelerate(copy.deepcopy(fresh))
+    fresh_accelerated = flp.accelerate(copy.deepcopy(fresh))
+    evaluate(accelerated)
+    step, want = train_step(accelerated), train_step(fresh_accelerated)
+    assert torch.equal(step[1], want[1]) and all(torch.equal(step[2][k], want[2][k]) for k in want[2])

@@ -12,7 +12,9 @@ gradient, and (for quantized ones) how to dequantize and quantize again.
 The composed path (``backends.lora_triton.composed_forward`` / ``backends.lora_torch.composed_forward``) adds the LoRA
 branch to ``y`` and to ``dX`` in place. Each base here computes exactly what its layer computes (the same dtype casts
 and rounding) and keeps nothing for backward beyond the layer's own weight: a bitsandbytes 4-bit base dequantizes W
-again in backward, as bitsandbytes' own ``MatMul4Bit`` does, and no dequantized copy outlives the call.
+again in backward, as bitsandbytes' own ``MatMul4Bit`` does, and no dequantized copy outlives the call. A 4-bit layer
+is kept in bitsandbytes' standard packing (:func:`standard_4bit_packing`): on CPU its eval-mode forward would otherwise
+repack W for a bf16 inference kernel that is neither exact nor differentiable.
 
 A new base kind (GPTQ, say) starts here: its detection in :func:`base_kind`, a base class with ``forward`` /
 ``input_grad`` / ``dequantized`` in :func:`quantized_base`, its requantization in :func:`requantized`; then a row in
@@ -109,35 +111,112 @@ class DenseBase:
         return (dy @ self._w_t().t()).to(x_dtype)
 
 
+# bitsandbytes' CPU inference packing (0.50, read from its source). On a CPU with AVX512-BF16, ``Linear4bit.forward``
+# in eval mode on an input without grad repacks the weight in place for its bf16 kernel
+# (``functional._convert_weight_packed_for_cpu``, gated by the layer's ``support_avx512bf16_for_cpu``;
+# ``quant_state.packing_format_for_cpu`` becomes True): the codes regrouped in blocks of 32 rows, the block scales
+# (double quantization undone) rounded to bf16 and transposed. From then on its forward runs
+# ``bitsandbytes::gemv_4bit`` in every mode: x rounded to bf16 (~0.3% off), and no input gradient (the op has no
+# autograd kernel). bitsandbytes' own way back (``_convert_weight_packed_for_cpu_inverse``, private) quantizes the
+# scales again (another 0.3-0.6%) and, without double quantization, leaves them transposed (W ~40% off). The functions
+# below keep a layer LoRA sits on in the standard packing, and read a weight already repacked back into it without
+# loss: what it holds then is W with bf16 scales. The layout is bitsandbytes' private format: it is validated, and
+# tests/test_qlora_cpu_packing.py checks the reading against bitsandbytes' own repack bit for bit.
+CPU_PACKING_BLOCK_N = 32  # the row block of the CPU packing (_convert_weight_packed_for_cpu's block_n)
+
+
+def in_cpu_packing(weight) -> bool:
+    """Whether a bitsandbytes 4-bit weight is in bitsandbytes' CPU inference packing."""
+    state = getattr(weight, "quant_state", None)
+    # The repack sets the flag on the instance: read from there, since a missing attribute would go through
+    # QuantState's Python __getattr__ (~2 µs, and this runs on every call of a 4-bit layer).
+    return bool(getattr(state, "__dict__", {}).get("packing_format_for_cpu", False))
+
+
+def unpack_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A 4-bit weight in bitsandbytes' CPU inference packing (``data`` N×K/2 uint8, its ``quant_state``) in the
+    standard layout, nothing lost: (the codes two a byte in row-major order, even index in the high nibble, 1-D uint8;
+    the block scales, fp32, one per ``blocksize`` consecutive elements in that order: the bf16 values the CPU kernel
+    uses; the dtype dequantized values are rounded to). New tensors; ``data`` and ``state`` are left as they are.
+    Raises ValueError for a layout this code does not know (another bitsandbytes version): never a wrong weight."""
+    N, K = (int(d) for d in state.shape)
+    blocksize, absmax = int(state.blocksize), state.absmax
+    dtype = getattr(state, "original_dtype", None)
+    known = (data.dtype == torch.uint8 and tuple(data.shape) == (N, K // 2) and N % CPU_PACKING_BLOCK_N == 0
+             and K % blocksize == 0 and tuple(absmax.shape) == (K // blocksize, N)
+             and not getattr(state, "nested", False) and dtype is not None)
+    if not known:
+        raise ValueError(f"fused_lora: this bitsandbytes Linear4bit weight is in a CPU inference packing fused_lora "
+                         f"does not know (weight {data.dtype} {tuple(data.shape)}, W {N}×{K}, scales {absmax.dtype} "
+                         f"{tuple(absmax.shape)}); load the model again and keep it from CPU inference "
+                         "(base_layers.standard_4bit_packing) before wrapping it")
+    # Byte i of the 32 that hold rows 32·nb … 32·nb+31, columns 2·c and 2·c+1: low nibble code t = i, high t = 32 + i of
+    # the 64 codes (row 32·nb + t // 2, column 2·c + t % 2).
+    chunks = data.reshape(N // CPU_PACKING_BLOCK_N, K // 2, CPU_PACKING_BLOCK_N)
+    codes = torch.cat([chunks & 0xF, chunks >> 4], dim=-1)
+    codes = codes.reshape(N // CPU_PACKING_BLOCK_N, K // 2, CPU_PACKING_BLOCK_N, 2).transpose(1, 2).reshape(-1)
+    return (codes[0::2] << 4) | codes[1::2], absmax.t().reshape(-1).float(), dtype
+
+
+def standard_4bit_packing(layer: nn.Module) -> nn.Parameter:
+    """Keeps a bitsandbytes ``Linear4bit`` in bitsandbytes' standard 4-bit packing and returns its weight: its forward
+    will not repack the weight for the CPU inference kernel any more (``support_avx512bf16_for_cpu`` set to False:
+    its eval-mode forward then runs the same dequantize-and-matmul as in training, exact and differentiable), and a
+    weight already repacked is read back without loss (:func:`unpack_cpu_packing`; its double quantization, undone by
+    the repack, stays undone: fp32 scales). Cheap when there is nothing to do; nothing changes on a GPU."""
+    if getattr(layer, "support_avx512bf16_for_cpu", False):
+        layer.support_avx512bf16_for_cpu = False
+    weight = layer.weight
+    if in_cpu_packing(weight):
+        import bitsandbytes.functional as F
+
+        state = weight.quant_state
+        codes, absmax, dtype = unpack_cpu_packing(weight.data, state)
+        new_state = F.QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                                 quant_type=state.quant_type, dtype=dtype)
+        codes = codes.reshape(getattr(state, "original_qshape", (-1, 1)))
+        storage = getattr(state, "original_storage_type", None)
+        weight.data = codes.view(storage) if storage is not None else codes
+        weight.quant_state = new_state
+        if getattr(layer, "quant_state", None) is state:
+            layer.quant_state = new_state
+    return weight
+
+
+def standard_4bit_packing_everywhere(module: nn.Module) -> int:
+    """:func:`standard_4bit_packing` for every bitsandbytes ``Linear4bit`` in ``module`` (itself included), LoRA on it
+    or not: a model's gradient also flows through the 4-bit layers left out of ``target_modules``, and one repacked by
+    eval-mode CPU inference passes none. Returns how many layers it saw."""
+    layers = [m for m in module.modules() if quantized_kind(m) == BNB_4BIT]
+    for layer in layers:
+        standard_4bit_packing(layer)
+    return len(layers)
+
+
 @dataclass(frozen=True)
 class Bnb4Base:
     """bitsandbytes ``Linear4bit``: its own forward (x and bias cast to ``compute_dtype``, ``matmul_4bit``, the result
     cast back to x's dtype); input gradient ``dY · dequantize_4bit(W)`` in the compute dtype, as
-    ``MatMul4Bit.backward``."""
+    ``MatMul4Bit.backward``. The layer is kept in the standard packing (:func:`standard_4bit_packing`): on CPU its
+    forward would otherwise repack W for bitsandbytes' bf16 inference kernel on the first eval-mode call, after which
+    it is 0.1–0.5% off and passes no gradient."""
 
     kind = BNB_4BIT
     layer: nn.Module
+
+    def __post_init__(self) -> None:
+        standard_4bit_packing(self.layer)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.layer.compute_dtype or torch.float32
 
     def canonical_weight(self) -> nn.Parameter:
-        """The layer's weight in bitsandbytes' standard packing. On CPU, ``Linear4bit.forward`` in eval mode without
-        grad repacks the weight in place for its CPU kernel (``packing_format_for_cpu``); it is unpacked back
-        here, as bitsandbytes' own state-dict save does, so dequantization and the fused kernels read the layout
-        they expect."""
-        weight = self.layer.weight
-        state = weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        return weight
+        """The layer's weight, in bitsandbytes' standard packing (:func:`standard_4bit_packing`)."""
+        return standard_4bit_packing(self.layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The layer's own forward: in eval mode without grad on CPU it runs bitsandbytes' repacked CPU kernel, which
-        # rounds differently from the training path; calling it keeps PEFT's numbers in every mode.
+        # The layer's own forward: bitsandbytes' dequantize-and-matmul in every mode, the CPU repack being off.
         return self.layer(x)
 
     def dequantized(self) -> torch.Tensor:

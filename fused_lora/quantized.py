@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .autograd.qlora import QuantLoRAFunction
-from .base_layers import BNB_4BIT, BNB_8BIT, quantized_base, quantized_kind, set_requantized
+from .base_layers import BNB_4BIT, BNB_8BIT, quantized_base, quantized_kind, set_requantized, standard_4bit_packing
 from .dispatch import quantized_call
 from .layer import LoRALinear, register_wrapper
 
@@ -61,6 +61,8 @@ class QuantizedLoRALinear(LoRALinear):
             raise ValueError(f"LoRALinear.from_linear: the {name} has no quant_state: its weight was never quantized "
                              "(bitsandbytes quantizes a Linear4bit when it is moved to a device: layer.to('cuda') or "
                              "layer.to('cpu'), or load the model with a BitsAndBytesConfig)")
+        if kind == BNB_4BIT:  # also where its own forward runs (merged, disabled): no CPU inference repack of W
+            standard_4bit_packing(layer)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.base_layer = layer

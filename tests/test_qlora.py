@@ -307,15 +307,17 @@ def test_4bit_state_dict_keys_and_base_checkpoint(gemma2_checkpoint):
 
 
 def test_4bit_adapters_both_ways_with_peft(gemma2_checkpoint, tmp_path):
+    # Outputs compared in training mode (no dropout here) without grad: in eval mode on CPU bitsandbytes' own 4-bit
+    # layers (PEFT's bases, and the MLPs LoRA leaves out) repack their weight for a bf16 kernel ~0.3% off
+    # (tests/test_qlora_cpu_packing.py); fused-lora's layers compute the same in both modes.
     ours = inject_lora(load_4bit(gemma2_checkpoint), LoRAConfig(**QLORA))
     randomize_b(ours)
-    ours.eval()
     save_adapter(ours, tmp_path / "ours")
-    peft_model = peft.PeftModel.from_pretrained(load_4bit(gemma2_checkpoint), tmp_path / "ours").eval()
+    peft_model = peft.PeftModel.from_pretrained(load_4bit(gemma2_checkpoint), tmp_path / "ours").train()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=IDS).logits, ours(input_ids=IDS).logits)
     peft_model.save_pretrained(tmp_path / "peft")
-    loaded = load_adapter(load_4bit(gemma2_checkpoint), tmp_path / "peft").eval()
+    loaded = load_adapter(load_4bit(gemma2_checkpoint), tmp_path / "peft")
     assert isinstance(loaded.model.layers[1].self_attn.o_proj, QuantizedLoRALinear)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits)

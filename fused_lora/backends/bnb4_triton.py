@@ -19,7 +19,8 @@ then runs as the dense kernels' (fp32 accumulation, the rank-r term in the same 
 ``forward_4bit``.
 
 bitsandbytes is an optional dependency: this module imports without it; only ``Packed4bit.from_params`` reads a
-bitsandbytes object (by attribute; it imports nothing from bitsandbytes either).
+bitsandbytes object (by attribute; it imports nothing from bitsandbytes either, nor does ``base_layers``' reading of
+the CPU inference packing it uses).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..base_layers import in_cpu_packing, unpack_cpu_packing
 from ..kernels.configs import m_bucket
 from ..kernels.lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
 from .lora_triton import backward_with, forward_with
@@ -127,27 +129,27 @@ class Packed4bit:
     def from_params(cls, weight) -> Packed4bit:
         """From a quantized bitsandbytes ``Params4bit`` (``Linear4bit.weight``): views of its storage and quant
         state, nothing copied except the 4-byte offset (reshaped to a tensor on the data's device). Call it once
-        per layer: it validates and builds Python objects."""
+        per layer: it validates and builds Python objects. A weight in bitsandbytes' CPU inference packing (a
+        ``Linear4bit`` that ran eval-mode inference on CPU) is read into new tensors in the standard layout, nothing
+        lost (``base_layers.unpack_cpu_packing``); the weight itself is left as it is."""
         state = getattr(weight, "quant_state", None)
         if state is None or not getattr(weight, "bnb_quantized", True):
             raise ValueError("Packed4bit.from_params: the weight is not quantized yet (bitsandbytes quantizes a "
                              "Params4bit when it is moved to its device: layer.to(device))")
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks the weight for its AVX512-BF16 CPU inference kernel (Linear4bit.forward in
-            # eval mode without grad): another byte layout and a transposed absmax.
-            raise ValueError("Packed4bit.from_params: the weight is in bitsandbytes' CPU inference packing "
-                             "(packing_format_for_cpu); use a layer that has not run CPU inference, or convert it "
-                             "back with bitsandbytes.functional._convert_weight_packed_for_cpu_inverse")
         if state.quant_type not in QUANT_TYPES:
             raise ValueError(f"Packed4bit.from_params: quant_type must be one of {QUANT_TYPES}, got "
                              f"{state.quant_type!r}")
         if len(state.shape) != 2:
             raise ValueError(f"Packed4bit.from_params: expected a 2-D weight, got shape {tuple(state.shape)}")
+        shape = (int(state.shape[0]), int(state.shape[1]))
+        if in_cpu_packing(weight):
+            data, absmax, dtype = unpack_cpu_packing(weight.data, state)
+            return cls(data=data, absmax=absmax, code=state.code.to(data.device, torch.float32),
+                       blocksize=int(state.blocksize), shape=shape, dtype=dtype, quant_type=state.quant_type)
         data = weight.data.detach().contiguous().reshape(-1).view(torch.uint8)
         device = data.device
         fields = dict(data=data, absmax=state.absmax, code=state.code.to(device, torch.float32),
-                      blocksize=int(state.blocksize), shape=(int(state.shape[0]), int(state.shape[1])),
-                      dtype=state.dtype, quant_type=state.quant_type)
+                      blocksize=int(state.blocksize), shape=shape, dtype=state.dtype, quant_type=state.quant_type)
         if state.nested:
             fields.update(absmax2=state.state2.absmax, code2=state.state2.code.to(device, torch.float32),
                           blocksize2=int(state.state2.blocksize),
@@ -284,9 +286,9 @@ def dequantize_ref(packed: Packed4bit) -> torch.Tensor:
 
 def packed_weight(base) -> Packed4bit:
     """The ``Packed4bit`` of a ``base_layers.Bnb4Base``'s layer, built once and kept on the layer while its weight's
-    storage and quantization state stay the same objects (a merge requantizes: a new storage, a new pack). On CPU the
-    weight is first unpacked from bitsandbytes' inference packing if eval-mode calls repacked it
-    (``Bnb4Base.canonical_weight``)."""
+    storage and quantization state stay the same objects (a merge requantizes: a new storage, a new pack). The layer is
+    kept in bitsandbytes' standard packing (``Bnb4Base.canonical_weight``: on CPU, eval-mode inference would repack it
+    for bitsandbytes' bf16 kernel), so the pack holds views of its own storage."""
     weight = base.canonical_weight()
     cached = getattr(base.layer, "_fused_lora_packed4", None)
     if cached is not None and cached[0] == weight.data.data_ptr() and cached[1] is weight.quant_state:

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base_layers import DENSE, base_kind, conv1d_class, quantized_kind, unsupported_quantized_message
+from .base_layers import (
+    DENSE,
+    base_kind,
+    conv1d_class,
+    quantized_kind,
+    standard_4bit_packing_everywhere,
+    unsupported_quantized_message,
+)
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig, pattern_matches
 from .dispatch import DORA, refusal
 from .layer import LoRALinear
@@ -328,6 +335,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             p.requires_grad_(flag)
         raise
     model.__dict__[STATE_ATTR] = _LoRAState(plan, originals, flags)
+    # every bitsandbytes 4-bit layer, adapted or not, in bitsandbytes' standard packing: on CPU an eval-mode forward
+    # would repack it for bitsandbytes' inference kernel, after which it passes no gradient (README: QLoRA)
+    standard_4bit_packing_everywhere(model)
     return model
 
 

@@ -56,7 +56,7 @@ try:
 except ImportError:  # pragma: no cover (a PEFT without mixed adapter types)
     MixedModel = None
 
-from .base_layers import BNB_4BIT, DENSE, conv1d_class, quantized_kind
+from .base_layers import BNB_4BIT, DENSE, conv1d_class, quantized_kind, standard_4bit_packing_everywhere
 from .dispatch import DORA, refusal
 from .functional import fused_lora_linear
 from .quantized import quantized_lora
@@ -319,6 +319,10 @@ def _serve(model: nn.Module, stacklevel: int) -> int:
     once about the layers that cannot be served, with the reasons not reported before; returns the number of LoRA
     layers found."""
     lora_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if lora_layers:
+        # every bitsandbytes 4-bit layer, adapted or not, in bitsandbytes' standard packing: on CPU an eval-mode forward
+        # would repack it for bitsandbytes' inference kernel, after which it passes no gradient (README: QLoRA)
+        standard_4bit_packing_everywhere(model)
     unserved: dict[str, list[str]] = defaultdict(list)
     for name, layer in lora_layers:
         if type(layer) in _SERVED:

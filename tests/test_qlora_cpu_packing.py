@@ -345,8 +345,6 @@ def test_other_4bit_layers_of_the_model(checkpoint):
     assert torch.equal(step[1], fresh[1]) and all(torch.equal(step[2][k], fresh[2][k]) for k in step[2])
 
 
-@pytest.mark.xfail(strict=True, reason="inject_lora leaves the 4-bit layers outside target_modules to bitsandbytes' "
-                                       "CPU repack (injector.py should call standard_4bit_packing_everywhere)")
 def test_inject_lora_keeps_the_other_4bit_layers_standard(checkpoint):
     model = inject_lora(load_4bit(checkpoint), LoRAConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS[:4],
                                                           task_type="SEQ_CLS"))
@@ -390,3 +388,18 @@ def test_peft_qlora_loses_the_input_gradient_after_an_evaluation(checkpoint):
     evaluate(accelerated)
     step, want = train_step(accelerated), train_step(fresh_accelerated)
     assert torch.equal(step[1], want[1]) and all(torch.equal(step[2][k], want[2][k]) for k in want[2])
+
+
+def test_accelerate_keeps_the_other_4bit_layers_standard(checkpoint):
+    """fused_lora.peft.accelerate (and so enable()) keeps the 4-bit layers PEFT left out of target_modules in the
+    standard packing too: an evaluation does not cut their gradient."""
+    import peft
+
+    from fused_lora import peft as flp
+
+    model = peft.get_peft_model(load_4bit(checkpoint), peft.LoraConfig(r=8, lora_alpha=16,
+                                                                       target_modules=PROJECTIONS[:4],
+                                                                       task_type="SEQ_CLS"))
+    flp.accelerate(model)
+    evaluate(model)
+    assert not any(in_cpu_packing(m.weight) for m in four_bit_layers(model))

@@ -75,3 +75,27 @@ def test_module_input_dtype_mismatch_says_what_to_do():
     layer = LoRALinear(8, 4)
     with pytest.raises(TypeError, match="autocast"):
         layer(torch.randn(2, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("overrides", [{"x": torch.randn(4, 11)}, {"lora_A": torch.randn(3, 9)},
+                                       {"bias": torch.randn(5)}])
+def test_shape_errors_are_also_pytorchs_runtime_error(overrides):
+    """PEFT's layer raises PyTorch's RuntimeError for shapes that do not fit (its matmul does); ours raises one error
+    that is both that and the ValueError it always raised, so code (and PEFT's tests) expecting either still works."""
+    with pytest.raises(RuntimeError):
+        call(**overrides)
+    with pytest.raises(ValueError):
+        call(**overrides)
+
+
+def test_a_peft_layer_served_fused_raises_pytorchs_error_for_a_wrong_input():
+    peft = pytest.importorskip("peft")
+    from fused_lora import peft as flp
+
+    model = flp.accelerate(peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(10, 6)),
+                                               peft.LoraConfig(target_modules=["0"], r=2)))
+    with pytest.raises(RuntimeError):
+        model(torch.randn(4, 11))
+    layer = LoRALinear(10, 6, r=2)
+    with pytest.raises(RuntimeError, match="in_features=10"):
+        layer(torch.randn(4, 11))

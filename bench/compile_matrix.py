@@ -139,26 +139,23 @@ def precision(dtype: str, tf32: bool, arch: int = 90) -> str:
 
 
 class Ptr(str):
-    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are). ``arch``: the
-    target, which the kernels' config pruning reads from a real launch's device."""
-
-    arch: int = 90
+    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are)."""
 
     def element_size(self) -> int:  # as torch.Tensor's, for the kernels' early_config_prune
         return 4 if self == "fp32" else 2
 
 
-def _ptr(dtype: str, arch: int) -> Ptr:
-    p = Ptr(dtype)
-    p.arch = arch
-    return p
-
-
 def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str, object]]:
     """(runtime arguments by name, constexprs) as the launchers in fused_lora/backends/ pass them for ``v`` on
-    ``arch``."""
+    ``arch``: every kernel takes the target as its ``ARCH`` argument (triton_launch.arch), which its autotuner keys on
+    and its config pruning reads."""
+    args, constexprs = _launch_args(v, arch)
+    return {**args, "ARCH": arch}, constexprs
+
+
+def _launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, object]]:
     R = v.rank
-    base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
+    base, ad, f32 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32")
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_launch.weight_strides
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
@@ -204,7 +201,7 @@ def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str
         return _dora_launch_args(v, arch)
     # QLoRA, as fused_lora/backends/bnb4_triton.py launches them: packed bytes, absmax (uint8 when nested), the
     # 16-entry code; absmax2/code2/offset are fp32 (triton_launch.unused's one fp32 element when not nested).
-    u8 = _ptr("u8", arch)
+    u8 = Ptr("u8")
     quant = dict(w_ptr=u8, absmax_ptr=u8 if v.nested else f32, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
                  offset_ptr=f32)
     q4 = {"NESTED": v.nested, "QBLOCK_LOG2": v.qblock.bit_length() - 1, "QBLOCK2_LOG2": 8,  # state2: 256 blocks
@@ -423,7 +420,7 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
     needed; without dropout the forward's x_d argument is x itself; sq and the atomics buffers fp32, the magnitude in
     the adapters' dtype."""
     R = v.rank
-    base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
+    base, ad, f32 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32")
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}

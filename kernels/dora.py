@@ -107,15 +107,15 @@ def _rank_r_term(acc, s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, st
     return acc
 
 
-@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R"], reset_to_zero=["sq_ptr"],
+@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R", "ARCH"], reset_to_zero=["sq_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("w_ptr", NORM_CONFIGS_FP32,
                                                                    kernel="dora_norm_kernel")})
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dora_norm_kernel(
     w_ptr, a_ptr, b_ptr, sq_ptr,
     N, K, R,
     stride_wk, stride_wn, stride_ar, stride_ak, stride_bn, stride_br,
-    scaling,
+    scaling, ARCH,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -146,7 +146,7 @@ def dora_norm_kernel(
     tl.atomic_add(sq_ptr + ns, tl.sum(acc, axis=1), mask=ns < N, sem="relaxed")
 
 
-@triton.autotune(configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R"],
+@triton.autotune(configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", DOWN_CONFIGS_FP32,
                                                                    kernel="dora_down_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -154,7 +154,7 @@ def dora_down_kernel(
     x_ptr, a_ptr, s_ptr, xd_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_xdm, stride_xdk,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -180,7 +180,8 @@ def dora_down_kernel(
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc, mask=row_ok & (ranks[None, :] < R))
 
 
-@triton.autotune(configs=pick(FWD_CONFIGS + TWO_ACC_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"],
+@triton.autotune(configs=pick(FWD_CONFIGS + TWO_ACC_CONFIGS, _GEMM_INTERP),
+                 key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "ARCH"],
                  prune_configs_by={"early_config_prune": _by_dropout(
                      by_dtype("x_ptr", FWD_CONFIGS_FP32, FWD_CONFIGS, FWD_CONFIGS, kernel="dora_fwd_kernel"),
                      by_dtype("x_ptr", TWO_ACC_CONFIGS_FP32, TWO_ACC_CONFIGS, TWO_ACC_CONFIGS,
@@ -191,7 +192,7 @@ def dora_fwd_kernel(
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wk, stride_wn, stride_sm, stride_sr, stride_bn, stride_br,
     stride_ym, stride_yn, stride_pm, stride_pn, stride_bias, stride_mag,
-    scaling, drop_scale,
+    scaling, drop_scale, ARCH,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -253,7 +254,7 @@ def dora_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------ backward
-@triton.autotune(configs=DY_CONFIGS, key=["M_BUCKET", "N", "R"],
+@triton.autotune(configs=DY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr", "dmag_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
@@ -264,7 +265,7 @@ def dora_dy_kernel(
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_pm, stride_pn, stride_mag,
     stride_dsm, stride_dsr, stride_dbn, stride_dbr, stride_gm, stride_gn,
-    scaling,
+    scaling, ARCH,
     DS_ATOMIC: tl.constexpr, HAS_DBIAS: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
     NEED_DMAG: tl.constexpr, WRITE_G: tl.constexpr, G_MINUS_ONE: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
@@ -332,7 +333,7 @@ def dora_dy_kernel(
             tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", TWO_ACC_CONFIGS_FP32,
                                                                    kernel="dora_dx_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -341,7 +342,7 @@ def dora_dx_kernel(
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_gmm, stride_gmn, stride_wk, stride_wn, stride_dsm, stride_dsr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

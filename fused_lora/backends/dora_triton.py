@@ -21,6 +21,7 @@ from .dropout_triton import dropout_mask
 from .kernel_fallback import guarded, kernel_keep, signature
 from .lora_triton import lora_da, lora_down, lora_dx
 from .triton_launch import (
+    arch,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -48,6 +49,7 @@ def dora_norm_sq(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         scaling,
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, weight.device),
         WIDE=wide_offsets(weight, lora_A, lora_B), BLOCK_R=rank_block(R, lora_A.dtype),
+        ARCH=arch(weight.device),
     )
     return sq
 
@@ -67,6 +69,7 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
         *drop_args(seed, p),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
         WIDE=wide_offsets(x, lora_A, s, xd), BLOCK_R=block_r,
+        ARCH=arch(x.device),
     )
     return s, xd
 
@@ -96,6 +99,7 @@ def dora_forward_gemm(
         BASE_PREC=dot_precision(x.dtype, x.device), LORA_DOT=dot_dtype(lora_B.dtype),
         LORA_PREC=dot_precision(lora_B.dtype, x.device),
         WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, P), BLOCK_R=rank_block(R, lora_B.dtype),
+        ARCH=arch(x.device),
     )
     return y, P
 
@@ -132,6 +136,7 @@ def dora_dy_pass(
         WRITE_G=write_g, G_MINUS_ONE=g_minus_one,
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, dy.device),
         WIDE=wide_offsets(dy, lora_B, s, p_arg, ds, db, g), BLOCK_R=block_r,
+        ARCH=arch(dy.device),
     )
     return tuple(t if on else None for t, on in ((ds, need_ds), (db, need_db), (dbias, need_dbias),
                                                  (dmag, need_dmag), (g, write_g)))
@@ -153,6 +158,7 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
         BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
         WIDE=wide_offsets(dy, gm, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),
+        ARCH=arch(dy.device),
     )
     return dx
 

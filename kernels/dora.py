@@ -9,7 +9,8 @@ base GEMM's accumulator(s). P is written out for the magnitude's gradient, d mag
 
 Forward, 3 launches:
     ``dora_norm_kernel``  sq = ‖W + s·B A‖² per row: each W tile plus its rank-r correction B_tile A_tile, squared
-                          and summed in fp32 registers; B A is never in memory
+                          and summed in fp32 registers; B A is never in memory; a K split's partial sums stored
+                          apart and summed by the launcher in a fixed order
     ``lora_down_kernel``  S = x Aᵀ (p = 0: LoRA's kernel), or
     ``dora_down_kernel``  S = x_d Aᵀ and x_d = keep ⊙ x written out (p > 0), for the forward GEMM's second operand
     ``dora_fwd_kernel``   P and y, g = magnitude/√sq in the epilogue; with p > 0 each W tile feeds two accumulators
@@ -107,7 +108,7 @@ def _rank_r_term(acc, s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, st
     return acc
 
 
-@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R", "ARCH"], reset_to_zero=["sq_ptr"],
+@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("w_ptr", NORM_CONFIGS_FP32,
                                                                    kernel="dora_norm_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -119,10 +120,12 @@ def dora_norm_kernel(
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """sq[N] (fp32, zeroed by the launcher) += Σ_k (W[n, k] + scaling·(B A)[n, k])² over this program's K slice.
+    """sq[split, N] (fp32, SPLIT_K × N contiguous) = Σ_k (W[n, k] + scaling·(B A)[n, k])² over this program's K slice.
 
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K); the K slices are interleaved (a runtime value, as the dy pass's split) and
-    their partial sums are atomic adds. W is read through (stride_wk, stride_wn): either layout, in place.
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K); the K slices are interleaved (a runtime value, as the dy pass's split). Each
+    program stores its partial sums in its own row of sq (no atomics), and the launcher sums the rows in a fixed order:
+    the norm is the same bits run after run and in a checkpointed recompute, whatever order the programs run in (fp32
+    atomics made it depend on that order). W is read through (stride_wk, stride_wn): either layout, in place.
     """
     pid_split = tl.program_id(1)
     split_k = tl.num_programs(1)
@@ -143,7 +146,7 @@ def dora_norm_kernel(
         w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk, mask=n_ok & k_ok, other=0.0)
         v = w.to(tl.float32) + scaling * ba
         acc += v * v
-    tl.atomic_add(sq_ptr + ns, tl.sum(acc, axis=1), mask=ns < N, sem="relaxed")
+    tl.store(sq_ptr + pid_split * N + ns, tl.sum(acc, axis=1), mask=ns < N)
 
 
 @triton.autotune(configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],

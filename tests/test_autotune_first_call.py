@@ -1,15 +1,16 @@
 """Issue 20: autotuning must not change a result. On a GPU the autotuner benchmarks every config of a new key on the
 call's own tensors before the real launch; a kernel that adds in place into its output (the composed path's y += s·S Bᵀ,
-dX += m ⊙ (dS A)) or accumulates with atomics into a zeroed buffer (dB, dbias, split dS/dA, DoRA's d magnitude and
-norm) returns garbage on the first call unless ``restore_value`` / ``reset_to_zero`` undo each benchmark run.
+dX += m ⊙ (dS A)) or accumulates with atomics into a zeroed buffer (dB, dbias, split dS/dA, DoRA's d magnitude)
+returns garbage on the first call unless ``restore_value`` / ``reset_to_zero`` undo each benchmark run.
 
 ``autotune_harness`` makes the interpreter benchmark as a GPU does (several configs, several runs of each on the real
 arguments, the autotuner's own hooks around each run; ``mode="one"``: triton 3.6 benchmarking the one config left after
 pruning, as with ``FUSED_LORA_AUTOTUNE=0``). Every public path runs once normally and once as a first call under the
 harness: the output and every gradient must be bit for bit the normal call's (the harness launches the kernel's own
 config after benchmarking, so only benchmarking can make a difference), and the harness must have benchmarked exactly
-the autotuned kernels of that path. The reductions a GPU splits over programs (atomics: split dS, dA, DoRA's norm and
-dY pass) are not split on CPU by the launchers: those kernels are launched here directly with a split grid.
+the autotuned kernels of that path. The reductions a GPU splits over programs (atomics: split dS, dA, DoRA's dY
+pass; DoRA's norm, whose split partials are stored apart) are not split on CPU by the launchers: those kernels are
+launched here directly with a split grid.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ PROTECTION = {
     "lora_fwd_4bit_kernel": ((), ()),  # y: stores
     "lora_dx_4bit_kernel": ((), ()),  # dX: stores
     "dequantize_4bit_kernel": ((), ()),  # W: stores (one config: never benchmarked on a GPU either)
-    "dora_norm_kernel": ((), ("sq_ptr",)),  # ‖W + s·B A‖² atomics
+    "dora_norm_kernel": ((), ()),  # ‖W + s·B A‖²: stores (a K split's partials, each in its own row)
     "dora_down_kernel": ((), ()),  # S, x_d: stores
     "dora_fwd_kernel": ((), ()),  # y, P: stores
     "dora_dy_kernel": ((), ("ds_ptr", "db_ptr", "dbias_ptr", "dmag_ptr")),  # atomics (dS when split); G: stores
@@ -206,7 +207,8 @@ def test_dora_first_call(p, magnitude_trained, bias_trained, mode, autotune_harn
 
 # --------------------------------------------------------------- split reductions and the one-config kernel, directly
 # What a GPU launch picks to fill its SMs (the launchers' split factors are 1 on CPU): atomics from several programs
-# into one zeroed element. Launched as the launchers do (fused_lora's triton_ops / dora_ops), fp32 throughout.
+# into one zeroed element (the norm: partial sums in a row per slice). Launched as the launchers do (fused_lora's
+# lora_triton / dora_triton), fp32 throughout.
 def _kernel(module: str, name: str):
     import importlib
 
@@ -251,7 +253,7 @@ def _lora_da_split():
 
 
 def _dora_norm_split():
-    w, a, b, sq = _f32(N, K, seed=6), _f32(R, K, seed=7), _f32(N, R, seed=8), _zeros(N)
+    w, a, b, sq = _f32(N, K, seed=6), _f32(R, K, seed=7), _f32(N, R, seed=8), _zeros(3, N)  # a row per K slice
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 3)  # noqa: E731
     _kernel("dora", "dora_norm_kernel")[grid](
         w, a, b, sq, N, K, R, w.stride(1), w.stride(0), *a.stride(), *b.stride(), 0.5, ARCH, **LORA_DOT)

@@ -3,7 +3,8 @@
 Forward, 3 launches: ``dora_norm_sq`` (‖W + s·B A‖² per row), S (``lora_triton.lora_down`` when p = 0, ``dora_down``
 when p > 0, which also writes x_d for the next launch), ``dora_forward_gemm`` (y and P). Backward, 3 launches:
 ``dora_dy_pass`` (dS, dB, dbias, d magnitude, G), dX (``lora_triton.lora_dx`` on G when p = 0, ``dora_dx`` when
-p > 0), ``lora_triton.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers.
+p > 0), ``lora_triton.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers, and the sum of
+the norm's K-split partials when it is split.
 
 Conventions as the LoRA launchers (``triton_launch``), and a kernel that cannot be built or launched hands the call to
 the PyTorch path (``dora_torch``) with the kernels' own dropout mask (``kernel_fallback``).
@@ -35,23 +36,25 @@ from .triton_launch import (
 
 def dora_norm_sq(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                  weight_layout: str, split_k: int | None = None) -> torch.Tensor:
-    """‖W + scaling·B A‖² per output row, fp32 (N), without B A in memory."""
+    """‖W + scaling·B A‖² per output row, fp32 (N), without B A in memory. ``split_k`` slices of K (default: enough to
+    fill the GPU when the row tiles alone do not), each slice's partial sums stored apart and summed here in a fixed
+    order (no atomics): the same bits run after run."""
     N, R = lora_B.shape
     K = lora_A.shape[1]
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     if split_k is None:
         split_k = split_factor(triton.cdiv(N, 64), triton.cdiv(K, 256), weight.device)
-    sq = torch.zeros((N,), device=weight.device, dtype=torch.float32)
+    sq = torch.empty((split_k, N), device=weight.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)
     dora_norm_kernel[grid](
         weight, lora_A, lora_B, sq, N, K, R,
         stride_wk, stride_wn, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, weight.device),
-        WIDE=wide_offsets(weight, lora_A, lora_B), BLOCK_R=rank_block(R, lora_A.dtype),
+        WIDE=wide_offsets(weight, lora_A, lora_B, sq), BLOCK_R=rank_block(R, lora_A.dtype),
         ARCH=arch(weight.device),
     )
-    return sq
+    return sq.sum(0) if split_k > 1 else sq[0]
 
 
 def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,7 +244,9 @@ def dora_fwd_kernel(
              mask=row_ok & col_ok)
     mag = tl.load(mag_ptr + cols * stride_mag, mask=cols < N, other=0.0).to(tl.float32)
     sq = tl.load(sq_ptr + cols, mask=cols < N, other=1.0)
-    g = (mag / tl.sqrt(sq))[None, :]
+    # IEEE-rounded root and quotient, as PyTorch's (PEFT's g): plain tl.sqrt and / compile to sqrt.approx.ftz.f32 and
+    # div.full.f32 on sm_90 (tests/test_compile_targets.py reads the PTX)
+    g = tl.div_rn(mag, tl.sqrt_rn(sq))[None, :]
     if HAS_DROPOUT:
         acc += g * acc_p
     else:
@@ -301,8 +303,8 @@ def dora_dy_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & col_ok[None, :], other=0.0)
         mag = tl.load(mag_ptr + cols * stride_mag, mask=col_ok, other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.load(sq_ptr + cols, mask=col_ok, other=1.0))
-        g = mag / norm
+        norm = tl.sqrt_rn(tl.load(sq_ptr + cols, mask=col_ok, other=1.0))  # IEEE, as the forward's g
+        g = tl.div_rn(mag, norm)
         if NEED_DS:
             b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                         mask=col_ok[:, None] & rank_ok, other=0.0)
@@ -319,7 +321,7 @@ def dora_dy_kernel(
             if NEED_DMAG:
                 pt = tl.load(p_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
                              mask=row_ok & col_ok[None, :], other=0.0)
-                tl.atomic_add(dmag_ptr + cols, tl.sum(dy.to(tl.float32) * pt.to(tl.float32), axis=0) / norm,
+                tl.atomic_add(dmag_ptr + cols, tl.div_rn(tl.sum(dy.to(tl.float32) * pt.to(tl.float32), axis=0), norm),
                               mask=col_ok, sem="relaxed")
             if WRITE_G:
                 if G_MINUS_ONE:

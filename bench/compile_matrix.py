@@ -71,7 +71,8 @@ class Variant:
     rank: int = 16              # → BLOCK_R = min(64, max(16, next_pow2(r))), and R's alignment
     dropout: bool = True        # HAS_DROPOUT (p > 0)
     bias: bool = True           # HAS_BIAS (forward), HAS_DBIAS (dy pass)
-    split: int = 2              # SPLIT_N (dy pass), SPLIT_M (dA); 1 = plain store, > 1 = atomics
+    split: int = 2              # SPLIT_N (dy pass), SPLIT_M (dA); 1 = plain store, > 1 = atomics; SPLIT_K of DoRA's
+    #                             norm (1: the root stored, ROOT; > 1: partial sums)
     need: str = "ds+db"         # the dy pass's NEED_DS / NEED_DB
     tf32: bool = False          # torch.backends.cuda.matmul.allow_tf32: fp32 dots in TF32, else 3xTF32
     wide: bool = False          # WIDE: int64 offsets (a tensor of the launch spans >= 2³¹ elements)
@@ -108,7 +109,7 @@ class Variant:
         if self.kernel in Q4_KERNELS:
             parts.append(f"W{self.wdtype or self.base} bs{self.qblock} {'nested' if self.nested else 'plain'}"
                          + ("" if self.q4_aligned else " unaligned"))
-        if self.kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel"):
+        if self.kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel", "dora_norm_kernel"):
             parts.append(f"split{self.split}")
         if self.kernel in ("lora_dy_kernel", "dora_dy_kernel"):
             parts.append(self.need)
@@ -428,23 +429,23 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
     drop = {"seed": SEED, "p": 0.1, "drop_scale": 1 / 0.9}
     bucket = triton.next_power_of_2(M)
     if v.kernel == "dora_norm_kernel":
-        args = dict(w_ptr=base, a_ptr=ad, b_ptr=ad, sq_ptr=f32, N=N, K=K, R=R, stride_wk=wk, stride_wn=wn,
+        args = dict(w_ptr=base, a_ptr=ad, b_ptr=ad, out_ptr=f32, N=N, K=K, R=R, stride_wk=wk, stride_wn=wn,
                     stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0)
-        return args, lora
+        return args, {"ROOT": v.split == 1, **lora}
     if v.kernel == "dora_down_kernel":
         args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, xd_ptr=base, M=M, K=K, R=R, M_BUCKET=bucket, stride_xm=K,
                     stride_xk=1, stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, stride_xdm=K, stride_xdk=1, **drop)
         return args, lora
     if v.kernel == "dora_fwd_kernel":
         args = dict(x_ptr=base, xd_ptr=base, w_ptr=base, bias_ptr=base if v.bias else f32, s_ptr=f32, b_ptr=ad,
-                    sq_ptr=f32, mag_ptr=ad, y_ptr=base, p_ptr=ad, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
+                    norm_ptr=f32, mag_ptr=ad, y_ptr=base, p_ptr=ad, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
                     stride_xm=K, stride_xk=1, stride_xdm=K, stride_xdk=1, stride_wk=wk, stride_wn=wn, stride_sm=R,
                     stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, stride_pm=N, stride_pn=1,
                     stride_bias=1, stride_mag=1, scaling=2.0, drop_scale=drop["drop_scale"] if v.dropout else 1.0)
         return args, {"HAS_BIAS": v.bias, "HAS_DROPOUT": v.dropout, **gemm}
     if v.kernel == "dora_dy_kernel":
         need_ds, need_db = "ds" in v.need, "db" in v.need
-        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, p_ptr=ad, sq_ptr=f32, mag_ptr=ad, ds_ptr=f32, db_ptr=f32,
+        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, p_ptr=ad, norm_ptr=f32, mag_ptr=ad, ds_ptr=f32, db_ptr=f32,
                     dbias_ptr=f32, dmag_ptr=f32, g_ptr=base, M=M, N=N, R=R, M_BUCKET=bucket, stride_dym=N,
                     stride_dyn=1, stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_pm=N, stride_pn=1,
                     stride_mag=1, stride_dsm=R if need_ds else 1, stride_dsr=1, stride_dbn=R if need_db else 1,
@@ -466,7 +467,7 @@ def _dora_full() -> list[Variant]:
     for (b, a), rank in itertools.product(DTYPES, [8, 16, 32, 64]):
         common = dict(base=[b], adapter=[a], rank=[rank])
         both = dict(layout=["linear", "conv1d"], **common)
-        out += _product("dora_norm_kernel", **both) + _product("dora_down_kernel", **common)
+        out += _product("dora_norm_kernel", split=[1, 2], **both) + _product("dora_down_kernel", **common)
         out += _product("dora_fwd_kernel", dropout=[True, False], bias=[True, False], **both)
         out += _product("dora_dy_kernel", dropout=[True, False], bias=[True, False], split=[1, 2],
                         need=["ds+db", "ds", "db"], **common)
@@ -477,7 +478,8 @@ def _dora_full() -> list[Variant]:
 def _dora_ci() -> list[Variant]:
     """The DoRA kernels in CI, on the dense kernels' rules (ci_matrix): the CI dtype pairs with both layouts where W is
     read, and both forward forms (one accumulator without dropout, two with: separate config lists); rank 64 with
-    bf16 adapters, SPLIT 1 without dropout for the dy pass, and WIDE, at the default dtypes."""
+    bf16 adapters, SPLIT 1 without dropout for the dy pass, SPLIT_K 1 for the norm (its root stored), and WIDE, at the
+    default dtypes."""
     out = []
     for b, a in CI_DTYPES:
         for layout in ("linear", "conv1d"):
@@ -487,7 +489,7 @@ def _dora_ci() -> list[Variant]:
         out += [Variant("dora_down_kernel", base=b, adapter=a), Variant("dora_dy_kernel", base=b, adapter=a)]
     out += [Variant(kernel, adapter="bf16", rank=64) for kernel in DORA_KERNELS]
     out += [Variant("dora_fwd_kernel", adapter="bf16", rank=64, dropout=False),
-            Variant("dora_dy_kernel", split=1, dropout=False)]
+            Variant("dora_dy_kernel", split=1, dropout=False), Variant("dora_norm_kernel", split=1)]
     out += [Variant(kernel, wide=True) for kernel in DORA_KERNELS] + [Variant("dora_fwd_kernel", wide=True,
                                                                               dropout=False)]
     return out

@@ -256,7 +256,7 @@ def _dora_norm_split():
     w, a, b, sq = _f32(N, K, seed=6), _f32(R, K, seed=7), _f32(N, R, seed=8), _zeros(3, N)  # a row per K slice
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 3)  # noqa: E731
     _kernel("dora", "dora_norm_kernel")[grid](
-        w, a, b, sq, N, K, R, w.stride(1), w.stride(0), *a.stride(), *b.stride(), 0.5, ARCH, **LORA_DOT)
+        w, a, b, sq, N, K, R, w.stride(1), w.stride(0), *a.stride(), *b.stride(), 0.5, ARCH, ROOT=False, **LORA_DOT)
     return {"sq": sq}
 
 

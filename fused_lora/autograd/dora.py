@@ -9,7 +9,7 @@ training. With dropout PEFT applies the magnitude correction (g − 1) to the *d
 to x Wᵀ: so does this layer.
 
 Saved for backward: x, S = x_d Aᵀ (M×r), P = x_d Wᵀ + s·S Bᵀ (M×N, for the magnitude's gradient; not kept when the
-magnitude is frozen), the squared row norms (N), the seed, and the parameters. No mask and no dropped copy of x (see
+magnitude is frozen), the row norms (N, fp32), the seed, and the parameters. No mask and no dropped copy of x (see
 ``docs/dora.md``). The backends: ``backends/dora_triton.py`` (kernels ``kernels/dora.py``) and
 ``backends/dora_torch.py``; ``backward(create_graph=True)`` differentiates ``reference.dora_ref`` with the same mask.
 """

@@ -76,6 +76,7 @@ class Variant:
     need: str = "ds+db"         # the dy pass's NEED_DS / NEED_DB
     tf32: bool = False          # torch.backends.cuda.matmul.allow_tf32: fp32 dots in TF32, else 3xTF32
     wide: bool = False          # WIDE: int64 offsets (a tensor of the launch spans >= 2³¹ elements)
+    write_p: bool = True        # DoRA forward's WRITE_P (off: the magnitude frozen, P not stored; a subset of the code)
     # QLoRA kernels only (Q4_KERNELS): bitsandbytes' blocksize (QLoRA's 64), double quantization (QLoRA's
     # bnb_4bit_use_double_quant), the quant state's dtype (W_DTYPE; "" = the base dtype, as for a model loaded in its
     # compute dtype and quantized); the dequantize kernel writes W in ``base``.
@@ -113,6 +114,8 @@ class Variant:
             parts.append(f"split{self.split}")
         if self.kernel in ("lora_dy_kernel", "dora_dy_kernel"):
             parts.append(self.need)
+        if self.kernel == "dora_fwd_kernel" and not self.write_p:
+            parts.append("noP")
         if self.tf32 and "fp32" in (self.base, self.adapter):
             parts.append("tf32")
         if self.wide:
@@ -442,7 +445,7 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
                     stride_xm=K, stride_xk=1, stride_xdm=K, stride_xdk=1, stride_wk=wk, stride_wn=wn, stride_sm=R,
                     stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, stride_pm=N, stride_pn=1,
                     stride_bias=1, stride_mag=1, scaling=2.0, drop_scale=drop["drop_scale"] if v.dropout else 1.0)
-        return args, {"HAS_BIAS": v.bias, "HAS_DROPOUT": v.dropout, **gemm}
+        return args, {"HAS_BIAS": v.bias, "HAS_DROPOUT": v.dropout, "WRITE_P": v.write_p, **gemm}
     if v.kernel == "dora_dy_kernel":
         need_ds, need_db = "ds" in v.need, "db" in v.need
         args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, p_ptr=ad, norm_ptr=f32, mag_ptr=ad, ds_ptr=f32, db_ptr=f32,
@@ -468,7 +471,7 @@ def _dora_full() -> list[Variant]:
         common = dict(base=[b], adapter=[a], rank=[rank])
         both = dict(layout=["linear", "conv1d"], **common)
         out += _product("dora_norm_kernel", split=[1, 2], **both) + _product("dora_down_kernel", **common)
-        out += _product("dora_fwd_kernel", dropout=[True, False], bias=[True, False], **both)
+        out += _product("dora_fwd_kernel", dropout=[True, False], bias=[True, False], write_p=[True, False], **both)
         out += _product("dora_dy_kernel", dropout=[True, False], bias=[True, False], split=[1, 2],
                         need=["ds+db", "ds", "db"], **common)
         out += _product("dora_dx_kernel", **both)

@@ -5,7 +5,8 @@
 g is a constant in backward (PEFT and the paper detach the norm). With P = x_d Wᵀ + s·S Bᵀ (S = x_d Aᵀ) the output is
 ``y = g ⊙ P + b`` when p = 0 (x_d = x), and ``y = (x − x_d) Wᵀ + g ⊙ P + b`` when p > 0: both are epilogues of the
 base GEMM's accumulator(s). P is written out for the magnitude's gradient, d magnitude = Σ_rows dY ⊙ P / ‖·‖
-(an M×N product: saving it costs one M×N write and read, recomputing it would be a second base GEMM in backward).
+(an M×N product: saving it costs one M×N write and read, recomputing it would be a second base GEMM in backward),
+and only when the magnitude trains (``WRITE_P``).
 
 Forward, 3 launches:
     ``dora_norm_kernel``  ‖W + s·B A‖ per row: each W tile plus its rank-r correction B_tile A_tile, squared and
@@ -202,12 +203,14 @@ def dora_fwd_kernel(
     stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wk, stride_wn, stride_sm, stride_sr, stride_bn, stride_br,
     stride_ym, stride_yn, stride_pm, stride_pn, stride_bias, stride_mag,
     scaling, drop_scale, ARCH,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_P: tl.constexpr, BASE_DOT: tl.constexpr,
+    BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """P[M, N] = x_d Wᵀ + s·S Bᵀ (P's dtype: the adapters'), and y[M, N] = g ⊙ P + b (p = 0, x_d = x) or
-    (x − x_d) Wᵀ + g ⊙ P + b (p > 0), g = magnitude / norm (``dora_norm_kernel``'s).
+    (x − x_d) Wᵀ + g ⊙ P + b (p > 0), g = magnitude / norm (``dora_norm_kernel``'s). P is stored only with ``WRITE_P``
+    (it serves the magnitude's gradient alone: a frozen magnitude needs no M×N write besides y).
 
     p > 0: every W tile is dotted with the x tile and the x_d tile (keep ⊙ x, written by ``dora_down_kernel``; scaled
     by drop_scale = 1/(1-p) at the end) into two accumulators. The rank-r term T = s·S Bᵀ goes into P only, after the
@@ -246,8 +249,9 @@ def dora_fwd_kernel(
                              stride_br, scaling, LORA_DOT, LORA_PREC, WIDE, BLOCK_R)
     else:
         acc_p = acc
-    tl.store(p_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, acc_p.to(p_ptr.dtype.element_ty),
-             mask=row_ok & col_ok)
+    if WRITE_P:
+        tl.store(p_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, acc_p.to(p_ptr.dtype.element_ty),
+                 mask=row_ok & col_ok)
     mag = tl.load(mag_ptr + cols * stride_mag, mask=cols < N, other=0.0).to(tl.float32)
     norm = tl.load(norm_ptr + cols, mask=cols < N, other=1.0)
     # IEEE-rounded quotient, as PyTorch's (PEFT's g): a plain / compiles to div.full.f32 on sm_90

@@ -18,6 +18,8 @@ from helpers import (
     reversed_program_order,
 )
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fused_lora import dora_ref, dropout_mask, fused_lora_linear
 
@@ -140,6 +142,50 @@ def test_input_without_grad_frozen_bias_and_magnitude(backend):
         t.requires_grad_(False)
     run_and_check(problem, 1.0, 0.1, "linear", backend)
     assert problem[0].grad is None and problem[2].grad is None and problem[5].grad is None
+
+
+class _Allocations(TorchDispatchMode):
+    """The shapes of the tensors that the ops run inside create: outputs of ops that neither write in place nor return
+    a view (factory functions, out-of-place results)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable and not any(r.alias_info for r in func._schema.returns):
+            self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_frozen_magnitude_forms_no_p(backend, p):
+    """P = x_d Wᵀ + s·S Bᵀ (M×N) serves only the magnitude's gradient: with the magnitude frozen the forward neither
+    allocates nor writes it. The only M×N buffer the Triton forward makes is then y (before: y and P); the PyTorch
+    path makes only y at p = 0 (before: y and P) and with dropout also x_d Wᵀ, PEFT's base_result, which y needs.
+    Output and gradients are a trainable magnitude's, bit for bit; the magnitude gets none."""
+    M, K, N = 37, 45, 29  # M×N is no other tensor's size
+    problem = make_problem((M,), K, N, 5, torch.float32, "linear", True)
+
+    def call(train_magnitude: bool):
+        x, weight, bias, lora_A, lora_B, m = (t.detach().clone().requires_grad_(t.requires_grad) for t in problem)
+        m.requires_grad_(train_magnitude)
+        with _Allocations() as made:
+            y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.5, p, dropout_seed=77, backend=backend,
+                                  magnitude=m)
+        y.backward(torch.ones_like(y))
+        results = [y.detach(), x.grad, bias.grad, lora_A.grad, lora_B.grad]
+        return [t for t in made.shapes if t == (M, N)], results, m.grad
+
+    trained_mn, trained, dmag = call(True)
+    frozen_mn, frozen, no_dmag = call(False)
+    assert dmag is not None and no_dmag is None
+    assert len(trained_mn) == 2
+    assert len(frozen_mn) == (2 if backend == "torch" and p > 0 else 1), frozen_mn
+    for a, b in zip(frozen, trained, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,9 +26,9 @@ from .common import as_2d, as_input_shape, cast_grads, fake_grads, grads_out, s_
 IMPLEMENTATIONS = {"torch": dora_torch, "triton": dora_triton}
 
 
-def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, backend):
+def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, backend, need_p=True):
     y, s, P, sq = without_autocast(IMPLEMENTATIONS[backend].forward, x.device.type, x, weight, bias, lora_A, lora_B,
-                                   magnitude, scaling, p, seed_value(seed), weight_layout)
+                                   magnitude, scaling, p, seed_value(seed), weight_layout, need_p)
     want = s_dtype(backend, lora_A)
     return y, (s if s.dtype == want else s.to(want)), P, sq
 
@@ -45,16 +45,17 @@ def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p,
 def _forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     magnitude: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str,
-    backend: str,
+    backend: str, need_p: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend)
+    return run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
+                       need_p)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend):
+def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend, need_p):
     M, N, R = x.shape[0], lora_B.shape[0], lora_A.shape[0]
     return (x.new_empty(M, N), x.new_empty(M, R, dtype=s_dtype(backend, lora_A)),
-            x.new_empty(M, N, dtype=lora_B.dtype), x.new_empty(N, dtype=torch.float32))
+            x.new_empty((M, N) if need_p else (0,), dtype=lora_B.dtype), x.new_empty(N, dtype=torch.float32))
 
 
 @torch.library.custom_op("fused_lora::dora_backward", mutates_args=())
@@ -93,11 +94,10 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend):
         run = _forward_op if torch.compiler.is_compiling() else run_forward
+        # P serves only the magnitude's gradient: with the magnitude frozen the backends neither form nor write it
         y, s, P, sq = run(as_2d(x), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout,
-                          backend)
-        # P serves only the magnitude's gradient: a frozen magnitude keeps no M×N tensor
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, s, P if ctx.needs_input_grad[5] else
-                              P.new_empty(0), sq, seed)
+                          backend, ctx.needs_input_grad[5])
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, s, P, sq, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_layout, ctx.backend = scaling, dropout_p, weight_layout, backend
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return as_input_shape(y, x)

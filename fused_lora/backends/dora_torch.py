@@ -37,30 +37,37 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
             lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-            *, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            need_p: bool = True, *, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Returns (y M×N in x's dtype, S M×r and P M×N in the adapters' dtype, the row norms N fp32: ``weight_norm``).
     ``keep``: a boolean keep mask to use instead of this backend's (the kernels' mask, when a kernel failed and this
-    path stands in).
+    path stands in). Without ``need_p`` (the magnitude frozen: P serves only its gradient) P is not formed: an empty
+    tensor.
 
-    In PEFT's order (``DoraLinearVariant.forward``): result = base(x) = x Wᵀ + b by ``addmm`` (``nn.Linear``'s and
+    PEFT's computation (``DoraLinearVariant.forward``): result = base(x) = x Wᵀ + b by ``addmm`` (``nn.Linear``'s and
     ``Conv1D``'s own op), base_result = result − b (p = 0) or x_d Wᵀ in the adapters' dtype (p > 0), and
 
         y = result + (g − 1) ⊙ base_result + g ⊙ s·S Bᵀ,      P = base_result + s·S Bᵀ
 
-    in fp32 (one rounding to x's dtype at the end). At init (g = 1 exactly, B = 0) y is then the base layer's output
-    bit for bit, as PEFT's is. T = s·S Bᵀ enters y once, with g folded into B (an N×r product, not an M×N one)."""
+    in fp32 (one rounding to x's dtype at the end); at p = 0 as y = g ⊙ result − (g − 1) ⊙ b + g ⊙ s·S Bᵀ, the same
+    sum with no M×N base_result beside y when P is not wanted. At init (g = 1 exactly, B = 0) y is the base layer's
+    output bit for bit either way, as PEFT's is. s·S Bᵀ enters y once, with g folded into B (an N×r product)."""
     ad = lora_A.dtype
     norm = weight_norm(weight, lora_A, lora_B, scaling, weight_layout)
     g = magnitude.float() / norm
     w_t = weight_nk(weight, weight_layout).t()  # K×N view
     x_a = x if x.dtype == ad else x.to(ad)
-    if bias is None:
-        result = x @ w_t
-    else:
-        result = torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x, w_t)
+    b_x = None if bias is None else (bias if bias.dtype == x.dtype else bias.to(x.dtype))
+    result = x @ w_t if b_x is None else torch.addmm(b_x, x, w_t)
+    P = None
     if p == 0:
         s = x_a @ lora_A.t()
-        base = result if bias is None else result - bias.to(x.dtype)
+        if need_p:  # base_result + s·S Bᵀ, before y takes result over
+            P = result.to(ad, copy=True) if b_x is None else result - b_x
+            P = P if P.dtype == ad else P.to(ad)
+        y = result if result.dtype == torch.float32 else result.float()
+        y.mul_(g)
+        if b_x is not None:
+            y.sub_((g - 1.0) * b_x)
     else:
         if keep is None:
             keep = keep_mask(seed, tuple(x.shape), p, x.device)
@@ -68,18 +75,18 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
         scale = drop_scale(p)
         w_ad = w_t if w_t.dtype == ad else w_t.to(ad)  # PEFT computes x_d Wᵀ in the adapters' dtype
         s = scaled_mm(xk, lora_A.t(), scale)
-        base = scaled_mm(xk, w_ad, scale)
+        base = scaled_mm(xk, w_ad, scale)  # x_d Wᵀ (an M×N transient even when P is not wanted)
         del xk
-    # y over result in place (fp32 result) and P over base in place, base read by y first; base = result itself (p = 0
-    # without bias): P a copy
-    P = base.to(ad, copy=True) if base is result else None
-    y = result if result.dtype == torch.float32 else result.float()
-    y.addcmul_(base, g - 1.0)
-    if P is None:
-        P = base if base.dtype == ad else base.to(ad)
-    P.addmm_(s, lora_B.t(), alpha=scaling)
+        y = result if result.dtype == torch.float32 else result.float()
+        y.addcmul_(base, g - 1.0)
+        if need_p:
+            P = base
+    if P is not None:
+        P.addmm_(s, lora_B.t(), alpha=scaling)
     f32 = lambda t: t if t.dtype == torch.float32 else t.float()  # noqa: E731
     y.addmm_(f32(s), (f32(lora_B) * g[:, None]).t(), alpha=scaling)
+    if P is None:
+        P = x.new_empty(0, dtype=ad)
     return (y if y.dtype == x.dtype else y.to(x.dtype)), s, P, norm
 
 

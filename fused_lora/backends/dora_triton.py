@@ -81,28 +81,30 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
 def dora_forward_gemm(
     x: torch.Tensor, xd: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor,
     lora_B: torch.Tensor, norm: torch.Tensor, magnitude: torch.Tensor, scaling: float, p: float, weight_layout: str,
+    need_p: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y M×N in x's dtype, P = x_d Wᵀ + s·S Bᵀ M×N in the adapters' dtype), one Triton GEMM; ``xd`` (keep ⊙ x) when
-    p > 0, else None."""
+    p > 0, else None. Without ``need_p`` (a frozen magnitude) P is neither allocated nor written: an empty tensor."""
     M, K = x.shape
     N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    P = torch.empty((M, N), device=x.device, dtype=lora_B.dtype)
+    P = torch.empty((M, N) if need_p else (0,), device=x.device, dtype=lora_B.dtype)
+    p_arg, p_strides = (P, P.stride()) if need_p else (unused(x.device), (1, 1))
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     bias_arg = bias if bias is not None else unused(x.device)
     xd_arg = xd if xd is not None else x  # not read without dropout (HAS_DROPOUT off): x's strides keep the variant
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     dora_fwd_kernel[grid](
-        x, xd_arg, weight, bias_arg, s, lora_B, norm, magnitude, y, P,
+        x, xd_arg, weight, bias_arg, s, lora_B, norm, magnitude, y, p_arg,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), xd_arg.stride(0), xd_arg.stride(1), stride_wk, stride_wn, s.stride(0), s.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), P.stride(0), P.stride(1), bias_arg.stride(0),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), *p_strides, bias_arg.stride(0),
         magnitude.stride(0),
         scaling, drop_args(0, p)[2],
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(x.dtype),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, WRITE_P=need_p, BASE_DOT=dot_dtype(x.dtype),
         BASE_PREC=dot_precision(x.dtype, x.device), LORA_DOT=dot_dtype(lora_B.dtype),
         LORA_PREC=dot_precision(lora_B.dtype, x.device),
-        WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, P), BLOCK_R=rank_block(R, lora_B.dtype),
+        WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, p_arg), BLOCK_R=rank_block(R, lora_B.dtype),
         ARCH=arch(x.device),
     )
     return y, P
@@ -172,12 +174,13 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
 
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
+    magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, need_p: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """(y in x's dtype, S fp32 M×r, P M×N in the adapters' dtype, the row norms fp32 N). Three launches."""
+    """(y in x's dtype, S fp32 M×r, P M×N in the adapters' dtype, the row norms fp32 N). Three launches. Without
+    ``need_p`` (the magnitude frozen: P serves only its gradient) P is not allocated or written: an empty tensor."""
     def fallback(keep):
         y, s, P, norm = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
-                                           keep=keep)
+                                           keep=keep, need_p=need_p)
         return y, s.float(), P, norm
 
     if x.numel() == 0:  # a grid with a zero dimension is not a launch
@@ -189,7 +192,7 @@ def forward(
             s, xd = dora_down(x, lora_A, seed, p)
         else:
             s, xd = lora_down(x, lora_A, seed, 0.0), None
-        y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, norm, magnitude, scaling, p, weight_layout)
+        y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, norm, magnitude, scaling, p, weight_layout, need_p)
         return y, s, P, norm
 
     key = signature(x.device, "dora forward", x, weight, lora_A, lora_B, magnitude, layout=weight_layout, drop=p > 0)

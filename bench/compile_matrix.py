@@ -71,10 +71,12 @@ class Variant:
     rank: int = 16              # → BLOCK_R = min(64, max(16, next_pow2(r))), and R's alignment
     dropout: bool = True        # HAS_DROPOUT (p > 0)
     bias: bool = True           # HAS_BIAS (forward), HAS_DBIAS (dy pass)
-    split: int = 2              # SPLIT_N (dy pass), SPLIT_M (dA); 1 = plain store, > 1 = atomics
+    split: int = 2              # SPLIT_N (dy pass), SPLIT_M (dA); 1 = plain store, > 1 = atomics; SPLIT_K of DoRA's
+    #                             norm (1: the root stored, ROOT; > 1: partial sums)
     need: str = "ds+db"         # the dy pass's NEED_DS / NEED_DB
     tf32: bool = False          # torch.backends.cuda.matmul.allow_tf32: fp32 dots in TF32, else 3xTF32
     wide: bool = False          # WIDE: int64 offsets (a tensor of the launch spans >= 2³¹ elements)
+    write_p: bool = True        # DoRA forward's WRITE_P (off: the magnitude frozen, P not stored; a subset of the code)
     # QLoRA kernels only (Q4_KERNELS): bitsandbytes' blocksize (QLoRA's 64), double quantization (QLoRA's
     # bnb_4bit_use_double_quant), the quant state's dtype (W_DTYPE; "" = the base dtype, as for a model loaded in its
     # compute dtype and quantized); the dequantize kernel writes W in ``base``.
@@ -108,10 +110,12 @@ class Variant:
         if self.kernel in Q4_KERNELS:
             parts.append(f"W{self.wdtype or self.base} bs{self.qblock} {'nested' if self.nested else 'plain'}"
                          + ("" if self.q4_aligned else " unaligned"))
-        if self.kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel"):
+        if self.kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel", "dora_norm_kernel"):
             parts.append(f"split{self.split}")
         if self.kernel in ("lora_dy_kernel", "dora_dy_kernel"):
             parts.append(self.need)
+        if self.kernel == "dora_fwd_kernel" and not self.write_p:
+            parts.append("noP")
         if self.tf32 and "fp32" in (self.base, self.adapter):
             parts.append("tf32")
         if self.wide:
@@ -139,26 +143,23 @@ def precision(dtype: str, tf32: bool, arch: int = 90) -> str:
 
 
 class Ptr(str):
-    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are). ``arch``: the
-    target, which the kernels' config pruning reads from a real launch's device."""
-
-    arch: int = 90
+    """A pointer argument: its element type; always 16-byte aligned (fresh torch allocations are)."""
 
     def element_size(self) -> int:  # as torch.Tensor's, for the kernels' early_config_prune
         return 4 if self == "fp32" else 2
 
 
-def _ptr(dtype: str, arch: int) -> Ptr:
-    p = Ptr(dtype)
-    p.arch = arch
-    return p
-
-
 def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str, object]]:
     """(runtime arguments by name, constexprs) as the launchers in fused_lora/backends/ pass them for ``v`` on
-    ``arch``."""
+    ``arch``: every kernel takes the target as its ``ARCH`` argument (triton_launch.arch), which its autotuner keys on
+    and its config pruning reads."""
+    args, constexprs = _launch_args(v, arch)
+    return {**args, "ARCH": arch}, constexprs
+
+
+def _launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, object]]:
     R = v.rank
-    base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
+    base, ad, f32 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32")
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)  # triton_launch.weight_strides
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
@@ -204,7 +205,7 @@ def launch_args(v: Variant, arch: int = 90) -> tuple[dict[str, object], dict[str
         return _dora_launch_args(v, arch)
     # QLoRA, as fused_lora/backends/bnb4_triton.py launches them: packed bytes, absmax (uint8 when nested), the
     # 16-entry code; absmax2/code2/offset are fp32 (triton_launch.unused's one fp32 element when not nested).
-    u8 = _ptr("u8", arch)
+    u8 = Ptr("u8")
     quant = dict(w_ptr=u8, absmax_ptr=u8 if v.nested else f32, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
                  offset_ptr=f32)
     q4 = {"NESTED": v.nested, "QBLOCK_LOG2": v.qblock.bit_length() - 1, "QBLOCK2_LOG2": 8,  # state2: 256 blocks
@@ -423,7 +424,7 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
     needed; without dropout the forward's x_d argument is x itself; sq and the atomics buffers fp32, the magnitude in
     the adapters' dtype."""
     R = v.rank
-    base, ad, f32 = _ptr(v.base, arch), _ptr(v.adapter, arch), _ptr("fp32", arch)
+    base, ad, f32 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32")
     wk, wn = (1, K) if v.layout == "linear" else (N, 1)
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
@@ -431,23 +432,23 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
     drop = {"seed": SEED, "p": 0.1, "drop_scale": 1 / 0.9}
     bucket = triton.next_power_of_2(M)
     if v.kernel == "dora_norm_kernel":
-        args = dict(w_ptr=base, a_ptr=ad, b_ptr=ad, sq_ptr=f32, N=N, K=K, R=R, stride_wk=wk, stride_wn=wn,
+        args = dict(w_ptr=base, a_ptr=ad, b_ptr=ad, out_ptr=f32, N=N, K=K, R=R, stride_wk=wk, stride_wn=wn,
                     stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0)
-        return args, lora
+        return args, {"ROOT": v.split == 1, **lora}
     if v.kernel == "dora_down_kernel":
         args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, xd_ptr=base, M=M, K=K, R=R, M_BUCKET=bucket, stride_xm=K,
                     stride_xk=1, stride_ar=K, stride_ak=1, stride_sm=R, stride_sr=1, stride_xdm=K, stride_xdk=1, **drop)
         return args, lora
     if v.kernel == "dora_fwd_kernel":
         args = dict(x_ptr=base, xd_ptr=base, w_ptr=base, bias_ptr=base if v.bias else f32, s_ptr=f32, b_ptr=ad,
-                    sq_ptr=f32, mag_ptr=ad, y_ptr=base, p_ptr=ad, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
+                    norm_ptr=f32, mag_ptr=ad, y_ptr=base, p_ptr=ad, M=M, N=N, K=K, R=R, M_BUCKET=bucket,
                     stride_xm=K, stride_xk=1, stride_xdm=K, stride_xdk=1, stride_wk=wk, stride_wn=wn, stride_sm=R,
                     stride_sr=1, stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, stride_pm=N, stride_pn=1,
                     stride_bias=1, stride_mag=1, scaling=2.0, drop_scale=drop["drop_scale"] if v.dropout else 1.0)
-        return args, {"HAS_BIAS": v.bias, "HAS_DROPOUT": v.dropout, **gemm}
+        return args, {"HAS_BIAS": v.bias, "HAS_DROPOUT": v.dropout, "WRITE_P": v.write_p, **gemm}
     if v.kernel == "dora_dy_kernel":
         need_ds, need_db = "ds" in v.need, "db" in v.need
-        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, p_ptr=ad, sq_ptr=f32, mag_ptr=ad, ds_ptr=f32, db_ptr=f32,
+        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, p_ptr=ad, norm_ptr=f32, mag_ptr=ad, ds_ptr=f32, db_ptr=f32,
                     dbias_ptr=f32, dmag_ptr=f32, g_ptr=base, M=M, N=N, R=R, M_BUCKET=bucket, stride_dym=N,
                     stride_dyn=1, stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_pm=N, stride_pn=1,
                     stride_mag=1, stride_dsm=R if need_ds else 1, stride_dsr=1, stride_dbn=R if need_db else 1,
@@ -469,8 +470,8 @@ def _dora_full() -> list[Variant]:
     for (b, a), rank in itertools.product(DTYPES, [8, 16, 32, 64]):
         common = dict(base=[b], adapter=[a], rank=[rank])
         both = dict(layout=["linear", "conv1d"], **common)
-        out += _product("dora_norm_kernel", **both) + _product("dora_down_kernel", **common)
-        out += _product("dora_fwd_kernel", dropout=[True, False], bias=[True, False], **both)
+        out += _product("dora_norm_kernel", split=[1, 2], **both) + _product("dora_down_kernel", **common)
+        out += _product("dora_fwd_kernel", dropout=[True, False], bias=[True, False], write_p=[True, False], **both)
         out += _product("dora_dy_kernel", dropout=[True, False], bias=[True, False], split=[1, 2],
                         need=["ds+db", "ds", "db"], **common)
         out += _product("dora_dx_kernel", **both)
@@ -480,7 +481,8 @@ def _dora_full() -> list[Variant]:
 def _dora_ci() -> list[Variant]:
     """The DoRA kernels in CI, on the dense kernels' rules (ci_matrix): the CI dtype pairs with both layouts where W is
     read, and both forward forms (one accumulator without dropout, two with: separate config lists); rank 64 with
-    bf16 adapters, SPLIT 1 without dropout for the dy pass, and WIDE, at the default dtypes."""
+    bf16 adapters, SPLIT 1 without dropout for the dy pass, SPLIT_K 1 for the norm (its root stored), and WIDE, at the
+    default dtypes."""
     out = []
     for b, a in CI_DTYPES:
         for layout in ("linear", "conv1d"):
@@ -490,7 +492,7 @@ def _dora_ci() -> list[Variant]:
         out += [Variant("dora_down_kernel", base=b, adapter=a), Variant("dora_dy_kernel", base=b, adapter=a)]
     out += [Variant(kernel, adapter="bf16", rank=64) for kernel in DORA_KERNELS]
     out += [Variant("dora_fwd_kernel", adapter="bf16", rank=64, dropout=False),
-            Variant("dora_dy_kernel", split=1, dropout=False)]
+            Variant("dora_dy_kernel", split=1, dropout=False), Variant("dora_norm_kernel", split=1)]
     out += [Variant(kernel, wide=True) for kernel in DORA_KERNELS] + [Variant("dora_fwd_kernel", wide=True,
                                                                               dropout=False)]
     return out

@@ -19,7 +19,12 @@ AUTOTUNE = os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
 # Kernel arguments whose value changes from call to call. Triton's JIT specializes an int argument that is 1 or
 # a multiple of 16 into a new variant, so without this one dropout seed in 16, or a batch of 1024 tokens after
 # one of 1000, would compile new kernels in the middle of a training run.
-RUNTIME_VALUES = ["M", "M_BUCKET", "seed"]
+# ARCH: the launch device's compute capability (triton_launch.arch; 0 under the interpreter), an argument of every
+# autotuned kernel that the code never reads. It is in each autotuner's key, so that a process with two GPU kinds tunes
+# each apart (the key otherwise holds shapes and dtypes only: a config tuned on an H100 would be reused on an A10, where
+# it may not fit), and the pruning (``by_dtype``) reads it; not specialized (80 is a multiple of 16), so it compiles
+# no variant of its own.
+RUNTIME_VALUES = ["M", "M_BUCKET", "seed", "ARCH"]
 
 
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, which Triton's launcher
@@ -172,17 +177,11 @@ def config_name(config: triton.Config) -> str:
     return f"{tiles} w{config.num_warps} s{config.num_stages}"
 
 
-def _device_arch(pointer) -> int:
-    """Compute capability (e.g. 86) of the device a launch runs on. bench/compile_matrix.py's stand-in pointers
-    carry their target as ``arch``; a real launch's tensor is asked through torch (imported here only: the compile
-    report runs without torch)."""
-    arch = getattr(pointer, "arch", None)
-    if arch is None:
-        import torch
-
-        major, minor = torch.cuda.get_device_capability(pointer.device)
-        arch = 10 * major + minor
-    return arch
+def launch_arch(named_args: dict, kwargs: dict) -> int:
+    """The ``ARCH`` argument of a launch (compute capability, e.g. 86; 0 under the interpreter), positional or by
+    keyword: what an ``early_config_prune`` knows of the device (the launchers pass ``triton_launch.arch``,
+    bench/compile_matrix.py the target it compiles for)."""
+    return kwargs["ARCH"] if "ARCH" in kwargs else named_args["ARCH"]
 
 
 def kept_on(kernel: str, arch: int, case: str, block_r: int, configs: list[triton.Config]) -> list[triton.Config]:
@@ -197,12 +196,12 @@ def by_dtype(base: str, fp32_base: list[triton.Config], fp32_adapters=None, half
              turing: list[triton.Config] | None = None):
     """``early_config_prune``: the config list for the dtype of the ``base`` pointer argument and of the
     adapters (the ``LORA_DOT`` constexpr), None keeping the kernel's own list, less the configs ``EXCLUDED`` on the
-    launch's GPU; ``turing``: the list for 16-bit base operands on GPUs before Ampere (FMA dots). The autotuner's key
-    holds the argument dtypes (and ``LORA_DOT`` where no adapter tensor is an argument), so each pair is tuned
-    apart. With ``FUSED_LORA_AUTOTUNE=0``, the first config left."""
+    launch's GPU (its ``ARCH`` argument); ``turing``: the list for 16-bit base operands on GPUs before Ampere (FMA
+    dots). The autotuner's key holds the argument dtypes (and ``LORA_DOT`` where no adapter tensor is an argument) and
+    ``ARCH``, so each pair is tuned apart, on each GPU kind. With ``FUSED_LORA_AUTOTUNE=0``, the first config left."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        arch = _device_arch(named_args[base])
+        arch = launch_arch(named_args, kwargs)
         if named_args[base].element_size() == 4:
             chosen, case = fp32_base, "fp32"
         elif kwargs["LORA_DOT"] == tl.float32:

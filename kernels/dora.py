@@ -5,17 +5,19 @@
 g is a constant in backward (PEFT and the paper detach the norm). With P = x_d Wᵀ + s·S Bᵀ (S = x_d Aᵀ) the output is
 ``y = g ⊙ P + b`` when p = 0 (x_d = x), and ``y = (x − x_d) Wᵀ + g ⊙ P + b`` when p > 0: both are epilogues of the
 base GEMM's accumulator(s). P is written out for the magnitude's gradient, d magnitude = Σ_rows dY ⊙ P / ‖·‖
-(an M×N product: saving it costs one M×N write and read, recomputing it would be a second base GEMM in backward).
+(an M×N product: saving it costs one M×N write and read, recomputing it would be a second base GEMM in backward),
+and only when the magnitude trains (``WRITE_P``).
 
 Forward, 3 launches:
-    ``dora_norm_kernel``  sq = ‖W + s·B A‖² per row: each W tile plus its rank-r correction B_tile A_tile, squared
-                          and summed in fp32 registers; B A is never in memory
+    ``dora_norm_kernel``  ‖W + s·B A‖ per row: each W tile plus its rank-r correction B_tile A_tile, squared and
+                          summed in fp32 registers, B A never in memory, then the IEEE root (tl.sqrt_rn); a K split's
+                          partial sums stored apart, summed and rooted by the launcher in a fixed order
     ``lora_down_kernel``  S = x Aᵀ (p = 0: LoRA's kernel), or
     ``dora_down_kernel``  S = x_d Aᵀ and x_d = keep ⊙ x written out (p > 0), for the forward GEMM's second operand
-    ``dora_fwd_kernel``   P and y, g = magnitude/√sq in the epilogue; with p > 0 each W tile feeds two accumulators
+    ``dora_fwd_kernel``   P and y, g = magnitude/‖·‖ in the epilogue; with p > 0 each W tile feeds two accumulators
                           (x Wᵀ and x_d Wᵀ): one pass over W, not two GEMMs
 Backward, 3 launches:
-    ``dora_dy_kernel``    one pass over dY: dS = s·(g⊙dY) B, dB = s·(g⊙dY)ᵀ S, db = Σ dY, d magnitude = Σ dY⊙P / √sq
+    ``dora_dy_kernel``    one pass over dY: dS = s·(g⊙dY) B, dB = s·(g⊙dY)ᵀ S, db = Σ dY, d magnitude = Σ dY⊙P / ‖·‖
                           (the column reduction rides on the dY tiles this pass reads anyway), and G for dX:
                           g⊙dY (p = 0) or (g − 1)⊙dY (p > 0), written in dY's dtype
     ``lora_dx_kernel``    dX = G W + dS A (p = 0: LoRA's kernel, G for dY), or
@@ -107,22 +109,27 @@ def _rank_r_term(acc, s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, st
     return acc
 
 
-@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R"], reset_to_zero=["sq_ptr"],
+@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("w_ptr", NORM_CONFIGS_FP32,
                                                                    kernel="dora_norm_kernel")})
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dora_norm_kernel(
-    w_ptr, a_ptr, b_ptr, sq_ptr,
+    w_ptr, a_ptr, b_ptr, out_ptr,
     N, K, R,
     stride_wk, stride_wn, stride_ar, stride_ak, stride_bn, stride_br,
-    scaling,
-    LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+    scaling, ARCH,
+    ROOT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """sq[N] (fp32, zeroed by the launcher) += Σ_k (W[n, k] + scaling·(B A)[n, k])² over this program's K slice.
+    """out[split, N] (fp32, SPLIT_K × N contiguous) = Σ_k (W[n, k] + scaling·(B A)[n, k])² over this program's K
+    slice; ``ROOT`` (one slice, SPLIT_K 1): the norm itself, the IEEE-rounded root of the sum (tl.sqrt_rn; tl.sqrt is
+    sqrt.approx.ftz.f32 on sm_90).
 
-    Grid: (cdiv(N, BLOCK_N), SPLIT_K); the K slices are interleaved (a runtime value, as the dy pass's split) and
-    their partial sums are atomic adds. W is read through (stride_wk, stride_wn): either layout, in place.
+    Grid: (cdiv(N, BLOCK_N), SPLIT_K); the K slices are interleaved (a runtime value, as the dy pass's split). Each
+    program stores its partial sums in its own row of out (no atomics), and the launcher sums the rows in a fixed order
+    and takes the root: the norm is the same bits run after run and in a checkpointed recompute, whatever order the
+    programs run in (fp32 atomics made it depend on that order). W is read through (stride_wk, stride_wn): either
+    layout, in place.
     """
     pid_split = tl.program_id(1)
     split_k = tl.num_programs(1)
@@ -143,10 +150,13 @@ def dora_norm_kernel(
         w = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk, mask=n_ok & k_ok, other=0.0)
         v = w.to(tl.float32) + scaling * ba
         acc += v * v
-    tl.atomic_add(sq_ptr + ns, tl.sum(acc, axis=1), mask=ns < N, sem="relaxed")
+    total = tl.sum(acc, axis=1)
+    if ROOT:
+        total = tl.sqrt_rn(total)
+    tl.store(out_ptr + pid_split * N + ns, total, mask=ns < N)
 
 
-@triton.autotune(configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R"],
+@triton.autotune(configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", DOWN_CONFIGS_FP32,
                                                                    kernel="dora_down_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -154,7 +164,7 @@ def dora_down_kernel(
     x_ptr, a_ptr, s_ptr, xd_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_xdm, stride_xdk,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -180,24 +190,27 @@ def dora_down_kernel(
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc, mask=row_ok & (ranks[None, :] < R))
 
 
-@triton.autotune(configs=pick(FWD_CONFIGS + TWO_ACC_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"],
+@triton.autotune(configs=pick(FWD_CONFIGS + TWO_ACC_CONFIGS, _GEMM_INTERP),
+                 key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "ARCH"],
                  prune_configs_by={"early_config_prune": _by_dropout(
                      by_dtype("x_ptr", FWD_CONFIGS_FP32, FWD_CONFIGS, FWD_CONFIGS, kernel="dora_fwd_kernel"),
                      by_dtype("x_ptr", TWO_ACC_CONFIGS_FP32, TWO_ACC_CONFIGS, TWO_ACC_CONFIGS,
                               kernel="dora_fwd_kernel"))})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dora_fwd_kernel(
-    x_ptr, xd_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, sq_ptr, mag_ptr, y_ptr, p_ptr,
+    x_ptr, xd_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, norm_ptr, mag_ptr, y_ptr, p_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wk, stride_wn, stride_sm, stride_sr, stride_bn, stride_br,
     stride_ym, stride_yn, stride_pm, stride_pn, stride_bias, stride_mag,
-    scaling, drop_scale,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
+    scaling, drop_scale, ARCH,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_P: tl.constexpr, BASE_DOT: tl.constexpr,
+    BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """P[M, N] = x_d Wᵀ + s·S Bᵀ (P's dtype: the adapters'), and y[M, N] = g ⊙ P + b (p = 0, x_d = x) or
-    (x − x_d) Wᵀ + g ⊙ P + b (p > 0), g = magnitude / √sq.
+    (x − x_d) Wᵀ + g ⊙ P + b (p > 0), g = magnitude / norm (``dora_norm_kernel``'s). P is stored only with ``WRITE_P``
+    (it serves the magnitude's gradient alone: a frozen magnitude needs no M×N write besides y).
 
     p > 0: every W tile is dotted with the x tile and the x_d tile (keep ⊙ x, written by ``dora_down_kernel``; scaled
     by drop_scale = 1/(1-p) at the end) into two accumulators. The rank-r term T = s·S Bᵀ goes into P only, after the
@@ -236,11 +249,14 @@ def dora_fwd_kernel(
                              stride_br, scaling, LORA_DOT, LORA_PREC, WIDE, BLOCK_R)
     else:
         acc_p = acc
-    tl.store(p_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, acc_p.to(p_ptr.dtype.element_ty),
-             mask=row_ok & col_ok)
+    if WRITE_P:
+        tl.store(p_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, acc_p.to(p_ptr.dtype.element_ty),
+                 mask=row_ok & col_ok)
     mag = tl.load(mag_ptr + cols * stride_mag, mask=cols < N, other=0.0).to(tl.float32)
-    sq = tl.load(sq_ptr + cols, mask=cols < N, other=1.0)
-    g = (mag / tl.sqrt(sq))[None, :]
+    norm = tl.load(norm_ptr + cols, mask=cols < N, other=1.0)
+    # IEEE-rounded quotient, as PyTorch's (PEFT's g): a plain / compiles to div.full.f32 on sm_90
+    # (tests/test_compile_targets.py reads the PTX); the same g as the dY pass's, bit for bit
+    g = tl.div_rn(mag, norm)[None, :]
     if HAS_DROPOUT:
         acc += g * acc_p
     else:
@@ -253,27 +269,27 @@ def dora_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------ backward
-@triton.autotune(configs=DY_CONFIGS, key=["M_BUCKET", "N", "R"],
+@triton.autotune(configs=DY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr", "dmag_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
                                                                    kernel="dora_dy_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dora_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, p_ptr, sq_ptr, mag_ptr, ds_ptr, db_ptr, dbias_ptr, dmag_ptr, g_ptr,
+    dy_ptr, b_ptr, s_ptr, p_ptr, norm_ptr, mag_ptr, ds_ptr, db_ptr, dbias_ptr, dmag_ptr, g_ptr,
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_pm, stride_pn, stride_mag,
     stride_dsm, stride_dsr, stride_dbn, stride_dbr, stride_gm, stride_gn,
-    scaling,
+    scaling, ARCH,
     DS_ATOMIC: tl.constexpr, HAS_DBIAS: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
     NEED_DMAG: tl.constexpr, WRITE_G: tl.constexpr, G_MINUS_ONE: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One pass over dY (M×N) with g = magnitude/√sq per column:
+    """One pass over dY (M×N) with g = magnitude/norm per column (IEEE divisions, as the forward's):
 
         dS = s·(g⊙dY) B          (M×R; g on the B tile)           dB = s·(g⊙dY)ᵀ S   (N×R; g on the dB tile)
-        db = Σ_rows dY           (N)                               dmag = Σ_rows dY ⊙ P / √sq   (N)
+        db = Σ_rows dY           (N)                               dmag = Σ_rows dY ⊙ P / norm   (N)
         G  = g⊙dY, or (g − 1)⊙dY with G_MINUS_ONE (p > 0)          (M×N in G's dtype, for dX)
 
     Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), SPLIT_N), as ``lora_dy_kernel``; the column reductions (db, dmag) and
@@ -297,8 +313,8 @@ def dora_dy_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & col_ok[None, :], other=0.0)
         mag = tl.load(mag_ptr + cols * stride_mag, mask=col_ok, other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.load(sq_ptr + cols, mask=col_ok, other=1.0))
-        g = mag / norm
+        norm = tl.load(norm_ptr + cols, mask=col_ok, other=1.0)
+        g = tl.div_rn(mag, norm)  # the forward's g, bit for bit
         if NEED_DS:
             b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
                         mask=col_ok[:, None] & rank_ok, other=0.0)
@@ -315,7 +331,7 @@ def dora_dy_kernel(
             if NEED_DMAG:
                 pt = tl.load(p_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
                              mask=row_ok & col_ok[None, :], other=0.0)
-                tl.atomic_add(dmag_ptr + cols, tl.sum(dy.to(tl.float32) * pt.to(tl.float32), axis=0) / norm,
+                tl.atomic_add(dmag_ptr + cols, tl.div_rn(tl.sum(dy.to(tl.float32) * pt.to(tl.float32), axis=0), norm),
                               mask=col_ok, sem="relaxed")
             if WRITE_G:
                 if G_MINUS_ONE:
@@ -332,7 +348,7 @@ def dora_dy_kernel(
             tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", TWO_ACC_CONFIGS_FP32,
                                                                    kernel="dora_dx_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -341,7 +357,7 @@ def dora_dx_kernel(
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_gmm, stride_gmn, stride_wk, stride_wn, stride_dsm, stride_dsr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -156,14 +156,14 @@ def _prune(base: str, kernel: str):
     return prune
 
 
-@triton.autotune(configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED"],
+@triton.autotune(configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": _prune("x_ptr", "lora_fwd_4bit_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_fwd_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
-    scaling,
+    scaling, ARCH,
     HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, NESTED: tl.constexpr, QBLOCK_LOG2: tl.constexpr,
     QBLOCK2_LOG2: tl.constexpr, ALIGNED: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -200,14 +200,14 @@ def lora_fwd_4bit_kernel(
              _round(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED"],
+@triton.autotune(configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": _prune("dy_ptr", "lora_dx_4bit_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_dx_4bit_kernel(
     dy_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, ds_ptr, a_ptr, dx_ptr,
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, W_DTYPE: tl.constexpr, NESTED: tl.constexpr, QBLOCK_LOG2: tl.constexpr,
     QBLOCK2_LOG2: tl.constexpr, ALIGNED: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -243,10 +243,10 @@ def lora_dx_4bit_kernel(
              _round(acc, dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=DEQUANT_CONFIGS, key=[])
-@triton.jit
+@triton.autotune(configs=DEQUANT_CONFIGS, key=["ARCH"])
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dequantize_4bit_kernel(
-    w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
+    w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K, ARCH,
     NESTED: tl.constexpr, QBLOCK_LOG2: tl.constexpr, QBLOCK2_LOG2: tl.constexpr, ALIGNED: tl.constexpr,
     WIDE: tl.constexpr, KN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

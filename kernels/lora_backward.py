@@ -34,7 +34,7 @@ from .precision import dot_fp32
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R"],
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
@@ -47,7 +47,7 @@ def lora_dy_kernel(
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbn, stride_dbr,
-    scaling,
+    scaling, ARCH,
     DS_ATOMIC: tl.constexpr, HAS_DBIAS: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -103,7 +103,7 @@ def lora_dy_kernel(
             tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+@triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", GEMM_CONFIGS_FP32,
                                                                    kernel="lora_dx_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -112,7 +112,7 @@ def lora_dx_kernel(
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -146,7 +146,7 @@ def lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "LORA_DOT"],
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "LORA_DOT", "ARCH"],
                  reset_to_zero=["da_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DA_CONFIGS_FP32_ADAPTERS,
@@ -157,7 +157,7 @@ def lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,
     M, K, R, M_BUCKET,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     DA_ATOMIC: tl.constexpr, HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

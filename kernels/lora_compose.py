@@ -23,7 +23,7 @@ from .indexing import index
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R"], restore_value=["y_ptr"],
+@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"], restore_value=["y_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("y_ptr", ADD_CONFIGS,
                                                                    kernel="lora_up_add_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -31,7 +31,7 @@ def lora_up_add_kernel(
     y_ptr, s_ptr, b_ptr,
     M, N, R, M_BUCKET,
     stride_ym, stride_yn, stride_sm, stride_sr, stride_bn, stride_br,
-    scaling,
+    scaling, ARCH,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -47,7 +47,7 @@ def lora_up_add_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R"], restore_value=["dx_ptr"],
+@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"], restore_value=["dx_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dx_ptr", ADD_CONFIGS,
                                                                     kernel="lora_dx_add_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -55,7 +55,7 @@ def lora_dx_add_kernel(
     dx_ptr, ds_ptr, a_ptr,
     M, K, R, M_BUCKET,
     stride_dxm, stride_dxk, stride_dsm, stride_dsr, stride_ar, stride_ak,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):

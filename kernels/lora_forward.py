@@ -35,7 +35,7 @@ from .precision import dot_fp32
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"],
+@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DOWN_CONFIGS_FP32_ADAPTERS,
                                                                    half_adapters=DOWN_CONFIGS_HALF_ADAPTERS,
@@ -46,7 +46,7 @@ def lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_ss,
-    seed, p, drop_scale,
+    seed, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -88,7 +88,7 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", GEMM_CONFIGS_FP32,
                                                                    kernel="lora_fwd_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -97,7 +97,7 @@ def lora_fwd_kernel(
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr, stride_bn, stride_br,
     stride_ym, stride_yn, stride_bias,
-    scaling,
+    scaling, ARCH,
     HAS_BIAS: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -8,9 +8,11 @@ patches every ``triton.autotune`` object in ``fused_lora.kernels`` for the lengt
 
 - ``configs``: the kernel's own (interpreter) config first, then two variants of it (``variants``),
   so that ``Autotuner.run`` takes its benchmarking branch (it skips it for a one-config list);
-- ``early_config_prune`` (``prune_configs_by``): the real pruners read the GPU's compute capability (CUDA only) and
-  would bring the list back to one config; replaced by one that keeps every config (``mode="all"``: what triton 3.9
-  does with a list that prunes to several) or, ``mode="one"``, that keeps the first config but twice: triton 3.9 skips
+- ``early_config_prune`` (``prune_configs_by``): the real pruners return the kernel's one interpreter config and would
+  bring the list back to one; replaced by one that runs the real pruner (on the launch's own arguments, its ``ARCH``
+  included, which it records per kernel in ``pruned``: the GPU kind a key was tuned for), then keeps every config
+  (``mode="all"``: what triton 3.9 does with a list that prunes to several) or, ``mode="one"``, the first config but
+  twice: triton 3.9 skips
   benchmarking when one config is left, **triton 3.6 (the GPU image's) benchmarks it anyway**, which is what the
   duplicate makes 3.9's ``run`` do (the same config benchmarked, then launched). ``FUSED_LORA_AUTOTUNE=0`` prunes to one
   config: on 3.6 that still benchmarks, and ``mode="one"`` is that case;
@@ -39,12 +41,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 
 import pytest
 import triton
 from triton.runtime.autotuner import Autotuner
+
+from fused_lora.kernels.configs import launch_arch
 
 MODES = ("all", "one")
 WINNERS = ("first", "last")
@@ -115,13 +119,20 @@ class AutotuneHarness:
         self.bench_calls: Counter[str] = Counter()  # do_bench calls (one per config benchmarked)
         self.bench_runs: Counter[str] = Counter()  # kernel runs inside them
         self.launches: Counter[str] = Counter()  # every run of the kernel: benchmark runs and real launches
+        self.pruned: defaultdict[str, list[int]] = defaultdict(list)  # the ARCH of each pruning (one per new key)
         self._clock = 0.0
 
     # ----------------------------------------------------------------------------------------------------- patching
-    def _prune(self, configs, named_args, **kwargs):
-        if self.mode == "one":
-            return [configs[0], configs[0]]  # one config left, benchmarked all the same (triton 3.6)
-        return list(configs)
+    def _prune_for(self, name: str, real):
+        def prune(configs, named_args, **kwargs):
+            if real is not None:
+                assert real(configs, named_args, **kwargs), f"{name}: the real pruning left no config"
+            self.pruned[name].append(launch_arch(named_args, kwargs))
+            if self.mode == "one":
+                return [configs[0], configs[0]]  # one config left, benchmarked all the same (triton 3.6)
+            return list(configs)
+
+        return prune
 
     def _do_bench_for(self, name: str):
         def do_bench(kernel_call, quantiles=None, **_):
@@ -138,7 +149,7 @@ class AutotuneHarness:
         for name, tuner in self.tuners.items():
             assert len(tuner.configs) >= 1
             tuner.configs = variants(tuner.configs[0])
-            tuner.early_config_prune = self._prune
+            tuner.early_config_prune = self._prune_for(name, tuner.early_config_prune)
             tuner.perf_model = None
             tuner.configs_top_k = 1.0
             tuner.do_bench = self._do_bench_for(name)  # shadows the cached property on the instance
@@ -152,6 +163,7 @@ class AutotuneHarness:
         self.bench_calls.clear()
         self.bench_runs.clear()
         self.launches.clear()
+        self.pruned.clear()
 
     # --------------------------------------------------------------------------------------------------- checking
     @property

@@ -99,3 +99,24 @@ def legacy_tf32_flag(flag: bool):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+@contextlib.contextmanager
+def reversed_program_order():
+    """Under Triton's interpreter, every launch runs its programs in the reverse of the interpreter's own order (it runs
+    them one at a time: x, then y, then z, each ascending). A GPU runs programs in no fixed order, so a result that
+    depends on the order (a sum by fp32 atomics from several programs) differs between the two orders here."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    forward = builder.set_grid_idx
+
+    def backward(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        return forward(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    builder.set_grid_idx = backward
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx  # the class's method again

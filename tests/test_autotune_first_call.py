@@ -1,15 +1,16 @@
 """Issue 20: autotuning must not change a result. On a GPU the autotuner benchmarks every config of a new key on the
 call's own tensors before the real launch; a kernel that adds in place into its output (the composed path's y += s·S Bᵀ,
-dX += m ⊙ (dS A)) or accumulates with atomics into a zeroed buffer (dB, dbias, split dS/dA, DoRA's d magnitude and
-norm) returns garbage on the first call unless ``restore_value`` / ``reset_to_zero`` undo each benchmark run.
+dX += m ⊙ (dS A)) or accumulates with atomics into a zeroed buffer (dB, dbias, split dS/dA, DoRA's d magnitude)
+returns garbage on the first call unless ``restore_value`` / ``reset_to_zero`` undo each benchmark run.
 
 ``autotune_harness`` makes the interpreter benchmark as a GPU does (several configs, several runs of each on the real
 arguments, the autotuner's own hooks around each run; ``mode="one"``: triton 3.6 benchmarking the one config left after
 pruning, as with ``FUSED_LORA_AUTOTUNE=0``). Every public path runs once normally and once as a first call under the
 harness: the output and every gradient must be bit for bit the normal call's (the harness launches the kernel's own
 config after benchmarking, so only benchmarking can make a difference), and the harness must have benchmarked exactly
-the autotuned kernels of that path. The reductions a GPU splits over programs (atomics: split dS, dA, DoRA's norm and
-dY pass) are not split on CPU by the launchers: those kernels are launched here directly with a split grid.
+the autotuned kernels of that path. The reductions a GPU splits over programs (atomics: split dS, dA, DoRA's dY
+pass; DoRA's norm, whose split partials are stored apart) are not split on CPU by the launchers: those kernels are
+launched here directly with a split grid.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from autotune_harness import AUTOTUNED, autotune_harness_fixture, autotuned_kern
 from helpers import CUDA, DEVICE
 from torch import nn
 
-from fused_lora import LoRALinear
+from fused_lora import LoRALinear, hardware
 
 pytestmark = [
     pytest.mark.skipif(CUDA, reason="the harness runs the kernels through Triton's interpreter (CPU)"),
@@ -62,7 +63,7 @@ PROTECTION = {
     "lora_fwd_4bit_kernel": ((), ()),  # y: stores
     "lora_dx_4bit_kernel": ((), ()),  # dX: stores
     "dequantize_4bit_kernel": ((), ()),  # W: stores (one config: never benchmarked on a GPU either)
-    "dora_norm_kernel": ((), ("sq_ptr",)),  # ‖W + s·B A‖² atomics
+    "dora_norm_kernel": ((), ()),  # ‖W + s·B A‖²: stores (a K split's partials, each in its own row)
     "dora_down_kernel": ((), ()),  # S, x_d: stores
     "dora_fwd_kernel": ((), ()),  # y, P: stores
     "dora_dy_kernel": ((), ("ds_ptr", "db_ptr", "dbias_ptr", "dmag_ptr")),  # atomics (dS when split); G: stores
@@ -206,7 +207,8 @@ def test_dora_first_call(p, magnitude_trained, bias_trained, mode, autotune_harn
 
 # --------------------------------------------------------------- split reductions and the one-config kernel, directly
 # What a GPU launch picks to fill its SMs (the launchers' split factors are 1 on CPU): atomics from several programs
-# into one zeroed element. Launched as the launchers do (fused_lora's triton_ops / dora_ops), fp32 throughout.
+# into one zeroed element (the norm: partial sums in a row per slice). Launched as the launchers do (fused_lora's
+# lora_triton / dora_triton), fp32 throughout.
 def _kernel(module: str, name: str):
     import importlib
 
@@ -222,6 +224,7 @@ def _zeros(*shape):
 
 
 LORA_DOT = dict(LORA_DOT=tl.float32, LORA_PREC="tf32x3", WIDE=False, BLOCK_R=16)
+ARCH = 0  # the kernels' ARCH argument under the interpreter (triton_launch.arch)
 
 
 def _m_bucket(m: int) -> int:
@@ -236,7 +239,7 @@ def _lora_dy_split():
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, 16), 3)  # noqa: E731
     _kernel("lora_backward", "lora_dy_kernel")[grid](
         dy, b, s, ds, db, dbias, M, N, R, _m_bucket(M), *dy.stride(), *b.stride(), *s.stride(), *ds.stride(),
-        *db.stride(), 0.5, DS_ATOMIC=True, HAS_DBIAS=True, NEED_DS=True, NEED_DB=True, **LORA_DOT)
+        *db.stride(), 0.5, ARCH, DS_ATOMIC=True, HAS_DBIAS=True, NEED_DS=True, NEED_DB=True, **LORA_DOT)
     return {"ds": ds, "db": db, "dbias": dbias}
 
 
@@ -244,16 +247,16 @@ def _lora_da_split():
     ds, x, da = _f32(M, R, seed=4), _f32(M, K, seed=5), _zeros(R, K)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, 16), 2)  # noqa: E731
     _kernel("lora_backward", "lora_da_kernel")[grid](
-        ds, x, da, M, K, R, _m_bucket(M), *ds.stride(), *x.stride(), *da.stride(), 77, 0.3, 1 / 0.7,
+        ds, x, da, M, K, R, _m_bucket(M), *ds.stride(), *x.stride(), *da.stride(), 77, 0.3, 1 / 0.7, ARCH,
         DA_ATOMIC=True, HAS_DROPOUT=True, **LORA_DOT)
     return {"da": da}
 
 
 def _dora_norm_split():
-    w, a, b, sq = _f32(N, K, seed=6), _f32(R, K, seed=7), _f32(N, R, seed=8), _zeros(N)
+    w, a, b, sq = _f32(N, K, seed=6), _f32(R, K, seed=7), _f32(N, R, seed=8), _zeros(3, N)  # a row per K slice
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 3)  # noqa: E731
     _kernel("dora", "dora_norm_kernel")[grid](
-        w, a, b, sq, N, K, R, w.stride(1), w.stride(0), *a.stride(), *b.stride(), 0.5, **LORA_DOT)
+        w, a, b, sq, N, K, R, w.stride(1), w.stride(0), *a.stride(), *b.stride(), 0.5, ARCH, ROOT=False, **LORA_DOT)
     return {"sq": sq}
 
 
@@ -265,7 +268,7 @@ def _dora_dy_split():
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, 16), 3)  # noqa: E731
     _kernel("dora", "dora_dy_kernel")[grid](
         dy, b, s, P, sq, mag, ds, db, dbias, dmag, g, M, N, R, _m_bucket(M), *dy.stride(), *b.stride(), *s.stride(),
-        *P.stride(), mag.stride(0), *ds.stride(), *db.stride(), *g.stride(), 0.5,
+        *P.stride(), mag.stride(0), *ds.stride(), *db.stride(), *g.stride(), 0.5, ARCH,
         DS_ATOMIC=True, HAS_DBIAS=True, NEED_DS=True, NEED_DB=True, NEED_DMAG=True, WRITE_G=True, G_MINUS_ONE=True,
         **LORA_DOT)
     return {"ds": ds, "db": db, "dbias": dbias, "dmag": dmag, "g": g}
@@ -278,7 +281,7 @@ def _dequantize_4bit():
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K4, meta["BLOCK_K"]))  # noqa: E731
     _kernel("lora_4bit", "dequantize_4bit_kernel")[grid](
         weight.data.contiguous().reshape(-1).view(torch.uint8), state.absmax, state.code.float(), state.state2.absmax,
-        state.state2.code.float(), torch.tensor([float(state.offset)], device=DEVICE), out, N, K4,
+        state.state2.code.float(), torch.tensor([float(state.offset)], device=DEVICE), out, N, K4, ARCH,
         NESTED=True, QBLOCK_LOG2=state.blocksize.bit_length() - 1,
         QBLOCK2_LOG2=state.state2.blocksize.bit_length() - 1, ALIGNED=True, WIDE=False, KN=False)
     return {"w": out}
@@ -351,3 +354,49 @@ def test_first_call_launching_another_config(gemm, use_dora, autotune_harness, m
     layer = _dense_layer(0.3, True, use_dora=use_dora)
     fwd, bwd = (DORA_FWD[True], DORA_BWD[True]) if use_dora else (LORA_FWD[gemm], LORA_BWD[gemm])
     check_first_call(layer, fwd, bwd, _names(True, use_dora), autotune_harness, "all", "last", VARIANT_RTOL)
+
+
+# ------------------------------------------------------------------------------------------ two GPU kinds, one process
+def test_every_autotuner_keys_on_the_arch():
+    for name, tuner in autotuned_kernels().items():
+        assert "ARCH" in tuner.keys, name
+        assert "ARCH" in tuner.arg_names, name
+
+
+@pytest.mark.parametrize(("use_dora", "gemm"), [(False, "fused"), (False, "composed"), (True, "fused")])
+def test_each_gpu_kind_is_tuned_apart(use_dora, gemm, autotune_harness, monkeypatch):
+    """One process, the same layer and call on an sm_80 device, then on an sm_90 one (``hardware.device_capability``
+    stands in for the two GPUs): every kernel of the path prunes and benchmarks its configs again for the second kind
+    and its autotuner keeps one cache entry per kind, so a config tuned on one is never launched on the other. Before
+    the ``ARCH`` key the second call found the first one's entry: each kernel was pruned and benchmarked once."""
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
+    monkeypatch.setenv("FUSED_LORA_GEMM", gemm)
+    layer = _dense_layer(0.3, True, use_dora=use_dora)
+    kernels = (DORA_FWD[True] | DORA_BWD[True]) if use_dora else (LORA_FWD[gemm] | LORA_BWD[gemm])
+    tuner = autotune_harness(mode="all")
+    results = []
+    for capability in ((8, 0), (9, 0)):
+        monkeypatch.setattr(hardware, "device_capability", lambda device, c=capability: c)
+        results.append(_call(layer))
+    tuner.assert_benchmarked(kernels)
+    for name in kernels:
+        assert tuner.pruned[name] == [80, 90], (name, tuner.pruned[name])
+        assert tuner.bench_calls[name] == 2 * len(tuner.tuners[name].configs), name
+        archs = {dict(zip(tuner.tuners[name].keys, key, strict=False))["ARCH"] for key in tuner.tuners[name].cache}
+        assert len(tuner.tuners[name].cache) == 2 and archs == {80, 90}, (name, list(tuner.tuners[name].cache))
+    assert not _diffs(results[1], results[0])  # the same configs won on both: the same bits
+
+
+def test_pruning_reads_the_launch_arch():
+    """``configs.by_dtype`` takes the GPU kind from the launch's ``ARCH`` argument (positional or by keyword), not from
+    torch: here the tensors are on the CPU. A 128×128×64 forward tile with rank-64 bf16 adapters needs 144 KiB of
+    shared memory: excluded on sm_86 (99 KiB), kept on sm_90."""
+    from fused_lora.kernels import configs
+
+    wide = configs.cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    small = configs.cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+    prune = configs.by_dtype("x_ptr", [small], kernel="lora_fwd_kernel")
+    x = torch.empty(2, 2, dtype=torch.bfloat16)
+    half_r64 = dict(LORA_DOT=tl.bfloat16, BLOCK_R=64)
+    assert wide not in prune([wide, small], {"x_ptr": x, "ARCH": 86}, **half_r64)
+    assert prune([wide, small], {"x_ptr": x}, ARCH=90, **half_r64)[0] is wide

@@ -132,10 +132,11 @@ def test_kernels_compile_for_every_gpu_arch(tmp_path):
 
 
 def test_call_to_call_values_compile_one_variant():
-    """Launches that differ only in M, the M bucket and the dropout seed specialize to one signature with Triton's
-    own rule (an int that is 1 or a multiple of 16 is otherwise a new variant: a recompile in the middle of
-    training, for one dropout seed in 16 or a new batch length). Issue 12. Runs without the interpreter, in a
-    subprocess, because the rule is the compiler's."""
+    """Launches that differ only in M, the M bucket, the dropout seed and the GPU kind (``ARCH``, every autotuned
+    kernel's argument and autotune key) specialize to one signature with Triton's own rule (an int that is 1 or a
+    multiple of 16 is otherwise a new variant: a recompile in the middle of training, for one dropout seed in 16 or a
+    new batch length; sm_80's 80 is a multiple of 16). Issue 12. Runs without the interpreter, in a subprocess, because
+    the rule is the compiler's."""
     script = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -145,8 +146,9 @@ for name, kernel in cm.KERNELS.items():
     config = cm.configs_for(kernel, variant)[0]
     args = cm.launch_args(variant)[0]
     seen = set()
-    for m, seed in ((1000, 12345), (1024, 16), (1, 1), (4096, 2**31 - 16), (17, 32)):
-        over = {k: v for k, v in {"M": m, "M_BUCKET": m, "seed": seed}.items() if k in args}
+    assert "ARCH" in args and "ARCH" in kernel.keys, name
+    for m, seed, arch in ((1000, 12345, 90), (1024, 16, 80), (1, 1, 75), (4096, 2**31 - 16, 100), (17, 32, 86)):
+        over = {k: v for k, v in {"M": m, "M_BUCKET": m, "seed": seed, "ARCH": arch}.items() if k in args}
         sig, const, attrs = cm.specialize(kernel.fn, variant, config, over)
         seen.add(repr((sorted(sig.items()), sorted(map(str, const.items())), sorted(map(str, attrs.items())))))
     assert len(seen) == 1, (name, seen)
@@ -157,3 +159,38 @@ for name, kernel in cm.KERNELS.items():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok") == len(cm.KERNELS)
+
+
+def test_dora_g_is_ieee_rounded_and_its_norm_has_no_atomics():
+    """DoRA's g = magnitude / ‖W + s·B A‖ in the kernels is IEEE-rounded, as PyTorch's (PEFT's) is: the sm_90 PTX of the
+    norm kernel (its root, one K slice) holds sqrt.rn.f32, the forward GEMM (both forms) and the dY pass div.rn.f32,
+    and none holds an approximate root, reciprocal or division (plain tl.sqrt and / gave sqrt.approx.ftz.f32 and
+    div.full.f32); and the norm kernel split over K has no atomic instruction (its slices' partials are summed in a
+    fixed order: bitwise repeatable)."""
+    out = _without_interpreter("""
+import json, os, re
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import compile_matrix as cm
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for v in (cm.Variant("dora_fwd_kernel"), cm.Variant("dora_fwd_kernel", dropout=False), cm.Variant("dora_dy_kernel"),
+          cm.Variant("dora_norm_kernel", split=1), cm.Variant("dora_norm_kernel", split=2)):
+    kernel = cm.KERNELS[v.kernel]
+    config = cm.configs_for(kernel, v, 90)[0]
+    signature, constexprs, attrs = cm.specialize(kernel.fn, v, config, arch=90)
+    ptx = triton.compile(ASTSource(kernel.fn, signature, constexprs=constexprs, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": config.num_warps, "num_stages": config.num_stages}).asm["ptx"]
+    print(json.dumps([v.kernel, v.label(), sorted(set(re.findall(r"\\b(?:sqrt|rsqrt|rcp|div)\\.[\\w.]*f32", ptx))),
+                      sorted(set(re.findall(r"\\b(?:atom|red)\\.[\\w.]+", ptx)))]))
+""")
+    found = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+    assert len(found) == 5, out
+    for kernel, label, float_ops, atomics in found:
+        assert not [op for op in float_ops if ".rn." not in op], (kernel, label, float_ops)
+        if kernel == "dora_norm_kernel":
+            assert atomics == [], (label, atomics)
+            assert float_ops == (["sqrt.rn.f32"] if "split1" in label else []), (label, float_ops)
+        else:
+            assert "div.rn.f32" in float_ops, (kernel, label, float_ops)

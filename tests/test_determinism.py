@@ -19,10 +19,11 @@ and a control showing the same test fails when the RNG state is not restored; di
 unrelated masks (not a shifted copy); a ``LoRALinear`` training loop reproducible under
 ``torch.manual_seed``.
 
-GPU caveat (README, Known limits): dB and dbias (and dS, dA when split) are reduced with fp32 atomics,
-whose order is not fixed on a GPU, so there the Triton backend's gradients are compared with a tight
+GPU caveat (README, Known limits): dB and dbias (and dS, dA when split; dX through dS) are reduced with fp32
+atomics, whose order is not fixed on a GPU, so there the Triton backend's gradients are compared with a tight
 tolerance instead of bitwise; its outputs, and everything on the interpreter (one program at a time, in
-a fixed order) and on the PyTorch backend, are compared bitwise.
+a fixed order) and on the PyTorch backend, are compared bitwise. Which results a GPU's program order can change
+is checked here by reversing the interpreter's order (``test_which_results_depend_on_program_order``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, CUDA, DEVICE, reversed_program_order
 
 from fused_lora import LoRALinear, dropout_mask, fused_lora_linear
 from fused_lora.backends import lora_triton
@@ -136,6 +137,40 @@ def test_split_reductions_bitwise_identical_run_after_run(monkeypatch, device):
     # the split path is a different summation order, not a different result
     for name in GRADS:
         torch.testing.assert_close(first[name], single[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's program order is what this test reverses")
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_which_results_depend_on_program_order(use_dora, monkeypatch):
+    """The README's list of what is bitwise repeatable on a GPU (Known limits), where programs run in no fixed order.
+    With every split path forced (S and DoRA's norm over K, dS over N, dA over M), running each launch's programs in
+    the reverse of the interpreter's order leaves y bitwise unchanged (its GEMM tiles store, S's and the norm's slices
+    are summed in a fixed order) and changes the results reduced with fp32 atomics: dB, dbias (and DoRA's d magnitude)
+    always, dS when split, and through dS, dX and dA."""
+    from fused_lora.backends import dora_triton
+
+    inputs = make_inputs("cpu", lead=(2, 37), K=66, N=100, r=20)
+    x, weight, bias, lora_A, lora_B, grad_out = inputs
+    magnitude = (weight.norm(dim=1) * (0.5 + torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(1))))
+    calls = force_split(monkeypatch)
+    monkeypatch.setattr(dora_triton, "split_factor", lambda programs, max_split, device, cap=32: calls.append(3) or 3)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B, bias, magnitude)]
+        y = fused_lora_linear(leaves[0], weight, leaves[3], leaves[1], leaves[2], 2.0, 0.3, dropout_seed=1234,
+                              backend="triton", magnitude=leaves[4] if use_dora else None)
+        wanted = leaves if use_dora else leaves[:4]
+        grads = torch.autograd.grad(y, wanted, grad_out)
+        return {"y": y.detach(), **dict(zip(("dx", "dA", "dB", "dbias", "dmag"), grads, strict=False))}
+
+    ordered = run()
+    assert calls == [3, 3, 3], calls  # LoRA: S, dS, dA; DoRA (p > 0): the norm, dS, dA
+    with reversed_program_order():
+        reverse = run()
+    assert torch.equal(reverse["y"], ordered["y"])
+    for name in ordered.keys() - {"y"}:
+        assert not torch.equal(reverse[name], ordered[name]), f"{name}: no atomics any more? update the README"
+        torch.testing.assert_close(reverse[name], ordered[name], rtol=1e-5, atol=1e-6 * ordered[name].abs().max())
 
 
 FRESH_PROCESS = textwrap.dedent("""

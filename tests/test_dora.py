@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, assert_within_torch_error, atol_for, leaf64, leaf_like
+from helpers import (
+    BACKENDS,
+    CUDA,
+    DEVICE,
+    assert_within_torch_error,
+    atol_for,
+    leaf64,
+    leaf_like,
+    reversed_program_order,
+)
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fused_lora import dora_ref, dropout_mask, fused_lora_linear
 
@@ -133,6 +144,50 @@ def test_input_without_grad_frozen_bias_and_magnitude(backend):
     assert problem[0].grad is None and problem[2].grad is None and problem[5].grad is None
 
 
+class _Allocations(TorchDispatchMode):
+    """The shapes of the tensors that the ops run inside create: outputs of ops that neither write in place nor return
+    a view (factory functions, out-of-place results)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable and not any(r.alias_info for r in func._schema.returns):
+            self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_frozen_magnitude_forms_no_p(backend, p):
+    """P = x_d Wᵀ + s·S Bᵀ (M×N) serves only the magnitude's gradient: with the magnitude frozen the forward neither
+    allocates nor writes it. The only M×N buffer the Triton forward makes is then y (before: y and P); the PyTorch
+    path makes only y at p = 0 (before: y and P) and with dropout also x_d Wᵀ, PEFT's base_result, which y needs.
+    Output and gradients are a trainable magnitude's, bit for bit; the magnitude gets none."""
+    M, K, N = 37, 45, 29  # M×N is no other tensor's size
+    problem = make_problem((M,), K, N, 5, torch.float32, "linear", True)
+
+    def call(train_magnitude: bool):
+        x, weight, bias, lora_A, lora_B, m = (t.detach().clone().requires_grad_(t.requires_grad) for t in problem)
+        m.requires_grad_(train_magnitude)
+        with _Allocations() as made:
+            y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.5, p, dropout_seed=77, backend=backend,
+                                  magnitude=m)
+        y.backward(torch.ones_like(y))
+        results = [y.detach(), x.grad, bias.grad, lora_A.grad, lora_B.grad]
+        return [t for t in made.shapes if t == (M, N)], results, m.grad
+
+    trained_mn, trained, dmag = call(True)
+    frozen_mn, frozen, no_dmag = call(False)
+    assert dmag is not None and no_dmag is None
+    assert len(trained_mn) == 2
+    assert len(frozen_mn) == (2 if backend == "torch" and p > 0 else 1), frozen_mn
+    for a, b in zip(frozen, trained, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_rows(backend):
     x, weight, bias, lora_A, lora_B, m = make_problem((2, 0), 30, 20, 4, torch.float32, "linear", True)
@@ -211,27 +266,105 @@ def test_adversarial_rows(backend):
         assert not torch.isfinite(y[11]).all() and torch.isfinite(y[:7, 4:]).all()
 
 
+def test_norm_split_is_bitwise_repeatable():
+    """DoRA's row norm split over K, as a GPU launch splits it when the row tiles alone leave SMs idle (split_k ≈ 5 at
+    4096² on an H100): the same bits run after run and whatever order the programs run in (on the interpreter: its own
+    order, then reversed), so a checkpointed recompute of the forward gets the forward's norm; and within fp32 rounding
+    of the unsplit norm and of the fp64 one. The slices' partial sums used to meet in fp32 atomics: the reversed order
+    then changed 40 of the 100 (by up to 1.7·2⁻²³ relative)."""
+    from fused_lora.backends import dora_triton
+
+    gen = torch.Generator().manual_seed(3)
+    K, N, r = 330, 100, 20  # 11 K tiles of the interpreter's 32 over 5 slices (3, 2, 2, 2, 2 tiles)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    weight, lora_A, lora_B = rnd(N, K), rnd(r, K), rnd(N, r)
+    norm = lambda split: dora_triton.dora_norm(weight, lora_A, lora_B, 0.5, "linear", split_k=split)  # noqa: E731
+    one, split = norm(1), norm(5)
+    assert torch.equal(norm(5), split)
+    if not CUDA:
+        with reversed_program_order():
+            assert torch.equal(norm(5), split)
+    want = (weight.double() + 0.5 * lora_B.double() @ lora_A.double()).norm(dim=1)
+    torch.testing.assert_close(split, one, rtol=4e-7, atol=0)
+    torch.testing.assert_close(split.double(), want, rtol=4e-7, atol=0)
+
+
 def test_split_reductions_match_single_pass():
-    """The atomics paths a GPU launch picks to fill its SMs: the norm over K slices, the dY pass over N slices."""
+    """The atomics path a GPU launch picks to fill its SMs: the dY pass over N slices."""
     from fused_lora.backends import dora_triton
 
     gen = torch.Generator().manual_seed(3)
     M, K, N, r = 70, 66, 100, 20
     rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
     weight, lora_A, lora_B = rnd(N, K), rnd(r, K), rnd(N, r)
-    one = dora_triton.dora_norm_sq(weight, lora_A, lora_B, 0.5, "linear", split_k=1)
-    three = dora_triton.dora_norm_sq(weight, lora_A, lora_B, 0.5, "linear", split_k=3)
-    torch.testing.assert_close(one, three)
-    torch.testing.assert_close(one, (weight + 0.5 * lora_B @ lora_A).square().sum(1))
+    one = dora_triton.dora_norm(weight, lora_A, lora_B, 0.5, "linear", split_k=1)
     dy, s, P, m = rnd(M, N), rnd(M, r), rnd(M, N), rnd(N).abs()
     single = dora_triton.dora_dy_pass(dy, lora_B, s, P, one, m, 0.5, True, True, True, True, True, True, split_n=1)
     split = dora_triton.dora_dy_pass(dy, lora_B, s, P, one, m, 0.5, True, True, True, True, True, True, split_n=3)
     for a, b in zip(single, split, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    g = m / one.sqrt()
+    g = m / one
     torch.testing.assert_close(single[0], 0.5 * (dy * g) @ lora_B, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(single[3], (dy * P).sum(0) / one.sqrt(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single[3], (dy * P).sum(0) / one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(single[4], dy * (g - 1), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- the norm: PEFT's, bit for bit
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize(("dtype", "adapter_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                      (torch.bfloat16, torch.float32)], ids=str)
+def test_pytorch_norm_is_peft_bit_for_bit(layout, dtype, adapter_dtype):
+    """The PyTorch path's ‖W + s·B A‖ (``dora_torch.weight_norm``, what it saves and divides by) is the norm PEFT's DoRA
+    forward computes (``DoraLinearLayer.get_lora_weight`` / ``get_weight_norm`` in the adapters' dtype), bit for bit,
+    with B ≠ 0, both weight layouts. It was √(Σ v²) in fp32: 318 of 1000 rows of an nn.Linear(1000, 1000) differed
+    from torch.linalg.norm's."""
+    peft = pytest.importorskip("peft")
+    from peft.utils.integrations import dequantize_module_weight
+    from transformers.pytorch_utils import Conv1D
+
+    from fused_lora.backends import dora_torch
+
+    torch.manual_seed(0)
+    base = (nn.Linear(300, 200) if layout == "linear" else Conv1D(200, 300)).to(dtype)
+    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["0"], use_dora=True, init_lora_weights=False,
+        fan_in_fan_out=layout == "conv1d")).to(adapter_dtype).to(DEVICE)
+    layer = model.base_model.model[0]
+    base = layer.get_base_layer().to(dtype)
+    lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
+    dora = layer.lora_magnitude_vector["default"]
+    with torch.no_grad():  # as DoraLinearLayer.forward, x in the adapters' dtype
+        lora_weight = dora.get_lora_weight(lora_A=lora_A, lora_B=lora_B).to(adapter_dtype)
+        weight = dequantize_module_weight(base).to(adapter_dtype)
+        want = dora.get_weight_norm(weight, lora_weight, layer.scaling["default"])
+        got = dora_torch.weight_norm(base.weight, lora_A.weight, lora_B.weight, layer.scaling["default"], layout)
+    assert lora_B.weight.abs().max() > 0
+    assert got.dtype == torch.float32 and want.dtype == adapter_dtype
+    assert torch.equal(got, want.float())
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_pytorch_path_at_init_is_the_base_layer(layout, dtype, p):
+    """At init (B = 0, the magnitude ‖W‖ as PEFT and ``LoRALinear`` initialise it, adapters in the weight's dtype) the
+    PyTorch path's g is exactly 1 and its output is the base layer's, bit for bit, with and without dropout, as PEFT's
+    DoRA is (y = base(x) + (g − 1)·base_result + g·lora·s there). Before, g was 1 ± 1 ulp on some rows (√(Σ v²) against
+    PEFT's torch.linalg.norm) and y = g ⊙ (x Wᵀ) + b added the bias after the product: 2.4e-7 off nn.Linear's output
+    (x Wᵀ + b by one addmm) on PEFT's own test."""
+    from fused_lora.backends import dora_torch
+    from fused_lora.reference import dora_weight_norm
+
+    x, weight, bias, lora_A, lora_B, _ = make_problem((29,), 64, 48, 4, dtype, layout, True)
+    with torch.no_grad():
+        lora_B.zero_()
+    magnitude = dora_weight_norm(weight, lora_A, lora_B, 2.0, layout)
+    norm = dora_torch.weight_norm(weight, lora_A, lora_B, 2.0, layout)
+    assert torch.equal(magnitude.float() / norm, torch.ones_like(norm))
+    y, *_ = dora_torch.forward(x.detach(), weight, bias.detach(), lora_A.detach(), lora_B.detach(), magnitude, 2.0,
+                               p, 1234, layout)
+    base = torch.nn.functional.linear(x.detach(), weight if layout == "linear" else weight.t(), bias.detach())
+    assert torch.equal(y, base)
 
 
 # ------------------------------------------------------------------------------------------ against PEFT's layer

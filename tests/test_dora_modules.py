@@ -221,10 +221,47 @@ def test_accelerate_serves_peft_dora_layers(name, monkeypatch):
     assert_close("eval with p > 0", fast(input_ids=ids).logits, peft_model(input_ids=ids).logits)
 
 
+def test_peft_dora_at_init_leaves_the_base_output(monkeypatch):
+    """PEFT 0.21.2's own test ``tests/test_initialization.py::TestLoraInitialization::test_lora_use_dora_linear``
+    through ``fused_lora.peft.accelerate``, on the PyTorch path: DoRA at init leaves an fp32 ``nn.Linear(1000, 1000)``'s
+    output unchanged, under ``torch.allclose`` as PEFT checks it (its g is exactly 1 there: the magnitude was
+    initialised by the same ``torch.linalg.norm`` computation, and B = 0)."""
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "torch")
+    monkeypatch.setattr(flp, "_reported", set())
+    served = []
+    real = flp.fused_lora_linear
+
+    def counting(*args, **kwargs):
+        served.append(kwargs.get("magnitude") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flp, "fused_lora_linear", counting)
+
+    class MyModule(nn.Module):  # PEFT's test model, less the embedding and convolution it does not target
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(1000, 1000)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    data = torch.rand(10, 1000, device=DEVICE)
+    torch.manual_seed(0)
+    model = MyModule().eval().to(DEVICE)
+    output_base = model(data)
+    model = flp.accelerate(peft.get_peft_model(model, peft.LoraConfig(target_modules=["linear"], use_dora=True)))
+    with model.disable_adapter():
+        output_disabled = model(data)
+    output_dora = model(data)
+    assert served == [True]  # the fused DoRA Function ran (disable_adapter is PEFT's own forward)
+    assert torch.allclose(output_base, output_disabled)
+    assert torch.allclose(output_base, output_dora), (output_dora - output_base).abs().max().item()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saved_bytes_are_x_s_p_and_the_norms(backend, p):
-    """x itself, S (M×r), P (M×N, for the magnitude's gradient), the squared row norms (N) and the seed; no mask and
+    """x itself, S (M×r), P (M×N, for the magnitude's gradient), the row norms (N, fp32) and the seed; no mask and
     no dropped copy of x. At p = 0.1 that is under half of what PEFT's DoRA layer keeps."""
     M, K, N, r = 96, 80, 64, 8
     x = torch.randn(M, K, device=DEVICE, requires_grad=True)

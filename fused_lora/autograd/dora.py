@@ -9,7 +9,7 @@ training. With dropout PEFT applies the magnitude correction (g − 1) to the *d
 to x Wᵀ: so does this layer.
 
 Saved for backward: x, S = x_d Aᵀ (M×r), P = x_d Wᵀ + s·S Bᵀ (M×N, for the magnitude's gradient; not kept when the
-magnitude is frozen), the squared row norms (N), the seed, and the parameters. No mask and no dropped copy of x (see
+magnitude is frozen), the row norms (N, fp32), the seed, and the parameters. No mask and no dropped copy of x (see
 ``docs/dora.md``). The backends: ``backends/dora_triton.py`` (kernels ``kernels/dora.py``) and
 ``backends/dora_torch.py``; ``backward(create_graph=True)`` differentiates ``reference.dora_ref`` with the same mask.
 """
@@ -28,69 +28,69 @@ from .paths import upcast
 IMPLEMENTATIONS = {"torch": dora_torch, "triton": dora_triton}
 
 
-def _forward_on(path, x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, keep):
+def _forward_on(path, x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, need_p, keep):
     if path == "torch":
-        return dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
+        return dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, need_p,
                                   keep=keep)
-    return dora_triton.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout)
+    return dora_triton.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, need_p)
 
 
-def _backward_on(path, dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout, needs,
+def _backward_on(path, dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed, weight_layout, needs,
                  keep):
     if path == "torch":
-        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed,
+        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed,
                                    weight_layout, *needs, keep=keep)
-    return dora_triton.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout,
+    return dora_triton.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed, weight_layout,
                                 *needs)
 
 
 def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout, backend, gemm,
-                candidates):
-    """(y, S, P, sq, the path run); on the Triton backend the path is chosen and checked as LoRA's
-    (``autograd/paths.py``)."""
+                candidates, need_p=True):
+    """(y, S, P, the row norms, the path run); on the Triton backend the path is chosen and checked as LoRA's
+    (``autograd/paths.py``). ``need_p``: P (M×N, for the magnitude's gradient) formed at all (an empty P when not)."""
     seed = seed_value(seed)
     device_type = x.device.type
     if backend == "torch":
-        y, s, P, sq = without_autocast(dora_torch.forward, device_type, x, weight, bias, lora_A, lora_B, magnitude,
-                                       scaling, p, seed, weight_layout)
-        return y, s, P, sq, "torch"
+        y, s, P, norm = without_autocast(dora_torch.forward, device_type, x, weight, bias, lora_A, lora_B, magnitude,
+                                       scaling, p, seed, weight_layout, need_p)
+        return y, s, P, norm, "torch"
     mask = paths.kernels_mask(seed, x, p)
 
     def call(path):
         return without_autocast(_forward_on, device_type, path, x, weight, bias, lora_A, lora_B, magnitude, scaling, p,
-                                seed, weight_layout, mask() if path == "torch" else None)
+                                seed, weight_layout, need_p, mask() if path == "torch" else None)
 
     def ref64():
         return dora_torch.forward(*upcast(x, weight, bias, lora_A, lora_B, magnitude), scaling, p, seed, weight_layout,
-                                  keep=mask())
+                                  need_p, keep=mask())
 
     key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
-    (y, s, P, sq), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
+    (y, s, P, norm), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
                                         paths.describe(x, lora_A, lora_B, weight.shape))
-    return y, (s if s.dtype == torch.float32 else s.float()), P, sq, path
+    return y, (s if s.dtype == torch.float32 else s.float()), P, norm, path
 
 
-def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed, weight_layout, backend, gemm,
+def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed, weight_layout, backend, gemm,
                  candidates, need_dx, need_da, need_db, need_dbias, need_dmag):
     seed = seed_value(seed)
     needs = (need_dx, need_da, need_db, need_dbias, need_dmag)
     dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32, magnitude.dtype)
     if backend == "torch":
         grads = without_autocast(dora_torch.backward, dy.device.type, dy, x, weight, lora_A, lora_B, magnitude, s, P,
-                                 sq, scaling, p, seed, weight_layout, *needs)
+                                 norm, scaling, p, seed, weight_layout, *needs)
         return cast_grads(grads, dtypes)
     mask = paths.kernels_mask(seed, x, p)
 
     def call(path):
         grads = without_autocast(_backward_on, dy.device.type, path, dy, x, weight, lora_A, lora_B, magnitude, s, P,
-                                 sq, scaling, p, seed, weight_layout, needs, mask() if path == "torch" else None)
+                                 norm, scaling, p, seed, weight_layout, needs, mask() if path == "torch" else None)
         return cast_grads(grads, dtypes)
 
     def ref64():
         x64, w64, a64, b64, m64, dy64 = upcast(x, weight, lora_A, lora_B, magnitude, dy)
-        _, s64, p64, sq64 = dora_torch.forward(x64, w64, None, a64, b64, m64, scaling, p, seed, weight_layout,
+        _, s64, p64, norm64 = dora_torch.forward(x64, w64, None, a64, b64, m64, scaling, p, seed, weight_layout,
                                                keep=mask())
-        return dora_torch.backward(dy64, x64, w64, a64, b64, m64, s64, p64, sq64, scaling, p, seed, weight_layout,
+        return dora_torch.backward(dy64, x64, w64, a64, b64, m64, s64, p64, norm64, scaling, p, seed, weight_layout,
                                    *needs, keep=mask())
 
     key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
@@ -102,33 +102,34 @@ def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p,
 def _forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     magnitude: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor | None, weight_layout: str,
-    backend: str, gemm: str, candidates: str,
+    backend: str, gemm: str, candidates: str, need_p: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
-                       gemm, candidates)[:4]
+                       gemm, candidates, need_p)[:4]
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend, gemm, candidates):
+def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend, gemm, candidates,
+      need_p):
     M, N, R = x.shape[0], lora_B.shape[0], lora_A.shape[0]
     return (x.new_empty(M, N), x.new_empty(M, R, dtype=s_dtype(backend, lora_A)),
-            x.new_empty(M, N, dtype=lora_B.dtype), x.new_empty(N, dtype=torch.float32))
+            x.new_empty((M, N) if need_p else (0,), dtype=lora_B.dtype), x.new_empty(N, dtype=torch.float32))
 
 
 @torch.library.custom_op("fused_lora::dora_backward", mutates_args=())
 def _backward_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, sq: torch.Tensor, scaling: float, dropout_p: float,
+    magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, norm: torch.Tensor, scaling: float, dropout_p: float,
     seed: torch.Tensor | None, weight_layout: str, backend: str, gemm: str, candidates: str, need_dx: bool,
     need_da: bool, need_db: bool, need_dbias: bool, need_dmag: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return grads_out(dy, run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, dropout_p, seed,
+    return grads_out(dy, run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, dropout_p, seed,
                                       weight_layout, backend, gemm, candidates, need_dx, need_da, need_db, need_dbias,
                                       need_dmag))
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, dropout_p, seed, weight_layout, backend, gemm,
+def _(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, dropout_p, seed, weight_layout, backend, gemm,
       candidates, need_dx, need_da, need_db, need_dbias, need_dmag):
     return fake_grads(dy, ((x.shape, x.dtype) if need_dx else None, (lora_A.shape, lora_A.dtype) if need_da else None,
                            (lora_B.shape, lora_B.dtype) if need_db else None,
@@ -152,15 +153,14 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
                 gemm, candidates):
+        # P serves only the magnitude's gradient: with the magnitude frozen the backends neither form nor write it
         args = (as_2d(x), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_layout, backend,
-                gemm, candidates)
+                gemm, candidates, ctx.needs_input_grad[5])
         if torch.compiler.is_compiling():
-            y, s, P, sq = _forward_op(*args)
+            y, s, P, norm = _forward_op(*args)
         else:  # the path run kept for backward
-            y, s, P, sq, gemm = run_forward(*args)
-        # P serves only the magnitude's gradient: a frozen magnitude keeps no M×N tensor
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, s, P if ctx.needs_input_grad[5] else
-                              P.new_empty(0), sq, seed)
+            y, s, P, norm, gemm = run_forward(*args)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, s, P, norm, seed)
         ctx.scaling, ctx.dropout_p, ctx.weight_layout, ctx.backend = scaling, dropout_p, weight_layout, backend
         ctx.gemm, ctx.candidates = gemm, candidates
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -168,7 +168,7 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, lora_A, lora_B, magnitude, s, P, sq, seed = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, magnitude, s, P, norm, seed = ctx.saved_tensors
         need_dx, _, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
         if torch.is_grad_enabled():  # backward(create_graph=True): recompute with differentiable plain ops, same mask
             # The saved inputs are the Function's own inputs, so the gradients taken here reach them (and dY): a
@@ -181,7 +181,7 @@ class DoRALinearFunction(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, [t for t, need in wanted if need], dy, create_graph=True))
             dx, dbias, da, db, dmag = (next(grads) if need else None for _, need in wanted)
             return dx, None, dbias, da, db, dmag, None, None, None, None, None, None, None
-        args = (as_2d(dy), as_2d(x), weight, lora_A, lora_B, magnitude, s, P, sq, ctx.scaling, ctx.dropout_p, seed,
+        args = (as_2d(dy), as_2d(x), weight, lora_A, lora_B, magnitude, s, P, norm, ctx.scaling, ctx.dropout_p, seed,
                 ctx.weight_layout, ctx.backend, ctx.gemm, ctx.candidates, need_dx, need_da, need_db, need_dbias,
                 need_dmag)
         run = _backward_op if torch.compiler.is_compiling() else run_backward

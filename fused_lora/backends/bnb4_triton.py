@@ -38,6 +38,7 @@ from .triton_launch import (
     INT32_REACH,
     TILE_OVERHANG,
     TL_DTYPES,
+    arch,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -211,6 +212,7 @@ def forward_4bit(
             LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
             WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed),
             BLOCK_R=rank_block(R, lora_B.dtype),
+            ARCH=arch(x.device),
         )
     return y
 
@@ -244,6 +246,7 @@ def dx_4bit(
             LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
             WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed),
             BLOCK_R=rank_block(R, lora_A.dtype),
+            ARCH=arch(dy.device),
         )
     return dx
 
@@ -259,7 +262,8 @@ def dequantize(packed: Packed4bit, *, forward_tiles: bool = False) -> torch.Tens
     pointers, quant = _quant_args(packed)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
     with on_device(packed.device):
-        dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles)
+        dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles,
+                                     ARCH=arch(packed.device))
     return out
 
 

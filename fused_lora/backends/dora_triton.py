@@ -1,9 +1,10 @@
 """DoRA on the Triton backend: the launchers of the DoRA kernels (``kernels/dora.py``) and the layer's two passes.
 
-Forward, 3 launches: ``dora_norm_sq`` (‖W + s·B A‖² per row), S (``lora_triton.lora_down`` when p = 0, ``dora_down``
+Forward, 3 launches: ``dora_norm`` (‖W + s·B A‖ per row), S (``lora_triton.lora_down`` when p = 0, ``dora_down``
 when p > 0, which also writes x_d for the next launch), ``dora_forward_gemm`` (y and P). Backward, 3 launches:
 ``dora_dy_pass`` (dS, dB, dbias, d magnitude, G), dX (``lora_triton.lora_dx`` on G when p = 0, ``dora_dx`` when
-p > 0), ``lora_triton.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers.
+p > 0), ``lora_triton.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers, and the sum of
+the norm's K-split partials when it is split.
 
 Conventions as the LoRA launchers (``triton_launch``), and a kernel that cannot be built or launched hands the call to
 the PyTorch path (``dora_torch``) with the kernels' own dropout mask (``kernel_fallback``).
@@ -21,6 +22,7 @@ from .dropout_triton import dropout_mask
 from .kernel_fallback import guarded, kernel_keep, signature
 from .lora_triton import lora_da, lora_down, lora_dx
 from .triton_launch import (
+    arch,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -32,24 +34,28 @@ from .triton_launch import (
 )
 
 
-def dora_norm_sq(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                 weight_layout: str, split_k: int | None = None) -> torch.Tensor:
-    """‖W + scaling·B A‖² per output row, fp32 (N), without B A in memory."""
+def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+              weight_layout: str, split_k: int | None = None) -> torch.Tensor:
+    """‖W + scaling·B A‖ per output row, fp32 (N), without B A in memory: the squares summed in fp32 and the
+    IEEE-rounded root. ``split_k`` slices of K (default: enough to fill the GPU when the row tiles alone do not), each
+    slice's partial sums stored apart and summed here in a fixed order, then rooted (torch.sqrt: IEEE), no atomics:
+    the same bits run after run."""
     N, R = lora_B.shape
     K = lora_A.shape[1]
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     if split_k is None:
         split_k = split_factor(triton.cdiv(N, 64), triton.cdiv(K, 256), weight.device)
-    sq = torch.zeros((N,), device=weight.device, dtype=torch.float32)
+    out = torch.empty((split_k, N), device=weight.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)
     dora_norm_kernel[grid](
-        weight, lora_A, lora_B, sq, N, K, R,
+        weight, lora_A, lora_B, out, N, K, R,
         stride_wk, stride_wn, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
-        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, weight.device),
-        WIDE=wide_offsets(weight, lora_A, lora_B), BLOCK_R=rank_block(R, lora_A.dtype),
+        ROOT=split_k == 1, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, weight.device),
+        WIDE=wide_offsets(weight, lora_A, lora_B, out), BLOCK_R=rank_block(R, lora_A.dtype),
+        ARCH=arch(weight.device),
     )
-    return sq
+    return out.sum(0).sqrt_() if split_k > 1 else out[0]
 
 
 def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,41 +73,45 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
         *drop_args(seed, p),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
         WIDE=wide_offsets(x, lora_A, s, xd), BLOCK_R=block_r,
+        ARCH=arch(x.device),
     )
     return s, xd
 
 
 def dora_forward_gemm(
     x: torch.Tensor, xd: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor,
-    lora_B: torch.Tensor, sq: torch.Tensor, magnitude: torch.Tensor, scaling: float, p: float, weight_layout: str,
+    lora_B: torch.Tensor, norm: torch.Tensor, magnitude: torch.Tensor, scaling: float, p: float, weight_layout: str,
+    need_p: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y M×N in x's dtype, P = x_d Wᵀ + s·S Bᵀ M×N in the adapters' dtype), one Triton GEMM; ``xd`` (keep ⊙ x) when
-    p > 0, else None."""
+    p > 0, else None. Without ``need_p`` (a frozen magnitude) P is neither allocated nor written: an empty tensor."""
     M, K = x.shape
     N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    P = torch.empty((M, N), device=x.device, dtype=lora_B.dtype)
+    P = torch.empty((M, N) if need_p else (0,), device=x.device, dtype=lora_B.dtype)
+    p_arg, p_strides = (P, P.stride()) if need_p else (unused(x.device), (1, 1))
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     bias_arg = bias if bias is not None else unused(x.device)
     xd_arg = xd if xd is not None else x  # not read without dropout (HAS_DROPOUT off): x's strides keep the variant
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     dora_fwd_kernel[grid](
-        x, xd_arg, weight, bias_arg, s, lora_B, sq, magnitude, y, P,
+        x, xd_arg, weight, bias_arg, s, lora_B, norm, magnitude, y, p_arg,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), xd_arg.stride(0), xd_arg.stride(1), stride_wk, stride_wn, s.stride(0), s.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), P.stride(0), P.stride(1), bias_arg.stride(0),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), *p_strides, bias_arg.stride(0),
         magnitude.stride(0),
         scaling, drop_args(0, p)[2],
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(x.dtype),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, WRITE_P=need_p, BASE_DOT=dot_dtype(x.dtype),
         BASE_PREC=dot_precision(x.dtype, x.device), LORA_DOT=dot_dtype(lora_B.dtype),
         LORA_PREC=dot_precision(lora_B.dtype, x.device),
-        WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, P), BLOCK_R=rank_block(R, lora_B.dtype),
+        WIDE=wide_offsets(x, xd_arg, weight, bias_arg, s, lora_B, y, p_arg), BLOCK_R=rank_block(R, lora_B.dtype),
+        ARCH=arch(x.device),
     )
     return y, P
 
 
 def dora_dy_pass(
-    dy: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, P: torch.Tensor, sq: torch.Tensor,
+    dy: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, P: torch.Tensor, norm: torch.Tensor,
     magnitude: torch.Tensor, scaling: float, need_ds: bool, need_db: bool, need_dbias: bool, need_dmag: bool,
     write_g: bool, g_minus_one: bool, split_n: int | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -123,7 +133,7 @@ def dora_dy_pass(
     strides = lambda t, on: (t.stride(0), t.stride(1)) if on else (1, 1)  # noqa: E731
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_n)
     dora_dy_kernel[grid](
-        dy, lora_B, s, p_arg, sq, magnitude, ds, db, dbias, dmag, g, M, N, R, m_bucket(M),
+        dy, lora_B, s, p_arg, norm, magnitude, ds, db, dbias, dmag, g, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
         *strides(P, need_dmag), magnitude.stride(0), *strides(ds, need_ds), *strides(db, need_db),
         *strides(g, write_g),
@@ -132,6 +142,7 @@ def dora_dy_pass(
         WRITE_G=write_g, G_MINUS_ONE=g_minus_one,
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, dy.device),
         WIDE=wide_offsets(dy, lora_B, s, p_arg, ds, db, g), BLOCK_R=block_r,
+        ARCH=arch(dy.device),
     )
     return tuple(t if on else None for t, on in ((ds, need_ds), (db, need_db), (dbias, need_dbias),
                                                  (dmag, need_dmag), (g, write_g)))
@@ -153,6 +164,7 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
         BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
         WIDE=wide_offsets(dy, gm, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),
+        ARCH=arch(dy.device),
     )
     return dx
 
@@ -162,25 +174,26 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
 
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
+    magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, need_p: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """(y in x's dtype, S fp32 M×r, P M×N in the adapters' dtype, sq fp32 N). Three launches."""
+    """(y in x's dtype, S fp32 M×r, P M×N in the adapters' dtype, the row norms fp32 N). Three launches. Without
+    ``need_p`` (the magnitude frozen: P serves only its gradient) P is not allocated or written: an empty tensor."""
     def fallback(keep):
-        y, s, P, sq = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
-                                         keep=keep)
-        return y, s.float(), P, sq
+        y, s, P, norm = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
+                                           keep=keep, need_p=need_p)
+        return y, s.float(), P, norm
 
     if x.numel() == 0:  # a grid with a zero dimension is not a launch
         return fallback(kernel_keep(seed, x, p))
 
     def launch():
-        sq = dora_norm_sq(weight, lora_A, lora_B, scaling, weight_layout)
+        norm = dora_norm(weight, lora_A, lora_B, scaling, weight_layout)
         if p > 0:
             s, xd = dora_down(x, lora_A, seed, p)
         else:
             s, xd = lora_down(x, lora_A, seed, 0.0), None
-        y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, sq, magnitude, scaling, p, weight_layout)
-        return y, s, P, sq
+        y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, norm, magnitude, scaling, p, weight_layout, need_p)
+        return y, s, P, norm
 
     key = signature(x.device, "dora forward", x, weight, lora_A, lora_B, magnitude, layout=weight_layout, drop=p > 0)
     return guarded(key, "DoRA forward", launch, fallback, seed, x, p)
@@ -188,14 +201,14 @@ def forward(
 
 def backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, sq: torch.Tensor, scaling: float, p: float, seed: int,
+    magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, norm: torch.Tensor, scaling: float, p: float, seed: int,
     weight_layout: str, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, need_dmag: bool,
 ) -> tuple[torch.Tensor | None, ...]:
     """(dX, dA fp32, dB fp32, dbias fp32, d magnitude fp32), None where not needed. Three launches."""
     needs = (need_dx, need_da, need_db, need_dbias, need_dmag)
 
     def fallback(keep):
-        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, sq, scaling, p, seed,
+        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed,
                                    weight_layout, *needs, keep=keep)
 
     if x.numel() == 0 or dy.numel() == 0:
@@ -203,7 +216,7 @@ def backward(
 
     def launch():
         dx = da = None
-        ds, db, dbias, dmag, g = dora_dy_pass(dy, lora_B, s, P, sq, magnitude, scaling, need_dx or need_da,
+        ds, db, dbias, dmag, g = dora_dy_pass(dy, lora_B, s, P, norm, magnitude, scaling, need_dx or need_da,
                                               need_db, need_dbias, need_dmag, need_dx, p > 0)
         if need_dx:
             if p > 0:
@@ -219,5 +232,5 @@ def backward(
     return guarded(key, "DoRA backward", launch, fallback, seed, x, p)
 
 
-__all__ = ["backward", "dora_down", "dora_dx", "dora_dy_pass", "dora_forward_gemm", "dora_norm_sq", "dropout_mask",
+__all__ = ["backward", "dora_down", "dora_dx", "dora_dy_pass", "dora_forward_gemm", "dora_norm", "dropout_mask",
            "forward"]

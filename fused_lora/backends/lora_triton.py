@@ -24,6 +24,7 @@ from . import lora_torch
 from .dropout_triton import dropout_mask
 from .kernel_fallback import guarded, signature
 from .triton_launch import (
+    arch,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -58,6 +59,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_
         *drop_args(seed, p),
         HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
         WIDE=wide_offsets(x, lora_A, out), BLOCK_R=block_r,
+        ARCH=arch(x.device),
     )
     return out.sum(0) if split_k > 1 else out
 
@@ -82,6 +84,7 @@ def lora_forward(
         HAS_BIAS=bias is not None, BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
         WIDE=wide_offsets(x, weight, bias_arg, s, lora_B, y), BLOCK_R=rank_block(R, lora_B.dtype),
+        ARCH=arch(x.device),
     )
     return y
 
@@ -97,6 +100,7 @@ def lora_up_add(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling:
         scaling,
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, y.device),
         WIDE=wide_offsets(y, s, lora_B), BLOCK_R=rank_block(R, lora_B.dtype, y.device),
+        ARCH=arch(y.device),
     )
     return y
 
@@ -128,6 +132,7 @@ def lora_dy_pass(
         DS_ATOMIC=split_n > 1, HAS_DBIAS=need_dbias, NEED_DS=need_ds, NEED_DB=need_db,
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, dy.device),
         WIDE=wide_offsets(dy, lora_B, s, ds, db), BLOCK_R=block_r,
+        ARCH=arch(dy.device),
     )
     return (ds if need_ds else None), (db if need_db else None), (dbias if need_dbias else None)
 
@@ -150,6 +155,7 @@ def lora_dx(
         HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
         WIDE=wide_offsets(dy, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),
+        ARCH=arch(dy.device),
     )
     return dx
 
@@ -165,6 +171,7 @@ def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: 
         *drop_args(seed, p),
         HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dx.device),
         WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=rank_block(R, lora_A.dtype, dx.device),
+        ARCH=arch(dx.device),
     )
     return dx
 
@@ -188,6 +195,7 @@ def lora_da(
         *drop_args(seed, p),
         DA_ATOMIC=split_m > 1, HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype),
         LORA_PREC=dot_precision(lora_A.dtype, x.device), WIDE=wide_offsets(ds, x, da), BLOCK_R=block_r,
+        ARCH=arch(x.device),
     )
     return da
 

@@ -59,7 +59,7 @@ DORA_KERNELS = ("dora_norm_kernel", "dora_down_kernel", "dora_fwd_kernel", "dora
 KERNELS.update({name: getattr(kernels, name) for name in DORA_KERNELS})
 GEMM_KERNELS += ("dora_fwd_kernel", "dora_dx_kernel")
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
-M, N, K, SEED = 1000, 2304, 2048, 12345  # SEED: an i32 like draw_dropout_seed's, not a multiple of 16
+M, N, K = 1000, 2304, 2048
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, ob
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
     gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
-    drop = {"seed": SEED, "p": 0.1 if v.dropout else 0.0, "drop_scale": 1 / 0.9 if v.dropout else 1.0}
+    drop = {"seed_ptr": Ptr("i64"), "p": 0.1 if v.dropout else 0.0, "drop_scale": 1 / 0.9 if v.dropout else 1.0}
     bucket = triton.next_power_of_2(M)
     if v.kernel == "lora_down_kernel":
         args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, M=M, K=K, R=R, M_BUCKET=bucket, stride_xm=K, stride_xk=1,
@@ -429,7 +429,7 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
     lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
             "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
     gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
-    drop = {"seed": SEED, "p": 0.1, "drop_scale": 1 / 0.9}
+    drop = {"seed_ptr": Ptr("i64"), "p": 0.1, "drop_scale": 1 / 0.9}
     bucket = triton.next_power_of_2(M)
     if v.kernel == "dora_norm_kernel":
         args = dict(w_ptr=base, a_ptr=ad, b_ptr=ad, out_ptr=f32, N=N, K=K, R=R, stride_wk=wk, stride_wn=wn,

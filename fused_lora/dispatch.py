@@ -170,8 +170,8 @@ def in_function_transform(tensors) -> bool:
 
 
 def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-              lora_B: torch.Tensor, scaling: float, p: float, weight_layout: str, dropout_seed: int | None = None,
-              backend: str | None = None) -> torch.Tensor:
+              lora_B: torch.Tensor, scaling: float, p: float, weight_layout: str,
+              dropout_seed: int | torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """LoRA on a dense base, inputs checked: ``p`` is the dropout applied (0 outside training), autocast already
     applied to x, W and b."""
     if p == 1.0:
@@ -186,23 +186,23 @@ def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         # Function would and runs its backward in C++ (issue 14). fp32 adapters on a half x would make autograd keep an
         # fp32 copy of x: those take the Function.
         return lora_torch.native_forward(x, weight, bias, lora_A, lora_B, scaling, weight_layout)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed_tensor(p, dropout_seed),
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed_tensor(p, dropout_seed, x.device),
                                     weight_layout, name, path, candidates)
 
 
 def dora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
               lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, p: float, weight_layout: str,
-              dropout_seed: int | None = None, backend: str | None = None) -> torch.Tensor:
+              dropout_seed: int | torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """DoRA on a dense base, inputs checked (as :func:`lora_call`)."""
     if in_function_transform((x, weight, bias, lora_A, lora_B, magnitude)):
         return plain_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, weight_layout)
     name, path, candidates = route(DORA, DENSE, x.device, x.dtype, backend)
     return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, p,
-                                    seed_tensor(p, dropout_seed), weight_layout, name, path, candidates)
+                                    seed_tensor(p, dropout_seed, x.device), weight_layout, name, path, candidates)
 
 
 def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   scaling: float, p: float, dropout_seed: int | None = None,
+                   scaling: float, p: float, dropout_seed: int | torch.Tensor | None = None,
                    backend: str | None = None) -> torch.Tensor:
     """LoRA on a bitsandbytes base ``layer`` (frozen): ``layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ``; ``p`` is the
     dropout applied."""
@@ -216,5 +216,5 @@ def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor
     compute = getattr(base, "compute_dtype", x.dtype)
     fused_ok = kind == BNB_4BIT and fused_4bit_fits(x, layer, compute)
     name, path, candidates = route(LORA, kind, x.device, compute, backend, fused_ok=fused_ok)
-    return QuantLoRAFunction.apply(x, bias, lora_A, lora_B, base, scaling, p, seed_tensor(p, dropout_seed), name,
-                                   path, candidates)
+    seed = seed_tensor(p, dropout_seed, x.device)
+    return QuantLoRAFunction.apply(x, bias, lora_A, lora_B, base, scaling, p, seed, name, path, candidates)

@@ -13,25 +13,34 @@ import threading
 import torch
 
 
-def draw_dropout_seed() -> torch.Tensor:
-    """A one-element int64 CPU tensor seeding the dropout mask, drawn from PyTorch's default CPU generator.
+def draw_dropout_seed(device: torch.device | str | None = None) -> torch.Tensor:
+    """A one-element int64 tensor seeding the dropout mask, drawn from PyTorch's generator of ``device`` (the CPU's
+    when None).
 
-    Drawing from the global generator makes runs reproducible under ``torch.manual_seed`` and lets
-    ``torch.utils.checkpoint`` (which restores RNG state before recomputing) replay the same mask. It
-    stays a tensor (no ``.item()``) so ``torch.compile`` traces it without a graph break.
+    Drawing from PyTorch's generators makes runs reproducible under ``torch.manual_seed`` and lets
+    ``torch.utils.checkpoint`` (which restores the RNG states before recomputing) replay the same mask. On a GPU the
+    seed is drawn on the GPU and the kernels read it from device memory: no host sync, and under CUDA graph capture the
+    draw belongs to the graph (PyTorch's CUDA generator is graph-safe), so each replay takes a new mask. It stays a
+    tensor (no ``.item()``) so ``torch.compile`` traces it without a graph break.
     """
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
-def seed_tensor(p: float, dropout_seed: int | None) -> torch.Tensor | None:
-    """The call's seed: None without dropout, the given one, or a fresh draw (:func:`draw_dropout_seed`)."""
+def seed_tensor(p: float, dropout_seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The call's seed on ``device``: None without dropout, the given one (an int, or a one-element tensor), or a
+    fresh draw (:func:`draw_dropout_seed`)."""
     if p == 0:
         return None
-    return draw_dropout_seed() if dropout_seed is None else torch.tensor([int(dropout_seed)])
+    if dropout_seed is None:
+        return draw_dropout_seed(device)
+    if isinstance(dropout_seed, torch.Tensor):
+        return dropout_seed.reshape(1).to(device, torch.int64)
+    return torch.tensor([int(dropout_seed)], dtype=torch.int64, device=device)
 
 
 def seed_value(seed: torch.Tensor | int | None) -> int:
-    """The seed as a Python int (a ``.item()`` for a tensor: read once per call, not per kernel)."""
+    """The seed as a Python int, for the PyTorch path's Generator (a ``.item()`` for a tensor: a host sync on a GPU,
+    read once per call; the Triton path never reads it on the host)."""
     if seed is None:
         return 0
     return seed if isinstance(seed, int) else int(seed.item())

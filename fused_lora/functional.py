@@ -31,7 +31,7 @@ def fused_lora_linear(
     training: bool = True,
     weight_layout: str = "linear",
     *,
-    dropout_seed: int | None = None,
+    dropout_seed: int | torch.Tensor | None = None,
     backend: str | None = None,
     magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -46,8 +46,10 @@ def fused_lora_linear(
         scaling: alpha/r (or alpha/sqrt(r) for rsLoRA).
         dropout_p: dropout on the LoRA branch only, applied when ``training``; in [0, 1] (1: the branch
             contributes nothing and its adapters get zero gradients, as with ``nn.Dropout(p=1)`` in PEFT).
-        dropout_seed: seed of the dropout mask (see :func:`dropout_mask`); drawn from PyTorch's default
-            generator when None.
+        dropout_seed: seed of the dropout mask (see :func:`dropout_mask`): an int, or a one-element int64 tensor on
+            x's device (``draw_dropout_seed(device)``; the kernels read it from device memory, so a CUDA graph captured
+            around the call with the draw inside takes a new mask at each replay); drawn from PyTorch's generator of
+            x's device when None.
         backend: "auto" (default), "triton" or "torch"; overrides ``FUSED_LORA_BACKEND``.
         magnitude: (out_features,), DoRA's ``lora_magnitude_vector`` (the adapters' dtype or float32): then
             ``y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ scaling · (x_d Aᵀ) Bᵀ`` with g = magnitude / ‖W + scaling·B A‖

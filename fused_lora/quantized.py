@@ -23,7 +23,7 @@ from .layer import LoRALinear, register_wrapper
 
 
 def quantized_lora(x: torch.Tensor, layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                   dropout_p: float = 0.0, training: bool = True, *, dropout_seed: int | None = None,
+                   dropout_p: float = 0.0, training: bool = True, *, dropout_seed: int | torch.Tensor | None = None,
                    backend: str | None = None) -> torch.Tensor:
     """``layer(x) + scaling · (dropout(x) lora_Aᵀ) lora_Bᵀ`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``
     ``layer`` (frozen). Same conventions as :func:`fused_lora.fused_lora_linear`."""

@@ -17,14 +17,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
 
 # Kernel arguments whose value changes from call to call. Triton's JIT specializes an int argument that is 1 or
-# a multiple of 16 into a new variant, so without this one dropout seed in 16, or a batch of 1024 tokens after
-# one of 1000, would compile new kernels in the middle of a training run.
+# a multiple of 16 into a new variant, so without this a batch of 1024 tokens after one of 1000 would compile new
+# kernels in the middle of a training run. (The dropout seed is read from device memory, ``seed_ptr``: a captured
+# CUDA graph takes each replay's seed, and no seed value can specialize anything.)
 # ARCH: the launch device's compute capability (triton_launch.arch; 0 under the interpreter), an argument of every
 # autotuned kernel that the code never reads. It is in each autotuner's key, so that a process with two GPU kinds tunes
 # each apart (the key otherwise holds shapes and dtypes only: a config tuned on an H100 would be reused on an A10, where
 # it may not fit), and the pruning (``by_dtype``) reads it; not specialized (80 is a multiple of 16), so it compiles
 # no variant of its own.
-RUNTIME_VALUES = ["M", "M_BUCKET", "seed", "ARCH"]
+RUNTIME_VALUES = ["M", "M_BUCKET", "ARCH"]
 
 
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, which Triton's launcher

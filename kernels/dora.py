@@ -164,12 +164,13 @@ def dora_down_kernel(
     x_ptr, a_ptr, s_ptr, xd_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_xdm, stride_xdk,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """S[M, R] (fp32) = (m ⊙ x) Aᵀ, and x_d[M, K] = keep ⊙ x in x's dtype (exact: the 0/1 mask, not yet scaled by
     1/(1-p)), written by the programs of the first rank chunk. Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     pid_r = tl.program_id(1)
     rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     ranks = index(pid_r * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
@@ -357,7 +358,7 @@ def dora_dx_kernel(
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_gmm, stride_gmn, stride_wk, stride_wn, stride_dsm, stride_dsr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -366,6 +367,7 @@ def dora_dx_kernel(
     regenerated from the seed in the epilogue. Each W tile feeds both accumulators. Output tile BLOCK_M × BLOCK_N
     over (M, K), reduction over N in BLOCK_K steps (as ``lora_dx_kernel``). Grid: (cdiv(M, BLOCK_M) · cdiv(K, BLOCK_N),).
     """
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     rows = index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     k_start = pid_k * BLOCK_N

@@ -34,10 +34,11 @@ def dropout_scale(seed, rows, col_start, p, scale, BLOCK_ROWS: tl.constexpr, BLO
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
-def dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed, p, scale,
+def dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed_ptr, p, scale,
                         WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes the scaled mask the LoRA kernels use (for tests, users who want to inspect it, and the PyTorch
     fallback after a kernel failure)."""
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     col_start = tl.program_id(1) * BLOCK_K
     cols = index(col_start + tl.arange(0, BLOCK_K), WIDE)

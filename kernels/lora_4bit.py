@@ -207,7 +207,7 @@ def lora_dx_4bit_kernel(
     dy_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, ds_ptr, a_ptr, dx_ptr,
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, W_DTYPE: tl.constexpr, NESTED: tl.constexpr, QBLOCK_LOG2: tl.constexpr,
     QBLOCK2_LOG2: tl.constexpr, ALIGNED: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -218,6 +218,7 @@ def lora_dx_4bit_kernel(
     As lora_dx_kernel: the output tile is BLOCK_M × BLOCK_N over (M, K), the reduction runs over N in BLOCK_K
     steps. Grid: (cdiv(M, BLOCK_M) · cdiv(K, BLOCK_N),).
     """
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     rows = index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     k_start = pid_k * BLOCK_N

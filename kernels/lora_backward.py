@@ -112,7 +112,7 @@ def lora_dx_kernel(
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr, stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, BASE_DOT: tl.constexpr, BASE_PREC: tl.constexpr,
     LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -122,6 +122,7 @@ def lora_dx_kernel(
     The output tile is BLOCK_M × BLOCK_N over (M, K) and the reduction runs over N in BLOCK_K steps
     (the config names are shared with the forward GEMM). Grid: (cdiv(M, BLOCK_M) · cdiv(K, BLOCK_N),).
     """
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     rows = index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     k_start = pid_k * BLOCK_N
@@ -157,7 +158,7 @@ def lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,
     M, K, R, M_BUCKET,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     DA_ATOMIC: tl.constexpr, HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -166,6 +167,7 @@ def lora_da_kernel(
     The grid's third dimension splits the rows into SPLIT_M interleaved slices (a runtime value);
     ``DA_ATOMIC`` (SPLIT_M > 1): partial sums are atomic adds into da, zeroed by the launcher.
     """
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     pid_split = tl.program_id(2)
     split_m = tl.num_programs(2)
     k_start = tl.program_id(0) * BLOCK_K

@@ -55,12 +55,13 @@ def lora_dx_add_kernel(
     dx_ptr, ds_ptr, a_ptr,
     M, K, R, M_BUCKET,
     stride_dxm, stride_dxk, stride_dsm, stride_dsr, stride_ar, stride_ak,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dX[M, K] += m ⊙ (dS[M, R] A[R, K]), the mask regenerated from the seed. Grid: (cdiv(M, BLOCK_M),
     cdiv(K, BLOCK_N)); BLOCK_N is the tile width along K (the config names are shared with the forward)."""
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     k_start = tl.program_id(1) * BLOCK_N
     cols = index(k_start + tl.arange(0, BLOCK_N), WIDE)

@@ -2,9 +2,9 @@
 the base GEMM's fp32 accumulator (one write of y, no M×N temporary).
 
 Offsets are int32, or int64 in the ``WIDE`` variant a launch that reaches past 2³¹ elements compiles
-(``indexing.index``). The runtime values that change from call to call (M, the M bucket, the dropout seed)
-are not specialized by the JIT (``configs.RUNTIME_VALUES``), so a new batch length or seed never compiles a
-new variant.
+(``indexing.index``). The runtime values that change from call to call (M, the M bucket) are not specialized by
+the JIT (``configs.RUNTIME_VALUES``), so a new batch length never compiles a new variant; the dropout seed is read
+from device memory (``seed_ptr``, one int64), so a captured CUDA graph draws a new one at each replay.
 
 Dtype handling is passed in as constexprs chosen by the launcher:
 - ``BASE_DOT`` / ``LORA_DOT``: the dtype each operand is cast to right before ``tl.dot`` (x's dtype
@@ -46,7 +46,7 @@ def lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr, stride_ss,
-    seed, p, drop_scale, ARCH,
+    seed_ptr, p, drop_scale, ARCH,
     HAS_DROPOUT: tl.constexpr, LORA_DOT: tl.constexpr, LORA_PREC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -57,6 +57,7 @@ def lora_down_kernel(
     ``s_ptr + k·stride_ss`` and the launcher sums the slices (a fixed order: S stays bitwise reproducible, which
     atomics would not). SPLIT_K = 1 writes S itself.
     """
+    seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     ranks = index(tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), WIDE)
     pid_k = tl.program_id(2)

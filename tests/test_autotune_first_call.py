@@ -247,7 +247,8 @@ def _lora_da_split():
     ds, x, da = _f32(M, R, seed=4), _f32(M, K, seed=5), _zeros(R, K)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, 16), 2)  # noqa: E731
     _kernel("lora_backward", "lora_da_kernel")[grid](
-        ds, x, da, M, K, R, _m_bucket(M), *ds.stride(), *x.stride(), *da.stride(), 77, 0.3, 1 / 0.7, ARCH,
+        ds, x, da, M, K, R, _m_bucket(M), *ds.stride(), *x.stride(), *da.stride(),
+        torch.tensor([77], device=DEVICE), 0.3, 1 / 0.7, ARCH,
         DA_ATOMIC=True, HAS_DROPOUT=True, **LORA_DOT)
     return {"da": da}
 

@@ -78,3 +78,61 @@ def test_seed_follows_torch_manual_seed(backend):
         outs.append(fused_lora_linear(x, w, None, a, b, 1.0, 0.5, backend=backend))
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], fused_lora_linear(x, w, None, a, b, 1.0, 0.5, backend=backend))
+
+
+# ------------------------------------------------------------------------- CUDA graphs (issue 20): what a CPU can show
+# A captured CUDA graph replays its kernels with the same arguments, pointers included, and PyTorch's CUDA generator
+# rewrites the memory of the draws inside the graph at each replay. So dropout is right under capture when the seed is
+# drawn on the device inside the call and the kernels read it from memory when they run, with no host read in between.
+# tests/test_gpu.py (run by bench/run_gpu.sh check) captures and replays for real.
+
+
+def test_the_kernels_read_the_seed_from_device_memory_when_they_run():
+    """The same launch (the same seed tensor, as a graph replay has) after the seed's memory changed: the new seed's
+    mask."""
+    from fused_lora.backends import dropout_triton
+
+    seed = torch.tensor([11], device=DEVICE)
+    first = dropout_triton.dropout_mask(seed, (40, 72), 0.3, DEVICE)
+    seed.fill_(12)  # what the graph's generator does to the draw's memory before a replay
+    second = dropout_triton.dropout_mask(seed, (40, 72), 0.3, DEVICE)
+    assert not torch.equal(first, second)
+    assert torch.equal(first, dropout_mask(11, (40, 72), 0.3, DEVICE, backend="triton"))
+    assert torch.equal(second, dropout_mask(12, (40, 72), 0.3, DEVICE, backend="triton"))
+
+
+def test_the_triton_path_never_reads_the_seed_on_the_host():
+    """No .item() (a host sync, which a CUDA graph capture forbids) and no host-made tensor on the Triton path: the
+    seed is drawn on x's device and stays there, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(28, 40, device=DEVICE)
+    a = torch.randn(4, 40, device=DEVICE, requires_grad=True)
+    b = torch.randn(28, 4, device=DEVICE, requires_grad=True)
+    fused_lora_linear(x, w, None, a, b, 2.0, 0.3, backend="triton").sum().backward()  # warm-up: cached buffers
+    with Ops():
+        fused_lora_linear(x, w, None, a, b, 2.0, 0.3, backend="triton").sum().backward()
+    assert "randint" in ops and "_local_scalar_dense" not in ops and "lift_fresh" not in ops, ops
+
+
+def test_the_seed_is_drawn_from_the_devices_generator_and_a_tensor_seed_works():
+    from fused_lora import draw_dropout_seed
+
+    torch.manual_seed(3)
+    drawn = draw_dropout_seed(DEVICE)
+    torch.manual_seed(3)
+    assert drawn.device.type == DEVICE.type and torch.equal(drawn, torch.randint(0, 2**31 - 1, (1,), device=DEVICE))
+    x = torch.randn(6, 40, device=DEVICE)
+    w, a, b = torch.randn(28, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE), torch.randn(28, 4, device=DEVICE)
+    for backend in BACKENDS:
+        by_int = fused_lora_linear(x, w, None, a, b, 2.0, 0.3, dropout_seed=int(drawn), backend=backend)
+        by_tensor = fused_lora_linear(x, w, None, a, b, 2.0, 0.3, dropout_seed=drawn, backend=backend)
+        assert torch.equal(by_int, by_tensor)

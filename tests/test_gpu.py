@@ -8,6 +8,7 @@ config) holds the tests most likely to fail on a first GPU, most telling first, 
 2. offsets past 2³¹ elements, on real tensors;
 3. non-contiguous inputs (strided x and bias, transposed weight, strided and transposed adapters);
 4. one dropout mask in the forward and the backward kernels, the one ``fused_lora.dropout_mask`` gives for the seed;
+   CUDA graphs: forward + backward captured, two replays take two masks, each right; reduce-overhead really graphs;
 5. a layer on cuda:1 while cuda:0 is current (skipped with one GPU);
 6. every dtype × weight layout at one real size, and the composed GEMM path once (names hold ``real_size``:
    run_gpu.sh runs these in a second process beside 1-5, so that both compile at once).
@@ -188,6 +189,75 @@ def test_one_dropout_mask_in_forward_and_backward():
     for name, grad in (("dA", lora_A.grad), ("dB", lora_B.grad)):
         torch.testing.assert_close(grad.double(), dyt_xd, rtol=1e-4, atol=1e-4 * dyt_xd.abs().max().item(),
                                    msg=f"{name}: the backward used another mask than the forward")
+
+
+@check
+def test_cuda_graph_replays_take_new_masks_each_right():
+    """Forward + backward captured in a CUDA graph with the dropout seed drawn inside (issue 20): two replays use two
+    masks, and each replay's outputs and gradients equal an eager call with that replay's seed (read back from the
+    graph's seed tensor)."""
+    from fused_lora import draw_dropout_seed
+
+    torch.manual_seed(0)
+    M, K, N, r, p = 1024, 1024, 1024, 16, 0.3
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    a = (torch.randn(r, K, device="cuda") * K**-0.5).requires_grad_()
+    b = (torch.randn(N, r, device="cuda") * r**-0.5).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    xs = x.clone().requires_grad_()
+
+    def step():
+        seed = draw_dropout_seed("cuda")
+        y = fused_lora_linear(xs, w, None, a, b, 2.0, p, dropout_seed=seed, backend="triton")
+        return (seed, y, *torch.autograd.grad(y, (xs, a, b), dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, tunes, self-checks and caches before the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append([t.clone() for t in static])
+    seeds = [int(rep[0]) for rep in replays]
+    assert seeds[0] != seeds[1], "every replay must draw a new seed"
+    assert not torch.equal(replays[0][1], replays[1][1]), "two replays used one mask"
+    for seed, rep in zip(seeds, replays, strict=True):
+        y = fused_lora_linear(xs, w, None, a, b, 2.0, p, dropout_seed=seed, backend="triton")
+        eager = (y, *torch.autograd.grad(y, (xs, a, b), dy))
+        for name, got, want in zip(("y", "dx", "dA", "dB"), rep[1:], eager, strict=True):
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-5 * scale,
+                                       msg=f"{name}: a replay differs from the eager call with its seed")
+
+
+@check
+def test_reduce_overhead_runs_cuda_graphs_with_fresh_masks():
+    """torch.compile(mode="reduce-overhead") on a LoRALinear with dropout: no CPU op in the graph (the seed is drawn on
+    the GPU), so inductor really uses CUDA graphs (no cudagraph skip), and steps draw different masks."""
+    from torch._dynamo.utils import counters
+
+    from fused_lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(512, 512, r=8, lora_dropout=0.1, init_lora_weights=False).cuda()
+    x = torch.randn(256, 512, device="cuda")
+    counters.clear()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    outs = []
+    for _ in range(4):
+        y = compiled(x)
+        y.sum().backward()
+        outs.append(y.detach().clone())
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert not torch.equal(outs[-1], outs[-2]), "two steps used one dropout mask"
 
 
 # ------------------------------------------------------------------------------------------------ devices

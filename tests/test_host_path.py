@@ -24,7 +24,8 @@ COMPOSED = ["lora_down_kernel", "lora_up_add_kernel", "lora_dy_kernel", "lora_dx
 
 @pytest.fixture(scope="module", autouse=True)
 def warm():
-    host_cost.triton_path_counts()  # one-time allocations (the cached dummy buffer for outputs not needed)
+    for p in (0.0, 0.1):  # one-time allocations (the cached dummy buffers: outputs not needed, no seed)
+        host_cost.triton_path_counts(p=p)
 
 
 @pytest.mark.parametrize("gemm", ["fused", "composed"])
@@ -39,10 +40,12 @@ def test_triton_path_counts(gemm, p, bias_grad):
     want = (["empty", "empty"] if gemm == "fused" else ["empty"]) + ["empty", "zeros"]
     want += ["zeros"] * bias_grad + (["empty", "empty"] if gemm == "fused" else ["empty"])
     assert sorted(c["allocations"]) == sorted(want), c["allocations"]
-    # Every aten op: the allocations, cuBLAS's base GEMMs (composed), the seed's tensor and its reads (dropout), and
+    # Every aten op: the allocations, cuBLAS's base GEMMs (composed), the seed's tensor (dropout), and
     # PyTorch's own detach of each gradient it accumulates.
     base_ops = ["t", "addmm", "t", "t", "mm"] if gemm == "composed" else []
-    seed_ops = ["lift_fresh", "_local_scalar_dense"] if p > 0 else []  # made, and read once for both passes
+    # the seed made (here from dropout_seed=3) and never read on the host: the kernels read it from device memory, so
+    # the Triton path has no host sync and can be captured in a CUDA graph (issue 20)
+    seed_ops = ["lift_fresh"] if p > 0 else []
     detach = ["detach"] * (3 + bias_grad)
     assert sorted(c["ops"]) == sorted(c["allocations"] + base_ops + seed_ops + detach), c["ops"]
 

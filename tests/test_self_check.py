@@ -118,7 +118,7 @@ def test_another_mask_in_backward_is_caught(monkeypatch, launcher):
 
     def other_mask(*args, **kwargs):
         args = list(args)
-        args[seed_at] += 1
+        args[seed_at] = args[seed_at] + 1  # a new seed (a device tensor: not changed in place)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lora_triton, launcher, other_mask)

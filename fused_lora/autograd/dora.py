@@ -48,11 +48,10 @@ def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, we
                 candidates, need_p=True):
     """(y, S, P, the row norms, the path run); on the Triton backend the path is chosen and checked as LoRA's
     (``autograd/paths.py``). ``need_p``: P (M×N, for the magnitude's gradient) formed at all (an empty P when not)."""
-    seed = seed_value(seed)
     device_type = x.device.type
     if backend == "torch":
         y, s, P, norm = without_autocast(dora_torch.forward, device_type, x, weight, bias, lora_A, lora_B, magnitude,
-                                       scaling, p, seed, weight_layout, need_p)
+                                         scaling, p, seed_value(seed), weight_layout, need_p)
         return y, s, P, norm, "torch"
     mask = paths.kernels_mask(seed, x, p)
 
@@ -72,12 +71,11 @@ def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, we
 
 def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed, weight_layout, backend, gemm,
                  candidates, need_dx, need_da, need_db, need_dbias, need_dmag):
-    seed = seed_value(seed)
     needs = (need_dx, need_da, need_db, need_dbias, need_dmag)
     dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32, magnitude.dtype)
     if backend == "torch":
         grads = without_autocast(dora_torch.backward, dy.device.type, dy, x, weight, lora_A, lora_B, magnitude, s, P,
-                                 norm, scaling, p, seed, weight_layout, *needs)
+                                 norm, scaling, p, seed_value(seed), weight_layout, *needs)
         return cast_grads(grads, dtypes)
     mask = paths.kernels_mask(seed, x, p)
 

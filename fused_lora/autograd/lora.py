@@ -37,13 +37,13 @@ def _backward_on(path, dy, x, weight, lora_A, lora_B, s, scaling, p, seed, weigh
 
 
 def run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend, gemm, candidates):
-    """(y, S in its dtype, the path run), autocast off (``without_autocast``). The PyTorch backend draws its own mask;
-    within the Triton backend every path applies the kernels' (``autograd/paths.py``)."""
-    seed = seed_value(seed)
+    """(y, S in its dtype, the path run), autocast off (``without_autocast``). The PyTorch backend draws its own mask
+    (from the seed read on the host); within the Triton backend every path applies the kernels' (``autograd/paths.py``),
+    whose seed stays in device memory."""
     device_type = x.device.type
     if backend == "torch":
         y, s = without_autocast(lora_torch.forward, device_type, x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                seed, weight_layout)
+                                seed_value(seed), weight_layout)
         return y, s, "torch"
     mask = paths.kernels_mask(seed, x, dropout_p)
 
@@ -65,12 +65,11 @@ def run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, wei
                  need_dx, need_da, need_db, need_dbias):
     """(dX, dA, dB, dbias fp32), None where not needed; autocast off as in :func:`run_forward`. ``gemm``: the path the
     forward ran (or ``auto`` under torch.compile: the kept choice)."""
-    seed = seed_value(seed)
     needs = (need_dx, need_da, need_db, need_dbias)
     dtypes = (x.dtype, lora_A.dtype, lora_B.dtype, torch.float32)
     if backend == "torch":
         grads = without_autocast(lora_torch.backward, dy.device.type, dy, x, weight, lora_A, lora_B, s, scaling,
-                                 dropout_p, seed, weight_layout, *needs)
+                                 dropout_p, seed_value(seed), weight_layout, *needs)
         return cast_grads(grads, dtypes)
     mask = paths.kernels_mask(seed, x, dropout_p)
 
@@ -136,9 +135,9 @@ class LoRALinearFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             y, s = _forward_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weight_layout, backend,
                                gemm, candidates)
-        else:  # the seed read once, for backward too (a .item() per read); the path run kept for backward
-            ctx.seed_int = seed_value(seed)
-            y, s, gemm = run_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, ctx.seed_int,
+        else:  # the path run kept for backward; the PyTorch path's seed read on the host once, for backward too
+            ctx.seed_arg = seed_value(seed) if backend == "torch" else seed
+            y, s, gemm = run_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, ctx.seed_arg,
                                      weight_layout, backend, gemm, candidates)
         # x itself, not its 2-D view: an input of the Function stays connected to the graph when a backward with
         # create_graph=True reads it back (a view made in here would not be).
@@ -164,7 +163,7 @@ class LoRALinearFunction(torch.autograd.Function):
             return dx, None, dbias, da, db, None, None, None, None, None, None, None
         compiling = torch.compiler.is_compiling()
         args = (as_2d(dy), as_2d(x), weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p,
-                seed if compiling else ctx.seed_int, ctx.weight_layout, ctx.backend, ctx.gemm, ctx.candidates, need_dx,
+                seed if compiling else ctx.seed_arg, ctx.weight_layout, ctx.backend, ctx.gemm, ctx.candidates, need_dx,
                 need_da, need_db, need_dbias)
         dx, da, db, dbias = _backward_op(*args) if compiling else run_backward(*args)
         if need_dx and x.dim() != 2:

@@ -105,12 +105,12 @@ class QuantLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, base, scaling, dropout_p, seed, backend, gemm, candidates):
-        seed_int = seed_value(seed)
-        y, s, path = run_forward(as_2d(x), base, bias, lora_A, lora_B, scaling, dropout_p, seed_int, backend, gemm,
+        seed_arg = seed_value(seed) if backend == "torch" else seed  # the Triton path keeps it in device memory
+        y, s, path = run_forward(as_2d(x), base, bias, lora_A, lora_B, scaling, dropout_p, seed_arg, backend, gemm,
                                  candidates)
         ctx.save_for_backward(x, lora_A, lora_B, s, seed)
         ctx.base, ctx.scaling, ctx.dropout_p, ctx.backend, ctx.gemm = base, scaling, dropout_p, backend, path
-        ctx.seed_int, ctx.candidates = seed_int, candidates
+        ctx.seed_arg, ctx.candidates = seed_arg, candidates
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
@@ -121,14 +121,14 @@ class QuantLoRAFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: plain, differentiable ops (the base's dX is linear in dY)
             mask = None
             if ctx.dropout_p > 0:
-                mask = IMPLEMENTATIONS[ctx.backend].dropout_mask(ctx.seed_int, (x.numel() // x.shape[-1],
+                mask = IMPLEMENTATIONS[ctx.backend].dropout_mask(ctx.seed_arg, (x.numel() // x.shape[-1],
                                                                                 x.shape[-1]), ctx.dropout_p, x.device)
             dx, dbias, da, db = plain_backward(dy, x, lora_A, lora_B, ctx.scaling, mask,
                                                lambda d: ctx.base.input_grad(d, d.dtype), ctx.bias_dtype,
                                                (need_dx, need_dbias, need_da, need_db))
             return dx, dbias, da, db, None, None, None, None, None, None, None
         dx, da, db, dbias = run_backward(as_2d(dy), as_2d(x), ctx.base, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p,
-                                         ctx.seed_int, ctx.backend, ctx.gemm, ctx.candidates,
+                                         ctx.seed_arg, ctx.backend, ctx.gemm, ctx.candidates,
                                          (need_dx, need_da, need_db, need_dbias))
         return (dx.view(x.shape) if need_dx else None, dbias.to(ctx.bias_dtype) if need_dbias else None,
                 da.to(lora_A.dtype) if need_da else None, db.to(lora_B.dtype) if need_db else None,

@@ -240,7 +240,7 @@ def dx_4bit(
             dy, *pointers, ds, lora_A, dx, M, N, K, R, m_bucket(M),
             dy.stride(0), dy.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
             dx.stride(0), dx.stride(1),
-            *drop_args(seed, p),
+            *drop_args(seed, p, dy.device),
             HAS_DROPOUT=p > 0, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
             BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
             LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..dropout import drop_scale
 from ..kernels.configs import m_bucket
 from ..kernels.dora import dora_down_kernel, dora_dx_kernel, dora_dy_kernel, dora_fwd_kernel, dora_norm_kernel
 from . import dora_torch
@@ -70,7 +71,7 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
         x, lora_A, s, xd, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
         xd.stride(0), xd.stride(1),
-        *drop_args(seed, p),
+        *drop_args(seed, p, x.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
         WIDE=wide_offsets(x, lora_A, s, xd), BLOCK_R=block_r,
         ARCH=arch(x.device),
@@ -100,7 +101,7 @@ def dora_forward_gemm(
         x.stride(0), x.stride(1), xd_arg.stride(0), xd_arg.stride(1), stride_wk, stride_wn, s.stride(0), s.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), *p_strides, bias_arg.stride(0),
         magnitude.stride(0),
-        scaling, drop_args(0, p)[2],
+        scaling, drop_scale(p),
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, WRITE_P=need_p, BASE_DOT=dot_dtype(x.dtype),
         BASE_PREC=dot_precision(x.dtype, x.device), LORA_DOT=dot_dtype(lora_B.dtype),
         LORA_PREC=dot_precision(lora_B.dtype, x.device),
@@ -160,7 +161,7 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
         dy, gm, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), gm.stride(0), gm.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        *drop_args(seed, p),
+        *drop_args(seed, p, dy.device),
         BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
         WIDE=wide_offsets(dy, gm, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),

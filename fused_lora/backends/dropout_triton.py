@@ -19,6 +19,6 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     block = 32
     grid = (triton.cdiv(M, block), triton.cdiv(K, block))
     with on_device(device):
-        dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), *drop_args(seed, p),
+        dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), *drop_args(seed, p, device),
                                   WIDE=wide_offsets(out), BLOCK_M=block, BLOCK_K=block)
     return out

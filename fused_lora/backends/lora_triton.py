@@ -22,7 +22,7 @@ from ..kernels.lora_compose import lora_dx_add_kernel, lora_up_add_kernel
 from ..kernels.lora_forward import lora_down_kernel, lora_fwd_kernel
 from . import lora_torch
 from .dropout_triton import dropout_mask
-from .kernel_fallback import guarded, signature
+from .kernel_fallback import guarded, kernel_keep, signature
 from .triton_launch import (
     arch,
     dot_dtype,
@@ -56,7 +56,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_
     lora_down_kernel[grid](
         x, lora_A, out, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(-2), out.stride(-1), stride_ss,
-        *drop_args(seed, p),
+        *drop_args(seed, p, x.device),
         HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
         WIDE=wide_offsets(x, lora_A, out), BLOCK_R=block_r,
         ARCH=arch(x.device),
@@ -151,7 +151,7 @@ def lora_dx(
         dy, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),
         lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        *drop_args(seed, p),
+        *drop_args(seed, p, dy.device),
         HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
         WIDE=wide_offsets(dy, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),
@@ -168,7 +168,7 @@ def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: 
     lora_dx_add_kernel[grid](
         dx, ds, lora_A, M, K, R, m_bucket(M),
         dx.stride(0), dx.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
-        *drop_args(seed, p),
+        *drop_args(seed, p, dx.device),
         HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dx.device),
         WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=rank_block(R, lora_A.dtype, dx.device),
         ARCH=arch(dx.device),
@@ -192,7 +192,7 @@ def lora_da(
     lora_da_kernel[grid](
         ds, x, da, M, K, R, m_bucket(M),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-        *drop_args(seed, p),
+        *drop_args(seed, p, x.device),
         DA_ATOMIC=split_m > 1, HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype),
         LORA_PREC=dot_precision(lora_A.dtype, x.device), WIDE=wide_offsets(ds, x, da), BLOCK_R=block_r,
         ARCH=arch(x.device),
@@ -215,7 +215,7 @@ def forward_with(
         return y, s.float()
 
     if x.numel() == 0 or lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
-        return fallback(None)
+        return fallback(kernel_keep(seed, x, p))
 
     def launch():
         s = lora_down(x, lora_A, seed, p)
@@ -238,7 +238,7 @@ def backward_with(
         return lora_torch.composed_backward(dy, x, base, lora_A, lora_B, s, scaling, p, seed, *needs, keep=keep)
 
     if x.numel() == 0 or dy.numel() == 0:
-        return fallback(None)
+        return fallback(kernel_keep(seed, x, p))
 
     def launch():
         dx = da = None

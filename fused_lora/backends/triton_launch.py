@@ -128,6 +128,25 @@ def wide_offsets(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def drop_args(seed: int, p: float) -> tuple[int, float, float]:
-    """The kernels' (seed, p, 1/(1-p)) arguments."""
-    return seed, p, drop_scale(p)
+_no_seed: dict[torch.device, torch.Tensor] = {}
+
+
+def seed_arg(seed: torch.Tensor | int | None, device: torch.device) -> torch.Tensor:
+    """The kernels' ``seed_ptr``: the dropout seed as one int64 in ``device``'s memory, which the kernels read when they
+    run. The router draws it there (``dropout.seed_tensor``), so under CUDA graph capture the draw is part of the graph
+    and every replay reads a new seed; an int (a seed given by hand, tests) is copied there; None (no dropout): a
+    cached int64 the kernels never read."""
+    if isinstance(seed, torch.Tensor):
+        return seed if seed.device == device and seed.dtype == torch.int64 else seed.to(device, torch.int64)
+    if seed is None:
+        t = _no_seed.get(device)
+        if t is None:
+            t = _no_seed[device] = torch.zeros(1, device=device, dtype=torch.int64)
+        return t
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def drop_args(seed: torch.Tensor | int | None, p: float,
+              device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """The kernels' (seed_ptr, p, 1/(1-p)) arguments."""
+    return seed_arg(seed if p > 0 else None, device), p, drop_scale(p)

@@ -167,8 +167,11 @@ def test_the_default_is_first_on_cuda_and_off_elsewhere(monkeypatch):
     assert self_check.verify_mode(torch.device("cuda")) == "first"
     assert self_check.verify_mode(torch.device("cpu")) == "off"
     monkeypatch.setenv("FUSED_LORA_VERIFY", "always")
+    assert self_check.verify_mode(torch.device("cpu")) == "off", "read once (this runs on every call)"
+    fused_lora.set_verify(None)  # read the environment again
     assert self_check.verify_mode(torch.device("cpu")) == "always"
     monkeypatch.setenv("FUSED_LORA_VERIFY", "sometimes")
+    fused_lora.set_verify(None)
     with pytest.raises(ValueError, match="FUSED_LORA_VERIFY='sometimes'"):
         self_check.verify_mode(torch.device("cpu"))
     with pytest.raises(ValueError, match="mode='never'"):

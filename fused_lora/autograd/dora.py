@@ -65,7 +65,7 @@ def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, we
 
     key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
     (y, s, P, norm), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                                        paths.describe(x, lora_A, lora_B, weight.shape))
+                                        lambda: paths.describe(x, lora_A, lora_B, weight.shape))
     return y, (s if s.dtype == torch.float32 else s.float()), P, norm, path
 
 
@@ -93,7 +93,7 @@ def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, 
 
     key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
     return paths.backward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                          paths.describe(x, lora_A, lora_B, weight.shape))
+                          lambda: paths.describe(x, lora_A, lora_B, weight.shape))
 
 
 @torch.library.custom_op("fused_lora::dora_forward", mutates_args=())

@@ -57,7 +57,7 @@ def run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weigh
 
     key = gemm_choice.key("lora", x, lora_A, lora_B, weight_layout)
     (y, s), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                                 paths.describe(x, lora_A, lora_B, weight.shape))
+                                 lambda: paths.describe(x, lora_A, lora_B, weight.shape))
     return y, (s if s.dtype == torch.float32 else s.float()), path
 
 
@@ -86,7 +86,7 @@ def run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, wei
 
     key = gemm_choice.key("lora", x, lora_A, lora_B, weight_layout)
     return paths.backward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                          paths.describe(x, lora_A, lora_B, weight.shape))
+                          lambda: paths.describe(x, lora_A, lora_B, weight.shape))
 
 
 @torch.library.custom_op("fused_lora::lora_forward", mutates_args=())

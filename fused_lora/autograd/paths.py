@@ -19,10 +19,11 @@ GRAD_NAMES = ("dx", "dA", "dB", "dbias", "dmag")
 
 
 def forward(key: str, gemm: str, device: torch.device, candidates: tuple[str, ...], call: Callable[[str], tuple],
-            ref64: Callable[[], tuple], describe: dict) -> tuple[tuple, str]:
+            ref64: Callable[[], tuple], describe: Callable[[], dict]) -> tuple[tuple, str]:
     """(``call(path)``'s results, the path) for the path ``gemm`` resolves to (``auto``: timed once per key among
     ``candidates``), moved on by failed checks, and checked on its first call (``self_check``): on a mismatch the
-    PyTorch path's results. ``call(path)`` returns (y, …); ``ref64()`` the same in fp64."""
+    PyTorch path's results. ``call(path)`` returns (y, …); ``ref64()`` the same in fp64; ``describe()`` the shapes and
+    dtypes for a failed check's report (made only then: this runs on every call)."""
     path = self_check.current(key, gemm_choice.resolve(gemm, key, device, call, candidates))
     self_check.note_run(key, path)
     result = call(path)
@@ -32,7 +33,7 @@ def forward(key: str, gemm: str, device: torch.device, candidates: tuple[str, ..
             return {"y": r[0], "_all": r}
 
         fixed = self_check.check(key, path, "forward", device, {"y": result[0]}, same, lambda: {"y": ref64()[0]},
-                                 {**describe, "candidates": candidates})
+                                 {**describe(), "candidates": candidates})
         if fixed is not None:
             self_check.note_run(key, "torch")
             return fixed["_all"], "torch"
@@ -40,7 +41,7 @@ def forward(key: str, gemm: str, device: torch.device, candidates: tuple[str, ..
 
 
 def backward(key: str, path: str, device: torch.device, candidates: tuple[str, ...], call: Callable[[str], tuple],
-             ref64: Callable[[], tuple], describe: dict) -> tuple:
+             ref64: Callable[[], tuple], describe: Callable[[], dict]) -> tuple:
     """``call(path)``'s gradients (dX, dA, dB, dbias[, d magnitude]; None where not needed) for the forward's path (or
     the later one a failed check moved the key to), checked on the first backward of the key."""
     path = self_check.current(key, gemm_choice.resolved(path, key))
@@ -50,7 +51,7 @@ def backward(key: str, path: str, device: torch.device, candidates: tuple[str, .
         fixed = self_check.check(key, path, "backward", device, got,
                                  lambda: dict(zip(GRAD_NAMES, call("torch"), strict=False)),
                                  lambda: dict(zip(GRAD_NAMES, ref64(), strict=False)),
-                                 {**describe, "candidates": candidates})
+                                 {**describe(), "candidates": candidates})
         if fixed is not None:
             return tuple(fixed[name] for name in GRAD_NAMES[:len(grads)])
     return grads

@@ -71,7 +71,7 @@ def run_forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed, backend, gemm
 
     key = gemm_choice.key(f"lora-{base.kind}", x2d, lora_A, lora_B, "linear")
     (y, s), path = paths.forward(key, gemm, x2d.device, tuple(candidates.split(",")), call, ref64,
-                                 paths.describe(x2d, lora_A, lora_B, base.layer.weight.shape))
+                                 lambda: paths.describe(x2d, lora_A, lora_B, base.layer.weight.shape))
     return y, s, path
 
 
@@ -95,7 +95,7 @@ def run_backward(dy2d, x2d, base, lora_A, lora_B, s, scaling, p, seed, backend, 
 
     key = gemm_choice.key(f"lora-{base.kind}", x2d, lora_A, lora_B, "linear")
     return paths.backward(key, gemm, x2d.device, tuple(candidates.split(",")), call, ref64,
-                          paths.describe(x2d, lora_A, lora_B, base.layer.weight.shape))
+                          lambda: paths.describe(x2d, lora_A, lora_B, base.layer.weight.shape))
 
 
 class QuantLoRAFunction(torch.autograd.Function):

@@ -13,7 +13,8 @@ and a NaN or Inf where fp64 has none is a mismatch. On a mismatch the call retur
 worst tensor and its error against the bound, the key moves to the next path (fused → composed → PyTorch) for the rest
 of the process, and with ``FUSED_LORA_VERIFY_REPORT=<file>`` one JSON line with all of that is appended. A key that
 passed is not checked again (``first``, the default on CUDA): the steady state costs a set lookup. ``always`` checks
-every call (debugging); ``off`` nothing (the default off CUDA, where the interpreter's tests do the checking).
+every call (debugging); ``off`` nothing (the default off CUDA, where the interpreter's tests do the checking). The
+environment variable is read at the first call; ``set_verify()`` changes the mode at run time.
 
 ``report()`` says, per key, what was timed (``gemm_choice``), chosen and verified.
 """
@@ -39,7 +40,8 @@ PATH_ORDER = ("fused", "composed", "torch")
 FACTOR = 2.0  # the tests' rule: at most twice the PyTorch same-dtype error against fp64 …
 ATOL_EPS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # … plus eps(dtype) · max|fp64|
 
-_mode: str | None = None  # set_verify's; None: the environment's, else the default
+_mode: str | None = None  # set_verify's, else FUSED_LORA_VERIFY's (read once: this is asked on every call)
+_mode_from_env = False
 _passed: set[tuple[str, str, str]] = set()  # (key, path, direction) checked and found right
 _demoted: dict[str, str] = {}  # key → the path a failed check moved it to
 _ran: dict[str, str] = {}  # key → the path its last forward ran
@@ -48,29 +50,32 @@ _verdicts: dict[str, dict[str, dict[str, dict]]] = {}  # key → path → direct
 
 def set_verify(mode: str | None) -> None:
     """``"first"``, ``"always"`` or ``"off"`` for this process (over ``FUSED_LORA_VERIFY``); None: back to the
-    environment variable, or the default (``first`` on CUDA, ``off`` elsewhere)."""
-    global _mode
+    environment variable (read again now), or the default (``first`` on CUDA, ``off`` elsewhere)."""
+    global _mode, _mode_from_env
     if mode is not None and mode not in MODES:
         raise ValueError(f"fused_lora.set_verify: mode={mode!r}; choose one of {MODES}")
-    _mode = mode
+    _mode, _mode_from_env = mode, False
 
 
 def verify_mode(device: torch.device) -> str:
-    if _mode is not None:
-        return _mode
-    mode = os.environ.get(VERIFY_ENV)
-    if mode is None:
+    """The mode for a call on ``device``: ``set_verify``'s, else ``FUSED_LORA_VERIFY`` (read at the first call and
+    after ``set_verify(None)``), else ``first`` on CUDA and ``off`` elsewhere."""
+    global _mode, _mode_from_env
+    if _mode is None and not _mode_from_env:
+        env = os.environ.get(VERIFY_ENV)
+        if env is not None and env not in MODES:
+            raise ValueError(f"fused_lora: {VERIFY_ENV}={env!r}; choose one of {MODES}")
+        _mode, _mode_from_env = env, True
+    if _mode is None:
         return "first" if device.type == "cuda" else "off"
-    if mode not in MODES:
-        raise ValueError(f"fused_lora: {VERIFY_ENV}={mode!r}; choose one of {MODES}")
-    return mode
+    return _mode
 
 
 def wanted(key: str, path: str, direction: str, device: torch.device) -> bool:
     """Whether this call of ``path`` must be checked (the PyTorch path itself is the reference: never)."""
     if path == "torch":
         return False
-    mode = verify_mode(device)
+    mode = _mode if _mode is not None and _mode_from_env is False else verify_mode(device)  # set_verify's: no call
     return mode == "always" or (mode == "first" and (key, path, direction) not in _passed)
 
 

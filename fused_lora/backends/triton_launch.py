@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dropout import drop_scale
-from ..hardware import device_arch, fma_dots, num_sms, tf32_enabled
+from ..hardware import device_arch, device_capability, fma_dots, num_sms, tf32_enabled
 from ..kernels.configs import INTERPRET
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -41,10 +40,17 @@ def unused(device: torch.device) -> torch.Tensor:
     return t
 
 
+_arches: dict[torch.device, int] = {}
+
+
 def arch(device: torch.device) -> int:
     """The ``ARCH`` launch argument: the device's compute capability (sm_90 → 90; 0 under the interpreter). The
-    autotuners key on it, so a process with two GPU kinds tunes each apart, and the configs' pruning reads it."""
-    return device_arch(device)
+    autotuners key on it, so a process with two GPU kinds tunes each apart, and the configs' pruning reads it. Kept
+    per device (a dict lookup: every launch asks)."""
+    a = _arches.get(device)
+    if a is None:
+        a = _arches[device] = device_arch(device)
+    return a
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -67,7 +73,8 @@ def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str
     spilled, bench/compile_report.py). GPUs before Ampere have no TF32 and Triton lowers their dots to FMA: plain IEEE
     there. The interpreter computes every fp32 dot exactly and accepts both names, so the CPU tests run the same split
     code the GPU does. Half operands ignore the precision."""
-    if device is not None and fma_dots(device):
+    capability = device_capability(device) if device is not None else None  # (asked per launch: no extra call)
+    if capability is not None and capability < (8, 0):  # hardware.fma_dots
         return "ieee"
     if dtype == torch.float32 and not tf32_enabled():
         return "tf32x3"
@@ -149,4 +156,4 @@ def seed_arg(seed: torch.Tensor | int | None, device: torch.device) -> torch.Ten
 def drop_args(seed: torch.Tensor | int | None, p: float,
               device: torch.device) -> tuple[torch.Tensor, float, float]:
     """The kernels' (seed_ptr, p, 1/(1-p)) arguments."""
-    return seed_arg(seed if p > 0 else None, device), p, drop_scale(p)
+    return seed_arg(seed if p > 0 else None, device), p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)  # dropout.drop_scale

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hardware import device_arch, device_capability, fma_dots, num_sms, tf32_enabled
+from .. import hardware
+from ..hardware import device_arch, fma_dots, num_sms, tf32_enabled
 from ..kernels.configs import INTERPRET
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -73,7 +74,7 @@ def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str
     spilled, bench/compile_report.py). GPUs before Ampere have no TF32 and Triton lowers their dots to FMA: plain IEEE
     there. The interpreter computes every fp32 dot exactly and accepts both names, so the CPU tests run the same split
     code the GPU does. Half operands ignore the precision."""
-    capability = device_capability(device) if device is not None else None  # (asked per launch: no extra call)
+    capability = hardware.device_capability(device) if device is not None else None  # per launch: no extra call
     if capability is not None and capability < (8, 0):  # hardware.fma_dots
         return "ieee"
     if dtype == torch.float32 and not tf32_enabled():

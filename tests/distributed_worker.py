@@ -116,5 +116,9 @@ def worker(rank: int, port: int, out_dir: str, env: dict[str, str], timeout_s: f
             "fsdp2": _run_fsdp2(rank, out_dir),
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank that exits while its peer's last collective is still
+        # in flight can abort in gloo's threads ("terminate called without an active exception", seen once in a
+        # full-suite run on 2 busy cores).
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -240,3 +240,17 @@ def test_dropout_lanes_follow_the_documented_philox_layout():
         for col in range(K):
             words = _philox4x32_10(seed, (col // 4, i, 0, 0))
             assert bool(got[i, col]) == (_uniform(words[lanes[col % 4]]) >= p), (i, col)
+
+
+def test_host_cdiv_and_next_power_of_2_are_tritons():
+    """The launchers' plain host helpers (triton's are constexpr_function wrappers, slow on the host) give triton's
+    values: grids, rank chunks and split factors do not move."""
+    import triton
+
+    for a in range(0, 300):
+        assert triton_launch.next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 7, 16, 64, 128, 256):
+            assert triton_launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in (2**31 - 1, 2**31, 2**31 + 1, 10**12):
+        assert triton_launch.next_power_of_2(n) == triton.next_power_of_2(n)
+        assert triton_launch.cdiv(n, 64) == triton.cdiv(n, 64)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..base_layers import in_cpu_packing, unpack_cpu_packing
 from ..kernels.configs import m_bucket
@@ -39,6 +38,7 @@ from .triton_launch import (
     TILE_OVERHANG,
     TL_DTYPES,
     arch,
+    cdiv,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -199,7 +199,7 @@ def forward_4bit(
         return y
     pointers, quant = _quant_args(packed)
     bias_arg = bias if bias is not None else unused(x.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x.device):
         lora_fwd_4bit_kernel[grid](
             x, *pointers, bias_arg, s, lora_B, y,
@@ -234,7 +234,7 @@ def dx_4bit(
     if M == 0 or K == 0:
         return dx
     pointers, quant = _quant_args(packed)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
     with on_device(dy.device):
         lora_dx_4bit_kernel[grid](
             dy, *pointers, ds, lora_A, dx, M, N, K, R, m_bucket(M),
@@ -260,7 +260,7 @@ def dequantize(packed: Packed4bit, *, forward_tiles: bool = False) -> torch.Tens
     if out.numel() == 0:
         return out
     pointers, quant = _quant_args(packed)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"]))
     with on_device(packed.device):
         dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles,
                                      ARCH=arch(packed.device))

@@ -13,7 +13,6 @@ the PyTorch path (``dora_torch``) with the kernels' own dropout mask (``kernel_f
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..dropout import drop_scale
 from ..kernels.configs import m_bucket
@@ -24,6 +23,7 @@ from .kernel_fallback import guarded, kernel_keep, signature
 from .lora_triton import lora_da, lora_down, lora_dx
 from .triton_launch import (
     arch,
+    cdiv,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -45,9 +45,9 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     K = lora_A.shape[1]
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     if split_k is None:
-        split_k = split_factor(triton.cdiv(N, 64), triton.cdiv(K, 256), weight.device)
+        split_k = split_factor(cdiv(N, 64), cdiv(K, 256), weight.device)
     out = torch.empty((split_k, N), device=weight.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), split_k)
     dora_norm_kernel[grid](
         weight, lora_A, lora_B, out, N, K, R,
         stride_wk, stride_wn, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -66,7 +66,7 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
     s = torch.empty((M, R), device=x.device, dtype=torch.float32)
     xd = torch.empty((M, K), device=x.device, dtype=x.dtype)
     block_r = rank_block(R, lora_A.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r))
     dora_down_kernel[grid](
         x, lora_A, s, xd, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
@@ -94,7 +94,7 @@ def dora_forward_gemm(
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     bias_arg = bias if bias is not None else unused(x.device)
     xd_arg = xd if xd is not None else x  # not read without dropout (HAS_DROPOUT off): x's strides keep the variant
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     dora_fwd_kernel[grid](
         x, xd_arg, weight, bias_arg, s, lora_B, norm, magnitude, y, p_arg,
         M, N, K, R, m_bucket(M),
@@ -122,7 +122,7 @@ def dora_dy_pass(
     R = lora_B.shape[1]
     block_r = rank_block(R, lora_B.dtype)
     if split_n is None:
-        split_n = split_factor(triton.cdiv(M, 64) * triton.cdiv(R, block_r), triton.cdiv(N, 128), dy.device)
+        split_n = split_factor(cdiv(M, 64) * cdiv(R, block_r), cdiv(N, 128), dy.device)
     f32 = {"device": dy.device, "dtype": torch.float32}
     nothing = unused(dy.device)
     ds = (torch.zeros((M, R), **f32) if split_n > 1 else torch.empty((M, R), **f32)) if need_ds else nothing
@@ -132,7 +132,7 @@ def dora_dy_pass(
     g = torch.empty((M, N), device=dy.device, dtype=dy.dtype) if write_g else nothing
     p_arg = P if need_dmag else nothing  # (P is an empty placeholder when the magnitude is frozen)
     strides = lambda t, on: (t.stride(0), t.stride(1)) if on else (1, 1)  # noqa: E731
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_n)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r), split_n)
     dora_dy_kernel[grid](
         dy, lora_B, s, p_arg, norm, magnitude, ds, db, dbias, dmag, g, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
@@ -156,7 +156,7 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
     R, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
     dora_dx_kernel[grid](
         dy, gm, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), gm.stride(0), gm.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),

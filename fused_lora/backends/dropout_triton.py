@@ -4,10 +4,9 @@ backward and the PyTorch path standing in for a kernel (which must apply the ker
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..kernels.dropout import dropout_mask_kernel
-from .triton_launch import drop_args, on_device, wide_offsets
+from .triton_launch import cdiv, drop_args, on_device, wide_offsets
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
@@ -17,7 +16,7 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     if M == 0 or K == 0:
         return out
     block = 32
-    grid = (triton.cdiv(M, block), triton.cdiv(K, block))
+    grid = (cdiv(M, block), cdiv(K, block))
     with on_device(device):
         dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), *drop_args(seed, p, device),
                                   WIDE=wide_offsets(out), BLOCK_M=block, BLOCK_K=block)

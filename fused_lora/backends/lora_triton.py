@@ -13,7 +13,6 @@ hands the call to the PyTorch path (``kernel_fallback``). Launch conventions: ``
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..base_layers import DenseBase
 from ..kernels.configs import m_bucket
@@ -25,6 +24,7 @@ from .dropout_triton import dropout_mask
 from .kernel_fallback import guarded, kernel_keep, signature
 from .triton_launch import (
     arch,
+    cdiv,
     dot_dtype,
     dot_precision,
     drop_args,
@@ -49,10 +49,10 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_
     R = lora_A.shape[0]
     block_r = skinny_rank_block(R, x.device)
     if split_k is None:
-        split_k = split_factor(triton.cdiv(M, 64) * triton.cdiv(R, block_r), triton.cdiv(K, 256), x.device, cap=8)
+        split_k = split_factor(cdiv(M, 64) * cdiv(R, block_r), cdiv(K, 256), x.device, cap=8)
     out = torch.empty((split_k, M, R) if split_k > 1 else (M, R), device=x.device, dtype=torch.float32)
     stride_ss = out.stride(0) if split_k > 1 else 0
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_k)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r), split_k)
     lora_down_kernel[grid](
         x, lora_A, out, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(-2), out.stride(-1), stride_ss,
@@ -74,7 +74,7 @@ def lora_forward(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
     bias_arg = bias if bias is not None else unused(x.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     lora_fwd_kernel[grid](
         x, weight, bias_arg, s, lora_B, y,
         M, N, K, R, m_bucket(M),
@@ -93,7 +93,7 @@ def lora_up_add(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling:
     """y += scaling · S Bᵀ in place (y: the base layer's M×N output); returns y."""
     M, N = y.shape
     R = lora_B.shape[1]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
     lora_up_add_kernel[grid](
         y, s, lora_B, M, N, R, m_bucket(M),
         y.stride(0), y.stride(1), s.stride(0), s.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -113,9 +113,9 @@ def lora_dy_pass(
     M, N = dy.shape
     R = lora_B.shape[1]
     block_r = skinny_rank_block(R, dy.device)
-    m_programs = triton.cdiv(M, 64) * triton.cdiv(R, block_r)
+    m_programs = cdiv(M, 64) * cdiv(R, block_r)
     if split_n is None:
-        split_n = split_factor(m_programs, triton.cdiv(N, 128), dy.device)
+        split_n = split_factor(m_programs, cdiv(N, 128), dy.device)
     f32 = {"device": dy.device, "dtype": torch.float32}
     nothing = unused(dy.device)
     ds = (torch.zeros((M, R), **f32) if split_n > 1 else torch.empty((M, R), **f32)) if need_ds else nothing
@@ -123,7 +123,7 @@ def lora_dy_pass(
     dbias = torch.zeros((N,), **f32) if need_dbias else nothing
     ds_strides = (ds.stride(0), ds.stride(1)) if need_ds else (1, 1)
     db_strides = (db.stride(0), db.stride(1)) if need_db else (1, 1)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r), split_n)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r), split_n)
     lora_dy_kernel[grid](
         dy, lora_B, s, ds, db, dbias, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
@@ -146,7 +146,7 @@ def lora_dx(
     R, K = lora_A.shape
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
     stride_wk, stride_wn = weight_strides(weight, weight_layout)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
     lora_dx_kernel[grid](
         dy, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),
@@ -164,7 +164,7 @@ def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: 
     """dX += m ⊙ (dS A) in place (dX: the base layer's input gradient, M×K); returns dX."""
     M, K = dx.shape
     R = lora_A.shape[0]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_N"]))
     lora_dx_add_kernel[grid](
         dx, ds, lora_A, M, K, R, m_bucket(M),
         dx.stride(0), dx.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -185,10 +185,10 @@ def lora_da(
     R = lora_A.shape[0]
     block_r = skinny_rank_block(R, x.device)
     if split_m is None:
-        split_m = split_factor(triton.cdiv(K, 64) * triton.cdiv(R, block_r), triton.cdiv(M, 128), x.device)
+        split_m = split_factor(cdiv(K, 64) * cdiv(R, block_r), cdiv(M, 128), x.device)
     alloc = torch.zeros if split_m > 1 else torch.empty
     da = alloc((R, K), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split_m)
+    grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r), split_m)
     lora_da_kernel[grid](
         ds, x, da, M, K, R, m_bucket(M),
         ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import hardware
@@ -82,6 +81,18 @@ def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str
     return "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ on the host. ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` wrappers since
+    triton 3.5 (each host call unwraps its arguments in Python): with a dozen calls per forward+backward they were
+    ~10% of the Triton path's host time (bench/triton_host_calls.py, kernels stubbed)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as ``triton.next_power_of_2`` without its wrapper."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def weight_strides(weight: torch.Tensor, weight_layout: str) -> tuple[int, int]:
     """(stride along K, stride along N) of the weight in its own layout."""
     if weight_layout == "linear":  # N×K
@@ -98,7 +109,7 @@ def rank_block(r: int, adapter_dtype: torch.dtype, device: torch.device | None =
     thread in every fp16 config of the rank-r kernels on sm_75 (compile report, triton 3.6/3.9)."""
     if adapter_dtype == torch.float32 or (device is not None and fma_dots(device)):
         return 16
-    return min(64, max(16, triton.next_power_of_2(r)))
+    return min(64, max(16, next_power_of_2(r)))
 
 
 def skinny_rank_block(r: int, device: torch.device | None = None) -> int:
@@ -108,14 +119,14 @@ def skinny_rank_block(r: int, device: torch.device | None = None) -> int:
     once (16-rank chunks read them r/16 times: 4× at r = 64, bench/traffic_model.py). 16 on Turing."""
     if device is not None and fma_dots(device):
         return 16
-    return min(64, max(16, triton.next_power_of_2(r)))
+    return min(64, max(16, next_power_of_2(r)))
 
 
 def split_factor(programs: int, max_split: int, device: torch.device, cap: int = 32) -> int:
     """How many slices to split a reduction into so that ~2 programs run per SM."""
     if device.type != "cuda":
         return 1
-    want = triton.cdiv(2 * num_sms(device), max(programs, 1))
+    want = cdiv(2 * num_sms(device), max(programs, 1))
     return max(1, min(want, max_split, cap))
 
 
@@ -129,8 +140,9 @@ def wide_offsets(*tensors: torch.Tensor) -> bool:
     """Whether a launch over these tensors needs 64-bit offsets (``kernels/indexing.py``): some tensor spans 2³¹
     elements or more from its first element, counting the tiles' overhang."""
     for t in tensors:
-        reach = sum((size - 1 + TILE_OVERHANG) * abs(stride) for size, stride in zip(t.shape, t.stride(),
-                                                                                         strict=True))
+        reach = 0
+        for size, stride in zip(t.shape, t.stride(), strict=True):  # a loop, not sum(genexpr): 5 launches a call
+            reach += (size - 1 + TILE_OVERHANG) * abs(stride)
         if reach > INT32_REACH:
             return True
     return False

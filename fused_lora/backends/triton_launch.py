@@ -82,9 +82,9 @@ def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str
 
 
 def cdiv(a: int, b: int) -> int:
-    """⌈a / b⌉ on the host. ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` wrappers since
-    triton 3.5 (each host call unwraps its arguments in Python): with a dozen calls per forward+backward they were
-    ~10% of the Triton path's host time (bench/triton_host_calls.py, kernels stubbed)."""
+    """⌈a / b⌉ on the host. ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` wrappers in
+    triton 3.6 and 3.9 (each host call unwraps its arguments in Python): with a dozen calls per forward+backward
+    they took 13% of the Triton path's host time under cProfile (bench/triton_host_calls.py, kernels stubbed)."""
     return -(-a // b)
 
 

@@ -120,3 +120,18 @@ def reversed_program_order():
         yield
     finally:
         del builder.set_grid_idx  # the class's method again
+
+
+def spy(monkeypatch, module, *names: str, note=None) -> list:
+    """Wraps ``module.<name>`` for each of ``names``: every call first appends ``note(name, kwargs)`` (default: the
+    name) to the returned list, then runs the original. Proves which entry points a path went through."""
+    calls = []
+    for name in names:
+        real = getattr(module, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name if note is None else note(_name, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return calls

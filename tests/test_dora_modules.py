@@ -11,9 +11,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, spy
 from test_saved_memory import saved_storages
-from tiny_models import assert_close, build, copy_peft_trainables, input_ids, make_pair, peft_name_to_ours
+from tiny_models import (
+    assert_close,
+    build,
+    copy_peft_trainables,
+    input_ids,
+    loss_and_grads,
+    make_pair,
+    peft_name_to_ours,
+)
 from torch import nn
 
 from fused_lora import (
@@ -52,11 +60,9 @@ def dora_pair(name: str) -> tuple[nn.Module, nn.Module]:
     return peft_model.to(DEVICE), ours.to(DEVICE)
 
 
-def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids).logits
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+def dora_call(name: str, kwargs: dict) -> bool:
+    """A ``helpers.spy`` note: whether a call of the fused Function was a DoRA one (it passes the magnitude)."""
+    return kwargs.get("magnitude") is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -192,14 +198,7 @@ def test_config_round_trip_and_quantized_targets():
 @pytest.mark.parametrize("name", list(CASES))
 def test_accelerate_serves_peft_dora_layers(name, monkeypatch):
     monkeypatch.setattr(flp, "_reported", set())
-    calls = []
-    real = flp.fused_lora_linear
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("magnitude") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flp, "fused_lora_linear", counting)
+    calls = spy(monkeypatch, flp, "fused_lora_linear", note=dora_call)
     peft_model, _ = dora_pair(name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every DoRA layer served: no fallback warning
@@ -228,14 +227,7 @@ def test_peft_dora_at_init_leaves_the_base_output(monkeypatch):
     initialised by the same ``torch.linalg.norm`` computation, and B = 0)."""
     monkeypatch.setenv("FUSED_LORA_BACKEND", "torch")
     monkeypatch.setattr(flp, "_reported", set())
-    served = []
-    real = flp.fused_lora_linear
-
-    def counting(*args, **kwargs):
-        served.append(kwargs.get("magnitude") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flp, "fused_lora_linear", counting)
+    served = spy(monkeypatch, flp, "fused_lora_linear", note=dora_call)
 
     class MyModule(nn.Module):  # PEFT's test model, less the embedding and convolution it does not target
         def __init__(self):

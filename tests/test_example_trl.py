@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import spy
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -26,9 +27,7 @@ def load_example():
 
 
 def test_trl_sft_fast_path_same_losses_through_the_fused_path(monkeypatch):
-    calls = []
-    real = flp.fused_lora_linear
-    monkeypatch.setattr(flp, "fused_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, flp, "fused_lora_linear")
     result = load_example().main(["--fast", "--no-progress"])
     assert not flp.is_enabled()  # enabled() only around the fused run
     # 7 projections in each of 2 layers; PEFT's run has none of them swapped.

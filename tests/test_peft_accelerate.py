@@ -14,8 +14,8 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from helpers import DEVICE  # noqa: E402
-from tiny_models import assert_close, build, input_ids  # noqa: E402
+from helpers import DEVICE, spy  # noqa: E402
+from tiny_models import accelerated_copy, assert_close, build, input_ids, loss_and_grads  # noqa: E402
 
 import fused_lora.peft as flp  # noqa: E402
 
@@ -40,37 +40,14 @@ def make(name: str, dtype: torch.dtype = torch.float32, **lora_kwargs) -> nn.Mod
     return peft.get_peft_model(base, peft.LoraConfig(**kwargs))
 
 
-def accelerated_copy(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a fully servable model must not warn
-        return flp.accelerate(copy.deepcopy(model))
-
-
 @pytest.fixture
-def fused_calls(monkeypatch) -> list[int]:
-    """Counts calls of the fused Function made by accelerated layers."""
-    calls = []
-    real = flp.fused_lora_linear
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flp, "fused_lora_linear", counting)
-    return calls
+def fused_calls(monkeypatch) -> list[str]:
+    """Calls of the fused Function made by accelerated layers."""
+    return spy(monkeypatch, flp, "fused_lora_linear")
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref.double()).abs().max().item()
-
-
-def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids).logits
-    (out.float().square().mean()).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
-    return out.detach(), grads
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

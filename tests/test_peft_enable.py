@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import spy
 from tiny_models import assert_close, build, input_ids
 from torch import nn
 
@@ -36,10 +37,7 @@ def always_disabled_after(monkeypatch):
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
-    calls = []
-    real = flp.fused_lora_linear
-    monkeypatch.setattr(flp, "fused_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    return spy(monkeypatch, flp, "fused_lora_linear")
 
 
 def lora_types(model: nn.Module) -> set[str]:

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE
-from tiny_models import assert_close, build, input_ids
+from helpers import DEVICE, spy
+from tiny_models import accelerated_copy, assert_close, build, input_ids, loss_and_grads
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -33,11 +33,7 @@ def fresh_reports(monkeypatch):
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[str]:
     """Calls of the dense and the quantized fused entry points made by accelerated layers."""
-    calls = []
-    for name in ("fused_lora_linear", "quantized_lora"):
-        real = getattr(flp, name)
-        monkeypatch.setattr(flp, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    return calls
+    return spy(monkeypatch, flp, "fused_lora_linear", "quantized_lora")
 
 
 def make(name: str, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
@@ -48,21 +44,6 @@ def make(name: str, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*has no bias")  # PEFT's note for Gemma's bias-free bases
         return peft.get_peft_model(base, peft.LoraConfig(**config))
-
-
-def accelerated_copy(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # lora_bias is served: no fallback warning
-        return flp.accelerate(copy.deepcopy(model))
-
-
-def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids).logits
-    (out.float().square().mean()).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
-    return out.detach(), grads
 
 
 def lora_B_biases(model: nn.Module) -> list[nn.Parameter]:

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, assert_within_torch_error, atol_for
+from helpers import BACKENDS, DEVICE, assert_within_torch_error, atol_for, spy
 from test_saved_memory import saved_storages
 from torch import nn
 
@@ -115,10 +115,7 @@ def path_calls(monkeypatch):
     """Select a path by name; returns the calls of the 4-bit GEMMs (to prove which path ran)."""
     from fused_lora.backends import bnb4_triton
 
-    calls = []
-    for fn in ("forward_4bit", "dx_4bit"):
-        real = getattr(bnb4_triton, fn)
-        monkeypatch.setattr(bnb4_triton, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+    calls = spy(monkeypatch, bnb4_triton, "forward_4bit", "dx_4bit")
 
     def select(path: str) -> str:
         if path.startswith("triton-"):
@@ -327,9 +324,7 @@ def test_accelerate_serves_peft_qlora_layers(gemma2_checkpoint, monkeypatch):
     peft_model = peft.get_peft_model(load_4bit(gemma2_checkpoint), peft.LoraConfig(**QLORA))
     randomize_b(peft_model)
     fast = copy.deepcopy(peft_model)
-    calls = []
-    real = flp.quantized_lora
-    monkeypatch.setattr(flp, "quantized_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, flp, "quantized_lora")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         flp.accelerate(fast)

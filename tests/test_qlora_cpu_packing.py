@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_within_torch_error, atol_for
+from helpers import assert_within_torch_error, atol_for, spy
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -247,10 +247,7 @@ def check_layers(model, records, label, grads: bool):
 @pytest.fixture
 def select_path(monkeypatch):
     """Selects a path by name; returns the list the fused 4-bit GEMMs append their names to."""
-    calls = []
-    for fn in ("forward_4bit", "dx_4bit"):
-        real = getattr(bnb4_triton, fn)
-        monkeypatch.setattr(bnb4_triton, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+    calls = spy(monkeypatch, bnb4_triton, "forward_4bit", "dx_4bit")
 
     def select(path):
         if path.startswith("triton-"):

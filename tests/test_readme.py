@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import spy
 
 pytest.importorskip("peft")
 pytest.importorskip("trl")
@@ -60,9 +61,7 @@ def test_readme_block_runs_as_written(index, example, tmp_path, monkeypatch):
         code = code.replace("SFTConfig(", "SFTConfig(use_cpu=True, ")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(flp, "_reported", set())
-    calls = []
-    real = flp.fused_lora_linear
-    monkeypatch.setattr(flp, "fused_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, flp, "fused_lora_linear")
     tok = example.tokenizer()
     namespace = {"model": example.base_model("llama", tok, seed=0), "tokenizer": tok,
                  "dataset": example.text_set(16, seed=0)}

@@ -117,3 +117,25 @@ def assert_unchanged(model, before):
     assert after[0].keys() == before[0].keys()
     for k in before[0]:
         assert torch.equal(after[0][k], before[0][k]), k
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and every trainable parameter's gradient of a mean-square loss (each gradient must exist)."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    (out.float().square().mean()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    return out.detach(), grads
+
+
+def accelerated_copy(model: nn.Module) -> nn.Module:
+    """``fused_lora.peft.accelerate`` on a deep copy of a PEFT model, with any warning an error: a model it fully
+    serves takes no fallback."""
+    import warnings
+
+    import fused_lora.peft as flp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return flp.accelerate(copy.deepcopy(model))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import dora_torch, dora_triton, gemm_choice
+from ..backends import dora_torch, dora_triton
 from ..dropout import seed_value
 from ..reference import dora_ref
 from . import paths
@@ -63,9 +63,8 @@ def run_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, we
         return dora_torch.forward(*upcast(x, weight, bias, lora_A, lora_B, magnitude), scaling, p, seed, weight_layout,
                                   need_p, keep=mask())
 
-    key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
-    (y, s, P, norm), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                                        lambda: paths.describe(x, lora_A, lora_B, weight.shape))
+    (y, s, P, norm), path = paths.forward("dora", x, lora_A, lora_B, weight_layout, weight.shape, gemm, candidates,
+                                          call, ref64)
     return y, (s if s.dtype == torch.float32 else s.float()), P, norm, path
 
 
@@ -91,9 +90,7 @@ def run_backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, 
         return dora_torch.backward(dy64, x64, w64, a64, b64, m64, s64, p64, norm64, scaling, p, seed, weight_layout,
                                    *needs, keep=mask())
 
-    key = gemm_choice.key("dora", x, lora_A, lora_B, weight_layout)
-    return paths.backward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                          lambda: paths.describe(x, lora_A, lora_B, weight.shape))
+    return paths.backward("dora", x, lora_A, lora_B, weight_layout, weight.shape, gemm, candidates, call, ref64)
 
 
 @torch.library.custom_op("fused_lora::dora_forward", mutates_args=())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import gemm_choice, lora_torch, lora_triton
+from ..backends import lora_torch, lora_triton
 from ..dropout import seed_value
 from ..reference import plain_backward
 from . import paths
@@ -55,9 +55,7 @@ def run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, weigh
         x64, w64, b64, a64, b64_ = upcast(x, weight, bias, lora_A, lora_B)
         return lora_torch.forward(x64, w64, b64, a64, b64_, scaling, dropout_p, seed, weight_layout, keep=mask())
 
-    key = gemm_choice.key("lora", x, lora_A, lora_B, weight_layout)
-    (y, s), path = paths.forward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                                 lambda: paths.describe(x, lora_A, lora_B, weight.shape))
+    (y, s), path = paths.forward("lora", x, lora_A, lora_B, weight_layout, weight.shape, gemm, candidates, call, ref64)
     return y, (s if s.dtype == torch.float32 else s.float()), path
 
 
@@ -84,9 +82,7 @@ def run_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, wei
         return lora_torch.backward(dy64, x64, w64, a64, b64, s64, scaling, dropout_p, seed, weight_layout, *needs,
                                    keep=mask())
 
-    key = gemm_choice.key("lora", x, lora_A, lora_B, weight_layout)
-    return paths.backward(key, gemm, x.device, tuple(candidates.split(",")), call, ref64,
-                          lambda: paths.describe(x, lora_A, lora_B, weight.shape))
+    return paths.backward("lora", x, lora_A, lora_B, weight_layout, weight.shape, gemm, candidates, call, ref64)
 
 
 @torch.library.custom_op("fused_lora::lora_forward", mutates_args=())

@@ -18,12 +18,13 @@ from ..backends.kernel_fallback import kernel_keep
 GRAD_NAMES = ("dx", "dA", "dB", "dbias", "dmag")
 
 
-def forward(key: str, gemm: str, device: torch.device, candidates: tuple[str, ...], call: Callable[[str], tuple],
-            ref64: Callable[[], tuple], describe: Callable[[], dict]) -> tuple[tuple, str]:
-    """(``call(path)``'s results, the path) for the path ``gemm`` resolves to (``auto``: timed once per key among
-    ``candidates``), moved on by failed checks, and checked on its first call (``self_check``): on a mismatch the
-    PyTorch path's results. ``call(path)`` returns (y, …); ``ref64()`` the same in fp64; ``describe()`` the shapes and
-    dtypes for a failed check's report (made only then: this runs on every call)."""
+def forward(kind: str, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, layout: str, weight_shape,
+            gemm: str, candidates: str, call: Callable[[str], tuple], ref64: Callable[[], tuple]) -> tuple[tuple, str]:
+    """(``call(path)``'s results, the path) for the path ``gemm`` resolves to (``auto``: timed once per key among the
+    comma-separated ``candidates``), moved on by failed checks, and checked on its first call (``self_check``): on a
+    mismatch the PyTorch path's results. ``call(path)`` returns (y, …); ``ref64()`` the same in fp64. The key:
+    ``gemm_choice.key`` of ``kind`` (variant and base), the 2-D input, the adapters and the weight's ``layout``."""
+    key, device, candidates = gemm_choice.key(kind, x, lora_A, lora_B, layout), x.device, tuple(candidates.split(","))
     path = self_check.current(key, gemm_choice.resolve(gemm, key, device, call, candidates))
     self_check.note_run(key, path)
     result = call(path)
@@ -33,17 +34,18 @@ def forward(key: str, gemm: str, device: torch.device, candidates: tuple[str, ..
             return {"y": r[0], "_all": r}
 
         fixed = self_check.check(key, path, "forward", device, {"y": result[0]}, same, lambda: {"y": ref64()[0]},
-                                 {**describe(), "candidates": candidates})
+                                 {**describe(x, lora_A, lora_B, weight_shape), "candidates": candidates})
         if fixed is not None:
             self_check.note_run(key, "torch")
             return fixed["_all"], "torch"
     return result, path
 
 
-def backward(key: str, path: str, device: torch.device, candidates: tuple[str, ...], call: Callable[[str], tuple],
-             ref64: Callable[[], tuple], describe: Callable[[], dict]) -> tuple:
+def backward(kind: str, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, layout: str, weight_shape,
+             path: str, candidates: str, call: Callable[[str], tuple], ref64: Callable[[], tuple]) -> tuple:
     """``call(path)``'s gradients (dX, dA, dB, dbias[, d magnitude]; None where not needed) for the forward's path (or
-    the later one a failed check moved the key to), checked on the first backward of the key."""
+    the later one a failed check moved the key to), checked on the first backward of the key (as :func:`forward`)."""
+    key, device = gemm_choice.key(kind, x, lora_A, lora_B, layout), x.device
     path = self_check.current(key, gemm_choice.resolved(path, key))
     grads = call(path)
     if self_check.wanted(key, path, "backward", device):
@@ -51,7 +53,8 @@ def backward(key: str, path: str, device: torch.device, candidates: tuple[str, .
         fixed = self_check.check(key, path, "backward", device, got,
                                  lambda: dict(zip(GRAD_NAMES, call("torch"), strict=False)),
                                  lambda: dict(zip(GRAD_NAMES, ref64(), strict=False)),
-                                 {**describe(), "candidates": candidates})
+                                 {**describe(x, lora_A, lora_B, weight_shape),
+                                  "candidates": tuple(candidates.split(","))})
         if fixed is not None:
             return tuple(fixed[name] for name in GRAD_NAMES[:len(grads)])
     return grads

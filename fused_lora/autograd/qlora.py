@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import bnb4_triton, gemm_choice, lora_torch, lora_triton
+from ..backends import bnb4_triton, lora_torch, lora_triton
 from ..base_layers import DenseBase
 from ..dropout import seed_value
 from ..reference import plain_backward
@@ -69,9 +69,8 @@ def run_forward(x2d, base, bias, lora_A, lora_B, scaling, p, seed, backend, gemm
         x64, a64, b64 = upcast(x2d, lora_A, lora_B)
         return lora_torch.composed_forward(x64, _dense64(base, bias), a64, b64, scaling, p, seed, keep=mask())
 
-    key = gemm_choice.key(f"lora-{base.kind}", x2d, lora_A, lora_B, "linear")
-    (y, s), path = paths.forward(key, gemm, x2d.device, tuple(candidates.split(",")), call, ref64,
-                                 lambda: paths.describe(x2d, lora_A, lora_B, base.layer.weight.shape))
+    (y, s), path = paths.forward(f"lora-{base.kind}", x2d, lora_A, lora_B, "linear", base.layer.weight.shape, gemm,
+                                 candidates, call, ref64)
     return y, s, path
 
 
@@ -93,9 +92,8 @@ def run_backward(dy2d, x2d, base, lora_A, lora_B, s, scaling, p, seed, backend, 
         _, s64 = lora_torch.composed_forward(x64, dense, a64, b64, scaling, p, seed, keep=mask())
         return lora_torch.composed_backward(dy64, x64, dense, a64, b64, s64, scaling, p, seed, *needs, keep=mask())
 
-    key = gemm_choice.key(f"lora-{base.kind}", x2d, lora_A, lora_B, "linear")
-    return paths.backward(key, gemm, x2d.device, tuple(candidates.split(",")), call, ref64,
-                          lambda: paths.describe(x2d, lora_A, lora_B, base.layer.weight.shape))
+    return paths.backward(f"lora-{base.kind}", x2d, lora_A, lora_B, "linear", base.layer.weight.shape, gemm,
+                          candidates, call, ref64)
 
 
 class QuantLoRAFunction(torch.autograd.Function):

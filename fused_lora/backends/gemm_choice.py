@@ -33,9 +33,7 @@ _choices: dict[str, str] = {}
 _times: dict[str, dict[str, float]] = {}  # key → candidate → seconds (median), for self_check.report()
 _loaded_from: str | None = None
 _timer: Callable[[str, Callable[[], object], torch.device], float] | None = None
-
-
-_keys: dict[tuple, str] = {}
+_keys: dict[tuple, str] = {}  # (kind, device, dtypes, layout, K, N, R, M bucket) → key(): its string made once
 
 
 def key(kind: str, x2d: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, layout: str) -> str:

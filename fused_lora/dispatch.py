@@ -47,6 +47,9 @@ BACKENDS = ("auto", "triton", "torch")
 GEMM_MODES = ("auto", "fused", "composed")
 ENV_VAR = "FUSED_LORA_BACKEND"
 GEMM_ENV_VAR = "FUSED_LORA_GEMM"
+# FUSED_LORA_NATIVE=0: never take the PyTorch backend's native-ops shortcut (p = 0, adapters in x's dtype), so every
+# call runs the autograd Function: what a test that means the Function sets (on CPU the shortcut is otherwise taken).
+NATIVE_ENV_VAR = "FUSED_LORA_NATIVE"
 LORA, DORA = "LoRA", "DoRA"
 
 # The table's last column: the GEMMs the Triton backend has for a (variant, base kind); the PyTorch path serves every
@@ -181,7 +184,7 @@ def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if in_function_transform((x, weight, bias, lora_A, lora_B)):
         return plain_lora(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
     name, path, candidates = route(LORA, DENSE, x.device, x.dtype, backend)
-    if name == "torch" and p == 0 and lora_A.dtype == x.dtype:
+    if name == "torch" and p == 0 and lora_A.dtype == x.dtype and os.environ.get(NATIVE_ENV_VAR) != "0":
         # Without dropout and with adapters in x's dtype, PyTorch's own autograd over the same ops saves what the
         # Function would and runs its backward in C++ (issue 14). fp32 adapters on a half x would make autograd keep an
         # fp32 copy of x: those take the Function.

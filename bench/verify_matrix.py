@@ -111,15 +111,15 @@ def run_case(case: dict, device: torch.device) -> None:
 def first_call_cost(device: torch.device, quick: bool) -> dict:
     """The check's cost on a key's first forward + backward (kernels already compiled): the same call with the check
     off and on, fresh keys each time; and a steady-state call with the check on (a set lookup)."""
-    from fused_lora.backends import self_check
+    from fused_lora import diagnostics
 
     case = dict(variant="lora", base="dense", dtype="bf16" if device.type == "cuda" else "fp32", adapter="fp32",
                 layout="linear", p=0.1, shape=(24, 40, 28, 4) if quick else (4096, 4096, 4096, 16), path="fused")
     run_case(case, device)  # compile and tune
 
     def timed(mode: str) -> float:
-        self_check.clear()
-        self_check.set_verify(mode)
+        diagnostics.clear()
+        diagnostics.set_verify(mode)
         start = time.perf_counter()
         run_case(case, device)
         return time.perf_counter() - start
@@ -128,7 +128,7 @@ def first_call_cost(device: torch.device, quick: bool) -> dict:
     start = time.perf_counter()
     run_case(case, device)  # the key is checked: a lookup
     steady = time.perf_counter() - start
-    self_check.set_verify("always")
+    diagnostics.set_verify("always")
     return {"case": case, "first_call_off_ms": 1e3 * off, "first_call_checked_ms": 1e3 * first,
             "steady_checked_ms": 1e3 * steady, "extra_ms": 1e3 * (first - off)}
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     import fused_lora
-    from fused_lora.backends import self_check
+    from fused_lora import diagnostics
 
     device = torch.device(args.device)
     os.environ["FUSED_LORA_BACKEND"] = "triton"
@@ -158,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() - start > args.time_budget:
             cut.append(case)
             continue
-        self_check.clear()
+        diagnostics.clear()
         error = None
         try:
             run_case(case, device)
         except Exception as err:  # a crash is a result too: recorded, the next case runs
             error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        report = self_check.report()
-        checked = {(path, d): v for entry in report.values() for path, ds in entry["verified"].items()
+        report = diagnostics.path_report()
+        checked = {(path, d.split(":")[0]): v for entry in report.values() for path, ds in entry["verified"].items()
                    for d, v in ds.items()}
         for direction in ("forward", "backward"):
             v = checked.get((case["path"], direction))

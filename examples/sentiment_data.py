@@ -201,18 +201,19 @@ def classification_accuracy(model, loader, device: torch.device) -> float:
 
 
 def print_path_report() -> None:
-    """``--verbose``: per layer shape, what fused-lora timed, chose, ran and verified (``fused_lora.path_report``).
-    Empty on CPU without Triton's interpreter: the PyTorch path has nothing to choose."""
-    import fused_lora
+    """``--verbose``: per layer shape, what fused-lora timed, chose, ran and verified
+    (``fused_lora.diagnostics.path_report``). Empty on CPU without Triton's interpreter: the PyTorch path has nothing
+    to choose."""
+    import fused_lora.diagnostics
 
-    report = fused_lora.path_report()
+    report = fused_lora.diagnostics.path_report()
     if not report:
         print("paths: the PyTorch path ran every call (no GPU: nothing timed or verified)")
         return
     print("paths per key (what auto timed in ms, the choice, the path run, the first-call checks):")
     for key, entry in report.items():
         timed = ", ".join(f"{name} {1e3 * t:.3f}" for name, t in entry["timed"].items()) or "not timed"
-        checks = "; ".join(f"{path} {direction} {'pass' if v['ok'] else 'FAIL'} ({v['worst']} {v['error']:.2g} ≤ "
-                           f"{v['bound']:.2g})" for path, ds in entry["verified"].items()
-                           for direction, v in ds.items())
+        checks = "; ".join(f"{path} {check.split(':')[0]} {'pass' if v['ok'] else 'FAIL'} ({v['worst']} "
+                           f"{v['error']:.2g} ≤ {v['bound']:.2g})" for path, ds in entry["verified"].items()
+                           for check, v in ds.items())
         print(f"  {key}: timed [{timed}], chosen {entry['chosen']}, runs {entry['runs']}; checks: {checks or 'none'}")

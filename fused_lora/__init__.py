@@ -3,7 +3,9 @@
     from fused_lora import LoRALinear
     layer = LoRALinear.from_linear(model.some_linear, r=16, lora_alpha=32, lora_dropout=0.1)
 
-A map of the package: docs/architecture.md.
+The user API is ``__all__`` (README: API); diagnostics and switches (``path_report``, ``set_verify``, backends,
+references) are in ``fused_lora.diagnostics``; PEFT's models are served by ``fused_lora.peft``. A map of the package:
+docs/architecture.md.
 """
 
 import importlib.machinery as _machinery
@@ -30,17 +32,29 @@ def _register_source_kernels() -> None:
 
 _register_source_kernels()
 
+# The user API (__all__), the base kinds (each plug-in file registers its kind), and names that keep importing
+# (earlier versions listed them here: diagnostics and internals, not the user API).
+from . import diagnostics  # noqa: E402
 from .adapters import load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from .autograd.dora import DoRALinearFunction  # noqa: E402
-from .autograd.lora import LoRALinearFunction  # noqa: E402
-from .backends.self_check import report as path_report  # noqa: E402
-from .backends.self_check import set_verify  # noqa: E402
+from .autograd.driver import FusedLoRAFunction  # noqa: E402
+from .bases import bnb4 as _bnb4  # noqa: E402,F401
+from .bases import bnb8 as _bnb8  # noqa: E402,F401
+from .bases import dense as _dense  # noqa: E402,F401
 from .config import LoRAConfig  # noqa: E402
-from .dispatch import BACKENDS, resolve_backend  # noqa: E402
-from .dropout import draw_dropout_seed  # noqa: E402
+from .diagnostics import (  # noqa: E402,F401
+    BACKENDS,
+    dora_ref,
+    draw_dropout_seed,
+    dropout_mask,
+    lora_linear_ref,
+    path_report,
+    resolve_backend,
+    set_verify,
+)
 from .fallback import FallbackWarning  # noqa: E402
-from .functional import dropout_mask, fused_lora_linear  # noqa: E402
-from .injector import (  # noqa: E402
+from .functional import fused_lora_linear  # noqa: E402
+from .injector import (  # noqa: E402,F401
+    disable_adapters,
     disable_lora,
     inject_lora,
     merge_lora,
@@ -50,37 +64,40 @@ from .injector import (  # noqa: E402
     unload_lora,
     unmerge_lora,
 )
-from .layer import LoRALinear, lora_scaling  # noqa: E402
-from .quantized import QuantizedLoRALinear  # noqa: E402,F401  (registers the bitsandbytes base kinds)
-from .reference import dora_ref, lora_linear_ref  # noqa: E402
+from .layer import LoRALinear, lora_scaling  # noqa: E402,F401
+from .quantized import QuantizedLoRALinear, quantized_lora  # noqa: E402
+
+LoRALinearFunction = DoRALinearFunction = FusedLoRAFunction
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS",
-    "DoRALinearFunction",
     "FallbackWarning",
+    "FusedLoRATrainer",
     "LoRAConfig",
     "LoRALinear",
-    "LoRALinearFunction",
-    "disable_lora",
-    "dora_ref",
-    "draw_dropout_seed",
-    "dropout_mask",
+    "QuantizedLoRALinear",
+    "diagnostics",
+    "disable_adapters",
     "fused_lora_linear",
     "inject_lora",
     "load_adapter",
-    "lora_linear_ref",
-    "lora_scaling",
     "merge_lora",
-    "path_report",
     "plan_injection",
     "print_trainable_parameters",
+    "quantized_lora",
     "read_adapter_config",
-    "resolve_backend",
     "save_adapter",
-    "set_verify",
     "trainable_parameters",
     "unload_lora",
     "unmerge_lora",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers' Trainer (heavy): on first use only.
+    if name == "FusedLoRATrainer":
+        from .hf_trainer import FusedLoRATrainer
+
+        return FusedLoRATrainer
+    raise AttributeError(f"module 'fused_lora' has no attribute {name!r}")

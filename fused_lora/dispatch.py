@@ -1,29 +1,28 @@
-"""The router: for each call, which computation runs it. One table, read top to bottom:
+"""The router: for each call, which computation runs it. Its table is built from the registered base kinds
+(``fused_lora/bases/``: each kind names the passes it has per variant and path):
 
-| variant | base kind | Function (autograd/)   | PyTorch path (backends/)     | Triton GEMMs (backends/)           |
-|---------|-----------|------------------------|------------------------------|------------------------------------|
-| LoRA    | dense     | LoRALinearFunction     | lora_torch (p = 0 and same-  | fused, composed (lora_triton)      |
-|         |           |                        | dtype adapters: native ops)  |                                    |
-| LoRA    | bnb-4bit  | QuantLoRAFunction      | lora_torch, composed         | fused (bnb4_triton), composed      |
-| LoRA    | bnb-8bit  | QuantLoRAFunction      | lora_torch, composed         | composed (lora_triton)             |
-| DoRA    | dense     | DoRALinearFunction     | dora_torch                   | fused (dora_triton)                |
-| DoRA    | bnb-*     | refused (:func:`refusal`: one message for the module, the injector and fused_lora.peft)  |
+| variant | base kind                 | Triton paths (the autograd driver)   | PyTorch path                       |
+|---------|---------------------------|--------------------------------------|------------------------------------|
+| lora    | dense (nn.Linear, Conv1D) | fused, composed (lora_triton)        | lora_torch (p = 0 and same-dtype   |
+|         |                           |                                      | adapters: native autograd ops)     |
+| lora    | bnb-4bit                  | fused (bnb4_triton), composed        | lora_torch, composed               |
+| lora    | bnb-8bit                  | composed (lora_triton)               | lora_torch, composed               |
+| dora    | dense                     | fused (dora_triton)                  | dora_torch                         |
+| dora    | bnb-4bit / bnb-8bit       | refused (the kind's ``refusals``: one message for every place that asks) |
 
-Per call, in this order:
+Every served cell runs through one autograd Function (``autograd/driver.py``). Per call, in this order:
 1. Under torch.func transforms or forward-mode AD (:func:`in_function_transform`): PEFT's plain ops
    (``reference.plain_lora`` / ``plain_dora`` / ``plain_quantized``), which every transform differentiates.
 2. The backend (:func:`resolve_backend`): ``FUSED_LORA_BACKEND`` / ``backend=``; ``auto`` takes Triton on CUDA (and on
    CPU under ``TRITON_INTERPRET=1``), except where the GPU cannot run the kernels (``hardware.unfit_reason``: ROCm,
    before sm_75, bf16 on Turing), which take the PyTorch path with one ``FallbackWarning``.
-3. The path (:func:`route`): ``FUSED_LORA_GEMM=fused|composed|auto``, narrowed to what the table's row has (a GEMM
-   the row lacks takes the row's other one, or the PyTorch path: DoRA's composed). ``auto`` (the default) times the
-   row's GEMMs and the PyTorch path on the first forward of a shape and keeps the fastest (``backends/gemm_choice.py``;
-   no fused GEMM on Turing, whose Triton dots run on FMA units). A path's first forward and backward are checked
-   against the PyTorch path, and a key that fails moves to the next path (``backends/self_check.py``).
-4. The dropout seed (``dropout.seed_tensor``), then the Function (or native ops) with that route.
-
-Decided at run time, in one place each: a kernel that cannot be built or launched (``backends/kernel_fallback.py``),
-and ``auto``'s timing (``backends/gemm_choice.py``, also inside torch.compile's custom ops).
+3. The path (:func:`route`): ``FUSED_LORA_GEMM=fused|composed|auto``, narrowed to what the kind has for the variant (a
+   path it lacks takes its other one, or the PyTorch path: DoRA's composed). ``auto`` (the default) times the kind's
+   paths and the PyTorch path on the first call of a shape and keeps the fastest (``backends/path_choice.py``; no
+   fused GEMM on Turing, whose Triton dots run on FMA units). A path's first calls are checked against the PyTorch
+   path, and a key that fails moves to the next path (``backends/self_check.py``).
+4. The dropout seed (``dropout.seed_tensor``), the call record (``call.Call``, one per route, kept), then the Function
+   (or, on the PyTorch backend without dropout, native autograd ops).
 """
 
 from __future__ import annotations
@@ -32,12 +31,9 @@ import os
 
 import torch
 
-from . import hardware
-from .autograd.dora import DoRALinearFunction
-from .autograd.lora import LoRALinearFunction
-from .autograd.qlora import QuantLoRAFunction
+from . import bases, hardware
+from .autograd.driver import FusedLoRAFunction, call_record
 from .backends import lora_torch
-from .base_layers import BNB_4BIT, BNB_8BIT, DENSE, quantized_base, quantized_kind
 from .dropout import seed_tensor
 from .fallback import warn_fallback
 from .kernels.configs import INTERPRET
@@ -50,35 +46,22 @@ GEMM_ENV_VAR = "FUSED_LORA_GEMM"
 # FUSED_LORA_NATIVE=0: never take the PyTorch backend's native-ops shortcut (p = 0, adapters in x's dtype), so every
 # call runs the autograd Function: what a test that means the Function sets (on CPU the shortcut is otherwise taken).
 NATIVE_ENV_VAR = "FUSED_LORA_NATIVE"
-LORA, DORA = "LoRA", "DoRA"
-
-# The table's last column: the GEMMs the Triton backend has for a (variant, base kind); the PyTorch path serves every
-# pair that is not refused.
-TRITON_GEMMS: dict[tuple[str, str], tuple[str, ...]] = {
-    (LORA, DENSE): ("fused", "composed"),
-    (LORA, BNB_4BIT): ("fused", "composed"),
-    (LORA, BNB_8BIT): ("composed",),
-    (DORA, DENSE): ("fused",),
-}
-_REFUSED = {
-    (DORA, BNB_4BIT): "use_dora=True on a bitsandbytes Linear4bit (a quantized base)",
-    (DORA, BNB_8BIT): "use_dora=True on a bitsandbytes Linear8bitLt (a quantized base)",
-}
+LORA, DORA = "lora", "dora"  # the variants (autograd/variants.py)
 
 
-def refusal(variant: str, base: str) -> str | None:
-    """Why fused_lora does not compute ``variant`` on a ``base`` layer (one message for every place that asks), or
-    None when the table has a row for it."""
-    why = _REFUSED.get((variant, base))
-    if why is None:
-        return None
-    return (f"{why}: fused_lora runs DoRA (weight-decomposed LoRA) on floating-point nn.Linear / Conv1D bases only. "
-            "Use plain LoRA on this layer, or PEFT for DoRA on a quantized base")
+def _kind(kind: bases.BaseKind | str) -> bases.BaseKind:
+    return kind if isinstance(kind, bases.BaseKind) else bases.get(kind)
 
 
-def check_supported(variant: str, base: str, where: str) -> None:
-    """Raises the table's refusal for ``variant`` on ``base``, naming ``where``."""
-    why = refusal(variant, base)
+def refusal(variant: str, kind: bases.BaseKind | str) -> str | None:
+    """Why fused_lora does not compute ``variant`` on a base of ``kind`` (one message for every place that asks), or
+    None when the kind serves it."""
+    return _kind(kind).refusal(variant)
+
+
+def check_supported(variant: str, kind: bases.BaseKind | str, where: str) -> None:
+    """Raises the table's refusal for ``variant`` on ``kind``, naming ``where``."""
+    why = refusal(variant, kind)
     if why is not None:
         raise TypeError(f"{where}: {why}")
 
@@ -121,40 +104,30 @@ def resolve_gemm(device: torch.device) -> str:
     return choice
 
 
-def route(variant: str, base: str, device: torch.device, dtype: torch.dtype | None,
-          backend: str | None = None, *, fused_ok: bool = True) -> tuple[str, str, str]:
-    """(backend, path, candidates) for one call: the table's row for (``variant``, ``base``), the device and the
-    settings. The path is one of the row's GEMMs, ``"auto"`` (timed on the first forward of a shape among the
-    comma-separated ``candidates``: the row's GEMMs and the PyTorch path), or ``"torch"`` on the PyTorch backend.
-    ``fused_ok=False``: this call's inputs rule the fused GEMM out (a 4-bit base whose x is not in the compute dtype,
-    or whose K is not a multiple of the blocksize on a GPU)."""
+def route(variant: str, kind: bases.BaseKind | str, device: torch.device, dtype: torch.dtype | None,
+          backend: str | None = None, *, fused_ok: bool = True) -> tuple[str, str, tuple[str, ...]]:
+    """(backend, path, candidates) for one call: the kind's paths for ``variant``, the device and the settings. The
+    path is one of the kind's Triton paths, ``"auto"`` (timed on the first call of a shape among ``candidates``: the
+    kind's paths and the PyTorch path), or ``"torch"`` on the PyTorch backend. ``fused_ok=False``: this call's inputs
+    rule the fused path out (a 4-bit base whose x is not in the compute dtype, say)."""
     name = resolve_backend(backend, device, dtype)
     if name == "torch":
-        return "torch", "torch", "torch"
-    gemms = TRITON_GEMMS[(variant, base)]
+        return "torch", "torch", ("torch",)
+    paths = _kind(kind).paths(variant)
     setting = resolve_gemm(device)
     if not fused_ok or (setting == "auto" and hardware.fma_dots(device)):
         # Turing: Triton compiles tl.dot to FMA instructions (no HMMA, stack spills in every GEMM config:
         # bench/results/compile/sm_75-*), while cuBLAS uses its tensor cores: the fused GEMM is not a candidate.
-        gemms = tuple(g for g in gemms if g != "fused")
-    if not gemms or (setting not in ("auto", *gemms) and variant == DORA):
-        # DoRA's row has no composed kernels: cuBLAS through the PyTorch path
+        paths = tuple(p for p in paths if p != "fused")
+    if not paths or (setting not in ("auto", *paths) and variant == DORA):
+        # DoRA has no composed kernels: cuBLAS through the PyTorch path
         warn_fallback(f"{device} runs LoRA's composed path (cuBLAS base GEMM); DoRA has no composed kernels: running "
                       "the PyTorch path")
-        return "torch", "torch", "torch"
-    candidates = ",".join((*gemms, "torch"))
-    if setting == "auto" or setting in gemms:
+        return "torch", "torch", ("torch",)
+    candidates = (*paths, "torch")
+    if setting == "auto" or setting in paths:
         return "triton", setting, candidates
-    return "triton", gemms[0], candidates
-
-
-def fused_4bit_fits(x: torch.Tensor, layer: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
-    """Whether the fused 4-bit GEMM can serve a call on a ``Linear4bit``: it reads x in the layer's compute dtype, and
-    on a GPU a K (in_features) that is not a multiple of the blocksize (no projection of GPT-2 or Gemma) takes
-    bitsandbytes' matmul: the kernels' per-element scale gathers spilled or passed 99 KiB of shared memory on several
-    GPUs (kernels/configs.py). The interpreter runs them."""
-    return x.dtype == compute_dtype and not (x.device.type == "cuda"
-                                             and x.shape[-1] % layer.weight.quant_state.blocksize)
+    return "triton", paths[0], candidates
 
 
 def in_function_transform(tensors) -> bool:
@@ -183,14 +156,16 @@ def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         p, scaling = 0.0, 0.0
     if in_function_transform((x, weight, bias, lora_A, lora_B)):
         return plain_lora(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
-    name, path, candidates = route(LORA, DENSE, x.device, x.dtype, backend)
+    kind = bases.get(bases.DENSE)
+    name, path, candidates = route(LORA, kind, x.device, x.dtype, backend)
     if name == "torch" and p == 0 and lora_A.dtype == x.dtype and os.environ.get(NATIVE_ENV_VAR) != "0":
         # Without dropout and with adapters in x's dtype, PyTorch's own autograd over the same ops saves what the
-        # Function would and runs its backward in C++ (issue 14). fp32 adapters on a half x would make autograd keep an
-        # fp32 copy of x: those take the Function.
+        # Function would and runs its backward in C++ (fewer Python layers: small layers wait on the host). fp32
+        # adapters on a half x would make autograd keep an fp32 copy of x: those take the Function.
         return lora_torch.native_forward(x, weight, bias, lora_A, lora_B, scaling, weight_layout)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed_tensor(p, dropout_seed, x.device),
-                                    weight_layout, name, path, candidates)
+    call = call_record(LORA, kind, weight_layout, scaling, p, name, path, candidates)
+    return FusedLoRAFunction.apply(call, x, weight, bias, lora_A, lora_B, None, seed_tensor(p, dropout_seed, x.device),
+                                   None)
 
 
 def dora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -199,25 +174,28 @@ def dora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """DoRA on a dense base, inputs checked (as :func:`lora_call`)."""
     if in_function_transform((x, weight, bias, lora_A, lora_B, magnitude)):
         return plain_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, weight_layout)
-    name, path, candidates = route(DORA, DENSE, x.device, x.dtype, backend)
-    return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, p,
-                                    seed_tensor(p, dropout_seed, x.device), weight_layout, name, path, candidates)
+    kind = bases.get(bases.DENSE)
+    name, path, candidates = route(DORA, kind, x.device, x.dtype, backend)
+    call = call_record(DORA, kind, weight_layout, scaling, p, name, path, candidates)
+    return FusedLoRAFunction.apply(call, x, weight, bias, lora_A, lora_B, magnitude,
+                                   seed_tensor(p, dropout_seed, x.device), None)
 
 
 def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
                    scaling: float, p: float, dropout_seed: int | torch.Tensor | None = None,
                    backend: str | None = None) -> torch.Tensor:
-    """LoRA on a bitsandbytes base ``layer`` (frozen): ``layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ``; ``p`` is the
-    dropout applied."""
+    """LoRA on a quantized base ``layer`` (frozen; a registered base kind): ``layer(x) + scaling · (dropout(x) Aᵀ)
+    Bᵀ``; ``p`` is the dropout applied. The layer's bias is an input of the Function (it gets a gradient when it is
+    trained)."""
     if p == 1.0:  # as in lora_call: nn.Dropout(p=1) drops the whole branch
         p, scaling = 0.0, 0.0
     bias = layer.bias
     if in_function_transform((x, lora_A, lora_B, bias)):
         return plain_quantized(x, layer, lora_A, lora_B, scaling, p)
-    kind = quantized_kind(layer)
-    base = quantized_base(layer)
-    compute = getattr(base, "compute_dtype", x.dtype)
-    fused_ok = kind == BNB_4BIT and fused_4bit_fits(x, layer, compute)
+    kind, base = bases.base_of(layer)
+    compute = base.compute_dtype or x.dtype
+    fused_ok = kind.fused_fits(x, base) if kind.fused_fits is not None else True
     name, path, candidates = route(LORA, kind, x.device, compute, backend, fused_ok=fused_ok)
-    seed = seed_tensor(p, dropout_seed, x.device)
-    return QuantLoRAFunction.apply(x, bias, lora_A, lora_B, base, scaling, p, seed, name, path, candidates)
+    call = call_record(LORA, kind, "linear", scaling, p, name, path, candidates)
+    return FusedLoRAFunction.apply(call, x, None, bias, lora_A, lora_B, None, seed_tensor(p, dropout_seed, x.device),
+                                   base)

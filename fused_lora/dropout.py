@@ -12,6 +12,8 @@ import threading
 
 import torch
 
+from .hardware import capturing
+
 
 def draw_dropout_seed(device: torch.device | str | None = None) -> torch.Tensor:
     """A one-element int64 tensor seeding the dropout mask, drawn from PyTorch's generator of ``device`` (the CPU's
@@ -33,9 +35,22 @@ def seed_tensor(p: float, dropout_seed: int | torch.Tensor | None, device: torch
         return None
     if dropout_seed is None:
         return draw_dropout_seed(device)
+    if not isinstance(dropout_seed, torch.Tensor) or dropout_seed.device != device:
+        _refuse_host_seed_in_capture(dropout_seed, device)
     if isinstance(dropout_seed, torch.Tensor):
         return dropout_seed.reshape(1).to(device, torch.int64)
     return torch.tensor([int(dropout_seed)], dtype=torch.int64, device=device)
+
+
+def _refuse_host_seed_in_capture(dropout_seed, device: torch.device) -> None:
+    """A seed on the host must be copied to the GPU (a synchronising copy, illegal during CUDA graph capture), and a
+    captured graph would replay that one seed, hence one mask, forever."""
+    if capturing():
+        what = "an int" if not isinstance(dropout_seed, torch.Tensor) else f"a tensor on {dropout_seed.device}"
+        raise RuntimeError(f"fused_lora: dropout_seed is {what} while a CUDA graph is being captured on {device}: "
+                           "copying it to the GPU synchronises (illegal during capture) and every replay would reuse "
+                           "its one mask. Leave dropout_seed=None (the layer draws the seed on the GPU, part of the "
+                           "graph: each replay a new mask), or pass a one-element int64 tensor on the GPU")
 
 
 def seed_value(seed: torch.Tensor | int | None) -> int:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .autograd.lora import IMPLEMENTATIONS, LoRALinearFunction
+from .backends import masks
 from .dispatch import dora_call, lora_call, resolve_backend
 from .dropout import draw_dropout_seed
 from .validation import autocast_inputs, check_inputs, check_magnitude
 
-__all__ = ["LoRALinearFunction", "draw_dropout_seed", "dropout_mask", "fused_lora_linear"]
+__all__ = ["draw_dropout_seed", "dropout_mask", "fused_lora_linear"]
 
 
 def fused_lora_linear(
@@ -73,4 +73,6 @@ def dropout_mask(
     """The scaled keep mask (fp32; 0 or 1/(1-p)) a backend applies to a 2-D (tokens×in_features) input
     for ``seed``. Feed it to ``lora_linear_ref(..., dropout_mask=...)`` to reproduce a dropout run."""
     device = torch.device(device)
-    return IMPLEMENTATIONS[resolve_backend(backend, device)].dropout_mask(seed, tuple(shape), p, device)
+    if p == 0:
+        return torch.ones(tuple(shape), device=device, dtype=torch.float32)
+    return masks.scaled(resolve_backend(backend, device), seed, tuple(shape), p, device)

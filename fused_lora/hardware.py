@@ -84,3 +84,11 @@ def unfit_reason(device: torch.device, dtype: torch.dtype | None) -> str | None:
         return (f"{device} (compute capability {capability[0]}.{capability[1]}) has no bf16 tensor cores; use "
                 "float16 on this GPU for the fused kernels")
     return None
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False on a CPU-only build of torch, which cannot)."""
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a CPU-only build: its CUDA bindings are stubs that raise
+        return False

@@ -18,14 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base_layers import (
-    DENSE,
-    base_kind,
-    conv1d_class,
-    quantized_kind,
-    standard_4bit_packing_everywhere,
-    unsupported_quantized_message,
-)
+from . import bases
+from .bases import conv1d_class, unsupported_quantized_message
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, TASK_HEADS, LoRAConfig, pattern_matches
 from .dispatch import DORA, refusal
 from .layer import LoRALinear
@@ -59,10 +53,14 @@ def _is_peft_layer(module: nn.Module) -> bool:
 
 
 def _linear_kind(module: nn.Module) -> str | None:
-    """'linear' / 'conv1d' for layers LoRA can wrap (a LoRALinear counts, for planning on an injected model)."""
+    """'linear' / 'conv1d' for layers LoRA can wrap (a LoRALinear counts, for planning on an injected model): those of
+    a registered base kind, and any other nn.Linear / Conv1D (whose non-float weight is refused with its reason)."""
     if isinstance(module, LoRALinear):
         return module.weight_layout
-    if isinstance(module, nn.Linear) or quantized_kind(module) is not None:
+    kind = bases.of(module)
+    if kind is not None:
+        return kind.layout(module)
+    if isinstance(module, nn.Linear):
         return "linear"
     conv1d = conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
@@ -73,6 +71,9 @@ def _linear_kind(module: nn.Module) -> str | None:
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, LoRALinear):
         return module.in_features, module.out_features
+    kind = bases.of(module)
+    if kind is not None:
+        return kind.in_out(module)
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     return tuple(module.weight.shape)  # Conv1D: in×out
@@ -241,16 +242,17 @@ def plan_injection(model: nn.Module, config: LoRAConfig) -> InjectionPlan:
         if not result:
             continue
         if _linear_kind(module) is None:
-            raise TypeError(f"inject_lora: target {key!r} is a {type(module).__name__}; fused LoRA adapts only "
-                            "nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers. Narrow "
-                            "target_modules (a regex string matches the whole module name) or add it to "
-                            "exclude_modules")
+            served = ", ".join(k.describe for k in bases.registered())
+            raise TypeError(f"inject_lora: target {key!r} is a {type(module).__name__}; fused LoRA adapts the layers "
+                            f"of its registered base kinds ({served}). Narrow target_modules (a regex string matches "
+                            "the whole module name) or add it to exclude_modules")
         dtype = module.weight.dtype
-        inner = getattr(module, "base_layer", module)  # an injected QuantizedLoRALinear: its bitsandbytes layer
-        why = refusal(DORA, base_kind(inner) or DENSE) if config.use_dora else None
+        inner = getattr(module, "base_layer", module)  # an injected QuantizedLoRALinear: its quantized layer
+        kind = bases.of(inner)
+        why = refusal(DORA, kind) if config.use_dora and kind is not None else None
         if why is not None:
             raise TypeError(f"inject_lora: target {key!r}: {why}")
-        if quantized_kind(module) is None and dtype not in _WEIGHT_DTYPES:
+        if (kind is None or not kind.quantized) and dtype not in _WEIGHT_DTYPES:
             raise TypeError(unsupported_quantized_message(f"inject_lora: target {key!r}", type(module).__name__,
                                                           dtype))
         targets.append(key)
@@ -335,9 +337,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             p.requires_grad_(flag)
         raise
     model.__dict__[STATE_ATTR] = _LoRAState(plan, originals, flags)
-    # every bitsandbytes 4-bit layer, adapted or not, in bitsandbytes' standard packing: on CPU an eval-mode forward
-    # would repack it for bitsandbytes' inference kernel, after which it passes no gradient (README: QLoRA)
-    standard_4bit_packing_everywhere(model)
+    # every layer of a kind that prepares its layers, adapted or not (bitsandbytes 4-bit: kept in the standard packing;
+    # on CPU an eval-mode forward would repack it for bitsandbytes' inference kernel, after which it passes no
+    # gradient: README, QLoRA)
+    bases.prepare_all(model)
     return model
 
 
@@ -446,11 +449,12 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 @contextlib.contextmanager
-def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the LoRA layers compute the base model's outputs (merged layers are unmerged for the
-    block and merged again after it). ``modules_to_save`` modules and trained biases are trained in place, so
-    they keep their trained values here, unlike PEFT, which keeps frozen copies for this."""
-    layers = _require_lora(model, "disable_lora")
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the LoRA layers compute the base model's outputs, as PEFT's ``model.disable_adapter()``
+    (merged layers are unmerged for the block and merged again after it). ``modules_to_save`` modules and trained
+    biases are trained in place, so they keep their trained values here, unlike PEFT, which keeps frozen copies for
+    this. (Not ``fused_lora.peft.disable()``, which stops serving PEFT models made afterwards.)"""
+    layers = _require_lora(model, "disable_adapters")
     merged = [layer for layer in layers.values() if layer.merged]
     _all_or_none(merged, merge=False)
     try:
@@ -461,3 +465,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in merged:
             layer.merge()
+
+
+disable_lora = disable_adapters  # its name before: kept importing

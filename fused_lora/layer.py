@@ -1,29 +1,22 @@
 """``LoRALinear``: a drop-in frozen linear layer (nn.Linear or GPT-2's Conv1D) with a fused LoRA adapter (and
-DoRA with ``use_dora=True``). Quantized bases get the subclass registered for their kind (``quantized.py``)."""
+DoRA with ``use_dora=True``). A quantized base gets the module its base kind names (``fused_lora/bases/``; the
+bitsandbytes kinds: ``quantized.QuantizedLoRALinear``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .base_layers import DENSE, base_kind, dense_layout, looks_quantized, unsupported_quantized_message
+from . import bases
+from .bases import looks_quantized, unsupported_quantized_message
 from .dispatch import DORA, LORA, check_supported, dora_call, lora_call
 from .functional import fused_lora_linear
 from .reference import dora_weight_norm
 from .validation import FLOAT_DTYPES, WEIGHT_LAYOUTS, ShapeError, autocast_inputs
-
-# Base kind → the function that wraps such a layer (``from_linear``'s arguments after the layer): the dense kind is
-# LoRALinear's own; the bitsandbytes kinds register QuantizedLoRALinear.wrap (quantized.py, imported by fused_lora).
-_WRAPPERS: dict[str, Callable[..., LoRALinear]] = {}
-
-
-def register_wrapper(kind: str, wrap: Callable[..., LoRALinear]) -> None:
-    """Makes :meth:`LoRALinear.from_linear` hand layers of base kind ``kind`` (``base_layers``) to ``wrap``."""
-    _WRAPPERS[kind] = wrap
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -104,25 +97,21 @@ class LoRALinear(nn.Module):
         if isinstance(layer, LoRALinear):
             raise TypeError("LoRALinear.from_linear: the layer is already a LoRALinear; adapters are not stacked. "
                             "Use it as it is, or wrap its base layer instead")
-        kind = base_kind(layer)
+        kind = bases.of(layer)
         if kind is not None:
             check_supported(DORA if use_dora else LORA, kind, "LoRALinear.from_linear")
-        if kind is not None and kind != DENSE:
-            return _WRAPPERS[kind](layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
-        if looks_quantized(layer):
+        if kind is not None and kind.quantized:
+            return kind.wrap(layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
+        if looks_quantized(layer) or (kind is None and isinstance(getattr(layer, "weight", None), torch.Tensor)
+                                      and not layer.weight.dtype.is_floating_point):
             raise TypeError(unsupported_quantized_message("LoRALinear.from_linear", type(layer).__name__,
                                                           layer.weight.dtype))
-        layout = dense_layout(layer)
-        if layout == "linear":
-            in_features, out_features = layer.in_features, layer.out_features
-        elif layout == "conv1d":
-            in_features, out_features = layer.weight.shape
-        else:
-            raise TypeError(f"LoRALinear.from_linear: expected nn.Linear, transformers Conv1D or a bitsandbytes "
-                            f"Linear4bit / Linear8bitLt, got {type(layer).__name__}; custom layers are not supported")
-        if not layer.weight.dtype.is_floating_point:
-            raise TypeError(unsupported_quantized_message("LoRALinear.from_linear", type(layer).__name__,
-                                                          layer.weight.dtype))
+        if kind is None:
+            served = ", ".join(k.describe for k in bases.registered())
+            raise TypeError(f"LoRALinear.from_linear: expected a layer of a registered base kind ({served}), got "
+                            f"{type(layer).__name__}; custom layers are not supported")
+        layout = kind.layout(layer)
+        in_features, out_features = kind.in_out(layer)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.weight = layer.weight

@@ -56,7 +56,8 @@ try:
 except ImportError:  # pragma: no cover (a PEFT without mixed adapter types)
     MixedModel = None
 
-from .base_layers import BNB_4BIT, DENSE, conv1d_class, quantized_kind, standard_4bit_packing_everywhere
+from . import bases
+from .bases import conv1d_class
 from .dispatch import DORA, refusal
 from .functional import fused_lora_linear
 from .quantized import quantized_lora
@@ -102,10 +103,11 @@ def _variant_name(layer: nn.Module, adapter: str) -> str | None:
     if name != "DoraLinearVariant":
         return "DoRA variant " + name if name.startswith("Dora") else f"LoRA variant {name}"
     base = layer.get_base_layer()
-    why = refusal(DORA, quantized_kind(base) or DENSE)
+    kind = bases.of(base)
+    why = refusal(DORA, kind) if kind is not None else None
     if why is not None:
         return why
-    if type(layer) is not PeftLoraLinear and type(layer) is not _SERVED.get(PeftLoraLinear):
+    if type(layer) is not PeftLoraLinear and type(layer) is not _served().get(PeftLoraLinear):
         return f"DoRA (use_dora=True) on a {type(base).__name__} base (fused DoRA: nn.Linear, Conv1D)"
     dora = layer.lora_magnitude_vector[adapter] if _is_dora(layer, adapter) else None
     if dora is None or type(dora) is not DoraLinearLayer:
@@ -121,10 +123,11 @@ def _is_custom_layer(layer: nn.Module) -> bool:
 def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
     """Why ``layer`` cannot run the fused path for ``adapter`` (default: its active adapters), or None when it
     can. Input-dependent checks (dtypes of the call) are in :func:`_call_reason`."""
-    if type(layer) not in _SERVED and type(layer) not in _SERVED.values():
+    served = _served()
+    if type(layer) not in served and type(layer) not in served.values():
         base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
-        return (f"LoRA layer type lora.{type(layer).__name__} on a {type(base).__name__} base (fused: nn.Linear, "
-                "Conv1D and bitsandbytes Linear4bit/Linear8bitLt bases)")
+        kinds = ", ".join(k.describe for k in bases.registered())
+        return f"LoRA layer type lora.{type(layer).__name__} on a {type(base).__name__} base (fused: {kinds} bases)"
     if adapter is None:
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if len(active) > 1:
@@ -136,9 +139,11 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
     if variant is not None:
         return variant
     base = layer.get_base_layer()
-    quantized = quantized_kind(base) is not None
+    kind = bases.of(base)
+    quantized = kind is not None and kind.quantized
     if not quantized and _weight_layout(base) is None:
-        return f"base layer {type(base).__name__} (custom; fused: nn.Linear, Conv1D, bitsandbytes 4/8-bit)"
+        kinds = ", ".join(k.describe for k in bases.registered())
+        return f"base layer {type(base).__name__} (custom; fused: exact nn.Linear / Conv1D types, {kinds})"
     weight = base.weight
     if not quantized and weight.dtype not in _FUSED_DTYPES:
         return f"base weight dtype {weight.dtype} (fused: float32, float16, bfloat16)"
@@ -146,8 +151,9 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "base weight on the meta device (offloaded)"
     if weight.requires_grad:
         return "trainable base weight (the fused Function trains adapters and biases only)"
-    if quantized_kind(base) == BNB_4BIT and getattr(weight, "quant_state", None) is None:
-        return "4-bit base weight without a quant_state (not quantized yet)"
+    not_ready = kind.not_ready(base) if quantized else None
+    if not_ready is not None:
+        return not_ready
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
         return "lora_A/lora_B are not plain nn.Linear modules (lora_A without a bias)"
@@ -181,7 +187,8 @@ def _call_reason(layer: PeftLoraLinear, adapter: str, x: torch.Tensor) -> str | 
     lora_dtype = layer.lora_A[adapter].weight.dtype
     if x.device != weight.device:
         return "input and weights on different devices"
-    if quantized_kind(layer.get_base_layer()) is not None:  # the layer casts x itself, as PEFT's path does
+    kind = bases.of(layer.get_base_layer())
+    if kind is not None and kind.quantized:  # the layer casts x itself, as PEFT's path does
         return None if x.dtype in _FUSED_DTYPES else f"input dtype {x.dtype}"
     compute = x.dtype
     if torch.is_autocast_enabled(x.device.type) and x.dtype.is_floating_point:
@@ -233,7 +240,8 @@ class _Fused:
     def _get_name(self) -> str:
         # nn.Module.__repr__ names the class with this: PEFT's repr ("lora.Linear(...)") and the module_type its
         # get_layer_status() derives from the repr stay what PEFT reports for its own layer.
-        return next(cls for cls in type(self).__mro__ if cls in _SERVED).__name__
+        served = _served()
+        return next(cls for cls in type(self).__mro__ if cls in served).__name__
 
 
 class FusedLinear(_Fused, PeftLoraLinear):
@@ -242,7 +250,8 @@ class FusedLinear(_Fused, PeftLoraLinear):
 
     def _fused_call(self, x, adapter, p, training):
         base = self.get_base_layer()
-        if quantized_kind(base) is not None:  # PEFT's generic lora.Linear on a bitsandbytes layer of a plain model
+        kind = bases.of(base)
+        if kind is not None and kind.quantized:  # PEFT's generic lora.Linear on a quantized layer of a plain model
             return _quantized_call(self, x, adapter, p, training)
         magnitude = None
         if _is_dora(self, adapter):  # PEFT drops x only when the layer trains and its dropout is a Dropout
@@ -272,26 +281,40 @@ def _quantized_call(self, x, adapter, p, training):
     return y
 
 
-# PEFT's LoRA class → the class accelerate swaps it to. PEFT's bitsandbytes classes exist only when bitsandbytes is
-# installed; they run the composed (or fused 4-bit) path of fused_lora.quantized.
-_SERVED: dict[type, type] = {PeftLoraLinear: FusedLinear}
-try:
-    from peft.tuners.lora import bnb as _peft_bnb
-except ImportError:  # pragma: no cover (bitsandbytes absent)
-    _peft_bnb = None
-for _name in ("Linear4bit", "Linear8bitLt"):
-    _peft_cls = getattr(_peft_bnb, _name, None)
-    if _peft_cls is not None:
-        _SERVED[_peft_cls] = type(f"Fused{_name}", (_Fused, _peft_cls), {
-            "_fused_call": _quantized_call,
-            "__doc__": f"A ``peft.tuners.lora.bnb.{_name}`` whose forward runs through "
-                       "``fused_lora.quantized.quantized_lora`` when PEFT would compute plain LoRA with one adapter.",
-        })
+# PEFT's LoRA class → the class accelerate swaps it to: PEFT's generic lora.Linear → FusedLinear, and each class a
+# registered base kind names (bitsandbytes' Linear4bit / Linear8bitLt, when bitsandbytes is installed) → a subclass
+# that runs the quantized path. Rebuilt when the registered kinds change (a plug-in registered after this import).
+_served_cache: dict[tuple, dict[type, type]] = {}
+_fused_classes: dict[type, type] = {}
+
+
+def _served() -> dict[type, type]:
+    kinds = bases.registered()
+    stamp = tuple(id(k) for k in kinds)
+    served = _served_cache.get(stamp)
+    if served is None:
+        served = {PeftLoraLinear: FusedLinear}
+        for kind in kinds:
+            for cls in kind.peft_layers():
+                if cls in served:
+                    continue
+                fused = _fused_classes.get(cls)
+                if fused is None:
+                    fused = _fused_classes[cls] = type(f"Fused{cls.__name__}", (_Fused, cls), {
+                        "_fused_call": _quantized_call, "__module__": __name__,
+                        "__doc__": f"A ``{cls.__module__}.{cls.__name__}`` whose forward runs through "
+                                   "``fused_lora.quantized.quantized_lora`` when PEFT would compute plain LoRA with "
+                                   "one adapter.",
+                    })
+                served[cls] = fused
+        _served_cache.clear()
+        _served_cache[stamp] = served
+    return served
 
 
 def is_accelerated(module: nn.Module) -> bool:
     """Whether ``module`` holds any layer that :func:`accelerate` swapped to the fused forward."""
-    fused = set(_SERVED.values())
+    fused = set(_served().values())
     return any(type(m) in fused for m in module.modules())
 
 
@@ -322,11 +345,12 @@ def _serve(model: nn.Module, stacklevel: int) -> int:
     if lora_layers:
         # every bitsandbytes 4-bit layer, adapted or not, in bitsandbytes' standard packing: on CPU an eval-mode forward
         # would repack it for bitsandbytes' inference kernel, after which it passes no gradient (README: QLoRA)
-        standard_4bit_packing_everywhere(model)
+        bases.prepare_all(model)
     unserved: dict[str, list[str]] = defaultdict(list)
+    served = _served()
     for name, layer in lora_layers:
-        if type(layer) in _SERVED:
-            layer.__class__ = _SERVED[type(layer)]  # same attributes and parameters; only forward differs
+        if type(layer) in served:
+            layer.__class__ = served[type(layer)]  # same attributes and parameters; only forward differs
         reason = None if _is_custom_layer(layer) else layer_reason(layer)
         if reason is not None and reason not in _reported:
             unserved[reason].append(name)
@@ -337,7 +361,7 @@ def _serve(model: nn.Module, stacklevel: int) -> int:
 
 def restore(peft_model: nn.Module) -> nn.Module:
     """Undo :func:`accelerate`: every accelerated layer becomes its plain PEFT class again."""
-    original = {fused: peft_cls for peft_cls, fused in _SERVED.items()}
+    original = {fused: peft_cls for peft_cls, fused in _served().items()}
     for module in peft_model.modules():
         if type(module) in original:
             module.__class__ = original[type(module)]

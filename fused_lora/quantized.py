@@ -1,12 +1,13 @@
-"""LoRA on bitsandbytes 4-bit and 8-bit base layers (QLoRA): ``QuantizedLoRALinear`` and ``quantized_lora``.
+"""LoRA on quantized base layers (QLoRA): ``QuantizedLoRALinear`` and ``quantized_lora``.
 
-    y = base(x) + scaling · B A dropout(x)          base: bitsandbytes Linear4bit (NF4/FP4) or Linear8bitLt
+    y = base(x) + scaling · B A dropout(x)          base: a layer of a quantized base kind (``fused_lora/bases/``:
+                                                    bitsandbytes Linear4bit (NF4/FP4), Linear8bitLt, or a plug-in)
 
-The bitsandbytes layer is kept as it is (its packed weight and quantization state untouched, no dequantized copy);
-the router (``dispatch.quantized_call``) runs ``autograd/qlora.py``'s Function: the layer's own matmul with the LoRA
-branch added in place (composed), or for a 4-bit base on the Triton backend one GEMM that dequantizes W in registers
-(fused). Either way the saved activations are x, S (M×r) and the seed. bitsandbytes is optional: this module imports
-without it (``base_layers`` recognises its layers by class name).
+The quantized layer is kept as it is (its packed weight and quantization state untouched, no dequantized copy); the
+router (``dispatch.quantized_call``) runs the one autograd Function with the kind's passes: the layer's own matmul with
+the LoRA branch added in place (composed), or, where the kind has one (bitsandbytes 4-bit), one GEMM that dequantizes W
+in registers (fused). Either way the saved activations are x, S (M×r) and the seed. Everything kind-specific (its base
+object, how a merge writes the weight back) is the kind's; bitsandbytes is optional.
 """
 
 from __future__ import annotations
@@ -16,26 +17,26 @@ import warnings
 import torch
 from torch import nn
 
-from .autograd.qlora import QuantLoRAFunction
-from .base_layers import BNB_4BIT, BNB_8BIT, quantized_base, quantized_kind, set_requantized, standard_4bit_packing
+from . import bases
 from .dispatch import quantized_call
-from .layer import LoRALinear, register_wrapper
+from .layer import LoRALinear
 
 
 def quantized_lora(x: torch.Tensor, layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                    dropout_p: float = 0.0, training: bool = True, *, dropout_seed: int | torch.Tensor | None = None,
                    backend: str | None = None) -> torch.Tensor:
-    """``layer(x) + scaling · (dropout(x) lora_Aᵀ) lora_Bᵀ`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``
-    ``layer`` (frozen). Same conventions as :func:`fused_lora.fused_lora_linear`."""
+    """``layer(x) + scaling · (dropout(x) lora_Aᵀ) lora_Bᵀ`` for a quantized ``layer`` (frozen; bitsandbytes
+    ``Linear4bit`` / ``Linear8bitLt`` or a registered plug-in kind). Same conventions as
+    :func:`fused_lora.fused_lora_linear`."""
     return quantized_call(x, layer, lora_A, lora_B, float(scaling), float(dropout_p) if training else 0.0,
                           dropout_seed, backend)
 
 
 class QuantizedLoRALinear(LoRALinear):
-    """A :class:`LoRALinear` whose frozen base is a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (QLoRA), made by
-    :meth:`LoRALinear.from_linear` and ``inject_lora``.
+    """A :class:`LoRALinear` whose frozen base is a quantized layer (QLoRA: bitsandbytes ``Linear4bit`` or
+    ``Linear8bitLt``, or a registered plug-in kind), made by :meth:`LoRALinear.from_linear` and ``inject_lora``.
 
-    The bitsandbytes layer is kept as it is, as the child ``base_layer`` (its packed weight and quantization state
+    The quantized layer is kept as it is, as the child ``base_layer`` (its packed weight and quantization state
     untouched, no dequantized copy); ``weight`` and ``bias`` are its. The state dict keeps the base layer's own keys
     (``weight``, ``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ``SCB``, …) beside ``lora_A`` /
     ``lora_B``, so a 4-bit checkpoint's keys load into the injected model. Adapters default to float32 (PEFT's
@@ -55,14 +56,13 @@ class QuantizedLoRALinear(LoRALinear):
     @classmethod
     def wrap(cls, layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
              init_lora_weights: bool | str, adapter_dtype: torch.dtype | None) -> QuantizedLoRALinear:
-        kind = quantized_kind(layer)
-        name = type(layer).__name__
-        if kind == BNB_4BIT and getattr(layer.weight, "quant_state", None) is None:
-            raise ValueError(f"LoRALinear.from_linear: the {name} has no quant_state: its weight was never quantized "
-                             "(bitsandbytes quantizes a Linear4bit when it is moved to a device: layer.to('cuda') or "
-                             "layer.to('cpu'), or load the model with a BitsAndBytesConfig)")
-        if kind == BNB_4BIT:  # also where its own forward runs (merged, disabled): no CPU inference repack of W
-            standard_4bit_packing(layer)
+        kind = bases.of(layer)
+        why = kind.not_ready(layer)
+        if why is not None:
+            raise ValueError(f"LoRALinear.from_linear: {why}")
+        if kind.prepare is not None:  # also where its own forward runs (merged, disabled), e.g. no CPU repack of W
+            kind.prepare(layer)
+        bases.base_of(layer)  # its base object now, not while torch.compile traces the first call
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.base_layer = layer
@@ -72,14 +72,14 @@ class QuantizedLoRALinear(LoRALinear):
         self._register_state_dict_hook(_base_keys_on_save)
         self._register_load_state_dict_pre_hook(_base_keys_on_load, with_module=True)
         self.register_load_state_dict_post_hook(_base_keys_reported)
-        self._setup_adapter(layer.in_features, layer.out_features, r, lora_alpha, lora_dropout, use_rslora,
+        self._setup_adapter(*kind.in_out(layer), r, lora_alpha, lora_dropout, use_rslora,
                             init_lora_weights, "linear", adapter_dtype if adapter_dtype is not None else torch.float32)
         return self
 
     @property
     def quantization(self) -> str:
-        """``"bnb-4bit"`` or ``"bnb-8bit"``."""
-        return quantized_kind(self.base_layer)
+        """The base kind's name: ``"bnb-4bit"``, ``"bnb-8bit"``, or a plug-in's."""
+        return bases.of(self.base_layer).name
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
@@ -115,7 +115,7 @@ class QuantizedLoRALinear(LoRALinear):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"{self._name()}: {what} refused, {name} holds NaN or Inf; the base weight was left "
                                  "unchanged. Fix or re-initialize the adapters (reset_lora_parameters()) first")
-        dense = quantized_base(self.base_layer).dequantized().float()
+        dense = bases.base_of(self.base_layer)[1].dequantized().float()
         return dense + self.delta_weight() if merge else dense - self.delta_weight()
 
     def _requantize(self, merge: bool) -> None:
@@ -123,7 +123,11 @@ class QuantizedLoRALinear(LoRALinear):
                       f"{type(self.base_layer).__name__} dequantizes its weight, adds the adapter and quantizes it "
                       "again: lossy (the re-quantization error is of the order of the quantization step, as with "
                       "PEFT's merge)", UserWarning, stacklevel=3)
-        set_requantized(self.base_layer, self._merged_weight(merge))
+        kind = bases.of(self.base_layer)
+        if kind.requantize is None:
+            raise TypeError(f"{self._name()}: the {kind.describe} base kind cannot write a merged weight back "
+                            "(it registers no requantize); keep the layer unmerged")
+        kind.requantize(self.base_layer, self._merged_weight(merge))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -175,7 +179,4 @@ def _base_keys_reported(module, incompatible_keys):
     module._renamed_keys.clear()
 
 
-register_wrapper(BNB_4BIT, QuantizedLoRALinear.wrap)
-register_wrapper(BNB_8BIT, QuantizedLoRALinear.wrap)
-
-__all__ = ["BNB_4BIT", "BNB_8BIT", "QuantLoRAFunction", "QuantizedLoRALinear", "quantized_lora"]
+__all__ = ["QuantizedLoRALinear", "quantized_lora"]

@@ -33,15 +33,15 @@ def dropout_scale(seed, rows, col_start, p, scale, BLOCK_ROWS: tl.constexpr, BLO
     return tl.where(u >= p, scale, 0.0)
 
 
-@triton.jit(do_not_specialize=RUNTIME_VALUES)
-def dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed_ptr, p, scale,
+@triton.jit(do_not_specialize=[*RUNTIME_VALUES, "ROW0"])
+def dropout_mask_kernel(out_ptr, M, K, stride_om, stride_ok, seed_ptr, p, scale, ROW0,
                         WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Writes the scaled mask the LoRA kernels use (for tests, users who want to inspect it, and the PyTorch
-    fallback after a kernel failure)."""
+    """Writes the scaled mask the LoRA kernels use on rows ROW0 … ROW0 + M − 1 of x (for tests, users who want to
+    inspect it, the PyTorch path standing in for the kernels, and the self-check, which reads a few rows at a time)."""
     seed = tl.load(seed_ptr)  # from device memory: a captured CUDA graph reads each replay's seed
     rows = index(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), WIDE)
     col_start = tl.program_id(1) * BLOCK_K
     cols = index(col_start + tl.arange(0, BLOCK_K), WIDE)
-    m = dropout_scale(seed, rows, col_start, p, scale, BLOCK_M, BLOCK_K)
+    m = dropout_scale(seed, rows + ROW0, col_start, p, scale, BLOCK_M, BLOCK_K)
     ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_ok
     tl.store(ptrs, m, mask=(rows[:, None] < M) & (cols[None, :] < K))

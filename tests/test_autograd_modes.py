@@ -118,7 +118,7 @@ def test_forward_mode_ad(backend):
         dual = fn(fwAD.make_dual(lora_A, tangent))
         torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, jvp_ref)
         plain = fn(lora_A)  # no tangent inside the dual level: the fused Function, not the plain ops
-        assert plain.grad_fn is None or "LoRALinearFunction" in type(plain.grad_fn).__name__
+        assert plain.grad_fn is None or "FusedLoRAFunction" in type(plain.grad_fn).__name__
 
 
 # ---------------------------------------------------------------------------------------------- dropout 1.0

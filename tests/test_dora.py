@@ -352,7 +352,10 @@ def test_pytorch_path_at_init_is_the_base_layer(layout, dtype, p):
     DoRA is (y = base(x) + (g − 1)·base_result + g·lora·s there). Before, g was 1 ± 1 ulp on some rows (√(Σ v²) against
     PEFT's torch.linalg.norm) and y = g ⊙ (x Wᵀ) + b added the bias after the product: 2.4e-7 off nn.Linear's output
     (x Wᵀ + b by one addmm) on PEFT's own test."""
+    from fused_lora import bases
+    from fused_lora.autograd.driver import call_record
     from fused_lora.backends import dora_torch
+    from fused_lora.call import Operands
     from fused_lora.reference import dora_weight_norm
 
     x, weight, bias, lora_A, lora_B, _ = make_problem((29,), 64, 48, 4, dtype, layout, True)
@@ -361,8 +364,9 @@ def test_pytorch_path_at_init_is_the_base_layer(layout, dtype, p):
     magnitude = dora_weight_norm(weight, lora_A, lora_B, 2.0, layout)
     norm = dora_torch.weight_norm(weight, lora_A, lora_B, 2.0, layout)
     assert torch.equal(magnitude.float() / norm, torch.ones_like(norm))
-    y, *_ = dora_torch.forward(x.detach(), weight, bias.detach(), lora_A.detach(), lora_B.detach(), magnitude, 2.0,
-                               p, 1234, layout)
+    t = Operands(x.detach(), weight, bias.detach(), lora_A.detach(), lora_B.detach(), magnitude)
+    y, *_ = dora_torch.forward(t, call_record("dora", bases.get("dense"), layout, 2.0, p, "torch", "torch", ("torch",)),
+                               1234)
     base = torch.nn.functional.linear(x.detach(), weight if layout == "linear" else weight.t(), bias.detach())
     assert torch.equal(y, base)
 
@@ -424,17 +428,22 @@ def test_bad_magnitude_is_refused():
         fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, magnitude=[1.0] * 6)
 
 
-def test_double_backward_matches_reference():
-    """backward(create_graph=True) takes the differentiable recompute: a gradient penalty's gradient is exact."""
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_double_backward_matches_reference(backend, p):
+    """backward(create_graph=True) takes the differentiable recompute with the forward's dropout mask (the backend's
+    own: one mask function for every variant): a gradient penalty's gradient is exact."""
     problem = make_problem((9,), 12, 10, 3, torch.float32, "linear", True)
     x, weight, bias, lora_A, lora_B, m = problem
+    mask = dropout_mask(11, (9, 12), p, x.device, backend=backend) if p > 0 else None
 
     def penalty(fn):
         y = fn()
         (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         return torch.autograd.grad(gx.square().sum(), [lora_A, lora_B, m])
 
-    got = penalty(lambda: fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.5, backend="torch", magnitude=m))
-    want = penalty(lambda: dora_ref(x, weight, bias, lora_A, lora_B, m, 1.5))
+    got = penalty(lambda: fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.5, p, backend=backend, magnitude=m,
+                                            dropout_seed=11))
+    want = penalty(lambda: dora_ref(x, weight, bias, lora_A, lora_B, m, 1.5, dropout_mask=mask))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

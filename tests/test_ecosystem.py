@@ -111,3 +111,24 @@ def test_transformers_gradient_checkpointing_same_gradients():
 
     for a, b in zip(run(False), run(True), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_over_a_4bit_layer(backend, monkeypatch):
+    """A quantized base runs the same custom ops as the dense one (its base object passed by handle): torch.compile
+    with fullgraph=True traces a QLoRA layer without a graph break, and matches eager."""
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("FUSED_LORA_BACKEND", backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(64, 20, bias=True, compute_dtype=torch.float32, quant_type="nf4").to(DEVICE)
+    layer = LoRALinear.from_linear(base, r=4, lora_alpha=8, lora_dropout=0.2, init_lora_weights=False)
+    x = torch.randn(3, 5, 64).to(DEVICE)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager = grads_of(layer, layer, x)
+    traced = grads_of(layer, compiled, x)
+    for a, b in zip(eager, traced, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -206,19 +206,19 @@ def test_gemma2_qlora_fast_path(tmp_path):
 
 
 def test_verbose_prints_what_was_timed_chosen_and_verified(gpt2_example, monkeypatch, capsys):
-    """--verbose (issue 20): the path report, here for the Triton kernels under the interpreter with the check on."""
+    """--verbose: the path report, here for the Triton kernels under the interpreter with the check on."""
     import fused_lora
-    from fused_lora.backends import self_check
+    from fused_lora import diagnostics
 
     monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
-    self_check.clear()
+    diagnostics.clear()
     fused_lora.set_verify("first")
     try:
         gpt2_example.main([*FAST, "--device", "cpu", "--steps", "1", "--epochs", "1", "--train-size", "8",
                            "--test-size", "8", "--batch-size", "4", "--max-length", "16", "--verbose"])
     finally:
         fused_lora.set_verify(None)
-        self_check.clear()
+        diagnostics.clear()
     out = capsys.readouterr().out
     assert "paths per key" in out and "chosen" in out
     assert "fused forward pass" in out and "fused backward pass" in out and "FAIL" not in out

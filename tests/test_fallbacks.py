@@ -1,4 +1,4 @@
-"""Never crash a training run on hardware or a case the kernels cannot serve (issue 12).
+"""Never crash a training run on hardware or a case the kernels cannot serve.
 
 Each fallback reason is forced on the tests' device (the CPU, or a GPU whose capability is faked) by injecting the
 capability (``hardware.device_capability``), the ROCm build (``hardware.is_rocm``) or a kernel failure (a launcher
@@ -18,8 +18,8 @@ from test_functional import make_problem
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from fused_lora import FallbackWarning, dropout_mask, fallback, fused_lora_linear, hardware
-from fused_lora.backends import kernel_fallback, lora_triton, triton_launch
+from fused_lora import FallbackWarning, diagnostics, dropout_mask, fallback, fused_lora_linear, hardware
+from fused_lora.backends import lora_triton, masks, triton_launch
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def fresh_state(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "auto")
     monkeypatch.delenv("FUSED_LORA_GEMM", raising=False)
     monkeypatch.setattr(fallback, "_warned", set())
-    monkeypatch.setattr(kernel_fallback, "_failed", set())
+    diagnostics.clear()
 
 
 def gpu_like(monkeypatch, capability: tuple[int, int], rocm: bool = False) -> None:
@@ -153,21 +153,31 @@ FAILURES = {
 }
 
 
+# Launchers only the fused path runs; the others (S, the dY pass, dA) serve the composed path too.
+FUSED_ONLY = ("lora_forward", "lora_dx")
+
+
 @pytest.mark.parametrize("failure", sorted(FAILURES))
 @pytest.mark.parametrize("launcher", ["lora_forward", "lora_down", "lora_dx", "lora_dy_pass", "lora_da"])
 def test_kernel_failure_falls_back_with_the_kernels_mask(monkeypatch, launcher, failure):
-    """A kernel that cannot build or launch on the device: the PyTorch path computes the call, with the Philox
-    mask of the kernels, so a forward on the kernels and a backward on the fallback (or the reverse) agree."""
+    """A kernel that cannot build or launch on the device: the call runs the next path (fused → composed → PyTorch),
+    every path with the Philox mask of the kernels, so a forward on one path and a backward on another agree; the
+    key stays on the path that ran, and the path table records the failure."""
     gpu_like(monkeypatch, (8, 0))
     calls = failing(monkeypatch, launcher, FAILURES[failure])
     direction = "forward" if launcher in ("lora_forward", "lora_down") else "backward"
-    with pytest.warns(FallbackWarning, match=f"a Triton kernel of the {direction} failed"):
+    with pytest.warns(FallbackWarning, match=f"a Triton kernel of the fused path's {direction} failed"):
         run_checked(torch.float32, mask_backend="triton")
-    assert len(calls) == 1
+    tried = len(calls)
+    assert tried == (1 if launcher in FUSED_ONLY else 2), "the composed path shares the launcher: it fails there too"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_checked(torch.float32, mask_backend="triton")
-    assert len(calls) == 1, "a signature that failed is not tried again"
+    assert len(calls) == tried, "a key whose kernels failed does not try them again"
+    (entry,) = diagnostics.path_report().values()
+    assert entry["runs"] == ("composed" if launcher in FUSED_ONLY else "torch")
+    assert {f["path"] for f in entry["kernel_failures"]} == ({"fused"} if launcher in FUSED_ONLY
+                                                             else {"fused", "composed"})
 
 
 def test_other_kernel_errors_are_not_hidden(monkeypatch):
@@ -180,7 +190,7 @@ def test_other_kernel_errors_are_not_hidden(monkeypatch):
 
 def test_mask_kernel_failure_names_the_way_out(monkeypatch):
     gpu_like(monkeypatch, (8, 0))
-    failing(monkeypatch, "lora_forward", OutOfResources(1, 0, "registers"))
-    failing(monkeypatch, "dropout_mask", PTXASError("no"), module=kernel_fallback)  # the mask the fallback needs
+    failing(monkeypatch, "lora_down", OutOfResources(1, 0, "registers"))  # fused and composed fail: the PyTorch path
+    failing(monkeypatch, "dropout_mask", PTXASError("no"), module=masks)  # … needs the kernels' mask
     with pytest.raises(RuntimeError, match="FUSED_LORA_BACKEND=torch"), pytest.warns(FallbackWarning):
         run_checked(torch.float32, mask_backend="triton")

@@ -118,7 +118,7 @@ def test_backends_agree_without_dropout():
 def test_split_reductions_match_single_pass():
     """The split paths a GPU launch picks to fill its SMs: dS over N slices and dA over M slices (atomics), S over K
     slices (partial sums added in a fixed order)."""
-    from fused_lora.backends import lora_triton
+    from fused_lora.backends import dropout_triton, lora_triton
 
     gen = torch.Generator().manual_seed(3)
     M, K, N, r = 70, 66, 100, 20
@@ -133,12 +133,12 @@ def test_split_reductions_match_single_pass():
     s_single = lora_triton.lora_down(x, lora_A, seed=11, p=0.3, split_k=1)
     s_split = lora_triton.lora_down(x, lora_A, seed=11, p=0.3, split_k=3)  # K slices summed in a fixed order
     torch.testing.assert_close(s_single, s_split, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s_single, (x * lora_triton.dropout_mask(11, (M, K), 0.3, x.device)) @ lora_A.t(),
+    torch.testing.assert_close(s_single, (x * dropout_triton.dropout_mask(11, (M, K), 0.3, x.device)) @ lora_A.t(),
                                rtol=1e-5, atol=1e-4)
     da_single = lora_triton.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=1)
     da_split = lora_triton.lora_da(single[0], x, lora_A, seed=11, p=0.3, split_m=2)
     torch.testing.assert_close(da_single, da_split, rtol=1e-5, atol=1e-5)
-    mask = lora_triton.dropout_mask(11, (M, K), 0.3, x.device)
+    mask = dropout_triton.dropout_mask(11, (M, K), 0.3, x.device)
     torch.testing.assert_close(da_single, single[0].t() @ (x * mask), rtol=1e-5, atol=1e-4)
 
 

@@ -15,7 +15,8 @@ from helpers import BACKENDS, DEVICE, legacy_tf32_flag
 from test_functional import make_problem, run_and_check
 
 from fused_lora import dropout_mask, fused_lora_linear, lora_linear_ref
-from fused_lora.backends import dropout_triton, kernel_fallback, triton_launch
+from fused_lora.autograd import driver
+from fused_lora.backends import dropout_triton, triton_launch
 from fused_lora.kernels import catalog, configs
 
 RUNTIME_VALUES, m_bucket = configs.RUNTIME_VALUES, configs.m_bucket
@@ -79,7 +80,7 @@ def test_launches_are_guarded_with_the_tensors_device(monkeypatch):
         seen.append(device)
         return real(device)
 
-    for module in (kernel_fallback, dropout_triton):  # where the launches are entered
+    for module in (driver, dropout_triton):  # where the launches are entered
         monkeypatch.setattr(module, "on_device", recording)
     x, weight, bias, lora_A, lora_B = make_problem((5,), 16, 12, 2, torch.float32, "linear", True, device=DEVICE)
     fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.3, dropout_seed=3, backend="triton").sum().backward()

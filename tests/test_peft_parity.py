@@ -69,7 +69,7 @@ def test_outputs_and_gradients_match_peft_through_triton_kernels(monkeypatch):
     from fused_lora.backends import lora_triton
 
     calls = []
-    for op in ("forward", "backward"):
+    for op in ("lora_forward", "lora_dy_pass"):  # the fused GEMM forward, the dY pass backward
         fn = getattr(lora_triton, op)
         monkeypatch.setattr(lora_triton, op, lambda *a, _fn=fn, _op=op, **k: calls.append(_op) or _fn(*a, **k))
     peft_model, ours = make_pair("gpt2_cls", dict(r=2, target_modules=["c_attn", "c_fc"], bias="lora_only",
@@ -77,7 +77,7 @@ def test_outputs_and_gradients_match_peft_through_triton_kernels(monkeypatch):
     peft_model.to(DEVICE)
     ours.to(DEVICE)
     assert_parity(peft_model, ours, input_ids(batch=1, seq=5).to(DEVICE))
-    assert sorted(calls) == ["backward", "backward", "forward", "forward"]  # both layers went through the kernels
+    assert sorted(calls) == ["lora_dy_pass", "lora_dy_pass", "lora_forward", "lora_forward"]  # both layers
 
 
 def test_bf16_base_fp32_adapters_close_to_peft():

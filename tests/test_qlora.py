@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 from fused_lora import (  # noqa: E402
     LoRAConfig,
     LoRALinear,
+    bases,  # noqa: E402
     dropout_mask,
     inject_lora,
     load_adapter,
@@ -33,7 +34,6 @@ from fused_lora import (  # noqa: E402
     unmerge_lora,
 )
 from fused_lora import peft as flp  # noqa: E402
-from fused_lora.base_layers import quantized_base  # noqa: E402
 from fused_lora.quantized import QuantizedLoRALinear  # noqa: E402
 
 KINDS = {
@@ -59,7 +59,7 @@ def bnb_layer(kind: str, K: int, N: int, compute_dtype=torch.float32, bias: bool
 
 def fp64_reference(layer, x, lora_A, lora_B, scaling, mask, grad_out):
     """y and the gradients in fp64, on bitsandbytes' dequantized weight (the base layer's exact W)."""
-    w = quantized_base(layer).dequantized().double()
+    w = bases.base_of(layer)[1].dequantized().double()
     leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
     xs, As, Bs = leaves
     bias = layer.bias.detach().double() if layer.bias is not None else None
@@ -152,7 +152,8 @@ def test_same_mask_with_dropout(path, kind, path_calls):
 def test_auto_times_the_4bit_paths_once_per_shape(path_calls, monkeypatch):
     """FUSED_LORA_GEMM=auto (the default on a GPU) times the fused 4-bit and the composed forward once per shape and
     keeps the faster; here with a timer injected as on a machine where bitsandbytes' matmul wins."""
-    from fused_lora.backends import gemm_choice
+    from fused_lora import diagnostics
+    from fused_lora.backends import path_choice
 
     _, calls = path_calls
     monkeypatch.setattr("fused_lora.dispatch.resolve_gemm", lambda device: "auto")
@@ -163,19 +164,20 @@ def test_auto_times_the_4bit_paths_once_per_shape(path_calls, monkeypatch):
         fn()
         return {"fused": 2.0, "composed": 1.0, "torch": 3.0}[name]
 
-    gemm_choice.clear()
-    gemm_choice.set_timer(timer)
+    diagnostics.clear()
+    path_choice.set_timer(timer)
     try:
         check_layer("nf4-double", torch.float32, torch.float32, "triton", p=0.0)
-        assert timed == ["fused"] * gemm_choice.REPEATS + ["composed"] * gemm_choice.REPEATS + \
-            ["torch"] * gemm_choice.REPEATS
-        assert "dx_4bit" not in calls  # trained on the composed path
+        assert timed == ["fused"] * path_choice.REPEATS + ["composed"] * path_choice.REPEATS + \
+            ["torch"] * path_choice.REPEATS
+        (entry,) = diagnostics.path_report().values()
+        assert entry["chosen"] == entry["runs"] == "composed"  # trained on the composed path
         calls.clear()
         check_layer("nf4-double", torch.float32, torch.float32, "triton", p=0.0)  # the same shape: no timing again
-        assert len(timed) == 3 * gemm_choice.REPEATS and calls == []
+        assert len(timed) == 3 * path_choice.REPEATS and calls == []
     finally:
-        gemm_choice.set_timer(None)
-        gemm_choice.clear()
+        path_choice.set_timer(None)
+        diagnostics.clear()
 
 
 def test_fp32_input_on_bf16_compute():
@@ -346,7 +348,7 @@ def test_merge_unmerge_unload_4bit(gemma2_checkpoint):
     ours = inject_lora(load_4bit(gemma2_checkpoint), LoRAConfig(**QLORA))
     ours.load_state_dict({peft_name(k): v for k, v in peft_model.state_dict().items() if "lora_" in k}, strict=False)
     layer = ours.model.layers[0].self_attn.q_proj
-    base = quantized_base(layer.base_layer)
+    base = bases.base_of(layer.base_layer)[1]
     exact = base.dequantized().float() + layer.delta_weight()
     with pytest.warns(UserWarning, match="lossy"):
         merge_lora(ours)
@@ -430,15 +432,18 @@ def test_unaligned_k_takes_the_composed_path_on_a_gpu():
     from types import SimpleNamespace
 
     from fused_lora import dispatch
-    from fused_lora.base_layers import BNB_4BIT
+    from fused_lora.bases import bnb4
 
     layer = SimpleNamespace(weight=SimpleNamespace(quant_state=SimpleNamespace(blocksize=64)))
+    base = SimpleNamespace(layer=layer, compute_dtype=torch.float32)
     gpu = lambda k: SimpleNamespace(device=torch.device("cuda"), shape=(3, k), dtype=torch.float32)  # noqa: E731
     cpu = SimpleNamespace(device=torch.device("cpu"), shape=(3, 70), dtype=torch.float32)
 
     def gemm(x):
-        fits = dispatch.fused_4bit_fits(x, layer, torch.float32)
-        return dispatch.route(dispatch.LORA, BNB_4BIT, x.device, torch.float32, "triton", fused_ok=fits)[1:]
+        fits = bnb4.fused_fits(x, base)
+        _, path, candidates = dispatch.route(dispatch.LORA, bnb4.NAME, x.device, torch.float32, "triton",
+                                             fused_ok=fits)
+        return path, ",".join(candidates)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("fused_lora.hardware.device_capability", lambda device: (9, 0) if device.type == "cuda" else None)

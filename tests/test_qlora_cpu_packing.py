@@ -3,7 +3,7 @@
 On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weight in place the first time its forward
 runs in eval mode on an input without grad (``quant_state.packing_format_for_cpu``): codes regrouped for its bf16
 kernel, block scales rounded to bf16. Its forward is then ~0.3% off in every mode and passes no input gradient.
-fused-lora keeps the layers it serves in the standard packing (``base_layers.standard_4bit_packing``) and reads a
+fused-lora keeps the layers it serves in the standard packing (``bases.bnb4.standard_4bit_packing``) and reads a
 weight repacked before it saw it back without loss. Checked here: the reading, bit for bit; eval → train → eval on a
 4-bit model loaded through ``from_pretrained``, on every path, each LoRA layer's y, dX, dA and dB against fp64 on
 ``bitsandbytes.functional.dequantize_4bit`` of its weight (the rule of helpers.py); and what PEFT's own QLoRA
@@ -31,11 +31,9 @@ from bitsandbytes import functional as F  # noqa: E402
 from fused_lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
 from fused_lora import peft as flp  # noqa: E402
 from fused_lora.backends import bnb4_triton  # noqa: E402
-from fused_lora.base_layers import (  # noqa: E402
-    in_cpu_packing,
-    standard_4bit_packing,
-    standard_4bit_packing_everywhere,
-)
+from fused_lora.backends.bnb4_triton import in_cpu_packing  # noqa: E402
+from fused_lora.bases import prepare_all as standard_4bit_packing_everywhere  # noqa: E402
+from fused_lora.bases.bnb4 import standard_4bit_packing  # noqa: E402
 from fused_lora.quantized import QuantizedLoRALinear  # noqa: E402
 
 if torch.cuda.is_available():

@@ -15,8 +15,8 @@ from test_fallbacks import counting
 from test_functional import make_problem, run_and_check
 
 import fused_lora
-from fused_lora import FallbackWarning, LoRALinear, fallback, fused_lora_linear
-from fused_lora.backends import bnb4_triton, dora_triton, gemm_choice, kernel_fallback, lora_triton, self_check
+from fused_lora import FallbackWarning, LoRALinear, diagnostics, fallback, fused_lora_linear
+from fused_lora.backends import bnb4_triton, dora_triton, lora_triton, path_state, self_check
 
 
 @pytest.fixture(autouse=True)
@@ -26,13 +26,11 @@ def verifying(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_GEMM", "fused")
     monkeypatch.delenv("FUSED_LORA_VERIFY_REPORT", raising=False)
     monkeypatch.setattr(fallback, "_warned", set())
-    monkeypatch.setattr(kernel_fallback, "_failed", set())
-    self_check.clear()
-    gemm_choice.clear()
+    diagnostics.clear()
     fused_lora.set_verify("first")
     yield
     fused_lora.set_verify(None)
-    self_check.clear()
+    diagnostics.clear()
 
 
 def faulty(monkeypatch, module, name: str, fault) -> list[int]:
@@ -164,16 +162,16 @@ def test_a_key_is_checked_once_always_or_never(monkeypatch, mode, checks):
 def test_the_default_is_first_on_cuda_and_off_elsewhere(monkeypatch):
     fused_lora.set_verify(None)
     monkeypatch.delenv("FUSED_LORA_VERIFY", raising=False)
-    assert self_check.verify_mode(torch.device("cuda")) == "first"
-    assert self_check.verify_mode(torch.device("cpu")) == "off"
+    assert path_state.verify_mode(torch.device("cuda")) == "first"
+    assert path_state.verify_mode(torch.device("cpu")) == "off"
     monkeypatch.setenv("FUSED_LORA_VERIFY", "always")
-    assert self_check.verify_mode(torch.device("cpu")) == "off", "read once (this runs on every call)"
+    assert path_state.verify_mode(torch.device("cpu")) == "off", "read once (this runs on every call)"
     fused_lora.set_verify(None)  # read the environment again
-    assert self_check.verify_mode(torch.device("cpu")) == "always"
+    assert path_state.verify_mode(torch.device("cpu")) == "always"
     monkeypatch.setenv("FUSED_LORA_VERIFY", "sometimes")
     fused_lora.set_verify(None)
     with pytest.raises(ValueError, match="FUSED_LORA_VERIFY='sometimes'"):
-        self_check.verify_mode(torch.device("cpu"))
+        path_state.verify_mode(torch.device("cpu"))
     with pytest.raises(ValueError, match="mode='never'"):
         fused_lora.set_verify("never")
 

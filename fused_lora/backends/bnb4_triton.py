@@ -19,8 +19,8 @@ then runs as the dense kernels' (fp32 accumulation, the rank-r term in the same 
 ``forward_4bit``.
 
 bitsandbytes is an optional dependency: this module imports without it; only ``Packed4bit.from_params`` reads a
-bitsandbytes object (by attribute; it imports nothing from bitsandbytes either, nor does ``base_layers``' reading of
-the CPU inference packing it uses).
+bitsandbytes object (by attribute; it imports nothing from bitsandbytes either, nor does its reading of bitsandbytes'
+CPU inference packing, :func:`unpack_cpu_packing`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base_layers import in_cpu_packing, unpack_cpu_packing
+from ..bases import Pass
+from ..call import Call, Operands, Seed
 from ..kernels.configs import m_bucket
 from ..kernels.lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
 from .lora_triton import backward_with, forward_with
@@ -51,6 +52,54 @@ from .triton_launch import (
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (functional.dequantize_4bit checks these)
 QUANT_TYPES = ("nf4", "fp4")
 _W_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# bitsandbytes' CPU inference packing (0.50, read from its source). On a CPU with AVX512-BF16, ``Linear4bit.forward``
+# in eval mode on an input without grad repacks the weight in place for its bf16 kernel
+# (``functional._convert_weight_packed_for_cpu``, gated by the layer's ``support_avx512bf16_for_cpu``;
+# ``quant_state.packing_format_for_cpu`` becomes True): the codes regrouped in blocks of 32 rows, the block scales
+# (double quantization undone) rounded to bf16 and transposed. From then on its forward runs
+# ``bitsandbytes::gemv_4bit`` in every mode: x rounded to bf16 (~0.3% off), and no input gradient (the op has no
+# autograd kernel). bitsandbytes' own way back (``_convert_weight_packed_for_cpu_inverse``, private) quantizes the
+# scales again (another 0.3-0.6%) and, without double quantization, leaves them transposed (W ~40% off). The 4-bit
+# base kind (``fused_lora/bases/bnb4.py``) keeps a layer LoRA sits on in the standard packing; the functions below read
+# a weight already repacked back into it without loss: what it holds then is W with bf16 scales. The layout is
+# bitsandbytes' private format: it is validated, and tests/test_qlora_cpu_packing.py checks the reading against
+# bitsandbytes' own repack bit for bit.
+CPU_PACKING_BLOCK_N = 32  # the row block of the CPU packing (_convert_weight_packed_for_cpu's block_n)
+
+
+def in_cpu_packing(weight) -> bool:
+    """Whether a bitsandbytes 4-bit weight is in bitsandbytes' CPU inference packing."""
+    state = getattr(weight, "quant_state", None)
+    # The repack sets the flag on the instance: read from there, since a missing attribute would go through
+    # QuantState's Python __getattr__ (~2 µs, and this runs on every call of a 4-bit layer).
+    return bool(getattr(state, "__dict__", {}).get("packing_format_for_cpu", False))
+
+
+def unpack_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A 4-bit weight in bitsandbytes' CPU inference packing (``data`` N×K/2 uint8, its ``quant_state``) in the
+    standard layout, nothing lost: (the codes two a byte in row-major order, even index in the high nibble, 1-D uint8;
+    the block scales, fp32, one per ``blocksize`` consecutive elements in that order: the bf16 values the CPU kernel
+    uses; the dtype dequantized values are rounded to). New tensors; ``data`` and ``state`` are left as they are.
+    Raises ValueError for a layout this code does not know (another bitsandbytes version): never a wrong weight."""
+    N, K = (int(d) for d in state.shape)
+    blocksize, absmax = int(state.blocksize), state.absmax
+    dtype = getattr(state, "original_dtype", None)
+    known = (data.dtype == torch.uint8 and tuple(data.shape) == (N, K // 2) and N % CPU_PACKING_BLOCK_N == 0
+             and K % blocksize == 0 and tuple(absmax.shape) == (K // blocksize, N)
+             and not getattr(state, "nested", False) and dtype is not None)
+    if not known:
+        raise ValueError(f"fused_lora: this bitsandbytes Linear4bit weight is in a CPU inference packing fused_lora "
+                         f"does not know (weight {data.dtype} {tuple(data.shape)}, W {N}×{K}, scales {absmax.dtype} "
+                         f"{tuple(absmax.shape)}); load the model again and keep it from CPU inference "
+                         "(base_layers.standard_4bit_packing) before wrapping it")
+    # Byte i of the 32 that hold rows 32·nb … 32·nb+31, columns 2·c and 2·c+1: low nibble code t = i, high t = 32 + i of
+    # the 64 codes (row 32·nb + t // 2, column 2·c + t % 2).
+    chunks = data.reshape(N // CPU_PACKING_BLOCK_N, K // 2, CPU_PACKING_BLOCK_N)
+    codes = torch.cat([chunks & 0xF, chunks >> 4], dim=-1)
+    codes = codes.reshape(N // CPU_PACKING_BLOCK_N, K // 2, CPU_PACKING_BLOCK_N, 2).transpose(1, 2).reshape(-1)
+    return (codes[0::2] << 4) | codes[1::2], absmax.t().reshape(-1).float(), dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,7 +181,7 @@ class Packed4bit:
         state, nothing copied except the 4-byte offset (reshaped to a tensor on the data's device). Call it once
         per layer: it validates and builds Python objects. A weight in bitsandbytes' CPU inference packing (a
         ``Linear4bit`` that ran eval-mode inference on CPU) is read into new tensors in the standard layout, nothing
-        lost (``base_layers.unpack_cpu_packing``); the weight itself is left as it is."""
+        lost (:func:`unpack_cpu_packing`); the weight itself is left as it is."""
         state = getattr(weight, "quant_state", None)
         if state is None or not getattr(weight, "bnb_quantized", True):
             raise ValueError("Packed4bit.from_params: the weight is not quantized yet (bitsandbytes quantizes a "
@@ -289,10 +338,10 @@ def dequantize_ref(packed: Packed4bit) -> torch.Tensor:
 
 
 def packed_weight(base) -> Packed4bit:
-    """The ``Packed4bit`` of a ``base_layers.Bnb4Base``'s layer, built once and kept on the layer while its weight's
-    storage and quantization state stay the same objects (a merge requantizes: a new storage, a new pack). The layer is
-    kept in bitsandbytes' standard packing (``Bnb4Base.canonical_weight``: on CPU, eval-mode inference would repack it
-    for bitsandbytes' bf16 kernel), so the pack holds views of its own storage."""
+    """The ``Packed4bit`` of a 4-bit base object's layer (``fused_lora/bases/bnb4.py``), built once and kept on the
+    layer while its weight's storage and quantization state stay the same objects (a merge requantizes: a new
+    storage, a new pack). The layer is kept in bitsandbytes' standard packing (``canonical_weight``: on CPU, eval-mode
+    inference would repack it for bitsandbytes' bf16 kernel), so the pack holds views of its own storage."""
     weight = base.canonical_weight()
     cached = getattr(base.layer, "_fused_lora_packed4", None)
     if cached is not None and cached[0] == weight.data.data_ptr() and cached[1] is weight.quant_state:
@@ -302,27 +351,27 @@ def packed_weight(base) -> Packed4bit:
     return packed
 
 
-def fused_forward(
-    x: torch.Tensor, base, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-    p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ for a bitsandbytes ``Linear4bit`` base (``base_layers.Bnb4Base``), x
-    already in its compute dtype: ``lora_down`` (S), then one GEMM reading the 4-bit W with the rank-r term in its
-    accumulator. 2 launches. The bias is cast to the compute dtype first, as ``Linear4bit.forward`` does.
+def fused_forward(t: Operands, call: Call, seed: Seed, keep_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ for a bitsandbytes ``Linear4bit`` base (``t.base``: the 4-bit kind's
+    base object), x already in its compute dtype: ``lora_down`` (S), then one GEMM reading the 4-bit W with the rank-r
+    term in its accumulator. 2 launches. The bias is cast to the compute dtype first, as ``Linear4bit.forward`` does.
     Returns (y, S fp32)."""
-    packed = packed_weight(base)
-    bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    return forward_with(x, base, lora_A, lora_B, scaling, p, seed, "fused-bnb4",
-                        lambda s: forward_4bit(x, packed, bias, s, lora_B, scaling))
+    x = t.x
+    packed = packed_weight(t.base)
+    bias = t.bias.to(x.dtype) if t.bias is not None and t.bias.dtype != x.dtype else t.bias
+    return forward_with(t, call, seed, lambda s: forward_4bit(x, packed, bias, s, t.lora_B, call.scaling))
 
 
-def fused_backward(
-    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
-    scaling: float, p: float, seed: int, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
-) -> tuple[torch.Tensor | None, ...]:
+def fused_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+                   keep_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """dX = dY W + m ⊙ (dS A) in one GEMM reading the 4-bit W (dY in the compute dtype, as bitsandbytes'
     ``MatMul4Bit.backward``), dA, dB, dbias as the dense path. 3 launches. Returns (dX, dA, dB, dbias)."""
-    packed = packed_weight(base)
-    return backward_with(
-        dy, x, base, lora_A, lora_B, s, scaling, p, seed, (need_dx, need_da, need_db, need_dbias), "fused-bnb4",
-        lambda ds: dx_4bit(dy if dy.dtype == x.dtype else dy.to(x.dtype), packed, ds, lora_A, seed, p, x.dtype))
+    x = t.x
+    packed = packed_weight(t.base)
+    return backward_with(t, call, saved, dy, needs, seed,
+                         lambda ds: dx_4bit(dy if dy.dtype == x.dtype else dy.to(x.dtype), packed, ds, t.lora_A, seed,
+                                            call.p, x.dtype))
+
+
+FUSED = Pass(fused_forward, fused_backward)  # the 4-bit kind's fused path

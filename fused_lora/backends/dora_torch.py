@@ -1,5 +1,5 @@
-"""DoRA on the PyTorch backend of :class:`fused_lora.autograd.dora.DoRALinearFunction` (CPU tensors, or anywhere it is
-forced, or a kernel cannot run). Its reference, ``dora_ref``, is in ``reference.py``.
+"""DoRA on the PyTorch backend (CPU tensors, or anywhere it is forced, or a kernel cannot run): the dense kind's DoRA
+PyTorch pass (``DENSE``). Its reference, ``dora_ref``, is in ``reference.py``.
 
     y = x Wᵀ + b + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ s·(x_d Aᵀ) Bᵀ,     g = magnitude / ‖W + s·B A‖_row (detached)
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..bases import Pass
+from ..call import Call, Operands, Seed
 from ..dropout import drop_scale, keep_mask
 from ..reference import weight_nk
 from .lora_torch import scaled_mm
@@ -35,9 +37,8 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return norm if norm.dtype == torch.float32 else norm.float()
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-            lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-            need_p: bool = True, *, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def forward(t: Operands, call: Call, seed: Seed, keep: torch.Tensor | None = None, need_p: bool = True
+            ) -> tuple[torch.Tensor, ...]:
     """Returns (y M×N in x's dtype, S M×r and P M×N in the adapters' dtype, the row norms N fp32: ``weight_norm``).
     ``keep``: a boolean keep mask to use instead of this backend's (the kernels' mask, when a kernel failed and this
     path stands in). Without ``need_p`` (the magnitude frozen: P serves only its gradient) P is not formed: an empty
@@ -51,6 +52,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     in fp32 (one rounding to x's dtype at the end); at p = 0 as y = g ⊙ result − (g − 1) ⊙ b + g ⊙ s·S Bᵀ, the same
     sum with no M×N base_result beside y when P is not wanted. At init (g = 1 exactly, B = 0) y is the base layer's
     output bit for bit either way, as PEFT's is. s·S Bᵀ enters y once, with g folded into B (an N×r product)."""
+    x, weight, bias, lora_A, lora_B, magnitude = t.x, t.weight, t.bias, t.lora_A, t.lora_B, t.magnitude
+    scaling, p, weight_layout = call.scaling, call.p, call.layout
     ad = lora_A.dtype
     norm = weight_norm(weight, lora_A, lora_B, scaling, weight_layout)
     g = magnitude.float() / norm
@@ -90,17 +93,20 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     return (y if y.dtype == x.dtype else y.to(x.dtype)), s, P, norm
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-             magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, norm: torch.Tensor, scaling: float, p: float,
-             seed: int, weight_layout: str, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
-             need_dmag: bool, *, keep: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+def backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dX, dA, dB, dbias fp32, d magnitude), None where not needed; g constant:
 
         dS = s·(g⊙dY) B    dB = s·(g⊙dY)ᵀ S    dA = dSᵀ x_d    db = Σ dY    dmag = Σ_rows dY ⊙ P / ‖·‖
         dX = (g⊙dY) W + dS A                     (p = 0)
         dX = dY W + m ⊙ (((g − 1)⊙dY) W + dS A)  (p > 0)
 
-    g scales the small B and dB instead of dY (no M×N temporary for them); 1/(1-p) is folded into dS and (g − 1)."""
+    g scales the small B and dB instead of dY (no M×N temporary for them); 1/(1-p) is folded into dS and (g − 1).
+    ``saved``: the forward's (S, P, the row norms)."""
+    x, weight, lora_A, lora_B, magnitude = t.x, t.weight, t.lora_A, t.lora_B, t.magnitude
+    s, P, norm = saved
+    scaling, p, weight_layout = call.scaling, call.p, call.layout
+    need_dx, need_da, need_db, need_dbias, need_dmag = needs
     ad = lora_B.dtype
     g = magnitude.float() / norm  # the forward's g, bit for bit
     g_ad = g if ad == torch.float32 else g.to(ad)
@@ -135,3 +141,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
     return dx, da, db, dbias, dmag
+
+
+DENSE = Pass(forward, backward)  # the dense kind's DoRA PyTorch path

@@ -6,21 +6,22 @@ when p > 0, which also writes x_d for the next launch), ``dora_forward_gemm`` (y
 p > 0), ``lora_triton.lora_da``. Plus the zero-fills of the atomics buffers, as in the LoRA launchers, and the sum of
 the norm's K-split partials when it is split.
 
-Conventions as the LoRA launchers (``triton_launch``), and a kernel that cannot be built or launched hands the call to
-the PyTorch path (``dora_torch``) with the kernels' own dropout mask (``kernel_fallback``).
+Conventions as the LoRA launchers (``triton_launch``); a kernel that cannot be built or launched hands the call to the
+next path (``autograd/driver.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..bases import Pass
+from ..call import Call, Operands, Seed
 from ..dropout import drop_scale
 from ..kernels.configs import m_bucket
 from ..kernels.dora import dora_down_kernel, dora_dx_kernel, dora_dy_kernel, dora_fwd_kernel, dora_norm_kernel
 from . import dora_torch
-from .dropout_triton import dropout_mask
-from .kernel_fallback import guarded, kernel_keep, signature
 from .lora_triton import lora_da, lora_down, lora_dx
+from .masks import keep
 from .triton_launch import (
     arch,
     cdiv,
@@ -173,65 +174,47 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
 # --------------------------------------------------------------------------------------- the layer, with fallback
 
 
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    magnitude: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, need_p: bool = True,
-) -> tuple[torch.Tensor, ...]:
+def forward(t: Operands, call: Call, seed: Seed, keep_mask: torch.Tensor | None = None, need_p: bool = True
+            ) -> tuple[torch.Tensor, ...]:
     """(y in x's dtype, S fp32 M×r, P M×N in the adapters' dtype, the row norms fp32 N). Three launches. Without
     ``need_p`` (the magnitude frozen: P serves only its gradient) P is not allocated or written: an empty tensor."""
-    def fallback(keep):
-        y, s, P, norm = dora_torch.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, weight_layout,
-                                           keep=keep, need_p=need_p)
-        return y, s.float(), P, norm
-
+    x, weight, lora_A, lora_B, p = t.x, t.weight, t.lora_A, t.lora_B, call.p
     if x.numel() == 0:  # a grid with a zero dimension is not a launch
-        return fallback(kernel_keep(seed, x, p))
-
-    def launch():
-        norm = dora_norm(weight, lora_A, lora_B, scaling, weight_layout)
-        if p > 0:
-            s, xd = dora_down(x, lora_A, seed, p)
-        else:
-            s, xd = lora_down(x, lora_A, seed, 0.0), None
-        y, P = dora_forward_gemm(x, xd, weight, bias, s, lora_B, norm, magnitude, scaling, p, weight_layout, need_p)
-        return y, s, P, norm
-
-    key = signature(x.device, "dora forward", x, weight, lora_A, lora_B, magnitude, layout=weight_layout, drop=p > 0)
-    return guarded(key, "DoRA forward", launch, fallback, seed, x, p)
+        y, s, P, norm = dora_torch.forward(t, call, seed, keep(call.backend, seed, tuple(x.shape), p, x.device),
+                                           need_p=need_p)
+        return y, s.float(), P, norm
+    norm = dora_norm(weight, lora_A, lora_B, call.scaling, call.layout)
+    if p > 0:
+        s, xd = dora_down(x, lora_A, seed, p)
+    else:
+        s, xd = lora_down(x, lora_A, seed, 0.0), None
+    y, P = dora_forward_gemm(x, xd, weight, t.bias, s, lora_B, norm, t.magnitude, call.scaling, p, call.layout, need_p)
+    return y, s, P, norm
 
 
-def backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    magnitude: torch.Tensor, s: torch.Tensor, P: torch.Tensor, norm: torch.Tensor, scaling: float, p: float, seed: int,
-    weight_layout: str, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, need_dmag: bool,
-) -> tuple[torch.Tensor | None, ...]:
+def backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+             keep_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dX, dA fp32, dB fp32, dbias fp32, d magnitude fp32), None where not needed. Three launches."""
-    needs = (need_dx, need_da, need_db, need_dbias, need_dmag)
-
-    def fallback(keep):
-        return dora_torch.backward(dy, x, weight, lora_A, lora_B, magnitude, s, P, norm, scaling, p, seed,
-                                   weight_layout, *needs, keep=keep)
-
+    x, weight, lora_A, p = t.x, t.weight, t.lora_A, call.p
+    s, P, norm = saved
+    need_dx, need_da, need_db, need_dbias, need_dmag = needs
     if x.numel() == 0 or dy.numel() == 0:
-        return fallback(kernel_keep(seed, x, p))
-
-    def launch():
-        dx = da = None
-        ds, db, dbias, dmag, g = dora_dy_pass(dy, lora_B, s, P, norm, magnitude, scaling, need_dx or need_da,
-                                              need_db, need_dbias, need_dmag, need_dx, p > 0)
-        if need_dx:
-            if p > 0:
-                dx = dora_dx(dy, g, weight, ds, lora_A, weight_layout, seed, p, x.dtype)
-            else:  # dX = (g⊙dY) W + dS A: LoRA's kernel with G for dY
-                dx = lora_dx(g, weight, ds, lora_A, weight_layout, seed, 0.0, x.dtype)
-        if need_da:
-            da = lora_da(ds, x, lora_A, seed, p)
-        return dx, da, db, dbias, dmag
-
-    key = signature(x.device, "dora backward", dy, x, lora_A, lora_B, magnitude, layout=weight_layout, drop=p > 0,
-                    needs=needs)
-    return guarded(key, "DoRA backward", launch, fallback, seed, x, p)
+        return dora_torch.backward(t, call, saved, dy, needs, seed, keep(call.backend, seed, tuple(x.shape), p,
+                                                                         x.device))
+    dx = da = None
+    ds, db, dbias, dmag, g = dora_dy_pass(dy, t.lora_B, s, P, norm, t.magnitude, call.scaling, need_dx or need_da,
+                                          need_db, need_dbias, need_dmag, need_dx, p > 0)
+    if need_dx:
+        if p > 0:
+            dx = dora_dx(dy, g, weight, ds, lora_A, call.layout, seed, p, x.dtype)
+        else:  # dX = (g⊙dY) W + dS A: LoRA's kernel with G for dY
+            dx = lora_dx(g, weight, ds, lora_A, call.layout, seed, 0.0, x.dtype)
+    if need_da:
+        da = lora_da(ds, x, lora_A, seed, p)
+    return dx, da, db, dbias, dmag
 
 
-__all__ = ["backward", "dora_down", "dora_dx", "dora_dy_pass", "dora_forward_gemm", "dora_norm", "dropout_mask",
-           "forward"]
+FUSED = Pass(forward, backward)  # the dense kind's fused DoRA path
+
+
+__all__ = ["FUSED", "backward", "dora_down", "dora_dx", "dora_dy_pass", "dora_forward_gemm", "dora_norm", "forward"]

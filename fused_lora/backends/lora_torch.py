@@ -4,16 +4,20 @@ or a kernel cannot run).
 Like the kernels it keeps no M×K tensor beside x for backward: the dropout mask is regenerated from a
 seeded ``torch.Generator`` (``dropout.keep_mask``) in backward (once, shared by dX and dA) instead of saving the mask or
 the dropped copy of x as PEFT does. The base GEMM and the rank-r update are chained with in-place
-``addmm_`` so y is written once when the adapters share x's dtype. The base is any layer of ``base_layers``
-(dense, or bitsandbytes 4/8-bit): ``forward``/``backward`` are the dense case, inlined (its host cost is what small
-layers pay on CPU, issue 14); ``native_forward`` is the dense case without dropout as plain autograd ops.
+``addmm_`` so y is written once when the adapters share x's dtype. The base is any base object (a dense weight, or a
+quantized kind's: ``fused_lora/bases/``): ``forward``/``backward`` are the dense case, inlined (its host cost is what
+small layers pay on CPU); ``native_forward`` is the dense case without dropout as plain autograd ops. The passes take
+the call record and the call's tensors (``fused_lora.call``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..dropout import keep_mask, scaled_keep_mask
+from ..bases import Pass
+from ..call import Call, Operands, Seed
+from ..dropout import keep_mask
+from .dense_base import DenseBase
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -21,9 +25,6 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     on one thread, but at M = 1 MKL sums it by another route with twice the rounding error: 3e-4 against 1.4e-4
     at 1×4096×4, enough to fail test_adversarial.test_very_wide; accuracy first.)"""
     return (a @ b).mul_(alpha)
-
-
-dropout_mask = scaled_keep_mask  # the scaled keep mask (fp32, 0 or 1/(1-p)) this backend uses for a seed; M×K
 
 
 def _keep_as(keep: torch.Tensor | None, seed: int, x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -52,39 +53,38 @@ def _add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: flo
     return y.add_(scaled_mm(s, lora_B.t(), scaling).to(y.dtype))
 
 
-def composed_forward(
-    x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
-    *, keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = base(x) + scaling · dropout(x) Aᵀ Bᵀ for any base of ``base_layers`` (its ``forward`` is the layer's own).
-    Returns (y M×N in the base's output dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean
-    keep mask to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands
-    in)."""
-    s, _ = _down(x, lora_A, p, seed, keep)
-    return _add_up(base.forward(x), s, lora_B, scaling), s
+def composed_forward(t: Operands, call: Call, seed: Seed, keep: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = base(x) + scaling · dropout(x) Aᵀ Bᵀ for any base object (``t.base``: its ``forward`` is the layer's own; a
+    dense base when None). Returns (y M×N in the base's output dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype).
+    ``keep``: a boolean keep mask to use instead of this backend's own (the kernels' mask, when this path runs on the
+    Triton backend)."""
+    base = t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
+    s, _ = _down(t.x, t.lora_A, call.p, seed, keep)
+    return _add_up(base.forward(t.x), s, t.lora_B, call.scaling), s
 
 
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "",
-    *, keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(t: Operands, call: Call, seed: Seed, keep: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`composed_forward` on a dense weight (either layout), inlined: this is the CPU path of every call, and
-    its host cost is what small layers pay (issue 14). ``gemm`` is the kernels' choice, ignored here."""
+    its host cost is what small layers pay."""
+    x, weight, bias = t.x, t.weight, t.bias
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if weight_layout == "linear":
+    if call.layout == "linear":
         y = torch.nn.functional.linear(x, weight, bias)
     else:
         y = x @ weight if bias is None else torch.addmm(bias, x, weight)
-    s, _ = _down(x, lora_A, p, seed, keep)
-    return _add_up(y, s, lora_B, scaling), s
+    s, _ = _down(x, t.lora_A, call.p, seed, keep)
+    return _add_up(y, s, t.lora_B, call.scaling), s
 
 
-def _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db, need_dbias, keep):
+def _branch_backward(t, call, s, dy, needs, seed, keep):
     """(dS A or None, the 0/1 keep mask or None, dA, dB, dbias): the LoRA branch's share of the gradients, the mask
     regenerated once. The 1/(1-p) of dropout is folded into dS (M×r), not applied to an M×K tensor; the mask is
     applied to dS A where it is added into dX (:func:`_add_masked`)."""
+    need_dx, need_da, need_db, need_dbias = needs
+    x, lora_A, lora_B, scaling, p = t.x, t.lora_A, t.lora_B, call.scaling, call.p
     da = db = dbias = lora_dx = keep_f = None
     dy_lora = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
     if need_db:
@@ -114,36 +114,35 @@ def _add_masked(dx: torch.Tensor, lora_dx: torch.Tensor, keep_f: torch.Tensor | 
     return dx.add_((lora_dx * keep_f).to(dx.dtype))
 
 
-def composed_backward(
-    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    s: torch.Tensor, scaling: float, p: float, seed: int,
-    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, *, keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, ...]:
+def composed_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+                      keep: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """Returns (dX, dA, dB, dbias), None where not needed: dX is the base's input gradient with m ⊙ (dS A) added in
     place. The mask is regenerated once, for dA and dX (or ``keep`` is used, as in :func:`composed_forward`)."""
-    lora_dx, keep_f, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
-                                                      need_db, need_dbias, keep)
-    dx = _add_masked(base.input_grad(dy, x.dtype), lora_dx, keep_f) if need_dx else None
+    lora_dx, keep_f, da, db, dbias = _branch_backward(t, call, saved[0], dy, needs, seed, keep)
+    dx = None
+    if needs[0]:
+        base = t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
+        dx = _add_masked(base.input_grad(dy, t.x.dtype), lora_dx, keep_f)
     return dx, da, db, dbias
 
 
-def backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    s: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "",
-    *, keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, ...]:
+def backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """:func:`composed_backward` on a dense weight (either layout). dX = dY W, then m ⊙ (dS A) added in place (one
     addmm with dS A as its input was an op cheaper, but summed differently: 3× PyTorch's error at M = 1, K = 4096,
     test_adversarial.test_very_wide)."""
-    lora_dx, keep_f, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
-                                                      need_db, need_dbias, keep)
+    lora_dx, keep_f, da, db, dbias = _branch_backward(t, call, saved[0], dy, needs, seed, keep)
     dx = None
-    if need_dx:
-        dx = _add_masked(dy @ (weight if weight_layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
-        if dx.dtype != x.dtype:
-            dx = dx.to(x.dtype)
+    if needs[0]:
+        weight = t.weight
+        dx = _add_masked(dy @ (weight if call.layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
+        if dx.dtype != t.x.dtype:
+            dx = dx.to(t.x.dtype)
     return dx, da, db, dbias
+
+
+DENSE = Pass(forward, backward)  # the dense kind's PyTorch path
+COMPOSED = Pass(composed_forward, composed_backward)  # any base object's PyTorch path
 
 
 def native_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -151,8 +150,17 @@ def native_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """The dense layer without dropout as plain autograd ops (no Function): :func:`forward`'s arithmetic (the base
     GEMM, S = x Aᵀ, the rank-r update added in place), N-D inputs through a 2-D view and back without a view (as
     torch.matmul). With adapters in x's dtype, PyTorch's own autograd saves what the Function would (x and S; the
-    frozen W's GEMM saves nothing more) and runs its backward in C++: no Python Function, the host cost of small layers
-    (issue 14)."""
+    frozen W's GEMM saves nothing more) and runs its backward in C++: no Python Function, the host cost of small
+    layers."""
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y, _ = forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, weight_layout)
+    y, _ = _native_call(x2d, weight, bias, lora_A, lora_B, scaling, weight_layout)
     return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+
+
+def _native_call(x, weight, bias, lora_A, lora_B, scaling, layout):
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = torch.nn.functional.linear(x, weight, bias) if layout == "linear" else (
+        x @ weight if bias is None else torch.addmm(bias, x, weight))
+    s = torch.nn.functional.linear(x if x.dtype == lora_A.dtype else x.to(lora_A.dtype), lora_A)
+    return _add_up(y, s, lora_B, scaling), s

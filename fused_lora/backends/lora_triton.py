@@ -6,22 +6,24 @@
 
 Forward 2 launches, backward 3 (plus the base's own GEMM when composed). Turing GPUs take the composed path (Triton
 lowers ``tl.dot`` to FMA there, no tensor cores), and it is the base for layers whose weight is not a dense matrix.
-Which one a call takes is the router's choice (``dispatch.py``; ``auto``: ``gemm_choice``); a kernel that cannot run
-hands the call to the PyTorch path (``kernel_fallback``). Launch conventions: ``triton_launch``.
+Which one a call takes is the router's choice (``dispatch.py``; ``auto``: ``path_choice``); a kernel that cannot run
+hands the call to the next path (``autograd/driver.py``). The passes (``FUSED``, ``COMPOSED``) take the call record
+and the call's tensors (``fused_lora.call``); the launchers take tensors. Launch conventions: ``triton_launch``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..base_layers import DenseBase
+from ..bases import Pass
+from ..call import Call, Operands, Seed
 from ..kernels.configs import m_bucket
 from ..kernels.lora_backward import lora_da_kernel, lora_dx_kernel, lora_dy_kernel
 from ..kernels.lora_compose import lora_dx_add_kernel, lora_up_add_kernel
 from ..kernels.lora_forward import lora_down_kernel, lora_fwd_kernel
 from . import lora_torch
-from .dropout_triton import dropout_mask
-from .kernel_fallback import guarded, kernel_keep, signature
+from .dense_base import DenseBase
+from .masks import keep
 from .triton_launch import (
     arch,
     cdiv,
@@ -36,10 +38,8 @@ from .triton_launch import (
     wide_offsets,
 )
 
-GEMMS = ("fused", "composed")
-
-__all__ = ["GEMMS", "backward", "composed_backward", "composed_forward", "dropout_mask", "forward",
-           "lora_da", "lora_down", "lora_dx", "lora_dx_add", "lora_dy_pass", "lora_forward", "lora_up_add"]
+__all__ = ["COMPOSED", "FUSED", "composed_backward", "composed_forward", "fused_backward", "fused_forward", "lora_da",
+           "lora_down", "lora_dx", "lora_dx_add", "lora_dy_pass", "lora_forward", "lora_up_add"]
 
 
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_k: int | None = None) -> torch.Tensor:
@@ -203,97 +203,65 @@ def lora_da(
 # ------------------------------------------------------------------------------------------ the layer, two ways
 
 
-def forward_with(
-    x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
-    label: str, base_gemm,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """S = dropout(x) Aᵀ by ``lora_down``, then ``base_gemm(S)`` → y with the rank-r term in it; the PyTorch path with
-    the kernels' mask stands in when a kernel cannot run (``kernel_fallback``). Returns (y, S fp32). Shared by the
-    dense paths here and the fused 4-bit path (``bnb4_triton``)."""
-    def fallback(keep):
-        y, s = lora_torch.composed_forward(x, base, lora_A, lora_B, scaling, p, seed, keep=keep)
+def forward_with(t: Operands, call: Call, seed: Seed, base_gemm) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = dropout(x) Aᵀ by ``lora_down``, then ``base_gemm(S)`` → y with the rank-r term in it. Returns (y, S fp32).
+    Shared by the dense paths here and the fused 4-bit path (``bnb4_triton``)."""
+    x = t.x
+    if x.numel() == 0 or t.lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
+        y, s = lora_torch.composed_forward(t, call, seed, keep(call.backend, seed, tuple(x.shape), call.p, x.device))
         return y, s.float()
-
-    if x.numel() == 0 or lora_B.shape[0] == 0:  # a grid with a zero dimension is not a launch
-        return fallback(kernel_keep(seed, x, p))
-
-    def launch():
-        s = lora_down(x, lora_A, seed, p)
-        return base_gemm(s), s
-
-    key = signature(x.device, "forward", x, lora_A, lora_B, label=label, drop=p > 0)
-    return guarded(key, "forward", launch, fallback, seed, x, p)
+    s = lora_down(x, t.lora_A, seed, call.p)
+    return base_gemm(s), s
 
 
-def backward_with(
-    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
-    scaling: float, p: float, seed: int, needs: tuple[bool, bool, bool, bool], label: str, base_dx,
-) -> tuple[torch.Tensor | None, ...]:
-    """One pass over dY (dS, dB, dbias), ``base_dx(dS)`` → dX with m ⊙ (dS A) in it, dA; the PyTorch path with the
-    kernels' mask stands in when a kernel cannot run. Returns (dX, dA fp32, dB fp32, dbias fp32), None where not
-    needed."""
+def backward_with(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+                  base_dx) -> tuple[torch.Tensor | None, ...]:
+    """One pass over dY (dS, dB, dbias), ``base_dx(dS)`` → dX with m ⊙ (dS A) in it, dA. Returns (dX, dA fp32, dB fp32,
+    dbias fp32), None where not needed."""
+    x, s = t.x, saved[0]
     need_dx, need_da, need_db, need_dbias = needs
-
-    def fallback(keep):
-        return lora_torch.composed_backward(dy, x, base, lora_A, lora_B, s, scaling, p, seed, *needs, keep=keep)
-
     if x.numel() == 0 or dy.numel() == 0:
-        return fallback(kernel_keep(seed, x, p))
-
-    def launch():
-        dx = da = None
-        ds, db, dbias = lora_dy_pass(dy, lora_B, s, scaling, need_dx or need_da, need_db, need_dbias)
-        if need_dx:
-            dx = base_dx(ds)
-        if need_da:
-            da = lora_da(ds, x, lora_A, seed, p)
-        return dx, da, db, dbias
-
-    key = signature(x.device, "backward", dy, x, lora_A, lora_B, label=label, drop=p > 0, needs=needs)
-    return guarded(key, "backward", launch, fallback, seed, x, p)
+        return lora_torch.composed_backward(t, call, saved, dy, needs, seed,
+                                            keep(call.backend, seed, tuple(x.shape), call.p, x.device))
+    dx = da = None
+    ds, db, dbias = lora_dy_pass(dy, t.lora_B, s, call.scaling, need_dx or need_da, need_db, need_dbias)
+    if need_dx:
+        dx = base_dx(ds)
+    if need_da:
+        da = lora_da(ds, x, t.lora_A, seed, call.p)
+    return dx, da, db, dbias
 
 
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str, gemm: str = "fused",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense base (either layout). Returns (y M×N in x's dtype, S M×r fp32). ``gemm``: "fused" (two launches) or
-    "composed" (cuBLAS + two)."""
-    if gemm == "composed":
-        return composed_forward(x, DenseBase(weight, bias, weight_layout), lora_A, lora_B, scaling, p, seed)
-    return forward_with(x, DenseBase(weight, bias, weight_layout), lora_A, lora_B, scaling, p, seed,
-                        f"fused-{weight_layout}", lambda s: lora_forward(x, weight, bias, s, lora_B, scaling,
-                                                                         weight_layout))
+def fused_forward(t: Operands, call: Call, seed: Seed, keep_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense base (either layout), the fused path: two launches. Returns (y M×N in x's dtype, S M×r fp32)."""
+    return forward_with(t, call, seed, lambda s: lora_forward(t.x, t.weight, t.bias, s, t.lora_B, call.scaling,
+                                                              call.layout))
 
 
-def backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    s: torch.Tensor, scaling: float, p: float, seed: int, weight_layout: str,
-    need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool, gemm: str = "fused",
-) -> tuple[torch.Tensor | None, ...]:
-    """Dense base. At most three launches (plus cuBLAS's dY W when composed). Returns (dX, dA fp32, dB fp32, dbias
-    fp32), None where not needed."""
-    base = DenseBase(weight, None, weight_layout)
-    needs = (need_dx, need_da, need_db, need_dbias)
-    if gemm == "composed":
-        return composed_backward(dy, x, base, lora_A, lora_B, s, scaling, p, seed, *needs)
-    return backward_with(dy, x, base, lora_A, lora_B, s, scaling, p, seed, needs, f"fused-{weight_layout}",
-                         lambda ds: lora_dx(dy, weight, ds, lora_A, weight_layout, seed, p, x.dtype))
+def fused_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+                   keep_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Dense base, the fused path: at most three launches. Returns (dX, dA fp32, dB fp32, dbias fp32), None where not
+    needed."""
+    return backward_with(t, call, saved, dy, needs, seed,
+                         lambda ds: lora_dx(dy, t.weight, ds, t.lora_A, call.layout, seed, call.p, t.x.dtype))
 
 
-def composed_forward(
-    x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = base(x) (the base's own GEMM: cuBLAS, bitsandbytes) + the rank-r term added in place. cuBLAS + 2 launches."""
-    return forward_with(x, base, lora_A, lora_B, scaling, p, seed, f"composed-{type(base).__name__}",
-                        lambda s: lora_up_add(base.forward(x), s, lora_B, scaling))
+def composed_forward(t: Operands, call: Call, seed: Seed, keep_mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = base(x) (the base's own GEMM: cuBLAS, bitsandbytes) + the rank-r term added in place: the base + 2
+    launches. ``t.base``: the base object (a dense one for a dense weight when None)."""
+    base = t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
+    return forward_with(t, call, seed, lambda s: lora_up_add(base.forward(t.x), s, t.lora_B, call.scaling))
 
 
-def composed_backward(
-    dy: torch.Tensor, x: torch.Tensor, base, lora_A: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor,
-    scaling: float, p: float, seed: int, need_dx: bool, need_da: bool, need_db: bool, need_dbias: bool,
-) -> tuple[torch.Tensor | None, ...]:
+def composed_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed: Seed,
+                      keep_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """dX = the base's input gradient with m ⊙ (dS A) added in place; dA, dB, dbias as the fused path. 3 launches."""
-    return backward_with(dy, x, base, lora_A, lora_B, s, scaling, p, seed, (need_dx, need_da, need_db, need_dbias),
-                         f"composed-{type(base).__name__}",
-                         lambda ds: lora_dx_add(base.input_grad(dy, x.dtype), ds, lora_A, seed, p))
+    base = t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
+    return backward_with(t, call, saved, dy, needs, seed,
+                         lambda ds: lora_dx_add(base.input_grad(dy, t.x.dtype), ds, t.lora_A, seed, call.p))
+
+
+FUSED = Pass(fused_forward, fused_backward)  # the dense kind's fused path
+COMPOSED = Pass(composed_forward, composed_backward)  # any base object's composed path

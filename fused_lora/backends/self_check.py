@@ -1,22 +1,37 @@
-"""The first-call self-check (``FUSED_LORA_VERIFY=first|always|off``): a Triton path's first forward and first backward
-of each key are computed again on the PyTorch path and compared, so that a GPU nobody here has tested cannot train a
-model silently wrong.
+"""The self-check (``FUSED_LORA_VERIFY=first|always|off``): a Triton path's first calls of each key are computed again
+by the PyTorch path and compared, so that a GPU nobody here has tested cannot train a model silently wrong.
 
-For a key (variant and base, device, dtypes, layout, K, N, r, token bucket, path) the check runs the same call on the
-PyTorch path with the same inputs and the kernels' own dropout mask, in the same dtypes and in fp64, and applies the
-tests' rule to the output (forward) and to every gradient (backward: dX, dA, dB, dbias, DoRA's magnitude):
+What is compared, for a call that ran ``path`` (``autograd/driver.py`` runs it; this module holds the pieces):
 
-    |path − fp64| ≤ 2 · |PyTorch same-dtype − fp64| + atol        (max norms; atol = eps(dtype) · max|fp64|)
+- forward: the rows in :func:`row_blocks` of y (and of DoRA's P), S on those rows, DoRA's row norms; backward: dX on
+  those rows, and dA, dB, dbias, DoRA's d magnitude in full. Each against the PyTorch path in the same dtypes and in
+  fp64, with the kernels' own dropout mask, by the tests' rule:
 
-and a NaN or Inf where fp64 has none is a mismatch. On a mismatch the call returns the PyTorch path's result, one
-``FallbackWarning`` names the GPU, its compute capability, the triton and torch versions, the path, shapes, dtypes, the
-worst tensor and its error against the bound, the key moves to the next path (fused → composed → PyTorch) for the rest
-of the process, and with ``FUSED_LORA_VERIFY_REPORT=<file>`` one JSON line with all of that is appended. A key that
-passed is not checked again (``first``, the default on CUDA): the steady state costs a set lookup. ``always`` checks
-every call (debugging); ``off`` nothing (the default off CUDA, where the interpreter's tests do the checking). The
-environment variable is read at the first call; ``set_verify()`` changes the mode at run time.
+      |path − fp64| ≤ 2 · |PyTorch same-dtype − fp64| + atol        (max norms; atol = eps(dtype) · max|fp64|)
 
-``report()`` says, per key, what was timed (``gemm_choice``), chosen and verified.
+  A NaN or Inf where fp64 is finite is a fault only where the same-dtype PyTorch result is finite too: fp16 overflows
+  (GradScaler's first steps overflow on purpose) are PyTorch's as much as the kernels'.
+- The references recompute S (and everything else but DoRA's P, which the forward's check checked) from x, never take
+  the path's own saved tensors.
+- A composed path computes the base layer's output with the layer itself (cuBLAS, bitsandbytes) and adds the rank-r
+  term: the references replay the base output the call produced (``Recording``/``replayed``), so what is checked is the
+  rank-r term alone, and a quantized base's own error (LLM.int8 rounds the activations) cannot hide a wrong one.
+  A fused path computes the base GEMM itself: its reference is the dense fp64 GEMM on the (dequantized) weight
+  (:class:`Dense64`, read in slices of rows).
+- Bounded: y, P and dX on at most ``3 · ROW_BLOCK`` rows (rows are independent: the first rows, some in the middle,
+  the last, ragged tile included); the reductions over M (dA, dB, dbias, d magnitude) in chunks of rows, so the
+  extra memory is O(ROW_BLOCK · (N + K) + CHUNK_ELEMENTS) elements whatever M is, and the fp64 work is the sampled rows'
+  GEMMs plus O(M · r · (N + K)) for the reductions (bench/results/cpu-2026-12-06/self_check/ has the measurements).
+  An out-of-memory error in a check skips that check with one warning: a check never fails a step.
+- What B = 0 hides: PEFT's default init sets B = 0, which zeroes the rank-r term of y, dS, dA and dX's masked term on
+  the first steps, and DoRA starts at g = 1, which zeroes its (g − 1) terms. A check made then owes another: the key is
+  checked again once B (or the magnitude) has changed (``owed``), so every kernel term is seen before it can change a
+  result.
+
+On a mismatch the call returns the PyTorch path's result, one ``FallbackWarning`` names the GPU, its compute
+capability, the triton and torch versions, the path, shapes, dtypes, the worst tensor and its error against the bound,
+the key moves to the next path (fused → composed → PyTorch) for the rest of the process, and with
+``FUSED_LORA_VERIFY_REPORT=<file>`` one JSON line with all of that is appended.
 """
 
 from __future__ import annotations
@@ -24,97 +39,135 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 
 from ..fallback import warn_fallback
 from ..hardware import device_capability, device_name
-from . import gemm_choice
+from . import path_state
 
-VERIFY_ENV = "FUSED_LORA_VERIFY"
 REPORT_ENV = "FUSED_LORA_VERIFY_REPORT"
-MODES = ("first", "always", "off")
-PATH_ORDER = ("fused", "composed", "torch")
 FACTOR = 2.0  # the tests' rule: at most twice the PyTorch same-dtype error against fp64 …
 ATOL_EPS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # … plus eps(dtype) · max|fp64|
-
-_mode: str | None = None  # set_verify's, else FUSED_LORA_VERIFY's (read once: this is asked on every call)
-_mode_from_env = False
-_passed: set[tuple[str, str, str]] = set()  # (key, path, direction) checked and found right
-_demoted: dict[str, str] = {}  # key → the path a failed check moved it to
-_ran: dict[str, str] = {}  # key → the path its last forward ran
-_verdicts: dict[str, dict[str, dict[str, dict]]] = {}  # key → path → direction → {ok, worst, error, bound}
+ROW_BLOCK = 64  # rows per sampled block (three blocks: first, middle, last)
+CHUNK_ELEMENTS = 1 << 22  # a reduction chunk's rows × max(K, N): 32 MiB per fp64 tensor
 
 
-def set_verify(mode: str | None) -> None:
-    """``"first"``, ``"always"`` or ``"off"`` for this process (over ``FUSED_LORA_VERIFY``); None: back to the
-    environment variable (read again now), or the default (``first`` on CUDA, ``off`` elsewhere)."""
-    global _mode, _mode_from_env
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"fused_lora.set_verify: mode={mode!r}; choose one of {MODES}")
-    _mode, _mode_from_env = mode, False
+def row_blocks(m: int) -> list[slice]:
+    """The rows whose y, P and dX are checked: all of them up to three blocks' worth, else the first ``ROW_BLOCK``
+    rows, ``ROW_BLOCK`` in the middle and the last ``ROW_BLOCK`` (the ragged last tile of any tile height)."""
+    if m <= 3 * ROW_BLOCK:
+        return [slice(0, m)]
+    mid = (m // 2) - ROW_BLOCK // 2
+    return [slice(0, ROW_BLOCK), slice(mid, mid + ROW_BLOCK), slice(m - ROW_BLOCK, m)]
 
 
-def verify_mode(device: torch.device) -> str:
-    """The mode for a call on ``device``: ``set_verify``'s, else ``FUSED_LORA_VERIFY`` (read at the first call and
-    after ``set_verify(None)``), else ``first`` on CUDA and ``off`` elsewhere."""
-    global _mode, _mode_from_env
-    if _mode is None and not _mode_from_env:
-        env = os.environ.get(VERIFY_ENV)
-        if env is not None and env not in MODES:
-            raise ValueError(f"fused_lora: {VERIFY_ENV}={env!r}; choose one of {MODES}")
-        _mode, _mode_from_env = env, True
-    if _mode is None:
-        return "first" if device.type == "cuda" else "off"
-    return _mode
+def row_chunks(m: int, width: int) -> list[slice]:
+    """Slices of ``m`` rows, each of about ``CHUNK_ELEMENTS / width`` rows, for the reductions over M."""
+    step = max(ROW_BLOCK, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)] or [slice(0, 0)]
 
 
-def wanted(key: str, path: str, direction: str, device: torch.device) -> bool:
-    """Whether this call of ``path`` must be checked (the PyTorch path itself is the reference: never)."""
-    if path == "torch":
-        return False
-    mode = _mode if _mode is not None and _mode_from_env is False else verify_mode(device)  # set_verify's: no call
-    return mode == "always" or (mode == "first" and (key, path, direction) not in _passed)
+def take_rows(t: torch.Tensor | None, blocks: list[slice]) -> torch.Tensor | None:
+    """The rows ``blocks`` of a 2-D tensor, as one tensor (a view for one block)."""
+    if t is None:
+        return None
+    return t[blocks[0]] if len(blocks) == 1 else torch.cat([t[b] for b in blocks])
 
 
-def current(key: str, path: str) -> str:
-    """``path``, or the later path ``key`` was moved to by a failed check."""
-    moved = _demoted.get(key)
-    if moved is None or PATH_ORDER.index(moved) <= PATH_ORDER.index(path):
-        return path
-    return moved
+@dataclass(frozen=True, eq=False)
+class Recording:
+    """A base object that records the rows ``blocks`` of what the wrapped base computes (its output in forward, its
+    input gradient in backward), for the check to replay them (:class:`Replay`)."""
+
+    inner: object
+    blocks: list
+    seen: dict
+
+    @property
+    def compute_dtype(self):
+        return getattr(self.inner, "compute_dtype", None)
+
+    @property
+    def layer(self):
+        return getattr(self.inner, "layer", None)
+
+    def __getattr__(self, name):  # canonical_weight(), kind names, …: the wrapped base's
+        return getattr(self.inner, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner.forward(x)
+        self.seen["forward"] = take_rows(y, self.blocks).clone()
+        return y
+
+    def input_grad(self, dy: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+        dx = self.inner.input_grad(dy, x_dtype)
+        self.seen["input_grad"] = take_rows(dx, self.blocks).clone()
+        return dx
 
 
-def note_run(key: str, path: str) -> None:
-    _ran[key] = path
+@dataclass(frozen=True, eq=False)
+class Replay:
+    """A base object that returns recorded rows (in a dtype of the caller's choosing, fp64 for the reference): the
+    composed path's base output, given, so that only the rank-r term is computed again."""
+
+    forward_rows: torch.Tensor | None
+    input_grad_rows: torch.Tensor | None
+    dtype: torch.dtype | None = None
+
+    compute_dtype = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.forward_rows
+        return y.to(self.dtype or y.dtype, copy=True)
+
+    def input_grad(self, dy: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+        dx = self.input_grad_rows
+        return dx.to(self.dtype or x_dtype, copy=True)
 
 
-def clear() -> None:
-    """Forget every check and demotion of this process (tests)."""
-    _passed.clear()
-    _demoted.clear()
-    _verdicts.clear()
-    _ran.clear()
+@dataclass(frozen=True, eq=False)
+class Dense64:
+    """A dense base in fp64 read from a weight of any float dtype (``layout`` as the dense layers': "linear" N×K,
+    "conv1d" K×N) a slice of output rows at a time, so that no fp64 copy of the whole weight exists (a 4-bit weight is
+    dequantized by ``dequantized`` once, in its own dtype)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    layout: str = "linear"
 
-def report() -> dict[str, dict]:
-    """Per key: the candidates ``auto`` timed (seconds, median) and its choice, the path the key runs now, and each
-    checked path's verdict per direction (``ok``, the worst tensor, its error against fp64 and its bound)."""
-    times, choices = gemm_choice.times(), gemm_choice.choices()
-    keys = set(times) | set(_verdicts) | set(_ran)
-    return {k: {"timed": times.get(k, {}), "chosen": choices.get(k), "runs": _ran.get(k),
-                "verified": _verdicts.get(k, {})} for k in sorted(keys)}
+    compute_dtype = None
 
+    def _w_nk(self) -> torch.Tensor:
+        return self.weight if self.layout == "linear" else self.weight.t()
 
-def _finite_where_reference_is(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    return bool(torch.isfinite(got[torch.isfinite(ref)]).all())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._w_nk()  # N×K
+        n, k = w.shape
+        step = max(1, CHUNK_ELEMENTS // max(k, 1))
+        y = torch.empty(x.shape[0], n, dtype=torch.float64, device=x.device)
+        for i in range(0, n, step):
+            y[:, i:i + step] = x @ w[i:i + step].double().t()
+        if self.bias is not None:
+            y += self.bias.double()
+        return y
+
+    def input_grad(self, dy: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+        w = self._w_nk()
+        n, k = w.shape
+        step = max(1, CHUNK_ELEMENTS // max(k, 1))
+        dx = torch.zeros(dy.shape[0], k, dtype=torch.float64, device=dy.device)
+        for i in range(0, n, step):
+            dx += dy[:, i:i + step] @ w[i:i + step].double()
+        return dx
 
 
 def compare(got: dict[str, torch.Tensor | None], same: dict[str, torch.Tensor | None],
             ref: dict[str, torch.Tensor | None]) -> tuple[bool, str, float, float]:
-    """(all within the rule, worst tensor, its error, its bound); the worst is the largest error/bound ratio."""
+    """(all within the rule, worst tensor, its error, its bound); the worst is the largest error/bound ratio. Compared
+    where fp64 is finite; a non-finite value there is a fault only where the same-dtype PyTorch result is finite."""
     worst = ("", 0.0, 0.0, -1.0)
     for name, g in got.items():
         if g is None:
@@ -122,13 +175,14 @@ def compare(got: dict[str, torch.Tensor | None], same: dict[str, torch.Tensor | 
         s, r = same[name].double(), ref[name].double()
         g64 = g.double()
         finite = torch.isfinite(r)
-        if not _finite_where_reference_is(g64, r):
+        if not bool(torch.isfinite(g64[finite & torch.isfinite(s)]).all()):
             return False, name, float("inf"), 0.0
-        if not finite.any():
+        usable = finite & torch.isfinite(g64) & torch.isfinite(s)
+        if not usable.any():
             continue
-        err = (g64 - r)[finite].abs().max().item()
-        base = (s - r)[finite].abs().max().item()
-        scale = r[finite].abs().max().item()
+        err = (g64 - r)[usable].abs().max().item()
+        base = (s - r)[usable].abs().max().item()
+        scale = r[usable].abs().max().item()
         bound = FACTOR * base + ATOL_EPS.get(g.dtype, 1e-6) * scale
         ratio = err / bound if bound > 0 else (0.0 if err == 0 else float("inf"))
         if ratio > worst[3]:
@@ -136,41 +190,48 @@ def compare(got: dict[str, torch.Tensor | None], same: dict[str, torch.Tensor | 
     return worst[3] <= 1.0, worst[0], worst[1], worst[2]
 
 
-def check(key: str, path: str, direction: str, device: torch.device, got: dict[str, torch.Tensor | None],
-          same: Callable[[], dict[str, torch.Tensor | None]], ref64: Callable[[], dict[str, torch.Tensor | None]],
-          describe: dict[str, object]) -> dict[str, torch.Tensor | None] | None:
-    """Checks ``got`` (the path's results of this call) against ``same()`` (the PyTorch path, same dtypes, the kernels'
-    mask) and ``ref64()`` (the same in fp64). Returns None when they agree, else ``same()``'s results, to be returned
-    instead, after the warning, the demotion of ``key`` and the report line."""
-    with torch.no_grad():
-        same_results, ref_results = same(), ref64()
-        ok, worst, err, bound = compare(got, same_results, ref_results)
-    _verdicts.setdefault(key, {}).setdefault(path, {})[direction] = {"ok": ok, "worst": worst, "error": err,
-                                                                       "bound": bound}
+def record(st: path_state.KeyState, key: str, path: str, check: str, device: torch.device,
+           verdict: tuple[bool, str, float, float], describe: dict, candidates: tuple[str, ...]) -> str | None:
+    """Keeps the verdict of ``check`` of ``path`` for ``key``; on a mismatch also the demotion, the warning and the
+    report line. Returns the path the key moves to, or None when the check passed."""
+    ok, worst, err, bound = verdict
+    st.verified.setdefault(path, {})[check] = {"ok": ok, "worst": worst, "error": err, "bound": bound}
     if ok:
-        _passed.add((key, path, direction))
         return None
-    nxt = PATH_ORDER[PATH_ORDER.index(path) + 1:]
-    candidates = describe.get("candidates", PATH_ORDER)
-    moved = next((p for p in nxt if p in candidates), "torch")
-    _demoted[key] = moved
+    moved = next_path(path, candidates)
+    st.demoted = moved
     capability = device_capability(device)
-    record = {
+    line = {
         "gpu": device_name(device), "capability": None if capability is None else f"{capability[0]}.{capability[1]}",
         "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "key": key, "path": path, "direction": direction, "moved_to": moved, "worst": worst, "error": err,
-        "bound": bound, **{k: v for k, v in describe.items() if k != "candidates"},
+        "key": key, "path": path, "direction": check.split(":")[0], "check": check, "moved_to": moved,
+        "worst": worst, "error": err, "bound": bound, **describe,
     }
-    warn_fallback(f"the {path} path's {direction} on {record['gpu']} (compute capability {record['capability']}, "
-                  f"triton {record['triton']}, torch {record['torch']}) disagrees with the PyTorch path for {key} "
-                  f"(shapes {describe.get('shapes')}, dtypes {describe.get('dtypes')}): {worst} error {err:.3g} > "
-                  f"bound {bound:.3g}; this call returns the PyTorch path's result and this key runs the {moved} path "
-                  "from now on. Please report it with this message")
-    path_file = os.environ.get(REPORT_ENV)
-    if path_file:
+    warn_fallback(f"the {path} path's {check.split(':')[0]} on {line['gpu']} (compute capability "
+                  f"{line['capability']}, triton {line['triton']}, torch {line['torch']}) disagrees with the PyTorch "
+                  f"path for {key} (shapes {describe.get('shapes')}, dtypes {describe.get('dtypes')}): {worst} error "
+                  f"{err:.3g} > bound {bound:.3g}; this call returns the PyTorch path's result and this key runs the "
+                  f"{moved} path from now on. Please report it with this message")
+    target = os.environ.get(REPORT_ENV)
+    if target:
         try:
-            with open(path_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, sort_keys=True) + "\n")
         except OSError:
             pass  # a report that cannot be written must not stop training; the warning has said it all
-    return same_results
+    return moved
+
+
+def next_path(path: str, candidates: tuple[str, ...]) -> str:
+    """The path after ``path`` among ``candidates`` (fused → composed → torch); the PyTorch path last."""
+    order = ("fused", "composed", "torch")
+    later = order[order.index(path) + 1:]
+    return next((p for p in later if p in candidates), "torch")
+
+
+def skipped(st: path_state.KeyState, path: str, check: str, why: str) -> None:
+    """A check that could not run (out of memory): said once, kept in the table, not tried again."""
+    st.skipped[(path, check)] = why
+    st.passed.add((path, check))
+    warn_fallback(f"the self-check of the {path} path's {check.split(':')[0]} was skipped ({why}); the path runs "
+                  "unchecked for these shapes")

@@ -1,0 +1,574 @@
+"""The autograd driver: one Function for every variant (LoRA, DoRA) on every base kind, and what runs each call.
+
+    FusedLoRAFunction.apply(call, x, weight, bias, lora_A, lora_B, magnitude, seed, base) -> y
+
+``call`` is the router's record (``fused_lora.call.Call``: variant, base kind, layout, scaling, p, backend, path,
+candidates); the tensors are the call's. Per call, in one place for every variant:
+
+1. the PyTorch backend runs the kind's ``torch`` pass (its own dropout mask from the seed) and that is all;
+2. on the Triton backend the call's key (:func:`key_of`) finds its record in the path table (``path_state``): the path
+   it runs (``auto`` timed once per key among the candidates, ``path_choice``; moved on by failed checks and by kernels
+   that cannot run), whether a check is due;
+3. the pass runs with autocast off (the Function has chosen the dtypes); a kernel that cannot be built or launched on
+   this device (``kernel_errors``) hands the call to the next path, for good;
+4. a due check compares the result with the PyTorch path (``self_check``) and returns the PyTorch path's result when
+   the path is wrong;
+5. ``backward(create_graph=True)`` runs the variant's differentiable backward with the forward's mask
+   (``masks.scaled``); under ``torch.compile`` the two directions are the custom ops ``fused_lora::forward`` /
+   ``fused_lora::backward`` (one opaque node per direction, no graph break, for every variant and base kind).
+
+First calls of a key (timing, autotuning, checks) run under ``path_state.LOCK`` and are refused during CUDA graph
+capture, where their synchronisations are illegal (warm the shape up before capturing); the steady state takes no lock.
+Saved for backward: x, the parameters, the seed and what the variant saves (S; DoRA: P, the row norms). No mask and no
+dropped copy of x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import bases
+from ..backends import lora_torch, masks, path_choice, path_state, self_check
+from ..backends.dense_base import DenseBase
+from ..backends.kernel_errors import KERNEL_FAILURES, first_line
+from ..backends.self_check import Dense64, Recording, Replay, row_blocks, row_chunks, take_rows
+from ..backends.triton_launch import on_device
+from ..call import Call, Operands
+from ..dropout import seed_value
+from ..fallback import warn_fallback
+from ..hardware import capturing, device_name
+from ..kernels.configs import m_bucket
+from .variants import VARIANTS
+
+# ------------------------------------------------------------------------------------------------- call records
+
+_call_index: dict[tuple, Call] = {}
+
+
+def call_record(variant: str, kind: bases.BaseKind, layout: str, scaling: float, p: float, backend: str, path: str,
+                candidates: tuple[str, ...]) -> Call:
+    """The one record for these values (made once, kept: a layer's steady state builds none)."""
+    if torch.compiler.is_compiling():  # traced: a constant of the graph (a cache filled while tracing breaks guards)
+        return Call(VARIANTS[variant], kind, layout, scaling, p, backend, path, candidates)
+    index = (variant, kind.name, id(kind), layout, scaling, p, backend, path, candidates)
+    call = _call_index.get(index)
+    if call is None:
+        call = _call_index[index] = Call(VARIANTS[variant], kind, layout, scaling, p, backend, path, candidates)
+    return call
+
+
+def base_handle(base) -> int:
+    """An integer naming a quantized base object for the custom ops (-1: none): an attribute ``bases.base_of`` set."""
+    return -1 if base is None else base.handle
+
+
+# -------------------------------------------------------------------------------------------------------- keys
+
+_keys: dict[tuple, str] = {}
+
+
+def key_of(call: Call, t: Operands, has_bias: bool) -> str:
+    """The path table's key: what changes which path is fastest or whether a path is right (a string, for the choices
+    file). Made once per shape and kept (this runs on every Triton-backend call)."""
+    x, a = t.x, t.lora_A
+    parts = (call.variant.name, call.kind.name, x.device, x.dtype, a.dtype, call.layout, x.shape[1], t.out_features,
+             a.shape[0], m_bucket(x.shape[0]), call.p > 0, has_bias)
+    k = _keys.get(parts)
+    if k is None:
+        variant, kind, device, dtype, adapter_dtype, layout, K, N, R, M, drop, bias = parts
+        name = variant if kind == bases.DENSE else f"{variant}-{kind}"
+        k = _keys[parts] = (f"{name}|{device_name(device)}|{str(dtype).removeprefix('torch.')}"
+                            f"|{str(adapter_dtype).removeprefix('torch.')}|{layout}|K{K}|N{N}|R{R}|M{M}"
+                            f"{'|dropout' if drop else ''}{'|bias' if bias else ''}")
+    return k
+
+
+def describe(t: Operands, call: Call) -> dict:
+    """Shapes and dtypes for the self-check's warning and report line."""
+    weight_shape = list(t.weight.shape) if t.weight is not None else list(t.base.layer.weight.shape)
+    return {"shapes": {"x": list(t.x.shape), "weight": weight_shape, "lora_A": list(t.lora_A.shape),
+                       "lora_B": list(t.lora_B.shape)},
+            "dtypes": {"x": str(t.x.dtype).removeprefix("torch."),
+                       "adapters": str(t.lora_A.dtype).removeprefix("torch.")},
+            "variant": call.variant.name, "base": call.kind.name}
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _no_autocast(fn, device_type: str, *args, **kwargs):
+    """``fn(...)`` with autocast off: the Function has already chosen the dtypes, and the fp32 rank-r GEMMs of fp32
+    adapters must not be re-cast to half by autocast."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _pass(call: Call, path: str):
+    return call.kind.passes[(call.variant.name, path)]
+
+
+def _order(path: str) -> int:
+    return ("fused", "composed", "torch").index(path)
+
+
+def _steady_path(call: Call, key: str, st: path_state.KeyState) -> str | None:
+    """The path this key runs now, or None while ``auto`` has not chosen one."""
+    path = call.path
+    if path == "auto":
+        path = path_choice.kept(key, st)
+        if path not in call.candidates:
+            return None
+    if st.demoted is not None and _order(st.demoted) > _order(path):
+        return st.demoted
+    return path
+
+
+def _settled(st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
+    """Whether a call can take the steady state: its path has run this direction before (tuned, compiled) and no
+    check is due."""
+    return (path, check) in st.warm and not _check_due(st, path, check, t, device)
+
+
+def _check_due(st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
+    if path == "torch":  # the PyTorch path is the reference itself
+        return False
+    mode = path_state.verify_mode(device)
+    if mode == "off":
+        return False
+    if mode == "always" or (path, check) not in st.passed:
+        return True
+    owed = st.owed.get((path, check))
+    return owed is not None and owed != _state(t)
+
+
+def _state(t: Operands) -> tuple:
+    b = t.lora_B
+    m = t.magnitude
+    return (b.data_ptr(), b._version) if m is None else (b.data_ptr(), b._version, m.data_ptr(), m._version)
+
+
+def _refuse_capture(key: str) -> None:
+    """A key's first call synchronises (timing, autotuning, the check's comparisons): illegal during CUDA graph
+    capture."""
+    if capturing():
+        raise RuntimeError(
+            f"fused_lora: {key} is met for the first time while a CUDA graph is being captured; its first call times, "
+            "autotunes and checks the kernels, which synchronises the GPU (illegal during capture). Warm this shape "
+            "up before capturing: run the model's forward and backward once on inputs of the captured shapes (as "
+            "torch.cuda.graphs' own warm-up iterations do), then capture")
+
+
+def _kernels_keep(call: Call, t: Operands, seed) -> torch.Tensor | None:
+    x = t.x
+    return masks.keep("triton", seed, tuple(x.shape), call.p, x.device)
+
+
+def _note_failure(st: path_state.KeyState, call: Call, path: str, direction: str, err: BaseException,
+                  device: torch.device) -> str:
+    nxt = self_check.next_path(path, call.candidates)
+    with path_state.LOCK:
+        st.failures.append({"path": path, "direction": direction, "error": first_line(err)})
+        if st.demoted is None or _order(nxt) > _order(st.demoted):
+            st.demoted = nxt
+    warn_fallback(f"a Triton kernel of the {path} path's {direction} failed on {device_name(device)} "
+                  f"({first_line(err)}); this call and later ones with the same shapes and dtypes run the {nxt} path")
+    return nxt
+
+
+# ------------------------------------------------------------------------------------------------------ forward
+
+
+def run_forward(call: Call, t: Operands, seed, kwargs: dict) -> tuple[tuple, str]:
+    """(the forward's outputs: y, then what backward reads; the path that ran)."""
+    device = t.x.device
+    if call.backend == "torch":
+        return _no_autocast(_pass(call, "torch").forward, device.type, t, call, seed, None, **kwargs), "torch"
+    key = key_of(call, t, t.bias is not None)
+    st = path_state.entry(key)
+    path = _steady_path(call, key, st)
+    with on_device(device):  # once per call: Triton launches go to the *current* device
+        if path is not None and _settled(st, path, "forward", t, device):
+            outs, path = _forward_on(call, t, seed, path, kwargs, st)
+        else:  # a first call (tuning, first launches, a check): one thread at a time, never during capture
+            with path_state.LOCK:
+                _refuse_capture(key)
+                if path is None:
+                    path = _choose(call, t, seed, kwargs, key, st)
+                outs, path = _checked_forward(call, t, seed, path, kwargs, key, st)
+                st.warm.add((path, "forward"))
+    st.runs = path
+    if outs[1].dtype != torch.float32:  # S in fp32 whichever path ran: the backward may run on another
+        outs = (outs[0], outs[1].float(), *outs[2:])
+    return outs, path
+
+
+def _forward_on(call, t, seed, path, kwargs, st, base=None) -> tuple[tuple, str]:
+    """The pass of ``path`` (the next path when its kernels cannot run here)."""
+    device = t.x.device
+    while True:
+        keep = _kernels_keep(call, t, seed) if path == "torch" else None
+        run_t = t if base is None or path == "torch" else t._replace(base=base)
+        try:
+            return _no_autocast(_pass(call, path).forward, device.type, run_t, call, seed, keep, **kwargs), path
+        except KERNEL_FAILURES as err:
+            path = _note_failure(st, call, path, "forward", err, device)
+
+
+def _choose(call, t, seed, kwargs, key, st) -> str:
+    """``auto``: times each candidate's forward and backward on this call's inputs (``path_choice``)."""
+    needs = (True, True, True, t.bias is not None, *((True,) if call.variant.name == "dora" else ()))
+
+    def candidate(path):
+        def run():
+            keep = _kernels_keep(call, t, seed) if path == "torch" else None
+            outs = _no_autocast(_pass(call, path).forward, t.x.device.type, t, call, seed, keep, **kwargs)
+            dy = dys.setdefault("dy", torch.randn_like(outs[0]))
+            keep = _kernels_keep(call, t, seed) if path == "torch" else None  # made again, as a real backward does
+            _no_autocast(_pass(call, path).backward, t.x.device.type, t, call, tuple(outs[1:]), dy, needs, seed, keep)
+        return run
+
+    dys: dict = {}
+    return path_choice.choose(key, st, t.x.device, {p: candidate(p) for p in call.candidates})
+
+
+def _checked_forward(call, t, seed, path, kwargs, key, st) -> tuple[tuple, str]:
+    device = t.x.device
+    if not _check_due(st, path, "forward", t, device):
+        return _forward_on(call, t, seed, path, kwargs, st)
+    blocks = row_blocks(t.x.shape[0])
+    seen: dict = {}
+    recording = None
+    if path == "composed":  # the base's output is the layer's own: recorded, replayed to the references
+        recording = Recording(t.base if t.base is not None else _dense_base(t, call), blocks, seen)
+    outs, ran = _forward_on(call, t, seed, path, kwargs, st, base=recording)
+    if ran != path:  # its kernels could not run: the next path ran instead, checked on a later call
+        return outs, ran
+    try:
+        verdict = _compare_forward(call, t, seed, path, kwargs, outs, blocks, seen)
+    except torch.OutOfMemoryError as err:
+        self_check.skipped(st, path, "forward", f"out of memory: {str(err).splitlines()[0][:120]}")
+        return outs, path
+    moved = self_check.record(st, key, path, "forward", device, verdict, describe(t, call), call.candidates)
+    if moved is None:
+        _passed(st, call, path, "forward", t, outs)
+        return outs, path
+    del outs  # the faulty results: the PyTorch path's replace them
+    return _forward_on(call, t, seed, "torch", kwargs, st)[0], "torch"
+
+
+def _passed(st: path_state.KeyState, call: Call, path: str, check: str, t: Operands, outs: tuple) -> None:
+    """A passed check; when it could not see every kernel term (B = 0, DoRA's g = 1) it is owed again once B (or the
+    magnitude) has changed."""
+    st.passed.add((path, check))
+    if call.variant.blind(t, outs):
+        st.owed[(path, check)] = _state(t)
+    else:
+        st.owed.pop((path, check), None)
+
+
+def _dense_base(t: Operands, call: Call) -> DenseBase:
+    """A dense call's weight as a base object (the composed path's base)."""
+    return DenseBase(t.weight, t.bias, call.layout)
+
+
+def _reference_bases(call: Call, t: Operands, path: str, seen: dict, direction: str):
+    """(the base for the same-dtype reference, the base for the fp64 one) of a check of ``path``: a composed path's base
+    output is the layer's own and is replayed (only the rank-r term is checked); a fused path computes the base GEMM
+    itself and is checked against the dense fp64 GEMM of the (dequantized) weight."""
+    name = "forward" if direction == "forward" else "input_grad"
+    if path == "composed":
+        rows = seen[name]
+        fwd, grad = (rows, None) if direction == "forward" else (None, rows)
+        return Replay(fwd, grad), Replay(fwd, grad, torch.float64)
+    if t.base is None:  # dense fused: the same-dtype reference is the dense PyTorch pass itself
+        return None, Dense64(t.weight, t.bias, call.layout)
+    weight = t.base.dequantized()
+    bias = t.bias
+    return t.base, Dense64(weight, bias, "linear")
+
+
+def _reference_operands(call: Call, t: Operands, rows_x: torch.Tensor, base, fp64: bool) -> Operands:
+    up = (lambda v: None if v is None else v.double()) if fp64 else (lambda v: v)
+    weight = t.weight
+    if call.variant.name == "dora":  # DoRA's PyTorch pass reads W itself (norm, base GEMM)
+        weight = up(weight)
+    elif fp64 or base is not None:
+        weight = None  # the base object computes the base part
+    return Operands(up(rows_x), weight, up(t.bias), up(t.lora_A), up(t.lora_B), up(t.magnitude), base)
+
+
+def _reference_pass(call: Call, t: Operands):
+    """The PyTorch pass a reference runs: the kind's own, or LoRA's composed PyTorch pass when the base part is given
+    as a base object (a replayed output, the dense fp64 GEMM)."""
+    if t.base is not None and call.variant.name == "lora":
+        return lora_torch.COMPOSED
+    return _pass(call, "torch")
+
+
+def _compare_forward(call, t, seed, path, kwargs, outs, blocks, seen):
+    variant = call.variant
+    M, K = t.x.shape
+    keep = _rows_keep(call, seed, blocks, K, t.x.device)
+    x_rows = take_rows(t.x, blocks)
+    same_base, ref_base = _reference_bases(call, t, path, seen, "forward")
+    got = {}
+    for name, out in zip(variant.output_names, outs, strict=True):
+        if name == "P" and out.numel() == 0:
+            continue
+        got[name] = take_rows(out, blocks) if name in variant.row_outputs else out
+    results = {}
+    with torch.no_grad():
+        for label, base, fp64 in (("same", same_base, False), ("ref", ref_base, True)):
+            rt = _reference_operands(call, t, x_rows, base, fp64)
+            r = _no_autocast(_reference_pass(call, rt).forward, t.x.device.type, rt, call, seed, keep, **kwargs)
+            results[label] = {n: v for n, v in zip(variant.output_names, r, strict=True) if n in got}
+    return self_check.compare(got, results["same"], results["ref"])
+
+
+def _rows_keep(call, seed, blocks, K, device) -> torch.Tensor | None:
+    """The kernels' keep mask on the sampled rows (each block generated at its own rows: the mask is a function of
+    (seed, row, column))."""
+    if call.p == 0:
+        return None
+    parts = [masks.keep_rows("triton", seed, b.start, b.stop - b.start, K, call.p, device) for b in blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------------------------------ backward
+
+
+def run_backward(call: Call, t: Operands, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed,
+                 path: str, has_bias: bool) -> tuple:
+    """The gradients (dX, dA, dB, dbias[, d magnitude]), None where not needed, each in its input's dtype (dbias fp32),
+    on the forward's path (or the later one a failed check or a kernel failure moved the key to)."""
+    device = dy.device
+    dtypes = call.variant.grad_dtypes(t)
+    if call.backend == "torch":
+        grads = _no_autocast(_pass(call, "torch").backward, device.type, t, call, saved, dy, needs, seed, None)
+        return _cast(grads, dtypes)
+    key = key_of(call, t, has_bias)  # the forward's key (the bias itself is not saved for LoRA: its presence is)
+    st = path_state.entry(key)
+    if path == "auto":  # under torch.compile the forward's choice is the key's
+        path = _steady_path(call, key, st) or "torch"
+    if st.demoted is not None and _order(st.demoted) > _order(path):
+        path = st.demoted
+    check = "backward:" + ",".join(n for n, need in zip(call.variant.grad_names, needs, strict=True) if need)
+    with on_device(device):
+        if _settled(st, path, check, t, device):
+            return _cast(_backward_on(call, t, saved, dy, needs, seed, path, st)[0], dtypes)
+        with path_state.LOCK:
+            _refuse_capture(key)
+            grads, ran = _checked_backward(call, t, saved, dy, needs, seed, path, key, st, check)
+            st.warm.add((ran, check))
+            return _cast(grads, dtypes)
+
+
+def _cast(grads: tuple, dtypes: tuple) -> tuple:
+    return tuple(g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
+
+
+def _backward_on(call, t, saved, dy, needs, seed, path, st, base=None) -> tuple[tuple, str]:
+    device = dy.device
+    while True:
+        keep = _kernels_keep(call, t, seed) if path == "torch" else None
+        run_t = t if base is None or path == "torch" else t._replace(base=base)
+        try:
+            return _no_autocast(_pass(call, path).backward, device.type, run_t, call, saved, dy, needs, seed,
+                                keep), path
+        except KERNEL_FAILURES as err:
+            path = _note_failure(st, call, path, "backward", err, device)
+
+
+def _checked_backward(call, t, saved, dy, needs, seed, path, key, st, check) -> tuple[tuple, str]:
+    device = dy.device
+    if not _check_due(st, path, check, t, device):
+        return _backward_on(call, t, saved, dy, needs, seed, path, st)
+    blocks = row_blocks(t.x.shape[0])
+    seen: dict = {}
+    recording = None
+    if path == "composed" and needs[0]:
+        recording = Recording(t.base if t.base is not None else _dense_base(t, call), blocks, seen)
+    grads, ran = _backward_on(call, t, saved, dy, needs, seed, path, st, base=recording)
+    if ran != path:  # its kernels could not run: the next path ran instead, checked on a later call
+        return grads, ran
+    try:
+        verdict = _compare_backward(call, t, saved, dy, needs, seed, path, grads, blocks, seen)
+    except torch.OutOfMemoryError as err:
+        self_check.skipped(st, path, check, f"out of memory: {str(err).splitlines()[0][:120]}")
+        return grads, path
+    moved = self_check.record(st, key, path, check, device, verdict, describe(t, call), call.candidates)
+    if moved is None:
+        _passed(st, call, path, check, t, (None, *saved))
+        return grads, path
+    del grads
+    return _backward_on(call, t, saved, dy, needs, seed, "torch", st)[0], "torch"
+
+
+def _compare_backward(call, t, saved, dy, needs, seed, path, grads, blocks, seen):
+    """dX on the sampled rows; the reductions over M (dA, dB, dbias, d magnitude) in full, over chunks of rows."""
+    variant = call.variant
+    M, K = t.x.shape
+    N = dy.shape[1]
+    got = {n: g for n, g in zip(variant.grad_names, grads, strict=True) if g is not None}
+    if "dx" in got:
+        got["dx"] = take_rows(got["dx"], blocks)
+    same_base, ref_base = _reference_bases(call, t, path, seen, "backward") if needs[0] else (None, None)
+    totals: dict[str, dict] = {"same": {}, "ref": {}}
+    with torch.no_grad():
+        # dX on the sampled rows (the rows' own reductions are not kept: the chunks below cover every row)
+        if needs[0]:
+            only_dx = (True,) + (False,) * (len(needs) - 1)
+            keep = _rows_keep(call, seed, blocks, K, t.x.device)
+            for label, base, fp64 in (("same", same_base, False), ("ref", ref_base, True)):
+                rt = _reference_operands(call, t, take_rows(t.x, blocks), base, fp64)
+                saved_rows = variant.recomputed(rt, call, keep, tuple(take_rows(s, blocks) if s.dim() == 2 and
+                                                                       s.shape[0] == M else s for s in saved), fp64)
+                dy_rows = take_rows(dy, blocks)
+                g = _no_autocast(_reference_pass(call, rt).backward, t.x.device.type, rt, call, saved_rows,
+                                 dy_rows.double() if fp64 else dy_rows, only_dx, seed, keep)
+                totals[label]["dx"] = g[0]
+        reductions = (False,) + tuple(needs[1:])
+        if any(reductions):
+            for chunk in row_chunks(M, max(K, N)):
+                keep = None if call.p == 0 else masks.keep_rows("triton", seed, chunk.start, chunk.stop - chunk.start,
+                                                                K, call.p, t.x.device)
+                for label, fp64 in (("same", False), ("ref", True)):
+                    rt = _reference_operands(call, t, t.x[chunk], None, fp64)
+                    saved_c = variant.recomputed(rt, call, keep, tuple(s[chunk] if s.dim() == 2 and s.shape[0] == M
+                                                                       else s for s in saved), fp64)
+                    dy_c = dy[chunk].double() if fp64 else dy[chunk]
+                    g = _no_autocast(_pass(call, "torch").backward, t.x.device.type, rt, call, saved_c, dy_c,
+                                     reductions, seed, keep)
+                    for name, value in zip(variant.grad_names, g, strict=True):
+                        if value is None or name == "dx":
+                            continue
+                        acc = totals[label]
+                        acc[name] = value.double() if name not in acc else acc[name] + value.double()
+    return self_check.compare(got, totals["same"], totals["ref"])
+
+
+# ----------------------------------------------------------------------------------------- torch.compile's ops
+
+
+def _call_of(variant: str, kind: str, layout: str, scaling: float, p: float, backend: str, path: str,
+             candidates: str) -> Call:
+    """The call record from the values the custom ops carry (plain values, not objects: a compiled graph holds them
+    as constants, and the record is found again by value, in any process; a schema has no list of strings, so the
+    candidates travel comma-joined)."""
+    return call_record(variant, bases.get(kind), layout, scaling, p, backend, path, tuple(candidates.split(",")))
+
+
+def _op_args(call: Call) -> tuple:
+    return (call.variant.name, call.kind.name, call.layout, call.scaling, call.p, call.backend, call.path,
+            ",".join(call.candidates))
+
+
+@torch.library.custom_op("fused_lora::forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, magnitude: torch.Tensor | None, seed: torch.Tensor | None, variant: str,
+                kind: str, layout: str, scaling: float, p: float, backend: str, path: str, candidates: str,
+                base: int, need_p: bool) -> list[torch.Tensor]:
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
+    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, bases.by_handle(base))
+    kwargs = {"need_p": need_p} if rec.variant.name == "dora" else {}
+    return list(run_forward(rec, t, seed_value(seed) if rec.backend == "torch" else seed, kwargs)[0])
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, seed, variant, kind, layout, scaling, p, backend, path, candidates,
+      base, need_p):
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
+    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, None)
+    return list(rec.variant.fake_outputs(t, rec, {"need_p": need_p}))
+
+
+@torch.library.custom_op("fused_lora::backward", mutates_args=())
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor | None,
+                 seed: torch.Tensor | None, saved: list[torch.Tensor], variant: str, kind: str, layout: str,
+                 scaling: float, p: float, backend: str, path: str, candidates: str, base: int,
+                 needs: list[bool], has_bias: bool) -> list[torch.Tensor]:
+    """The gradients; an empty tensor for each one not needed (a custom op cannot return None)."""
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
+    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, bases.by_handle(base))
+    grads = run_backward(rec, t, tuple(saved), dy, tuple(needs), seed_value(seed) if rec.backend == "torch" else seed,
+                         rec.path, has_bias)
+    return [dy.new_empty(0) if g is None else g for g in grads]
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, bias, lora_A, lora_B, magnitude, seed, saved, variant, kind, layout, scaling, p, backend, path,
+      candidates, base, needs, has_bias):
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
+    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, None)
+    shapes = [x.shape, lora_A.shape, lora_B.shape, (lora_B.shape[0],), None if magnitude is None else magnitude.shape]
+    return [dy.new_empty(0) if not need else dy.new_empty(shape, dtype=dtype)
+            for need, shape, dtype in zip(needs, shapes, rec.variant.grad_dtypes(t), strict=False)]
+
+
+# ----------------------------------------------------------------------------------------------- the Function
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+class FusedLoRAFunction(torch.autograd.Function):
+    """The autograd Function of every fused layer (LoRA, DoRA; dense or quantized base). Use the router's entry points
+    (``fused_lora.fused_lora_linear``, the modules), which check the inputs, route the call and draw the seed, rather
+    than ``apply``. ``base``: a quantized layer's base object (``bases.base_of``), None for a dense weight."""
+
+    @staticmethod
+    def forward(ctx, call: Call, x, weight, bias, lora_A, lora_B, magnitude, seed, base):
+        variant = call.variant
+        kwargs = variant.forward_kwargs(ctx.needs_input_grad)
+        t = Operands(_as_2d(x), weight, bias, lora_A, lora_B, magnitude, base)
+        if torch.compiler.is_compiling():
+            outs = tuple(_forward_op(t.x, weight, bias, lora_A, lora_B, magnitude, seed, *_op_args(call),
+                                     base_handle(base), kwargs.get("need_p", False)))
+            path = call.path
+            ctx.seed_arg = seed
+        else:  # the PyTorch backend's seed read on the host once, for backward too
+            ctx.seed_arg = seed_value(seed) if call.backend == "torch" else seed
+            outs, path = run_forward(call, t, ctx.seed_arg, kwargs)
+        # x itself, not its 2-D view: an input of the Function stays connected to the graph when a backward with
+        # create_graph=True reads it back (a view made in here would not be).
+        # the bias itself only where the differentiable backward recomputes y with it (DoRA); LoRA's needs its dtype
+        ctx.save_for_backward(x, weight, bias if variant.saves_bias else None, lora_A, lora_B, magnitude, seed,
+                              *outs[1:])
+        ctx.call, ctx.base, ctx.path = call, base, path
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = outs[0]
+        # _unsafe_view, as torch.matmul does for N-D inputs: not an autograd view of the 2-D result, so wrappers that
+        # hook module outputs (FSDP2 warns on views) and in-place ops on y work.
+        return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, lora_A, lora_B, magnitude, seed, *saved = ctx.saved_tensors
+        call = ctx.call
+        variant = call.variant
+        needs = variant.needs(ctx.needs_input_grad)
+        if torch.is_grad_enabled():  # backward(create_graph=True): a backward that is itself differentiable
+            mask = masks.scaled(call.backend, seed if call.backend == "triton" else ctx.seed_arg,
+                                (x.numel() // x.shape[-1], x.shape[-1]), call.p, x.device)
+            grads = variant.differentiable_backward(call, ctx.base, dy, x, weight, bias, ctx.bias_dtype, lora_A,
+                                                    lora_B, magnitude, mask, needs)
+        else:
+            t = Operands(_as_2d(x), weight, bias, lora_A, lora_B, magnitude, ctx.base)
+            if torch.compiler.is_compiling():
+                grads = _backward_op(_as_2d(dy), t.x, weight, bias, lora_A, lora_B, magnitude, seed, list(saved),
+                                     *_op_args(call), base_handle(ctx.base), list(needs), ctx.bias_dtype is not None)
+                grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+            else:
+                grads = run_backward(call, t, tuple(saved), _as_2d(dy), needs, ctx.seed_arg, ctx.path,
+                                     ctx.bias_dtype is not None)
+        dx, da, db, dbias = grads[:4]
+        dmag = grads[4] if len(grads) > 4 else None
+        if dx is not None and dx.shape != x.shape:
+            dx = dx.view(x.shape)
+        if dbias is not None and dbias.dtype != ctx.bias_dtype:
+            dbias = dbias.to(ctx.bias_dtype)
+        return None, dx, None, dbias, da, db, dmag, None, None

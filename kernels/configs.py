@@ -15,6 +15,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # benchmarks the one config left on the call's arguments, which the restore_value / reset_to_zero lists make harmless
 # (issue 20, tests/test_autotune_first_call.py). Read at import, like TRITON_INTERPRET.
 AUTOTUNE = os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
+# Triton keeps each autotuner's result on disk beside its compiled kernels (its cache directory), keyed by the kernel's
+# source, the key's values (ARCH among them) and the configs: a restart re-tunes no key it has tuned before (the
+# package's own choice among paths is kept with FUSED_LORA_GEMM_CACHE). Off under the interpreter (triton turns it off).
+CACHE_RESULTS = True
 
 # Kernel arguments whose value changes from call to call. Triton's JIT specializes an int argument that is 1 or
 # a multiple of 16 into a new variant, so without this a batch of 1024 tokens after one of 1000 would compile new

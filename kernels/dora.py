@@ -34,7 +34,7 @@ as in ``lora_forward``.
 import triton
 import triton.language as tl
 
-from .configs import RUNTIME_VALUES, by_dtype, cfg, pick
+from .configs import CACHE_RESULTS, RUNTIME_VALUES, by_dtype, cfg, pick
 from .dropout import dropout_scale
 from .indexing import index
 from .lora_forward import grouped_tile
@@ -109,7 +109,7 @@ def _rank_r_term(acc, s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, st
     return acc
 
 
-@triton.autotune(configs=NORM_CONFIGS, key=["N", "K", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=NORM_CONFIGS, key=["N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("w_ptr", NORM_CONFIGS_FP32,
                                                                    kernel="dora_norm_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -156,7 +156,7 @@ def dora_norm_kernel(
     tl.store(out_ptr + pid_split * N + ns, total, mask=ns < N)
 
 
-@triton.autotune(configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", DOWN_CONFIGS_FP32,
                                                                    kernel="dora_down_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -191,7 +191,7 @@ def dora_down_kernel(
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr, acc, mask=row_ok & (ranks[None, :] < R))
 
 
-@triton.autotune(configs=pick(FWD_CONFIGS + TWO_ACC_CONFIGS, _GEMM_INTERP),
+@triton.autotune(cache_results=CACHE_RESULTS, configs=pick(FWD_CONFIGS + TWO_ACC_CONFIGS, _GEMM_INTERP),
                  key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "ARCH"],
                  prune_configs_by={"early_config_prune": _by_dropout(
                      by_dtype("x_ptr", FWD_CONFIGS_FP32, FWD_CONFIGS, FWD_CONFIGS, kernel="dora_fwd_kernel"),
@@ -270,7 +270,7 @@ def dora_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------ backward
-@triton.autotune(configs=DY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=DY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr", "dmag_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
@@ -349,7 +349,7 @@ def dora_dy_kernel(
             tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=TWO_ACC_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", TWO_ACC_CONFIGS_FP32,
                                                                    kernel="dora_dx_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)

@@ -30,7 +30,15 @@ config lists are their own (configs.Q4_GEMM_CONFIGS: BLOCK_K 32, the W tile bein
 import triton
 import triton.language as tl
 
-from .configs import DEQUANT_CONFIGS, INTERPRET, Q4_GEMM_CONFIGS, Q4_GEMM_CONFIGS_FP32, RUNTIME_VALUES, by_dtype
+from .configs import (
+    CACHE_RESULTS,
+    DEQUANT_CONFIGS,
+    INTERPRET,
+    Q4_GEMM_CONFIGS,
+    Q4_GEMM_CONFIGS_FP32,
+    RUNTIME_VALUES,
+    by_dtype,
+)
 from .dropout import dropout_scale
 from .indexing import index
 from .lora_forward import grouped_tile
@@ -156,7 +164,7 @@ def _prune(base: str, kernel: str):
     return prune
 
 
-@triton.autotune(configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": _prune("x_ptr", "lora_fwd_4bit_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_fwd_4bit_kernel(
@@ -200,7 +208,7 @@ def lora_fwd_4bit_kernel(
              _round(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": _prune("dy_ptr", "lora_dx_4bit_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_dx_4bit_kernel(
@@ -244,7 +252,7 @@ def lora_dx_4bit_kernel(
              _round(acc, dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=DEQUANT_CONFIGS, key=["ARCH"])
+@triton.autotune(cache_results=CACHE_RESULTS, configs=DEQUANT_CONFIGS, key=["ARCH"])
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def dequantize_4bit_kernel(
     w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K, ARCH,

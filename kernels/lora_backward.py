@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import (
+    CACHE_RESULTS,
     DA_CONFIGS_FP32_ADAPTERS,
     DX_CONFIGS,
     DY_CONFIGS_FP32,
@@ -34,7 +35,7 @@ from .precision import dot_fp32
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
@@ -103,7 +104,7 @@ def lora_dy_kernel(
             tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", GEMM_CONFIGS_FP32,
                                                                    kernel="lora_dx_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -147,7 +148,7 @@ def lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "LORA_DOT", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "LORA_DOT", "ARCH"],
                  reset_to_zero=["da_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DA_CONFIGS_FP32_ADAPTERS,

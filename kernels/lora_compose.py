@@ -17,13 +17,13 @@ run besides (issue 20; tests/test_autotune_first_call.py). The copy is made only
 import triton
 import triton.language as tl
 
-from .configs import ADD_CONFIGS, RUNTIME_VALUES, by_dtype
+from .configs import ADD_CONFIGS, CACHE_RESULTS, RUNTIME_VALUES, by_dtype
 from .dropout import dropout_scale
 from .indexing import index
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"], restore_value=["y_ptr"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R", "ARCH"], restore_value=["y_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("y_ptr", ADD_CONFIGS,
                                                                    kernel="lora_up_add_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -47,7 +47,7 @@ def lora_up_add_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"], restore_value=["dx_ptr"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"], restore_value=["dx_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dx_ptr", ADD_CONFIGS,
                                                                     kernel="lora_dx_add_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)

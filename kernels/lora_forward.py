@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .configs import (
+    CACHE_RESULTS,
     DOWN_CONFIGS_FP32_ADAPTERS,
     DOWN_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS,
@@ -35,7 +36,7 @@ from .precision import dot_fp32
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DOWN_CONFIGS_FP32_ADAPTERS,
                                                                    half_adapters=DOWN_CONFIGS_HALF_ADAPTERS,
@@ -89,7 +90,7 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", GEMM_CONFIGS_FP32,
                                                                    kernel="lora_fwd_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)

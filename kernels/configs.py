@@ -101,11 +101,12 @@ ADD_CONFIGS = pick(
 )
 
 # Per dtype, where a config must go (kernels/*.py pass these to ``by_dtype``):
-# - fp32 adapters in the skinny kernels take rank chunks of up to 64 (triton_ops._skinny_block_r, issue 14); lists
-#   from a BLOCK_R 64 sweep on sm_80/sm_90 (bench/compile_report.py): S = x Aᵀ spilled 88-120 B at 32×128 with 4 warps
-#   and used 255 registers at 64×64 with 4 (sm_80); these three have no stack. The dy pass keeps 64×64 (251-255
-#   registers, no stack) and 32×64 with 8 warps; 32×32 spilled 8 B on sm_90. Both 8-warp dy tiles of the 16-rank
-#   era spilled 8 B on sm_90 with triton 3.6 (dY is used in two layouts, B and S split for 3xTF32).
+# - fp32 adapters in the skinny kernels take rank chunks of up to 64, like half ones, so that r <= 64 reads x or dY
+#   once (fused_lora/backends/triton_launch.py::skinny_rank_block); lists from a BLOCK_R 64 sweep on sm_80/sm_90
+#   (bench/compile_report.py): S = x Aᵀ spilled 88-120 B at 32×128 with 4 warps and used 255 registers at 64×64
+#   with 4 (sm_80); these three have no stack. The dy pass keeps 64×64 (251-255 registers, no stack) and 32×64 with 8
+#   warps; 32×32 spilled 8 B on sm_90. Both 8-warp dy tiles of the 16-rank era spilled 8 B on sm_90 with triton 3.6
+#   (dY is used in two layouts, B and S split for 3xTF32).
 DOWN_CONFIGS_FP32_ADAPTERS = pick([cfg(8, 3, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
                                    cfg(4, 4, BLOCK_M=64, BLOCK_K=32)], _SKINNY_INTERP)
 DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)

@@ -398,7 +398,7 @@ def ci_matrix() -> list[Variant]:
     out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel")]
     out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False)]
     out += [Variant(kernel, wide=True) for kernel in KERNELS]  # int64 offsets: the rare launch past 2³¹ elements
-    out += [Variant(kernel, rank=64) for kernel in SKINNY_KERNELS]  # fp32 adapters' 64-rank chunks (issue 14)
+    out += [Variant(kernel, rank=64) for kernel in SKINNY_KERNELS]  # fp32 adapters' 64-rank chunks (skinny_rank_block)
     return [v for v in out if v.kernel not in Q4_KERNELS + DORA_KERNELS] + _q4_ci() + _dora_ci()
 
 

@@ -3,7 +3,7 @@
     python bench/traffic_model.py [--only LoRAFusion] [--kernels] [--adapter-dtype fp32] [--rank 64]
     python bench/traffic_model.py --json m.json --markdown m.md
 
-Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients (NOTES §1)
+Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients
 for: the frozen base alone (the floor), fused-lora (2 + 3 launches), the composed path (cuBLAS base GEMMs +
 kernels/lora_compose.py), PEFT's eager ops, torch.compile of bench/providers.py's naive layer and LoRAFusion's
 design (lora_v1.py); then roofline times per device. Assumptions:
@@ -36,13 +36,13 @@ design (lora_v1.py); then roofline times per device. Assumptions:
    autocast_adapter_dtype default) add x.to(fp32), an fp32 branch, a promoting add, a cast back, and their
    backwards. LoRAFusion's "Torch LoRA" is the bf16 case.
 
-LoRAFusion's published figures (H100, bf16, r=16, p=0.1, ncu dram__bytes; NOTES §2, their benchmarks_paper/plots/
-evaluation-fig-7-kernel-ncu-profile.py): fwd+bwd at 8192×4096×4096 1.258 GiB (fused) vs 2.008 GiB (Torch LoRA);
-kernels 1.27× average, 1.39× best faster than Torch LoRA. Their design writes x_d and a bool mask in a separate
-dropout kernel and reads them back (S = x_d Aᵀ, dA = dSᵀ x_d, the mask in dX); fused-lora regenerates the mask
-from a Philox seed inside the S, dX and dA kernels and writes neither. Compulsory traffic ("GiB once") is 0.69 GiB
-of their 1.258 and 1.63 of Torch LoRA's 2.008: the rest is GEMM re-reads (assumption 2), so the H100 column is
-the one to compare: it lands 3-8% below (eager) and 6-13% below (their design) at their three published shapes.
+LoRAFusion's published figures (arXiv 2510.00206; H100, bf16, r=16, p=0.1, ncu dram__bytes; their
+benchmarks_paper/plots/evaluation-fig-7-kernel-ncu-profile.py): fwd+bwd at 8192×4096×4096 1.258 GiB (fused) vs 2.008
+GiB (Torch LoRA); kernels 1.27× average, 1.39× best faster than Torch LoRA. Their design writes x_d and a bool mask
+in a separate dropout kernel and reads them back (S = x_d Aᵀ, dA = dSᵀ x_d, the mask in dX); fused-lora regenerates
+the mask from a Philox seed inside the S, dX and dA kernels and writes neither. Compulsory traffic ("GiB once") is
+0.69 GiB of their 1.258 and 1.63 of Torch LoRA's 2.008: the rest is GEMM re-reads (assumption 2), so the H100 column
+is the one to compare: it lands 3-8% below (eager) and 6-13% below (their design) at their three published shapes.
 The binary fits-in-L2 rule flips near its threshold: fused-lora's 128×128 tile at K=4096 needs 25.7 MB of 25 MB
 usable on H100, so its GEMMs re-read x twice there (no effect on time: those GEMMs are compute-bound).
 """
@@ -90,7 +90,8 @@ DEVICES = (
     Device("L4", 300e9, 121e12, 48e6, 1.0, 58),
     # NVIDIA T4 datasheet: 320 GB/s, FP16 mixed 65 TFLOPS, 2,560 CUDA cores = 40 SMs; Turing whitepaper: 4 MB L2.
     # Turing has NO bf16 tensor cores (bf16 matmuls run at the 8.1 TFLOPS fp32 rate): this column is fp16,
-    # same bytes. And Triton emits no HMMA for our kernels on sm_75 (NOTES §5): fused-lora's T4 time is optimistic.
+    # same bytes. And Triton emits no HMMA for our kernels on sm_75 (bench/results/compile/sm_75-*.md): fused-lora's
+    # T4 time is optimistic.
     Device("T4 (fp16)", 320e9, 65e12, 4e6, 1.0, 40, fma_dots=True),
 )
 

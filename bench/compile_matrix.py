@@ -381,9 +381,10 @@ def ci_matrix() -> list[Variant]:
     - both weight layouts for the GEMM kernels (they swap which stride is the constant 1);
     - the heavy form of every flag (dropout, bias, dbias, both dy outputs, SPLIT > 1: atomics), whose code
       contains the light form's, and rank 16 (BLOCK_R 16, the common rank);
-    - rank 64 with bf16 adapters (BLOCK_R 64: the largest rank-r tiles; fp32 adapters always take 16-rank
-      chunks, so their rank 64 compiles as rank 16) for every kernel, and, at the default dtypes, the light
-      forms that change the data path rather than drop code: no dropout (x goes straight from shared memory
+    - rank 64 with bf16 adapters (BLOCK_R 64: the largest rank-r tiles) for every kernel, and rank 64 with fp32
+      adapters for the skinny kernels (their chunks go up to 64 for every adapter dtype; the other kernels take
+      16-rank chunks with fp32 adapters, so there rank 64 compiles as rank 16), and, at the default dtypes, the
+      light forms that change the data path rather than drop code: no dropout (x goes straight from shared memory
       into the MMA) and SPLIT 1 (a plain store epilogue).
     - every kernel's WIDE variant (int64 offsets) at the default dtypes.
     Not compiled in CI: bias off and single-output dy passes (strict subsets of the code), rank 8 (only the
@@ -398,7 +399,7 @@ def ci_matrix() -> list[Variant]:
     out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel")]
     out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False)]
     out += [Variant(kernel, wide=True) for kernel in KERNELS]  # int64 offsets: the rare launch past 2³¹ elements
-    out += [Variant(kernel, rank=64) for kernel in SKINNY_KERNELS]  # fp32 adapters' 64-rank chunks (issue 14)
+    out += [Variant(kernel, rank=64) for kernel in SKINNY_KERNELS]  # fp32 adapters' 64-rank chunks (skinny_rank_block)
     return [v for v in out if v.kernel not in Q4_KERNELS + DORA_KERNELS] + _q4_ci() + _dora_ci()
 
 
@@ -508,10 +509,10 @@ def variants_for(matrix: str, arch: int) -> list[Variant]:
 
 
 MATRICES = {"ci": ci_matrix, "full": full_matrix, "sample": sample_matrix}
-LEGEND = """Variant: base/adapter dtypes, weight layout (GEMM kernels), rank r (BLOCK_R = 16 for r ≤ 16 and
-for fp32 adapters, else r up to 64; r = 8 also drops the 16-alignment of the rank strides), dropout, bias,
-SPLIT_N/SPLIT_M, the dy pass's outputs. Config: BLOCK_M×BLOCK_N×BLOCK_K (skinny kernels: BLOCK_M×BLOCK_K),
-warps, pipeline stages. Shared memory as Triton allocates it (the kernel's metadata plus the cubin's static
-part); stack/local: spill bytes per thread. Refresh: `python bench/compile_report.py --out
-bench/results/compile` (see bench/README.md).
+LEGEND = """Variant: base/adapter dtypes, weight layout (GEMM kernels), rank r (BLOCK_R = 16 for r ≤ 16, on sm_75,
+and for fp32 adapters outside the skinny kernels (S, dy pass, dA), else r up to 64; r = 8 also drops the
+16-alignment of the rank strides), dropout, bias, SPLIT_N/SPLIT_M, the dy pass's outputs. Config:
+BLOCK_M×BLOCK_N×BLOCK_K (skinny kernels: BLOCK_M×BLOCK_K), warps, pipeline stages. Shared memory as Triton
+allocates it (the kernel's metadata plus the cubin's static part); stack/local: spill bytes per thread. Refresh:
+`python bench/compile_report.py --out bench/results/compile` (see bench/README.md).
 """

@@ -8,11 +8,11 @@ tensor-core instructions per kernel, autotune config and launch variant.
     python bench/compile_report.py --matrix full --arch 90        # every axis value (slow; for tuning)
     python bench/compile_report.py --kernel lora_fwd_kernel --dtype bf16/fp32 --arch 90
 
-Triton compiles to a cubin for any target on a CPU-only machine (NOTES §3); cuobjdump from Triton's
-bundled CUDA tools reads it. The launch arguments are specialized the way Triton's JIT specializes real
-launches (``compile_matrix.py``), so both weight layouts and the rank's alignment compile the variants a GPU
-runs. Needs no torch: the kernels are loaded from ``kernels/`` by path, so a bare ``pip install triton``
-venv runs it (CI checks triton 3.6.0, the GPU image's, that way). Must run WITHOUT TRITON_INTERPRET.
+Triton compiles to a cubin for any target on a CPU-only machine (``triton.compile`` with a ``GPUTarget``); cuobjdump
+from Triton's bundled CUDA tools reads it. The launch arguments are specialized the way Triton's JIT specializes
+real launches (``compile_matrix.py``), so both weight layouts and the rank's alignment compile the variants a GPU
+runs. Needs no torch: the kernels are loaded from ``kernels/`` by path, so a bare ``pip install triton`` venv runs
+it (CI checks triton 3.6.0, the GPU image's, that way). Must run WITHOUT TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def compile_one(job: tuple[cm.Variant, int, int]) -> dict[str, object]:
 
 
 def problems(r: dict, variant: cm.Variant, num_warps: int) -> list[str]:
-    """The checks the issue asks for, per record; empty when all pass."""
+    """What a record breaks (spills, registers over the launch's budget, shared memory over the arch's block limit, no
+    tensor-core instruction where the arch has them); empty when all pass."""
     out = []
     allowance = WIDE_SPILL_ALLOWANCE if variant.wide else 0
     if r["stack"] + r["local"] > allowance:

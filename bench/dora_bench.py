@@ -1,5 +1,5 @@
 """DoRA benchmark: one DoRA layer, forward + backward, fused-lora against PEFT's DoRA layer and against fused-lora's own
-plain LoRA on the same shapes, with the bytes each keeps for backward (issue 15).
+plain LoRA on the same shapes, with the bytes each keeps for backward.
 
     python bench/dora_bench.py                     # CPU: 512 tokens, 256→256 and 1024→1024, r = 16, fp32, p = 0 / 0.1
     python bench/dora_bench.py --device cuda       # GPU: M = 8192, K = N = 4096, r = 16, bf16 (the GPU target case)
@@ -12,7 +12,7 @@ call, B A via an identity matmul, the base product computed again on the dropped
 forward+backward time (interleaved rounds on CPU, CUDA events on GPU) and the bytes saved for backward besides the
 parameters (``measure.saved_activation_bytes``).
 
-Targets (issue 15): on CPU, fused DoRA <= 0.8x PEFT DoRA's time and <= 0.5x its saved bytes at p = 0.1 (512 tokens,
+Targets: on CPU, fused DoRA <= 0.8x PEFT DoRA's time and <= 0.5x its saved bytes at p = 0.1 (512 tokens,
 256→256 and 1024→1024, r = 16); on a GPU, fused DoRA <= 1.2x fused LoRA's fwd+bwd at p = 0 (bf16, M = 8192,
 K = N = 4096, r = 16).
 """

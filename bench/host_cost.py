@@ -1,5 +1,5 @@
 """Per-call host cost of one LoRA layer: forward + backward at a shape where compute is negligible, so what is
-measured is Python, dispatch and allocation (issue 14).
+measured is Python, dispatch and allocation.
 
     python bench/host_cost.py                  # M=4, 64→64, r=8, 1 thread, p = 0 and 0.1; table on stdout
     python bench/host_cost.py --out DIR        # also host_cost.json / host_cost.md

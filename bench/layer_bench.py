@@ -30,8 +30,8 @@ import report  # noqa: E402
 import targets  # noqa: E402
 from providers import PROVIDERS, LayerShape, build, make_case  # noqa: E402
 
-# (in, out, bias) of the projections in the issue's model families. GPT-2's projections carry a bias,
-# Gemma's and Llama-class ones do not.
+# (in, out, bias) of the projections of the model families the project targets (GPT-2, Gemma, 7B-70B Llama-class
+# models, LoRAFusion's kernel shapes). GPT-2's projections carry a bias, Gemma's and Llama-class ones do not.
 SHAPES = {
     "gpt2_attn": (768, 2304, True),  # c_attn (q, k, v in one projection)
     "gpt2_fc": (768, 3072, True),  # mlp.c_fc
@@ -43,7 +43,7 @@ SHAPES = {
     "7b_up": (4096, 14336, False),  # gate/up of Mistral-7B / Llama-3-8B
     "13b_qo": (5120, 5120, False),  # q/k/v/o of 13B-class models (LoRAFusion's in = out = 5120)
     "70b_qo": (8192, 8192, False),  # q/k/v/o of 70B-class models (LoRAFusion's in = out = 8192)
-    "cpu_target": (1024, 1024, True),  # the CPU target case (the project's CPU anchor, NOTES §2)
+    "cpu_target": (1024, 1024, True),  # the CPU target case (bench/targets.py; README's CPU layer table)
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,9 +54,9 @@ def case(M: int, shape: str, r: int, p: float) -> LayerShape:
     return LayerShape(M, K, N, r, p, bias, shape)
 
 
-# LoRAFusion's kernel benchmark (NOTES §2, bench/traffic_model.py's "LoRAFusion" rows): bf16, r = 16, p = 0.1,
-# in = out ∈ {4096, 5120, 8192}, M ∈ {2048, 4096, 8192} tokens. Most important first: the issue-4 target case
-# (M = 8192, 4096), M = 8192 at the other widths, then the smaller M.
+# LoRAFusion's kernel benchmark (arXiv 2510.00206; bench/traffic_model.py's "LoRAFusion" rows): bf16, r = 16, p = 0.1,
+# in = out ∈ {4096, 5120, 8192}, M ∈ {2048, 4096, 8192} tokens. Most important first: the GPU target case
+# (M = 8192, 4096; bench/targets.py), M = 8192 at the other widths, then the smaller M.
 LORAFUSION_PLAN = [(8192, "7b_qo"), (8192, "13b_qo"), (8192, "70b_qo"), (4096, "7b_qo"), (4096, "13b_qo"),
                    (4096, "70b_qo"), (2048, "7b_qo"), (2048, "13b_qo"), (2048, "70b_qo")]
 PLANS = ["quick", "default", "full", "lorafusion"]

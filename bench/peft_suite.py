@@ -10,7 +10,7 @@
     python bench/peft_suite.py --discover            # survey which test_custom_models.py / test_initialization.py
                                                      #   tests build LoRA models
 
-What it does (issue 16):
+What it does:
 
 1. Fetches the source archive of the *installed* peft version from the package index (``pip download
    peft==<version> --no-binary :all: --no-deps``) and extracts its ``tests/`` folder into ``.cache/peft-suite/
@@ -45,12 +45,12 @@ Selection (fixed, made on peft 0.21.2; ``--discover`` redoes the survey for anot
   before any model is built) are left out: listed above LORA_TESTS.
 * ``tests/test_tuners_utils.py::TestModelAndLayerStatus``: ``get_layer_status``/``get_model_status``
   introspection, 77 tests (5 Hub ones excluded).
-* ``tests/test_initialization.py`` (issue 21): the 171 tests of the 115 functions in ``INIT_TESTS`` below, those that
+* ``tests/test_initialization.py``: the 171 tests of the 115 functions in ``INIT_TESTS`` below, those that
   built a LoRA model in an accelerated run of the file's 402 tests (init schemes, PiSSA/OLoRA/CorDA conversion with
   rank_pattern/alpha_pattern/rsLoRA, lora_bias, DoRA at init, KaSA, hotswapping, weight tying, key mapping), less 6
   that need scipy. ``test_lora_use_dora_linear`` (DoRA at init must leave the base output unchanged to the bit) failed
-  accelerated by 2.4e-7 until the fused DoRA took PEFT's norm where PEFT's is exact (issue 21); it passes now.
-* ``tests/test_decoder_models.py`` (in the issue's 8,041) is not run: every one of its tests loads a Hub checkpoint
+  accelerated by 2.4e-7 until the fused DoRA took PEFT's norm where PEFT's is exact; it passes now.
+* ``tests/test_decoder_models.py`` is not run: every one of its tests loads a Hub checkpoint
   (``PEFT_DECODER_MODELS_TO_TEST``: tiny-random OPT/GPT-2/GPT-J/Llama/Qwen2/Gemma3/Mistral), and this machine and CI
   have no Hub, so no selection here holds it.
 * PEFT 0.21.2's tests have no higher-order autograd (create_graph), torch.func or forward-mode AD test and none with

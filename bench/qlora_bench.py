@@ -1,5 +1,5 @@
 """QLoRA benchmark: one LoRA layer on a bitsandbytes 4-bit base, and a 4-bit Gemma2 training step, against PEFT's
-QLoRA layers on the same quantized weights, side by side in one run (issue 13).
+QLoRA layers on the same quantized weights, side by side in one run.
 
     python bench/qlora_bench.py                        # CPU: Gemma-2-2B layer shapes at 512 tokens, fp32 compute
     python bench/qlora_bench.py --device cuda          # GPU: 4096 tokens, bf16 compute (bench/run_gpu.sh runs it)
@@ -12,7 +12,7 @@ dequantized inside the base GEMM, on CPU the composed path: the layer's own matm
 place, mask regenerated from a seed). Reported: median forward+backward time (interleaved rounds on CPU, CUDA events
 on GPU) and the bytes saved for backward besides the parameters (``measure.saved_activation_bytes``).
 
-Targets (issue 13): saved activation per layer at p = 0.1 <= 0.55x PEFT QLoRA's (CPU and GPU); on a GPU, fwd+bwd
+Targets: saved activation per layer at p = 0.1 <= 0.55x PEFT QLoRA's (CPU and GPU); on a GPU, fwd+bwd
 >= 1.3x faster than PEFT QLoRA at M = 4096, Gemma-2-2B shapes (K/N = 2304/9216), bf16 compute, r = 16, p = 0.05.
 """
 

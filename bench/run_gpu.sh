@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first GPU minutes (issue 12), in budgeted stages, for a lent GPU machine (H100/H200 image: python3 3.12,
+# The first GPU minutes, in budgeted stages, for a lent GPU machine (H100/H200 image: python3 3.12,
 # torch 2.11, triton 3.6, transformers, peft, pytest; nothing installable, no virtualenv, the repo not pip-installed):
 #
 #     bash bench/run_gpu.sh check   # ≤ 240 s from a cold Triton cache: the GPU tests most likely to fail first
@@ -7,8 +7,8 @@
 #     bash bench/run_gpu.sh model   # ≤ 560 s: one training step of GPT-2 / Gemma-2B shapes, fused vs PEFT
 #     bash bench/run_gpu.sh all     # ≤ 560 s: check, then bench, then model, each with a smaller cap
 #     bash bench/run_gpu.sh tests   # ≤ 560 s: the whole tests/ suite on CUDA
-#     bash bench/run_gpu.sh full    # ≤ 560 s: the issue-4 full layer sweep (budgeted; cut cases are listed)
-#     bash bench/run_gpu.sh dora    # ≤ 560 s: fused DoRA vs PEFT DoRA and fused LoRA (issue 15's GPU target)
+#     bash bench/run_gpu.sh full    # ≤ 560 s: layer_bench.py's full sweep (budgeted; cut cases are listed)
+#     bash bench/run_gpu.sh dora    # ≤ 560 s: fused DoRA vs PEFT DoRA and fused LoRA (target: ≤ 1.2× LoRA at p = 0)
 #
 # Every step after the start runs under `timeout`, with min(its cap, what the budget has left less a kill grace
 # and a reserve for the summary): the whole command ends within RUN_GPU_BUDGET seconds (defaults above) by

@@ -1,4 +1,5 @@
-"""The issue's targets, checked against a layer benchmark's records.
+"""The project's layer targets (README, Benchmarks: "Targets and where they stand"), checked against a layer
+benchmark's records.
 
 Each target names the case it is judged on; a run that did not measure that case reports it as
 "not measured" rather than judging another case.

@@ -3,7 +3,7 @@
     python bench/traffic_model.py [--only LoRAFusion] [--kernels] [--adapter-dtype fp32] [--rank 64]
     python bench/traffic_model.py --json m.json --markdown m.md
 
-Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients (NOTES §1)
+Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients
 for: the frozen base alone (the floor), fused-lora (2 + 3 launches), the composed path (cuBLAS base GEMMs +
 kernels/lora_compose.py), PEFT's eager ops, torch.compile of bench/providers.py's naive layer and LoRAFusion's
 design (lora_v1.py); then roofline times per device. Assumptions:
@@ -18,8 +18,12 @@ design (lora_v1.py); then roofline times per device. Assumptions:
    wave streams do not fit (the weight evicts it). Usable L2 = half of it on A100/H100 (two partitions, each
    caching what its SMs touch: NVIDIA A100 whitepaper, "L2 cache"; assumed alike on H100), all of it on L4/T4.
    cuBLAS's tiles are not public: grouped too, with whichever of 128×128, 128×256, 256×128 moves least.
-   Skinny kernels stream x or dY once per rank-chunk program column (chunk after chunk) unless it fits in L2:
-   fp32 adapters use chunks of 16 (triton_launch.rank_block), so at r=64 they read x or dY 4 times.
+   Skinny kernels (S = x Aᵀ, the dY pass, dA) stream x or dY once per rank-chunk program column (chunk after chunk)
+   unless it fits in L2. Their chunk is triton_launch.skinny_rank_block's: min(64, max(16, next_pow2(r))) for every
+   adapter dtype, so r <= 64 reads x or dY once and r = 128 twice; 16 on Turing (FMA dots), so a T4 at r = 64 reads
+   them 4 times. The GEMMs loop over the rank inside each program (triton_launch.rank_block: chunks of 16 for fp32
+   adapters, up to 64 for half ones): their chunk changes no byte here, each program reads its S and B (dS and A)
+   rows once whatever the chunk.
 3. Roofline time = Σ over kernels of max(bytes/BW, FLOPs/peak) (a memory-bound op does not hide behind a GEMM);
    peak = dense 16-bit tensor-core rate for every matmul, elementwise FLOPs ignored; no launch overhead, no GEMM
    below peak. Launches are shown instead (compute kernels; fused-lora adds 2-4 tiny torch.zeros fills).
@@ -32,13 +36,13 @@ design (lora_v1.py); then roofline times per device. Assumptions:
    autocast_adapter_dtype default) add x.to(fp32), an fp32 branch, a promoting add, a cast back, and their
    backwards. LoRAFusion's "Torch LoRA" is the bf16 case.
 
-LoRAFusion's published figures (H100, bf16, r=16, p=0.1, ncu dram__bytes; NOTES §2, their benchmarks_paper/plots/
-evaluation-fig-7-kernel-ncu-profile.py): fwd+bwd at 8192×4096×4096 1.258 GiB (fused) vs 2.008 GiB (Torch LoRA);
-kernels 1.27× average, 1.39× best faster than Torch LoRA. Their design writes x_d and a bool mask in a separate
-dropout kernel and reads them back (S = x_d Aᵀ, dA = dSᵀ x_d, the mask in dX); fused-lora regenerates the mask
-from a Philox seed inside the S, dX and dA kernels and writes neither. Compulsory traffic ("GiB once") is 0.69 GiB
-of their 1.258 and 1.63 of Torch LoRA's 2.008: the rest is GEMM re-reads (assumption 2), so the H100 column is
-the one to compare: it lands 3-8% below (eager) and 6-13% below (their design) at their three published shapes.
+LoRAFusion's published figures (arXiv 2510.00206; H100, bf16, r=16, p=0.1, ncu dram__bytes; their
+benchmarks_paper/plots/evaluation-fig-7-kernel-ncu-profile.py): fwd+bwd at 8192×4096×4096 1.258 GiB (fused) vs 2.008
+GiB (Torch LoRA); kernels 1.27× average, 1.39× best faster than Torch LoRA. Their design writes x_d and a bool mask
+in a separate dropout kernel and reads them back (S = x_d Aᵀ, dA = dSᵀ x_d, the mask in dX); fused-lora regenerates
+the mask from a Philox seed inside the S, dX and dA kernels and writes neither. Compulsory traffic ("GiB once") is
+0.69 GiB of their 1.258 and 1.63 of Torch LoRA's 2.008: the rest is GEMM re-reads (assumption 2), so the H100 column
+is the one to compare: it lands 3-8% below (eager) and 6-13% below (their design) at their three published shapes.
 The binary fits-in-L2 rule flips near its threshold: fused-lora's 128×128 tile at K=4096 needs 25.7 MB of 25 MB
 usable on H100, so its GEMMs re-read x twice there (no effect on time: those GEMMs are compute-bound).
 """
@@ -57,8 +61,9 @@ GIB = 2**30
 # GEMM_CONFIGS / DX_CONFIGS list _GEMM_128_S4 first (autotune may pick another; only BLOCK_M and GROUP_M
 # change the model). The skinny kernels' BLOCK_M does not enter it.
 FUSED_TILE = ((128, 128, 8),)
-# fused_lora/backends/triton_launch.rank_block: rank chunk per program column, 16 for fp32 adapters, else up to 64.
-BLOCK_R_FP32_ADAPTERS, BLOCK_R_MAX = 16, 64
+# fused_lora/backends/triton_launch.skinny_rank_block: the skinny kernels' rank chunk per program column,
+# min(64, max(16, next_pow2(r))) for every adapter dtype, 16 where tl.dot runs on FMA units (Turing).
+BLOCK_R_MIN, BLOCK_R_MAX = 16, 64
 CUBLAS_TILE = ((128, 128, 8), (128, 256, 8), (256, 128, 8))  # assumption 2: cuBLAS takes the one moving least
 LORAFUSION_TILE = ((128, 256, 8),)  # lorafusion/ops/triton_ops/config.py, H100_CONFIG fused_lora_xw_sb(_tma)/dyw_dsa
 
@@ -71,6 +76,7 @@ class Device:
     l2: float  # bytes
     l2_share: float  # usable fraction for data shared by all SMs (assumption 2)
     sms: int
+    fma_dots: bool = False  # Triton's tl.dot runs on FMA units (Turing): the skinny kernels take 16-rank chunks
 
 
 DEVICES = (
@@ -84,8 +90,9 @@ DEVICES = (
     Device("L4", 300e9, 121e12, 48e6, 1.0, 58),
     # NVIDIA T4 datasheet: 320 GB/s, FP16 mixed 65 TFLOPS, 2,560 CUDA cores = 40 SMs; Turing whitepaper: 4 MB L2.
     # Turing has NO bf16 tensor cores (bf16 matmuls run at the 8.1 TFLOPS fp32 rate): this column is fp16,
-    # same bytes. And Triton emits no HMMA for our kernels on sm_75 (NOTES §5): fused-lora's T4 time is optimistic.
-    Device("T4 (fp16)", 320e9, 65e12, 4e6, 1.0, 40),
+    # same bytes. And Triton emits no HMMA for our kernels on sm_75 (bench/results/compile/sm_75-*.md): fused-lora's
+    # T4 time is optimistic.
+    Device("T4 (fp16)", 320e9, 65e12, 4e6, 1.0, 40, fma_dots=True),
 )
 
 
@@ -162,29 +169,31 @@ def _stream(nbytes: float, chunks: int, d: Device | None) -> float:
     return nbytes if d is None or chunks == 1 or nbytes <= _usable_l2(d) else nbytes * chunks
 
 
-def _rank_chunks(s: Shape) -> int:
-    block_r = BLOCK_R_FP32_ADAPTERS if s.ea == 4 else min(BLOCK_R_MAX, max(16, 1 << (s.r - 1).bit_length()))
-    return math.ceil(s.r / block_r)
+def _rank_chunks(s: Shape, d: Device | None) -> int:
+    """Rank-chunk program columns of a skinny kernel (triton_launch.skinny_rank_block), whatever the adapters' dtype."""
+    if d is not None and d.fma_dots:
+        return math.ceil(s.r / BLOCK_R_MIN)
+    return math.ceil(s.r / min(BLOCK_R_MAX, max(BLOCK_R_MIN, 1 << (s.r - 1).bit_length())))
 
 
 def lora_down(s: Shape, d: Device | None) -> Kernel:
     """S = (m⊙x)Aᵀ: reads x (once per rank chunk) and A; writes S (M×r fp32). Mask from the seed: no traffic."""
     M, K, r = s.M, s.K, s.r
-    return Kernel("lora_down_kernel: S = (m⊙x)Aᵀ", _stream(M * K * s.e, _rank_chunks(s), d) + r * K * s.ea,
+    return Kernel("lora_down_kernel: S = (m⊙x)Aᵀ", _stream(M * K * s.e, _rank_chunks(s, d), d) + r * K * s.ea,
                   M * r * 4, 2 * M * K * r)
 
 
 def lora_dy(s: Shape, d: Device | None) -> Kernel:
     """One pass over dY: reads dY (once per rank chunk), S, B; writes dS (M×r fp32) and dB (N×r fp32, atomics in L2)."""
     M, N, r = s.M, s.N, s.r
-    return Kernel("lora_dy_kernel: dS, dB", _stream(M * N * s.e, _rank_chunks(s), d) + M * r * 4 + N * r * s.ea,
+    return Kernel("lora_dy_kernel: dS, dB", _stream(M * N * s.e, _rank_chunks(s, d), d) + M * r * 4 + N * r * s.ea,
                   M * r * 4 + N * r * 4, 4 * M * N * r)
 
 
 def lora_da(s: Shape, d: Device | None) -> Kernel:
     """dA = dSᵀ(m⊙x): reads dS and x (once per rank chunk; mask regenerated); writes dA (r×K fp32)."""
     M, K, r = s.M, s.K, s.r
-    return Kernel("lora_da_kernel: dA = dSᵀ(m⊙x)", M * r * 4 + _stream(M * K * s.e, _rank_chunks(s), d),
+    return Kernel("lora_da_kernel: dA = dSᵀ(m⊙x)", M * r * 4 + _stream(M * K * s.e, _rank_chunks(s, d), d),
                   r * K * 4, 2 * M * K * r)
 
 

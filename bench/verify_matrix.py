@@ -1,4 +1,4 @@
-"""A correctness table per GPU (issue 20): the first-call self-check (``FUSED_LORA_VERIFY``) run over a matrix of
+"""A correctness table per GPU: the first-call self-check (``FUSED_LORA_VERIFY``) run over a matrix of
 dtype pairs × weight layouts × dropout × shapes (odd ones included) × paths, 4-bit bases when bitsandbytes is
 installed, and DoRA; each case's verdict for y and every gradient, against fp64 by the tests' rule.
 

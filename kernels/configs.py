@@ -13,7 +13,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FUSED_LORA_AUTOTUNE=0: every kernel takes the first config that fits the device (a GPU check that must finish in a
 # fixed time: bench/run_gpu.sh check). Triton 3.9 then skips benchmarking; triton 3.6 (the GPU image's) still
 # benchmarks the one config left on the call's arguments, which the restore_value / reset_to_zero lists make harmless
-# (issue 20, tests/test_autotune_first_call.py). Read at import, like TRITON_INTERPRET.
+# (tests/test_autotune_first_call.py). Read at import, like TRITON_INTERPRET.
 AUTOTUNE = os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
 # Triton keeps each autotuner's result on disk beside its compiled kernels (its cache directory), keyed by the kernel's
 # source, the key's values (ARCH among them) and the configs: a restart re-tunes no key it has tuned before (the
@@ -105,11 +105,12 @@ ADD_CONFIGS = pick(
 )
 
 # Per dtype, where a config must go (kernels/*.py pass these to ``by_dtype``):
-# - fp32 adapters in the skinny kernels take rank chunks of up to 64 (triton_ops._skinny_block_r, issue 14); lists
-#   from a BLOCK_R 64 sweep on sm_80/sm_90 (bench/compile_report.py): S = x Aᵀ spilled 88-120 B at 32×128 with 4 warps
-#   and used 255 registers at 64×64 with 4 (sm_80); these three have no stack. The dy pass keeps 64×64 (251-255
-#   registers, no stack) and 32×64 with 8 warps; 32×32 spilled 8 B on sm_90. Both 8-warp dy tiles of the 16-rank
-#   era spilled 8 B on sm_90 with triton 3.6 (dY is used in two layouts, B and S split for 3xTF32).
+# - fp32 adapters in the skinny kernels take rank chunks of up to 64, like half ones, so that r <= 64 reads x or dY
+#   once (fused_lora/backends/triton_launch.py::skinny_rank_block); lists from a BLOCK_R 64 sweep on sm_80/sm_90
+#   (bench/compile_report.py): S = x Aᵀ spilled 88-120 B at 32×128 with 4 warps and used 255 registers at 64×64
+#   with 4 (sm_80); these three have no stack. The dy pass keeps 64×64 (251-255 registers, no stack) and 32×64 with 8
+#   warps; 32×32 spilled 8 B on sm_90. Both 8-warp dy tiles of the 16-rank era spilled 8 B on sm_90 with triton 3.6
+#   (dY is used in two layouts, B and S split for 3xTF32).
 DOWN_CONFIGS_FP32_ADAPTERS = pick([cfg(8, 3, BLOCK_M=64, BLOCK_K=64), cfg(8, 3, BLOCK_M=32, BLOCK_K=64),
                                    cfg(4, 4, BLOCK_M=64, BLOCK_K=32)], _SKINNY_INTERP)
 DY_CONFIGS_FP32_ADAPTERS = pick([_SK_64x64, cfg(8, 3, BLOCK_M=32, BLOCK_K=64)], _SKINNY_INTERP)
@@ -120,8 +121,8 @@ DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INT
 #   --regAllocOptLevel=2 workaround; the same PTX through that ptxas without the flag has no stack, and
 #   triton 3.6 (the GPU image's) compiles both cleanly. Dropped so that both tritons pass.
 DOWN_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64], _SKINNY_INTERP)
-# - dA with fp32 adapters at 64×64 (no dropout, one row slice: the loop's step a runtime value since issue 12) spills
-#   8 B at 128 registers on sm_90 with triton 3.9 (the same ptxas quirk).
+# - dA with fp32 adapters at 64×64 (no dropout, one row slice: the loop's step is a runtime value, so that a new split
+#   factor compiles no new variant) spills 8 B at 128 registers on sm_90 with triton 3.9 (the same ptxas quirk).
 # - Turing (sm_75, FMA dots, 16-rank chunks): the half lists' 4-warp 64×64 and 8-warp 64×128/128×64 tiles of S = x Aᵀ,
 #   the dy pass and dA spilled 160-360 B per thread with fp16 adapters (triton 3.9); 64×64 and 32×64 with 8 warps
 #   compile cleanly for fp16 and fp32 adapters alike.
@@ -293,7 +294,8 @@ EXCLUDED: list[tuple[tuple[int, ...], str, tuple[str, ...], tuple[int, ...], str
     ((80, 86, 89), "dora_dy_kernel", ("half",), _HALF_WIDE_R, "64×64 w4 s4", "r64: spills 8-16 B (3.6)"),
     ((86, 89), "dora_dy_kernel", ("fp32-adapters",), ALL_RANKS, "64×64 w4 s4", "p = 0: spills 16 B (3.6)"),
     ((100,), "dora_dy_kernel", ("fp32-adapters",), ALL_RANKS, "32×64 w8 s3", "spills 8 B (3.6)"),
-    # since g's IEEE division (tl.div_rn, issue 20): 255 registers and a spill with triton 3.6 only (3.9 compiles both)
+    # since g is an IEEE-rounded division (tl.div_rn: PyTorch's quotient, the same g in the forward and the dY pass):
+    # 255 registers and a spill with triton 3.6 only (3.9 compiles both)
     ((86, 89), "dora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s4",
      "p = 0, conv1d: spills 8 B at 255 registers (3.6)"),
     ((90,), "dora_dy_kernel", ("fp32-adapters",), ALL_RANKS, "64×64 w4 s4",

@@ -11,7 +11,7 @@ are ``lora_down_kernel``, ``lora_dy_kernel`` and ``lora_da_kernel``, shared with
 
 Both are autotuned on the output they add into: ``restore_value`` makes the autotuner copy it before each benchmark
 run and put it back after (triton 3.6 and 3.9), so the first call of a key adds the term once, not once per benchmark
-run besides (issue 20; tests/test_autotune_first_call.py). The copy is made only while a new key is tuned.
+run besides (tests/test_autotune_first_call.py). The copy is made only while a new key is tuned.
 """
 
 import triton

@@ -9,7 +9,7 @@ from device memory (``seed_ptr``, one int64), so a captured CUDA graph draws a n
 Dtype handling is passed in as constexprs chosen by the launcher:
 - ``BASE_DOT`` / ``LORA_DOT``: the dtype each operand is cast to right before ``tl.dot`` (x's dtype
   for the base GEMM, the adapters' dtype for the rank-r GEMMs, as PyTorch/PEFT compute them). Under
-  the interpreter half types map to fp32 (the upstream bf16 interpreter bug, NOTES §3): the products of
+  the interpreter half types map to fp32 (it computes bf16 dots on the bit patterns, triton#11584): the products of
   two half values are exact in fp32, so this is what a tensor core computes, not an approximation.
 - ``*_PREC``: ``"tf32x3"`` or ``"tf32"`` for fp32 operands, following ``torch.backends.cuda.matmul.allow_tf32``
   (``precision.dot_fp32``: 3xTF32, or two TF32 products when one operand is an upcast half value).

@@ -19,6 +19,7 @@ _spec.loader.exec_module(tm)
 
 MIB = 2**20
 H100 = tm.DEVICES[0]
+T4 = next(d for d in tm.DEVICES if d.fma_dots)
 HEADLINE = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096)
 
 
@@ -80,14 +81,33 @@ def test_other_published_shapes_within_15_percent(key):
     assert total("lorafusion", s, H100) / tm.GIB == pytest.approx(fused, rel=0.15)
 
 
-def test_rank_chunks_fp32_adapters_reread():
-    # fp32 adapters: rank chunks of 16 (triton_ops._block_r), so at r=64 the skinny kernels stream x 4 times.
-    half = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=64)
-    fp32 = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=64, ea=4)
+def test_rank_chunks_are_the_skinny_kernels(monkeypatch):
+    # The model's rank chunks are triton_launch.skinny_rank_block's, for every rank and both adapter dtypes (the
+    # skinny kernels take the same chunks for fp32 and half adapters), and 16 on Turing (FMA dots).
+    import torch
+
+    from fused_lora.backends import triton_launch
+
+    for r in range(1, 300):
+        for ea in (2, 4):
+            s = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=r, ea=ea)
+            assert tm._rank_chunks(s, H100) == -(-r // triton_launch.skinny_rank_block(r)), (r, ea)
+    monkeypatch.setattr(triton_launch, "fma_dots", lambda device: True)
+    turing = triton_launch.skinny_rank_block(64, torch.device("cuda"))
+    assert tm._rank_chunks(tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=64), T4) == 64 // turing == 4
+
+
+@pytest.mark.parametrize("ea", [2, 4], ids=["bf16-adapters", "fp32-adapters"])
+def test_skinny_kernels_reread_x_per_rank_chunk(ea):
+    # 64-rank chunks for either adapter dtype: x (64 MiB, over every usable L2) is streamed once up to r = 64 and
+    # twice at r = 128; a T4's 16-rank chunks stream it 4 times at r = 64. Compulsory bytes: once.
     x = 8192 * 4096 * 2
-    assert tm.lora_down(half, H100).read == pytest.approx(x, abs=4 * MIB)
-    assert tm.lora_down(fp32, H100).read == pytest.approx(4 * x, abs=4 * MIB)
-    assert tm.lora_da(fp32, None).read == pytest.approx(x, abs=4 * MIB)  # compulsory: once (+ dS, 2 MiB)
+    for r, reads, d in ((16, 1, H100), (64, 1, H100), (128, 2, H100), (64, 4, T4), (128, 8, T4)):
+        s = tm.Shape("LoRAFusion", "4096", 8192, 4096, 4096, r=r, ea=ea)
+        assert tm.lora_down(s, d).read == pytest.approx(reads * x, abs=4 * MIB), (r, d.name)
+        assert tm.lora_dy(s, d).read == pytest.approx(reads * x, abs=8 * MIB), (r, d.name)  # dY: same size as x
+        assert tm.lora_da(s, d).read == pytest.approx(reads * x, abs=8 * MIB), (r, d.name)  # + dS, 4-8 MiB
+        assert tm.lora_da(s, None).read == pytest.approx(x, abs=8 * MIB)
 
 
 def test_fp32_adapters_cost_peft_casts_not_fused():

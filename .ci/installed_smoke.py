@@ -93,7 +93,7 @@ def grads(*tensors: torch.Tensor) -> list[torch.Tensor | None]:
 
 def ran_triton_kernels(before: dict) -> None:
     """path_report(): the call's key ran a Triton path ("fused" or "composed"), not the PyTorch fallback."""
-    new = {k: v["runs"] for k, v in fused_lora.path_report().items() if k not in before}
+    new = {k: v["runs"] for k, v in fused_lora.diagnostics.path_report().items() if k not in before}
     assert new and all(path in ("fused", "composed") for path in new.values()), f"Triton paths not run: {new}"
 
 
@@ -109,7 +109,7 @@ def check_functional(backend: str, dora: bool) -> None:
     gy = torch.randn(M0, M1, N, generator=g)
     xs, bs, As, Bs, ms = leaves(x, b, A, B, mag)
     extra = {"magnitude": ms} if dora else {}
-    before = fused_lora.path_report()
+    before = fused_lora.diagnostics.path_report()
     y = fused_lora.fused_lora_linear(xs, w, bs, As, Bs, scaling, p, True, dropout_seed=seed, backend=backend, **extra)
     y.backward(gy)
     if backend == "triton":
@@ -153,7 +153,7 @@ def check_qlora(backend: str) -> None:
     B = torch.randn(N, r, generator=g)
     gy = torch.randn(M0, M1, N, generator=g)
     xs, As, Bs = leaves(x, A, B)
-    before = fused_lora.path_report()
+    before = fused_lora.diagnostics.path_report()
     y = quantized_lora(xs, layer, As, Bs, scaling, p, True, dropout_seed=seed, backend=backend)
     y.backward(gy)
     if backend == "triton":
@@ -244,7 +244,7 @@ def check_peft_enable() -> None:
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
     fused.train()
     fused(input_ids=ids, labels=ids).loss.backward()
-    assert ran == ["LoRALinearFunctionBackward"] * 2, f"the PEFT layers did not run the fused Function: {ran}"
+    assert ran == ["FusedLoRAFunctionBackward"] * 2, f"the PEFT layers did not run the fused Function: {ran}"
     fused.eval(), plain.eval()
     with torch.no_grad():
         close("enabled PEFT logits", fused(input_ids=ids).logits, plain(input_ids=ids).logits)

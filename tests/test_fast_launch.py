@@ -75,7 +75,7 @@ def test_in_a_process_without_the_interpreter():
     assert run.returncode == 0, tail
     summary = run.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= len(LAUNCHERS) + 9 and "failed" not in summary and "error" not in summary, summary
+    assert passed >= len(LAUNCHERS) + 10 and "failed" not in summary and "error" not in summary, summary
 
 
 # ------------------------------------------------------------------------------------- the real-JIT process
@@ -273,6 +273,44 @@ def test_the_autotuner_still_benchmarks_the_first_call(gpu, monkeypatch):
     lora_triton.lora_up_add(y, s, B, 2.0)
     assert gpu.normal == normal and gpu.bench_calls == pruned  # fast: no benchmark, no JITFunction.run
     assert not gpu.launches[-1].same_as(tuned)
+
+
+@needs_real_jit
+def test_a_replaced_autotuner_state_takes_the_normal_path(gpu, monkeypatch):
+    """The autotuner's cache or fn replaced (a test harness counting launches, a fresh cache to tune again): triton's
+    path, which benchmarks again for a new cache; fast again afterwards."""
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    gen = torch.Generator().manual_seed(7)
+    y, s, B = _rand(M + 1, N, gen=gen), _rand(M + 1, R, gen=gen), _rand(N, R, gen=gen)
+    tuner = lora_triton.lora_up_add_kernel
+    monkeypatch.setattr(tuner, "cache", {})  # (other tests tuned this key already)
+    for _ in range(2):
+        lora_triton.lora_up_add(y, s, B, 2.0)
+    benched, normal = gpu.bench_calls, gpu.normal
+    assert benched >= 2
+    monkeypatch.setattr(tuner, "cache", {})
+    lora_triton.lora_up_add(y, s, B, 2.0)
+    assert gpu.bench_calls == 2 * benched and gpu.normal > normal
+    normal = gpu.normal
+    lora_triton.lora_up_add(y, s, B, 2.0)
+    assert gpu.normal == normal
+    calls = []
+
+    class Counting:  # as tests/autotune_harness.py wraps the autotuner's fn
+        def __init__(self, fn):
+            self.fn = fn
+
+        def run(self, *args, **kwargs):
+            calls.append(1)
+            return self.fn.run(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.fn, name)
+
+    monkeypatch.setattr(tuner, "fn", Counting(tuner.fn))
+    for _ in range(2):
+        lora_triton.lora_up_add(y, s, B, 2.0)
+    assert len(calls) == 2  # every launch through the wrapper: nothing kept for a fn that is not a JITFunction
 
 
 @needs_real_jit

@@ -17,8 +17,8 @@ keys on could differ from the launch it copies:
   every constexpr, the autotuner's key (shapes, ``ARCH``), the tensors' dtypes and the device;
 - per launch, here: each tensor argument's dtype and whether its address is 16-byte aligned (the entry is per
   alignment pattern: a view at an odd element offset gets its own, compiled by the normal path); the kernel object
-  itself (a module global a test may replace), the autotuner's ``fn``, ``cache`` and ``configs`` (replaced or
-  re-tuned: normal path), no ``pre_run_hooks`` on the JITFunction, no ``pre_hook`` on the chosen config, the same
+  itself (a module global a test may replace), the autotuner's ``fn``, ``cache`` and ``configs`` (another object
+  there: normal path), no ``pre_run_hooks`` on the JITFunction, no ``pre_hook`` on the chosen config, the same
   active triton driver, and the knobs that enter ``JITFunction.run``'s cache key (``knobs.runtime.debug``,
   ``knobs.compilation.instrumentation_mode``; on 3.9 also ``fpsan_homomorphic_casts`` and
   ``knobs.runtime.add_stages_inspection_hook``).
@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from triton import knobs
@@ -127,41 +128,63 @@ class _Entry:
         self.tail = tail
 
 
+class _Kept(NamedTuple):
+    """What a site's kept launches were made with (one object, replaced whole: a launch on another thread reads either
+    the old one or the new one, never a mix)."""
+
+    kernel: object  # the kernel object launched (an Autotuner or a JITFunction)
+    generation: int  # of clear()
+    tensors: tuple[tuple[int, torch.dtype], ...]  # (position, dtype) of each tensor argument
+    entries: dict[int, _Entry]  # by the tensor arguments' 16-byte alignment pattern
+    jit: JITFunction
+    driver: object  # the active triton driver
+    index: int  # its device index (the tensors' device)
+    options: tuple  # _options_state()
+    tuner: bool  # kernel is an Autotuner; then its fn, cache and configs:
+    fn: object
+    tune_cache: object
+    configs: object
+
+
 class LaunchSite:
     """One launch signature of one kernel (see the module docstring): ``grid`` (a tuple, or a function of the launch's
     named arguments as triton takes it) and ``kwargs`` (the constexprs and other keyword arguments) are fixed by the
     signature, ``device`` is the tensors' device. ``launch(kernel, args)`` launches with the per-call positional
     arguments."""
 
-    __slots__ = ("configs", "device", "driver", "entries", "generation", "grid", "index", "jit", "kernel", "kwargs",
-                 "options", "tensors", "tune_cache", "tuner")
+    __slots__ = ("device", "grid", "kept", "kwargs")
 
     def __init__(self, grid: tuple | Callable[[dict], tuple], kwargs: dict, device: torch.device) -> None:
         self.grid, self.kwargs, self.device = grid, kwargs, device
-        self.kernel = None  # what the kept entries were launched with
-        self.entries: dict[int, _Entry] = {}  # by alignment pattern of the tensor arguments
-        self.generation = -1
+        self.kept: _Kept | None = None
+
+    @property
+    def entries(self) -> dict[int, _Entry]:
+        """The kept launches by alignment pattern (empty before the first, or after ``clear()``)."""
+        kept = self.kept
+        return kept.entries if kept is not None and kept.generation == _generation else {}
 
     def launch(self, kernel, args: tuple) -> None:
         """``kernel[grid](*args, **kwargs)``, directly through the kept launcher when nothing it specialized on
         changed."""
-        if kernel is self.kernel and self.generation == _generation:
+        kept = self.kept
+        if kept is not None and kernel is kept.kernel and kept.generation == _generation:
             pattern = 0
-            for i, dtype in self.tensors:
+            for i, dtype in kept.tensors:
                 arg = args[i]
                 if arg.dtype is not dtype:
                     break
                 pattern += pattern + (not arg.data_ptr() & 15)  # one bit per tensor: 16-byte aligned
             else:
-                entry = self.entries.get(pattern)
+                entry = kept.entries.get(pattern)
                 runtime = _runtime_knobs
-                if (entry is not None and driver.active is self.driver and not self.jit.pre_run_hooks
+                if (entry is not None and driver.active is kept.driver and not kept.jit.pre_run_hooks
                         and (runtime.debug, _compilation_knobs.instrumentation_mode,
                              _compilation_knobs.fpsan_homomorphic_casts if _HAS_FPSAN else None,
-                             runtime.add_stages_inspection_hook if _HAS_STAGES_HOOK else None) == self.options
-                        and (not self.tuner or (kernel.fn is self.jit and kernel.cache is self.tune_cache
-                                                and kernel.configs is self.configs))):
-                    stream = self.driver.get_current_stream(self.index)
+                             runtime.add_stages_inspection_hook if _HAS_STAGES_HOOK else None) == kept.options
+                        and (not kept.tuner or (kernel.fn is kept.fn and kernel.cache is kept.tune_cache
+                                                and kernel.configs is kept.configs))):
+                    stream = kept.driver.get_current_stream(kept.index)
                     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
                     if enter is None or (enter.__class__ is HookChain and not enter.calls
                                          and leave.__class__ is HookChain and not leave.calls):
@@ -186,7 +209,8 @@ class LaunchSite:
         """Keep the launch triton just made, when it can be repeated exactly (else the next one is normal too)."""
         if not isinstance(compiled, CompiledKernel):  # a stub, an async compile's future, the interpreter
             return
-        if isinstance(kernel, Autotuner):
+        tuner = isinstance(kernel, Autotuner)
+        if tuner:
             jit, config = kernel.fn, getattr(kernel, "best_config", None)
             if not isinstance(jit, JITFunction) or config is None or config.pre_hook is not None:
                 return
@@ -219,13 +243,19 @@ class LaunchSite:
         if self.device.type == "cuda" and index != self.device.index:
             return
         grid = self.grid(dict(zip(names, (*args, *tail), strict=True))) if callable(self.grid) else self.grid
-        state = (kernel, jit, tuple(tensors), active, index, _options_state())
-        if (self.kernel is not kernel or self.generation != _generation
-                or state[1:] != (self.jit, self.tensors, self.driver, self.index, self.options)):
-            self.entries = {}
-        self.kernel, self.jit, self.tensors, self.driver, self.index, self.options = state
-        self.tuner = isinstance(kernel, Autotuner)
-        self.tune_cache = kernel.cache if self.tuner else None
-        self.configs = kernel.configs if self.tuner else None
-        self.generation = _generation
-        self.entries[pattern] = _Entry(compiled, tuple(grid), tuple(tail))
+        entry = _Entry(compiled, tuple(grid), tuple(tail))
+        new = _Kept(kernel, _generation, tuple(tensors), {pattern: entry}, jit, active, index, _options_state(),
+                    tuner, kernel.fn if tuner else None, kernel.cache if tuner else None,
+                    kernel.configs if tuner else None)
+        old = self.kept
+        if old is not None and _same(old, new):  # one more alignment pattern of the same state
+            new = old._replace(entries={**old.entries, pattern: entry})
+        self.kept = new
+
+
+def _same(a: _Kept, b: _Kept) -> bool:
+    """Two kept states alike but for their entries: objects by identity (a new autotuner cache with the same contents
+    is another cache), values by equality."""
+    return (all(getattr(a, f) is getattr(b, f) for f in ("kernel", "jit", "driver", "fn", "tune_cache", "configs"))
+            and (a.generation, a.tensors, a.index, a.options, a.tuner) == (b.generation, b.tensors, b.index,
+                                                                          b.options, b.tuner))

@@ -213,7 +213,7 @@ def forward_4bit(
     plan = _forward_plans.get(key)
     if plan is None:
         plan = remember(_forward_plans, key, _forward_plan(x, packed, bias, s, lora_B, key[-1]))
-    y = torch.empty(plan.shape, device=device, dtype=x_dtype)
+    y = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=x_dtype)
     if plan.site is None:  # a grid with a zero dimension is not a launch
         return y
     nothing = plan.nothing
@@ -260,7 +260,7 @@ def dx_4bit(
     plan = _dx_plans.get(key)
     if plan is None:
         plan = remember(_dx_plans, key, _dx_plan(dy, packed, ds, lora_A, p, out_dtype, key[-1]))
-    dx = torch.empty(plan.shape, device=device, dtype=out_dtype)
+    dx = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=out_dtype)
     if plan.site is None:
         return dx
     plan.site.launch(lora_dx_4bit_kernel, (dy, *_pointers(packed, plan.nothing), ds, lora_A, dx, *plan.ints,
@@ -299,7 +299,7 @@ def dequantize(packed: Packed4bit, *, forward_tiles: bool = False) -> torch.Tens
     plan = _dequantize_plans.get(key)
     if plan is None:
         plan = remember(_dequantize_plans, key, _dequantize_plan(packed, forward_tiles))
-    out = torch.empty(plan.shape, device=device, dtype=packed.dtype)
+    out = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=packed.dtype)
     if plan.site is None:
         return out
     plan.site.launch(dequantize_4bit_kernel, (*_pointers(packed, plan.nothing), out, *plan.ints))

@@ -60,7 +60,7 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     plan = _norm_plans.get(key)
     if plan is None:
         plan = remember(_norm_plans, key, _norm_plan(weight, lora_A, lora_B, weight_layout, split_k, key[-2]))
-    out = torch.empty(plan.shape, device=device, dtype=torch.float32)
+    out = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=torch.float32)
     plan.site.launch(dora_norm_kernel, (weight, lora_A, lora_B, out, *plan.ints, scaling))
     return out.sum(0).sqrt_() if plan.split > 1 else out[0]
 
@@ -90,8 +90,8 @@ def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tup
     if plan is None:
         plan = remember(_down_plans, key, _down_plan(x, lora_A, key[-1]))
     M, K, R = plan.shape
-    s = torch.empty((M, R), device=device, dtype=torch.float32)
-    xd = torch.empty((M, K), device=device, dtype=x.dtype)
+    s = torch.empty_strided((M, R), (R, 1), device=device, dtype=torch.float32)
+    xd = torch.empty_strided((M, K), (K, 1), device=device, dtype=x.dtype)
     plan.site.launch(dora_down_kernel, (x, lora_A, s, xd, *plan.ints, *drop_args(seed, p, device)))
     return s, xd
 
@@ -129,8 +129,9 @@ def dora_forward_gemm(
                                                            weight_layout, need_p, key[-1]))
     M, N = plan.shape
     nothing = plan.nothing
-    y = torch.empty((M, N), device=device, dtype=x_dtype)
-    P = torch.empty((M, N) if need_p else (0,), device=device, dtype=b_dtype)
+    y = torch.empty_strided((M, N), (N, 1), device=device, dtype=x_dtype)
+    P = torch.empty_strided((M, N), (N, 1), device=device, dtype=b_dtype) if need_p else torch.empty(
+        (0,), device=device, dtype=b_dtype)
     plan.site.launch(dora_fwd_kernel, (x, x if xd is None else xd, weight, nothing if bias is None else bias, s,
                                        lora_B, norm, magnitude, y, P if need_p else nothing, *plan.ints, scaling,
                                        plan.extra))
@@ -177,13 +178,18 @@ def dora_dy_pass(
         plan = remember(_dy_plans, key, _dy_plan(dy, lora_B, s, P, magnitude, need_ds, need_db, need_dbias, need_dmag,
                                                  write_g, g_minus_one, split_n, key[-2]))
     M, N, R = plan.shape
-    f32 = {"device": device, "dtype": torch.float32}
+    f32 = torch.float32
     nothing = plan.nothing
-    ds = (torch.zeros((M, R), **f32) if plan.split > 1 else torch.empty((M, R), **f32)) if need_ds else nothing
-    db = torch.zeros((N, R), **f32) if need_db else nothing
-    dbias = torch.zeros((N,), **f32) if need_dbias else nothing
-    dmag = torch.zeros((N,), **f32) if need_dmag else nothing
-    g = torch.empty((M, N), device=device, dtype=dy.dtype) if write_g else nothing
+    if not need_ds:
+        ds = nothing
+    elif plan.split > 1:  # atomics
+        ds = torch.zeros((M, R), device=device, dtype=f32)
+    else:
+        ds = torch.empty_strided((M, R), (R, 1), device=device, dtype=f32)
+    db = torch.zeros((N, R), device=device, dtype=f32) if need_db else nothing
+    dbias = torch.zeros((N,), device=device, dtype=f32) if need_dbias else nothing
+    dmag = torch.zeros((N,), device=device, dtype=f32) if need_dmag else nothing
+    g = torch.empty_strided((M, N), (N, 1), device=device, dtype=dy.dtype) if write_g else nothing
     plan.site.launch(dora_dy_kernel, (dy, lora_B, s, P if need_dmag else nothing, norm, magnitude, ds, db, dbias,
                                       dmag, g, *plan.ints, scaling))
     return tuple(t if on else None for t, on in ((ds, need_ds), (db, need_db), (dbias, need_dbias),
@@ -225,7 +231,7 @@ def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.
     plan = _dx_plans.get(key)
     if plan is None:
         plan = remember(_dx_plans, key, _dx_plan(dy, gm, weight, ds, lora_A, weight_layout, out_dtype, key[-1]))
-    dx = torch.empty(plan.shape, device=device, dtype=out_dtype)
+    dx = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=out_dtype)
     plan.site.launch(dora_dx_kernel, (dy, gm, weight, ds, lora_A, dx, *plan.ints, *drop_args(seed, p, device)))
     return dx
 

@@ -67,7 +67,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_
     plan = _down_plans.get(key)
     if plan is None:
         plan = remember(_down_plans, key, _down_plan(x, lora_A, p, split_k, key[-2]))
-    out = torch.empty(plan.shape, device=device, dtype=torch.float32)
+    out = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=torch.float32)
     plan.site.launch(lora_down_kernel, (x, lora_A, out, *plan.ints, *(plan.drop or drop_args(seed, p, device))))
     return out.sum(0) if plan.split > 1 else out
 
@@ -103,7 +103,7 @@ def lora_forward(
     plan = _forward_plans.get(key)
     if plan is None:
         plan = remember(_forward_plans, key, _forward_plan(x, weight, bias, s, lora_B, weight_layout, key[-1]))
-    y = torch.empty(plan.shape, device=device, dtype=x_dtype)
+    y = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=x_dtype)
     plan.site.launch(lora_fwd_kernel, (x, weight, plan.nothing if bias is None else bias, s, lora_B, y, *plan.ints,
                                        scaling))
     return y
@@ -164,8 +164,12 @@ def lora_dy_pass(
         plan = remember(_dy_plans, key, _dy_plan(dy, lora_B, s, need_ds, need_db, need_dbias, split_n, key[-2]))
     M, N, R = plan.shape
     nothing = plan.nothing
-    ds = ((torch.zeros if plan.split > 1 else torch.empty)((M, R), device=device, dtype=torch.float32) if need_ds
-          else nothing)
+    if not need_ds:
+        ds = nothing
+    elif plan.split > 1:  # atomics
+        ds = torch.zeros((M, R), device=device, dtype=torch.float32)
+    else:
+        ds = torch.empty_strided((M, R), (R, 1), device=device, dtype=torch.float32)
     db = torch.zeros((N, R), device=device, dtype=torch.float32) if need_db else nothing
     dbias = torch.zeros((N,), device=device, dtype=torch.float32) if need_dbias else nothing
     plan.site.launch(lora_dy_kernel, (dy, lora_B, s, ds, db, dbias, *plan.ints, scaling))
@@ -205,7 +209,7 @@ def lora_dx(
     plan = _dx_plans.get(key)
     if plan is None:
         plan = remember(_dx_plans, key, _dx_plan(dy, weight, ds, lora_A, weight_layout, p, out_dtype, key[-1]))
-    dx = torch.empty(plan.shape, device=device, dtype=out_dtype)
+    dx = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=out_dtype)
     plan.site.launch(lora_dx_kernel, (dy, weight, ds, lora_A, dx, *plan.ints,
                                       *(plan.drop or drop_args(seed, p, device))))
     return dx
@@ -263,7 +267,10 @@ def lora_da(
     plan = _da_plans.get(key)
     if plan is None:
         plan = remember(_da_plans, key, _da_plan(ds, x, lora_A, p, split_m, key[-2]))
-    da = (torch.zeros if plan.split > 1 else torch.empty)(plan.shape, device=device, dtype=torch.float32)
+    if plan.split > 1:  # atomics
+        da = torch.zeros(plan.shape, device=device, dtype=torch.float32)
+    else:
+        da = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=torch.float32)
     plan.site.launch(lora_da_kernel, (ds, x, da, *plan.ints, *(plan.drop or drop_args(seed, p, device))))
     return da
 

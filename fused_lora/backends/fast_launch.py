@@ -38,11 +38,13 @@ is legal (tests/test_fast_launch.py).
 Triton entry points relied on, the same names and call conventions in triton 3.6.0 and 3.9.0 (read in both versions'
 ``runtime/jit.py``, ``runtime/autotuner.py``, ``compiler/compiler.py``, ``runtime/driver.py``, ``knobs.py``):
 
+- the classes ``triton.runtime.autotuner.Autotuner``, ``triton.runtime.jit.JITFunction``,
+  ``triton.compiler.CompiledKernel`` (isinstance checks only);
 - ``kernel[grid](*args, **kwargs)`` returns the ``CompiledKernel`` it launched (``JITFunction.run`` returns it,
-  ``Autotuner.run`` returns ``self.fn.run(...)``);
+  ``Autotuner.run`` returns ``self.fn.run(...)``; anything else, e.g. an async compile's future, is not kept);
 - ``Autotuner``: ``fn``, ``cache``, ``configs``, ``best_config`` (set by ``run`` before it launches); ``Config``:
   ``kwargs``, ``pre_hook``;
-- ``JITFunction``: ``arg_names``, ``params[i].has_default`` / ``.default``, ``pre_run_hooks``;
+- ``JITFunction``: ``arg_names``, ``params[i].name`` / ``.has_default`` / ``.default``, ``pre_run_hooks``;
 - ``CompiledKernel``: ``run`` (the launcher: ``driver.active.launcher_cls(src, metadata)``), ``function``,
   ``packed_metadata``, ``launch_metadata(grid, stream, *args)``; the launcher's call
   ``run(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, launch_enter_hook,

@@ -114,21 +114,23 @@ def _options_state() -> tuple:
             _runtime_knobs.add_stages_inspection_hook if _HAS_STAGES_HOOK else None)
 
 
-class _Entry:
+class _Entry(NamedTuple):
     """One compiled launch: what ``JITFunction.run`` would pass to the launcher, less the per-call arguments."""
 
-    __slots__ = ("compiled", "function", "grid", "grid_x", "grid_y", "grid_z", "metadata", "run", "tail")
+    run: Callable  # the launcher (CompiledKernel.run: a property that loads the module on first use, done by then)
+    function: object
+    metadata: object  # CompiledKernel.packed_metadata
+    grid_x: int
+    grid_y: int
+    grid_z: int
+    tail: tuple  # the arguments after the positional ones, in parameter order
+    compiled: CompiledKernel
+    grid: tuple  # as the grid function returned it (for launch_metadata)
 
-    def __init__(self, compiled: CompiledKernel, grid: tuple, tail: tuple) -> None:
-        self.compiled = compiled
-        self.run = compiled.run  # the launcher (a property: loads the module on first use, done by the first launch)
-        self.function = compiled.function
-        self.metadata = compiled.packed_metadata
-        self.grid = grid
-        self.grid_x = grid[0]
-        self.grid_y = grid[1] if len(grid) > 1 else 1
-        self.grid_z = grid[2] if len(grid) > 2 else 1
-        self.tail = tail
+
+def _entry(compiled: CompiledKernel, grid: tuple, tail: tuple) -> _Entry:
+    return _Entry(compiled.run, compiled.function, compiled.packed_metadata, grid[0],
+                  grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, tail, compiled, grid)
 
 
 class _Kept(NamedTuple):
@@ -171,31 +173,32 @@ class LaunchSite:
         """``kernel[grid](*args, **kwargs)``, directly through the kept launcher when nothing it specialized on
         changed."""
         kept = self.kept
-        if kept is not None and kernel is kept.kernel and kept.generation == _generation:
+        if kept is not None and kernel is kept[0] and kept[1] == _generation:
+            _, _, tensors, entries, jit, active, index, options, tuner, fn, tune_cache, configs = kept  # locals: faster
             pattern = 0
-            for i, dtype in kept.tensors:
+            for i, dtype in tensors:
                 arg = args[i]
                 if arg.dtype is not dtype:
                     break
                 pattern += pattern + (not arg.data_ptr() & 15)  # one bit per tensor: 16-byte aligned
             else:
-                entry = kept.entries.get(pattern)
+                entry = entries.get(pattern)
                 runtime = _runtime_knobs
-                if (entry is not None and driver.active is kept.driver and not kept.jit.pre_run_hooks
+                if (entry is not None and driver.active is active and not jit.pre_run_hooks
                         and (runtime.debug, _compilation_knobs.instrumentation_mode,
                              _compilation_knobs.fpsan_homomorphic_casts if _HAS_FPSAN else None,
-                             runtime.add_stages_inspection_hook if _HAS_STAGES_HOOK else None) == kept.options
-                        and (not kept.tuner or (kernel.fn is kept.fn and kernel.cache is kept.tune_cache
-                                                and kernel.configs is kept.configs))):
-                    stream = kept.driver.get_current_stream(kept.index)
+                             runtime.add_stages_inspection_hook if _HAS_STAGES_HOOK else None) == options
+                        and (not tuner or (kernel.fn is fn and kernel.cache is tune_cache
+                                           and kernel.configs is configs))):
+                    run, function, metadata, grid_x, grid_y, grid_z, tail, compiled, grid = entry
+                    stream = active.get_current_stream(index)
                     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
                     if enter is None or (enter.__class__ is HookChain and not enter.calls
                                          and leave.__class__ is HookChain and not leave.calls):
-                        metadata = None  # nothing reads it (see the module docstring)
+                        hooked = None  # nothing reads the launch metadata (see the module docstring)
                     else:
-                        metadata = entry.compiled.launch_metadata(entry.grid, stream, *args, *entry.tail)
-                    entry.run(entry.grid_x, entry.grid_y, entry.grid_z, stream, entry.function, entry.metadata,
-                              metadata, enter, leave, *args, *entry.tail)
+                        hooked = compiled.launch_metadata(grid, stream, *args, *tail)
+                    run(grid_x, grid_y, grid_z, stream, function, metadata, hooked, enter, leave, *args, *tail)
                     return
         self._normal(kernel, args)
 
@@ -246,7 +249,7 @@ class LaunchSite:
         if self.device.type == "cuda" and index != self.device.index:
             return
         grid = self.grid(dict(zip(names, (*args, *tail), strict=True))) if callable(self.grid) else self.grid
-        entry = _Entry(compiled, tuple(grid), tuple(tail))
+        entry = _entry(compiled, tuple(grid), tuple(tail))
         new = _Kept(kernel, _generation, tuple(tensors), {pattern: entry}, jit, active, index, _options_state(),
                     tuner, kernel.fn if tuner else None, kernel.cache if tuner else None,
                     kernel.configs if tuner else None)

@@ -6,7 +6,8 @@ compiled function, grid, stream, hooks, every argument) with what ``Autotuner.ru
 the same call, and counts which path ran (``JITFunction.run`` calls). It needs a process without the interpreter
 (``triton.jit`` decides at import): under the suite's ``TRITON_INTERPRET=1`` one test runs this file in a process of
 its own with ``TRITON_INTERPRET=0``; ``.ci/triton36_fast_launch.sh`` runs it with triton 3.6 (the GPU machines').
-A cold run compiles ~25 kernels (about a minute on 2 cores); triton's cache makes later runs take seconds.
+A cold run compiles ~25 kernels (26 s with triton 3.6, 40 s with 3.9 on 2 cores); triton's cache makes later runs take
+seconds. On CUDA (no stand-in), one test checks that a layer's fast launches give the bits triton's launches give.
 """
 
 from __future__ import annotations

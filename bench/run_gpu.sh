@@ -3,7 +3,8 @@
 # torch 2.11, triton 3.6, transformers, peft, pytest; nothing installable, no virtualenv, the repo not pip-installed):
 #
 #     bash bench/run_gpu.sh check   # ≤ 240 s from a cold Triton cache: the GPU tests most likely to fail first
-#     bash bench/run_gpu.sh bench   # ≤ 560 s: layer table on LoRAFusion's shapes, beside the traffic model
+#     bash bench/run_gpu.sh bench   # ≤ 560 s: host cost per layer vs PEFT (16→16, GPT-2 c_attn); layer table on
+#                                   #   LoRAFusion's shapes, beside the traffic model
 #     bash bench/run_gpu.sh model   # ≤ 560 s: one training step of GPT-2 / Gemma-2B shapes, fused vs PEFT
 #     bash bench/run_gpu.sh all     # ≤ 560 s: check, then bench, then model, each with a smaller cap
 #     bash bench/run_gpu.sh tests   # ≤ 560 s: the whole tests/ suite on CUDA
@@ -172,10 +173,12 @@ CPU_ONLY_TESTS=(--ignore="$REPO/tests/test_compile_targets.py" --ignore="$REPO/t
 if [ "$DRY" = 1 ]; then  # tiny, seconds each: the same scripts and flags as on the GPU
     LAYER_ARGS=(--M 64 --shapes cpu_target --ranks 4 --ps 0.1 --dtypes float32 --providers base naive fused
                 --rounds 1 --min-time 0.05 --no-qkv)
+    CALIBRATION_ARGS=(--quick --dtypes float32 --ps 0.1)
     MODEL_ARGS=(--models gpt2 --ps 0.1 --layers 1 --batch 1 --seq 32 --vocab 256 --warmup 1 --rounds 1 --steps 1)
 else
     LAYER_ARGS=(--plan lorafusion)
     MODEL_ARGS=()
+    CALIBRATION_ARGS=()
 fi
 
 # --- stages ------------------------------------------------------------------------------------------
@@ -265,6 +268,11 @@ for row in [cols, *rows]:
 PY
 bench_stage() {
     local t
+    # The host cost per layer, ours (fused, composed, fused without the launch fast path) vs PEFT, wall clock and host
+    # CPU time at 16→16 and GPT-2's c_attn: checks bench/host_gpu.py's CPU estimate (one config per kernel: ~20
+    # compiles from a cold cache, seconds of measuring).
+    stage bench/host-calibration 90 --min 10 "$PY" "$REPO/bench/host_calibration.py" --device "$DEVICE" \
+        "${CALIBRATION_ARGS[@]}"
     stage bench/traffic-model 30 --min 5 "$PY" "$REPO/bench/traffic_model.py" --only LoRAFusion
     if ! t=$(cap_for "$1"); then skipped bench/layer; else
         # No new case after 3/4 of the cap: one bf16 8192×8192 case with torch.compile takes ~1 min.
@@ -333,6 +341,12 @@ fi
 if [ -f "$RES/verify.md" ]; then
     echo "---- verify.md: the self-check over the case matrix"
     grep -vE '\| pass \|$' "$RES/verify.md" | grep -E '^\||^First-call|^Cut' | head -n 30
+fi
+if grep -q '^== \[bench/host-calibration\] start' "$LOG"; then
+    echo "---- host cost per layer, ours vs PEFT (bench/host-calibration)"
+    sed -n '/^== \[bench\/host-calibration\] start/,/^== \[bench\/host-calibration\] done/p' "$LOG" \
+        | awk '/^One LoRA layer/ {buf = ""; keep = 1} keep {buf = buf $0 "\n"} END {printf "%s", buf}' \
+        | grep -E '^\||^One LoRA|^Command' | head -n 24
 fi
 if [ -f "$RES/layer.md" ]; then
     echo "---- layer.md: targets"; sed -n '/^## Targets/,$p' "$RES/layer.md" | tail -n +3

@@ -42,13 +42,16 @@ def test_dry_run_of_check_bench_and_model(tmp_path):
     proc, _ = dry_run("all", out)
     log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-3000:]
-    for stage in ("check", "bench/traffic-model", "bench/layer", "bench/vs-model", "model"):
+    for stage in ("check", "bench/host-calibration", "bench/traffic-model", "bench/layer", "bench/vs-model", "model"):
         assert f"== [{stage}] start" in log and f"== [{stage}] done: rc=0" in log, stage
     # check: both processes selected tests (skipped without CUDA), none deselected into nothing
     counts = [int(n) for n in re.findall(r"=+ (\d+) skipped, \d+ deselected", log)]
     assert len(counts) == 2 and sum(counts) >= 15, counts
     assert "LoRAFusion 8192 M=8192 8192→8192" in log  # the traffic model's rows
     assert "MODEL, not a measurement" in log and "measured/model" in log  # measurements beside the model
+    # the host-cost calibration (ours vs PEFT per layer), its table in the summary
+    assert "---- host cost per layer, ours vs PEFT" in proc.stdout
+    assert "| 16→16, 4 tokens | 0.1 | float32 |" in proc.stdout
     files = sorted(p.name for p in out.iterdir())
     # at most 8 files come back from a lent GPU: the plots (the bench extra's matplotlib) give way to verify.md
     assert files == sorted(["env.txt", "layer.json", "layer.md", "model.json", "model.md", "run.log", "verify.md"])

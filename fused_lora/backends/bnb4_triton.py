@@ -33,18 +33,24 @@ from ..bases import Pass
 from ..call import Call, Operands, Seed
 from ..kernels.configs import m_bucket
 from ..kernels.lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
+from .fast_launch import LaunchSite
 from .lora_triton import backward_with, forward_with
 from .triton_launch import (
+    F32,
     INT32_REACH,
     TILE_OVERHANG,
     TL_DTYPES,
+    Fresh,
+    Plan,
     arch,
     cdiv,
     dot_dtype,
     dot_precision,
     drop_args,
-    on_device,
+    plan_drop,
     rank_block,
+    remember,
+    tf32_state,
     unused,
     wide_offsets,
 )
@@ -207,16 +213,23 @@ class Packed4bit:
         return cls(**fields)
 
 
-def _quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, object]]:
-    """(the six pointer arguments every 4-bit kernel takes after w_ptr's, its quantization constexprs)."""
-    nothing = unused(packed.device)
-    pointers = [packed.data, packed.absmax, packed.code,
-                packed.absmax2 if packed.nested else nothing, packed.code2 if packed.nested else nothing,
-                packed.offset if packed.nested else nothing]
-    consts = {"NESTED": packed.nested, "QBLOCK_LOG2": packed.blocksize.bit_length() - 1,
-              "QBLOCK2_LOG2": packed.blocksize2.bit_length() - 1,
-              "ALIGNED": packed.shape[1] % packed.blocksize == 0}  # every row of W starts a block (real models)
-    return pointers, consts
+def _quant_consts(packed: Packed4bit) -> dict[str, object]:
+    """The quantization constexprs every 4-bit kernel takes."""
+    return {"NESTED": packed.nested, "QBLOCK_LOG2": packed.blocksize.bit_length() - 1,
+            "QBLOCK2_LOG2": packed.blocksize2.bit_length() - 1,
+            "ALIGNED": packed.shape[1] % packed.blocksize == 0}  # every row of W starts a block (real models)
+
+
+def _pointers(packed: Packed4bit, nothing: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The six pointer arguments every 4-bit kernel takes after w_ptr's (``nothing`` for a plain pack's nested ones)."""
+    if packed.nested:
+        return packed.data, packed.absmax, packed.code, packed.absmax2, packed.code2, packed.offset
+    return packed.data, packed.absmax, packed.code, nothing, nothing, nothing
+
+
+def _pack_key(packed: Packed4bit) -> tuple:
+    """What of a pack a 4-bit launch signature depends on (its tensors' dtypes are fixed by ``Packed4bit``'s checks)."""
+    return packed.shape, packed.blocksize, packed.blocksize2, packed.nested, packed.dtype, packed.device
 
 
 def _w_wide(packed: Packed4bit) -> bool:
@@ -231,39 +244,55 @@ def _check_device(packed: Packed4bit, t: torch.Tensor) -> None:
         raise ValueError(f"the 4-bit weight is on {packed.device}, the activations on {t.device}")
 
 
+_forward_plans: dict[tuple, Plan] = {}
+_dx_plans: dict[tuple, Plan] = {}
+_dequantize_plans: dict[tuple, Plan] = {}
+
+
 def forward_4bit(
     x: torch.Tensor, packed: Packed4bit, bias: torch.Tensor | None, s: torch.Tensor, lora_B: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
     """y = x Wᵀ + b + scaling · S Bᵀ in x's dtype (M×N), one Triton GEMM reading W from its 4-bit storage.
     x: M×K (any strides); S: M×r (``lora_triton.lora_down``'s fp32 output); lora_B: N×r."""
+    device, x_dtype, b_dtype = x.device, x.dtype, lora_B.dtype
+    key = (x.shape, x.stride(), _pack_key(packed), None if bias is None else (bias.shape, bias.stride(), bias.dtype),
+           s.shape, s.stride(), s.dtype, lora_B.shape, lora_B.stride(), x_dtype, b_dtype, device, arch(device),
+           tf32_state() if x_dtype is F32 or b_dtype is F32 else None)
+    plan = _forward_plans.get(key)
+    if plan is None:
+        plan = remember(_forward_plans, key, _forward_plan(x, packed, bias, s, lora_B, key[-1]))
+    y = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=x_dtype)
+    if plan.site is None:  # a grid with a zero dimension is not a launch
+        return y
+    nothing = plan.nothing
+    plan.site.launch(lora_fwd_4bit_kernel, (x, *_pointers(packed, nothing), nothing if bias is None else bias, s,
+                                            lora_B, y, *plan.ints, scaling))
+    return y
+
+
+def _forward_plan(x, packed: Packed4bit, bias, s, lora_B, tf32: bool | None) -> Plan:
     M, K = x.shape
     N, R = lora_B.shape
     if packed.shape != (N, K) or s.shape != (M, R):
         raise ValueError(f"forward_4bit: W {packed.shape}, x {tuple(x.shape)}, S {tuple(s.shape)}, "
                          f"B {tuple(lora_B.shape)} do not fit y = x Wᵀ + s·S Bᵀ")
     _check_device(packed, x)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:  # a grid with a zero dimension is not a launch
-        return y
-    pointers, quant = _quant_args(packed)
-    bias_arg = bias if bias is not None else unused(x.device)
+    device = x.device
+    nothing = unused(device)
+    if M == 0 or N == 0:
+        return Plan(None, (), (M, N))
+    bias_arg = bias if bias is not None else nothing
+    y = Fresh((M, N))
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    with on_device(x.device):
-        lora_fwd_4bit_kernel[grid](
-            x, *pointers, bias_arg, s, lora_B, y,
-            M, N, K, R, m_bucket(M),
-            x.stride(0), x.stride(1), s.stride(0), s.stride(1), lora_B.stride(0), lora_B.stride(1),
-            y.stride(0), y.stride(1), bias_arg.stride(0),
-            scaling,
-            HAS_BIAS=bias is not None, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
-            BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
-            LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
-            WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed),
-            BLOCK_R=rank_block(R, lora_B.dtype),
-            ARCH=arch(x.device),
-        )
-    return y
+    site = LaunchSite(grid, dict(
+        HAS_BIAS=bias is not None, W_DTYPE=TL_DTYPES[packed.dtype], **_quant_consts(packed),
+        BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, device, tf32),
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, device, tf32),
+        WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed), BLOCK_R=rank_block(R, lora_B.dtype),
+        ARCH=arch(device)), device)
+    ints = (M, N, K, R, m_bucket(M), *x.stride(), *s.stride(), *lora_B.stride(), *y.stride(), bias_arg.stride(0))
+    return Plan(site, ints, (M, N), nothing=nothing)
 
 
 def dx_4bit(
@@ -273,47 +302,68 @@ def dx_4bit(
     """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``), one Triton GEMM reading W from its 4-bit storage; m is the
     kernels' dropout mask for ``seed`` and ``p`` (regenerated, as in ``lora_triton.lora_dx``). dY: M×N (any
     strides); dS: M×r (``lora_triton.lora_dy_pass``'s fp32 output); lora_A: r×K."""
+    device, dy_dtype, a_dtype = dy.device, dy.dtype, lora_A.dtype
+    key = (dy.shape, dy.stride(), _pack_key(packed), ds.shape, ds.stride(), ds.dtype, lora_A.shape, lora_A.stride(),
+           dy_dtype, a_dtype, device, p, out_dtype, arch(device),
+           tf32_state() if dy_dtype is F32 or a_dtype is F32 else None)
+    plan = _dx_plans.get(key)
+    if plan is None:
+        plan = remember(_dx_plans, key, _dx_plan(dy, packed, ds, lora_A, p, out_dtype, key[-1]))
+    dx = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=out_dtype)
+    if plan.site is None:
+        return dx
+    plan.site.launch(lora_dx_4bit_kernel, (dy, *_pointers(packed, plan.nothing), ds, lora_A, dx, *plan.ints,
+                                           *(plan.drop or drop_args(seed, p, device))))
+    return dx
+
+
+def _dx_plan(dy, packed: Packed4bit, ds, lora_A, p: float, out_dtype: torch.dtype, tf32: bool | None) -> Plan:
     M, N = dy.shape
     R, K = lora_A.shape
     if packed.shape != (N, K) or ds.shape != (M, R):
         raise ValueError(f"dx_4bit: W {packed.shape}, dY {tuple(dy.shape)}, dS {tuple(ds.shape)}, "
                          f"A {tuple(lora_A.shape)} do not fit dX = dY W + m ⊙ (dS A)")
     _check_device(packed, dy)
-    dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
+    device = dy.device
     if M == 0 or K == 0:
-        return dx
-    pointers, quant = _quant_args(packed)
+        return Plan(None, (), (M, K))
+    dx = Fresh((M, K))
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
-    with on_device(dy.device):
-        lora_dx_4bit_kernel[grid](
-            dy, *pointers, ds, lora_A, dx, M, N, K, R, m_bucket(M),
-            dy.stride(0), dy.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
-            dx.stride(0), dx.stride(1),
-            *drop_args(seed, p, dy.device),
-            HAS_DROPOUT=p > 0, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
-            BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
-            LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
-            WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed),
-            BLOCK_R=rank_block(R, lora_A.dtype),
-            ARCH=arch(dy.device),
-        )
-    return dx
+    site = LaunchSite(grid, dict(
+        HAS_DROPOUT=p > 0, W_DTYPE=TL_DTYPES[packed.dtype], **_quant_consts(packed),
+        BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, device, tf32),
+        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, device, tf32),
+        WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed), BLOCK_R=rank_block(R, lora_A.dtype),
+        ARCH=arch(device)), device)
+    ints = (M, N, K, R, m_bucket(M), *dy.stride(), *ds.stride(), *lora_A.stride(), *dx.stride())
+    return Plan(site, ints, (M, K), drop=plan_drop(p, device), nothing=unused(device))
 
 
 def dequantize(packed: Packed4bit, *, forward_tiles: bool = False) -> torch.Tensor:
     """W (N×K, contiguous, ``packed.dtype``) dequantized by a Triton kernel: bit for bit what
     ``bitsandbytes.functional.dequantize_4bit`` returns (tests/test_4bit_kernels.py). It loads W through the GEMMs'
     own tile loader, in dX's orientation, or the forward's with ``forward_tiles`` (tests check both)."""
-    N, K = packed.shape
-    out = torch.empty((N, K), device=packed.device, dtype=packed.dtype)
-    if out.numel() == 0:
+    device = packed.device
+    key = (_pack_key(packed), forward_tiles, arch(device))
+    plan = _dequantize_plans.get(key)
+    if plan is None:
+        plan = remember(_dequantize_plans, key, _dequantize_plan(packed, forward_tiles))
+    out = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=packed.dtype)
+    if plan.site is None:
         return out
-    pointers, quant = _quant_args(packed)
-    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"]))
-    with on_device(packed.device):
-        dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles,
-                                     ARCH=arch(packed.device))
+    plan.site.launch(dequantize_4bit_kernel, (*_pointers(packed, plan.nothing), out, *plan.ints))
     return out
+
+
+def _dequantize_plan(packed: Packed4bit, forward_tiles: bool) -> Plan:
+    N, K = packed.shape
+    device = packed.device
+    if N * K == 0:
+        return Plan(None, (), (N, K))
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"]))
+    site = LaunchSite(grid, dict(**_quant_consts(packed), WIDE=_w_wide(packed), KN=forward_tiles, ARCH=arch(device)),
+                      device)
+    return Plan(site, (N, K), (N, K), nothing=unused(device))
 
 
 def dequantize_ref(packed: Packed4bit) -> torch.Tensor:

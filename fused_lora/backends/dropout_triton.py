@@ -6,7 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..kernels.dropout import dropout_mask_kernel
-from .triton_launch import cdiv, drop_args, on_device, wide_offsets
+from .fast_launch import LaunchSite
+from .triton_launch import Fresh, cdiv, drop_args, on_device, remember, wide_offsets
+
+_sites: dict[tuple, LaunchSite] = {}
+_BLOCK = 32
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device, row_start: int = 0) -> torch.Tensor:
@@ -16,9 +20,12 @@ def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.devi
     out = torch.empty((M, K), device=device, dtype=torch.float32)
     if M == 0 or K == 0:
         return out
-    block = 32
-    grid = (cdiv(M, block), cdiv(K, block))
-    with on_device(device):
-        dropout_mask_kernel[grid](out, M, K, out.stride(0), out.stride(1), *drop_args(seed, p, device), row_start,
-                                  WIDE=wide_offsets(out) or row_start + M > 2**31 - 1, BLOCK_M=block, BLOCK_K=block)
+    key = (M, K, device, row_start + M > 2**31 - 1)
+    site = _sites.get(key)
+    if site is None:
+        wide = wide_offsets(Fresh((M, K))) or row_start + M > 2**31 - 1
+        site = remember(_sites, key, LaunchSite((cdiv(M, _BLOCK), cdiv(K, _BLOCK)),
+                                                dict(WIDE=wide, BLOCK_M=_BLOCK, BLOCK_K=_BLOCK), device))
+    with on_device(device):  # a call of its own (the masks' users, the PyTorch path standing in for a kernel)
+        site.launch(dropout_mask_kernel, (out, M, K, K, 1, *drop_args(seed, p, device), row_start))
     return out

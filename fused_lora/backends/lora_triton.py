@@ -23,16 +23,23 @@ from ..kernels.lora_compose import lora_dx_add_kernel, lora_up_add_kernel
 from ..kernels.lora_forward import lora_down_kernel, lora_fwd_kernel
 from . import lora_torch
 from .dense_base import DenseBase
+from .fast_launch import LaunchSite
 from .masks import keep
 from .triton_launch import (
+    F32,
+    Fresh,
+    Plan,
     arch,
     cdiv,
     dot_dtype,
     dot_precision,
     drop_args,
+    plan_drop,
     rank_block,
+    remember,
     skinny_rank_block,
     split_factor,
+    tf32_state,
     unused,
     weight_strides,
     wide_offsets,
@@ -42,26 +49,45 @@ __all__ = ["COMPOSED", "FUSED", "composed_backward", "composed_forward", "fused_
            "lora_down", "lora_dx", "lora_dx_add", "lora_dy_pass", "lora_forward", "lora_up_add"]
 
 
+_down_plans: dict[tuple, Plan] = {}
+_forward_plans: dict[tuple, Plan] = {}
+_up_add_plans: dict[tuple, Plan] = {}
+_dy_plans: dict[tuple, Plan] = {}
+_dx_plans: dict[tuple, Plan] = {}
+_dx_add_plans: dict[tuple, Plan] = {}
+_da_plans: dict[tuple, Plan] = {}
+
+
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_k: int | None = None) -> torch.Tensor:
     """S = dropout(x) Aᵀ in fp32 (M×r). ``split_k`` slices of K (default: enough to fill the GPU when the row tiles
     alone do not), summed in a fixed order."""
+    device, a_dtype = x.device, lora_A.dtype
+    key = (x.shape, x.stride(), lora_A.shape, lora_A.stride(), x.dtype, a_dtype, device, p, split_k, arch(device),
+           tf32_state() if a_dtype is F32 else None, split_factor)
+    plan = _down_plans.get(key)
+    if plan is None:
+        plan = remember(_down_plans, key, _down_plan(x, lora_A, p, split_k, key[-2]))
+    out = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=torch.float32)
+    plan.site.launch(lora_down_kernel, (x, lora_A, out, *plan.ints, *(plan.drop or drop_args(seed, p, device))))
+    return out.sum(0) if plan.split > 1 else out
+
+
+def _down_plan(x: torch.Tensor, lora_A: torch.Tensor, p: float, split_k: int | None, tf32: bool | None) -> Plan:
     M, K = x.shape
     R = lora_A.shape[0]
-    block_r = skinny_rank_block(R, x.device)
+    device = x.device
+    block_r = skinny_rank_block(R, device)
     if split_k is None:
-        split_k = split_factor(cdiv(M, 64) * cdiv(R, block_r), cdiv(K, 256), x.device, cap=8)
-    out = torch.empty((split_k, M, R) if split_k > 1 else (M, R), device=x.device, dtype=torch.float32)
-    stride_ss = out.stride(0) if split_k > 1 else 0
+        split_k = split_factor(cdiv(M, 64) * cdiv(R, block_r), cdiv(K, 256), device, cap=8)
+    shape = (split_k, M, R) if split_k > 1 else (M, R)
+    out = Fresh(shape)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r), split_k)
-    lora_down_kernel[grid](
-        x, lora_A, out, M, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(-2), out.stride(-1), stride_ss,
-        *drop_args(seed, p, x.device),
-        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, x.device),
-        WIDE=wide_offsets(x, lora_A, out), BLOCK_R=block_r,
-        ARCH=arch(x.device),
-    )
-    return out.sum(0) if split_k > 1 else out
+    site = LaunchSite(grid, dict(
+        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, device, tf32),
+        WIDE=wide_offsets(x, lora_A, out), BLOCK_R=block_r, ARCH=arch(device)), device)
+    ints = (M, K, R, m_bucket(M), *x.stride(), *lora_A.stride(), out.stride(-2), out.stride(-1),
+            out.stride(0) if split_k > 1 else 0)
+    return Plan(site, ints, shape, split_k, plan_drop(p, device))
 
 
 def lora_forward(
@@ -69,40 +95,59 @@ def lora_forward(
     lora_B: torch.Tensor, scaling: float, weight_layout: str,
 ) -> torch.Tensor:
     """y = x Wᵀ + b + scaling · S Bᵀ in x's dtype (M×N), one Triton GEMM."""
+    device, x_dtype, b_dtype = x.device, x.dtype, lora_B.dtype
+    key = (x.shape, x.stride(), weight.shape, weight.stride(), weight.dtype,
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype), s.shape, s.stride(), s.dtype,
+           lora_B.shape, lora_B.stride(), x_dtype, b_dtype, device, weight_layout, arch(device),
+           tf32_state() if x_dtype is F32 or b_dtype is F32 else None)
+    plan = _forward_plans.get(key)
+    if plan is None:
+        plan = remember(_forward_plans, key, _forward_plan(x, weight, bias, s, lora_B, weight_layout, key[-1]))
+    y = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=x_dtype)
+    plan.site.launch(lora_fwd_kernel, (x, weight, plan.nothing if bias is None else bias, s, lora_B, y, *plan.ints,
+                                       scaling))
+    return y
+
+
+def _forward_plan(x, weight, bias, s, lora_B, weight_layout: str, tf32: bool | None) -> Plan:
     M, K = x.shape
     N, R = lora_B.shape
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    stride_wk, stride_wn = weight_strides(weight, weight_layout)
-    bias_arg = bias if bias is not None else unused(x.device)
+    device = x.device
+    nothing = unused(device)
+    bias_arg = bias if bias is not None else nothing
+    y = Fresh((M, N))
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    lora_fwd_kernel[grid](
-        x, weight, bias_arg, s, lora_B, y,
-        M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), stride_wk, stride_wn, s.stride(0), s.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias_arg.stride(0),
-        scaling,
-        HAS_BIAS=bias is not None, BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
-        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
+    site = LaunchSite(grid, dict(
+        HAS_BIAS=bias is not None, BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, device, tf32),
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, device, tf32),
         WIDE=wide_offsets(x, weight, bias_arg, s, lora_B, y), BLOCK_R=rank_block(R, lora_B.dtype),
-        ARCH=arch(x.device),
-    )
-    return y
+        ARCH=arch(device)), device)
+    ints = (M, N, K, R, m_bucket(M), *x.stride(), *weight_strides(weight, weight_layout), *s.stride(),
+            *lora_B.stride(), *y.stride(), bias_arg.stride(0))
+    return Plan(site, ints, (M, N), nothing=nothing)
 
 
 def lora_up_add(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y += scaling · S Bᵀ in place (y: the base layer's M×N output); returns y."""
+    device, b_dtype = y.device, lora_B.dtype
+    key = (y.shape, y.stride(), y.dtype, s.shape, s.stride(), s.dtype, lora_B.shape, lora_B.stride(), b_dtype, device,
+           arch(device), tf32_state() if b_dtype is F32 else None)
+    plan = _up_add_plans.get(key)
+    if plan is None:
+        plan = remember(_up_add_plans, key, _up_add_plan(y, s, lora_B, key[-1]))
+    plan.site.launch(lora_up_add_kernel, (y, s, lora_B, *plan.ints, scaling))
+    return y
+
+
+def _up_add_plan(y, s, lora_B, tf32: bool | None) -> Plan:
     M, N = y.shape
     R = lora_B.shape[1]
+    device = y.device
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
-    lora_up_add_kernel[grid](
-        y, s, lora_B, M, N, R, m_bucket(M),
-        y.stride(0), y.stride(1), s.stride(0), s.stride(1), lora_B.stride(0), lora_B.stride(1),
-        scaling,
-        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, y.device),
-        WIDE=wide_offsets(y, s, lora_B), BLOCK_R=rank_block(R, lora_B.dtype, y.device),
-        ARCH=arch(y.device),
-    )
-    return y
+    site = LaunchSite(grid, dict(
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, device, tf32),
+        WIDE=wide_offsets(y, s, lora_B), BLOCK_R=rank_block(R, lora_B.dtype, device), ARCH=arch(device)), device)
+    return Plan(site, (M, N, R, m_bucket(M), *y.stride(), *s.stride(), *lora_B.stride()))
 
 
 def lora_dy_pass(
@@ -110,31 +155,46 @@ def lora_dy_pass(
     need_ds: bool, need_db: bool, need_dbias: bool, split_n: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One pass over dY: (dS fp32 M×r, dB fp32 N×r, dbias fp32 N), each None when not needed."""
+    device, b_dtype = dy.device, lora_B.dtype
+    key = (dy.shape, dy.stride(), dy.dtype, lora_B.shape, lora_B.stride(), b_dtype, s.shape, s.stride(), s.dtype,
+           device, need_ds, need_db, need_dbias, split_n, arch(device), tf32_state() if b_dtype is F32 else None,
+           split_factor)
+    plan = _dy_plans.get(key)
+    if plan is None:
+        plan = remember(_dy_plans, key, _dy_plan(dy, lora_B, s, need_ds, need_db, need_dbias, split_n, key[-2]))
+    M, N, R = plan.shape
+    nothing = plan.nothing
+    if not need_ds:
+        ds = nothing
+    elif plan.split > 1:  # atomics
+        ds = torch.zeros((M, R), device=device, dtype=torch.float32)
+    else:
+        ds = torch.empty_strided((M, R), (R, 1), device=device, dtype=torch.float32)
+    db = torch.zeros((N, R), device=device, dtype=torch.float32) if need_db else nothing
+    dbias = torch.zeros((N,), device=device, dtype=torch.float32) if need_dbias else nothing
+    plan.site.launch(lora_dy_kernel, (dy, lora_B, s, ds, db, dbias, *plan.ints, scaling))
+    return (ds if need_ds else None), (db if need_db else None), (dbias if need_dbias else None)
+
+
+def _dy_plan(dy, lora_B, s, need_ds: bool, need_db: bool, need_dbias: bool, split_n: int | None,
+             tf32: bool | None) -> Plan:
     M, N = dy.shape
     R = lora_B.shape[1]
-    block_r = skinny_rank_block(R, dy.device)
-    m_programs = cdiv(M, 64) * cdiv(R, block_r)
+    device = dy.device
+    block_r = skinny_rank_block(R, device)
     if split_n is None:
-        split_n = split_factor(m_programs, cdiv(N, 128), dy.device)
-    f32 = {"device": dy.device, "dtype": torch.float32}
-    nothing = unused(dy.device)
-    ds = (torch.zeros((M, R), **f32) if split_n > 1 else torch.empty((M, R), **f32)) if need_ds else nothing
-    db = torch.zeros((N, R), **f32) if need_db else nothing
-    dbias = torch.zeros((N,), **f32) if need_dbias else nothing
-    ds_strides = (ds.stride(0), ds.stride(1)) if need_ds else (1, 1)
-    db_strides = (db.stride(0), db.stride(1)) if need_db else (1, 1)
+        split_n = split_factor(cdiv(M, 64) * cdiv(R, block_r), cdiv(N, 128), device)
+    nothing = unused(device)
+    ds = Fresh((M, R)) if need_ds else nothing
+    db = Fresh((N, R)) if need_db else nothing
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r), split_n)
-    lora_dy_kernel[grid](
-        dy, lora_B, s, ds, db, dbias, M, N, R, m_bucket(M),
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-        *ds_strides, *db_strides,
-        scaling,
+    site = LaunchSite(grid, dict(
         DS_ATOMIC=split_n > 1, HAS_DBIAS=need_dbias, NEED_DS=need_ds, NEED_DB=need_db,
-        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, dy.device),
-        WIDE=wide_offsets(dy, lora_B, s, ds, db), BLOCK_R=block_r,
-        ARCH=arch(dy.device),
-    )
-    return (ds if need_ds else None), (db if need_db else None), (dbias if need_dbias else None)
+        LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, device, tf32),
+        WIDE=wide_offsets(dy, lora_B, s, ds, db), BLOCK_R=block_r, ARCH=arch(device)), device)
+    ints = (M, N, R, m_bucket(M), *dy.stride(), *lora_B.stride(), *s.stride(),
+            *(ds.stride() if need_ds else (1, 1)), *(db.stride() if need_db else (1, 1)))
+    return Plan(site, ints, (M, N, R), split_n, nothing=nothing)
 
 
 def lora_dx(
@@ -142,38 +202,58 @@ def lora_dx(
     weight_layout: str, seed: int, p: float, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``), one Triton GEMM."""
+    device, dy_dtype, a_dtype = dy.device, dy.dtype, lora_A.dtype
+    key = (dy.shape, dy.stride(), weight.shape, weight.stride(), weight.dtype, ds.shape, ds.stride(), ds.dtype,
+           lora_A.shape, lora_A.stride(), dy_dtype, a_dtype, device, weight_layout, p, out_dtype, arch(device),
+           tf32_state() if dy_dtype is F32 or a_dtype is F32 else None)
+    plan = _dx_plans.get(key)
+    if plan is None:
+        plan = remember(_dx_plans, key, _dx_plan(dy, weight, ds, lora_A, weight_layout, p, out_dtype, key[-1]))
+    dx = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=out_dtype)
+    plan.site.launch(lora_dx_kernel, (dy, weight, ds, lora_A, dx, *plan.ints,
+                                      *(plan.drop or drop_args(seed, p, device))))
+    return dx
+
+
+def _dx_plan(dy, weight, ds, lora_A, weight_layout: str, p: float, out_dtype: torch.dtype,
+             tf32: bool | None) -> Plan:
     M, N = dy.shape
     R, K = lora_A.shape
-    dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
-    stride_wk, stride_wn = weight_strides(weight, weight_layout)
+    device = dy.device
+    dx = Fresh((M, K))
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
-    lora_dx_kernel[grid](
-        dy, weight, ds, lora_A, dx, M, N, K, R, m_bucket(M),
-        dy.stride(0), dy.stride(1), stride_wk, stride_wn, ds.stride(0), ds.stride(1),
-        lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-        *drop_args(seed, p, dy.device),
-        HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
-        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
-        WIDE=wide_offsets(dy, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype),
-        ARCH=arch(dy.device),
-    )
-    return dx
+    site = LaunchSite(grid, dict(
+        HAS_DROPOUT=p > 0, BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, device, tf32),
+        LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, device, tf32),
+        WIDE=wide_offsets(dy, weight, ds, lora_A, dx), BLOCK_R=rank_block(R, lora_A.dtype), ARCH=arch(device)),
+        device)
+    ints = (M, N, K, R, m_bucket(M), *dy.stride(), *weight_strides(weight, weight_layout), *ds.stride(),
+            *lora_A.stride(), *dx.stride())
+    return Plan(site, ints, (M, K), drop=plan_drop(p, device))
 
 
 def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """dX += m ⊙ (dS A) in place (dX: the base layer's input gradient, M×K); returns dX."""
+    device, a_dtype = dx.device, lora_A.dtype
+    key = (dx.shape, dx.stride(), dx.dtype, ds.shape, ds.stride(), ds.dtype, lora_A.shape, lora_A.stride(), a_dtype,
+           device, p, arch(device), tf32_state() if a_dtype is F32 else None)
+    plan = _dx_add_plans.get(key)
+    if plan is None:
+        plan = remember(_dx_add_plans, key, _dx_add_plan(dx, ds, lora_A, p, key[-1]))
+    plan.site.launch(lora_dx_add_kernel, (dx, ds, lora_A, *plan.ints, *(plan.drop or drop_args(seed, p, device))))
+    return dx
+
+
+def _dx_add_plan(dx, ds, lora_A, p: float, tf32: bool | None) -> Plan:
     M, K = dx.shape
     R = lora_A.shape[0]
+    device = dx.device
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_N"]))
-    lora_dx_add_kernel[grid](
-        dx, ds, lora_A, M, K, R, m_bucket(M),
-        dx.stride(0), dx.stride(1), ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
-        *drop_args(seed, p, dx.device),
-        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dx.device),
-        WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=rank_block(R, lora_A.dtype, dx.device),
-        ARCH=arch(dx.device),
-    )
-    return dx
+    site = LaunchSite(grid, dict(
+        HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, device, tf32),
+        WIDE=wide_offsets(dx, ds, lora_A), BLOCK_R=rank_block(R, lora_A.dtype, device), ARCH=arch(device)), device)
+    ints = (M, K, R, m_bucket(M), *dx.stride(), *ds.stride(), *lora_A.stride())
+    return Plan(site, ints, drop=plan_drop(p, device))
 
 
 def lora_da(
@@ -181,23 +261,35 @@ def lora_da(
     split_m: int | None = None,
 ) -> torch.Tensor:
     """dA = dSᵀ (m ⊙ x) in fp32 (r×K)."""
+    device, a_dtype = x.device, lora_A.dtype
+    key = (ds.shape, ds.stride(), ds.dtype, x.shape, x.stride(), x.dtype, lora_A.shape, a_dtype, device, p, split_m,
+           arch(device), tf32_state() if a_dtype is F32 else None, split_factor)
+    plan = _da_plans.get(key)
+    if plan is None:
+        plan = remember(_da_plans, key, _da_plan(ds, x, lora_A, p, split_m, key[-2]))
+    if plan.split > 1:  # atomics
+        da = torch.zeros(plan.shape, device=device, dtype=torch.float32)
+    else:
+        da = torch.empty_strided(plan.shape, plan.strides, device=device, dtype=torch.float32)
+    plan.site.launch(lora_da_kernel, (ds, x, da, *plan.ints, *(plan.drop or drop_args(seed, p, device))))
+    return da
+
+
+def _da_plan(ds, x, lora_A, p: float, split_m: int | None, tf32: bool | None) -> Plan:
     M, K = x.shape
     R = lora_A.shape[0]
-    block_r = skinny_rank_block(R, x.device)
+    device = x.device
+    block_r = skinny_rank_block(R, device)
     if split_m is None:
-        split_m = split_factor(cdiv(K, 64) * cdiv(R, block_r), cdiv(M, 128), x.device)
-    alloc = torch.zeros if split_m > 1 else torch.empty
-    da = alloc((R, K), device=x.device, dtype=torch.float32)
+        split_m = split_factor(cdiv(K, 64) * cdiv(R, block_r), cdiv(M, 128), device)
+    da = Fresh((R, K))
     grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r), split_m)
-    lora_da_kernel[grid](
-        ds, x, da, M, K, R, m_bucket(M),
-        ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-        *drop_args(seed, p, x.device),
+    site = LaunchSite(grid, dict(
         DA_ATOMIC=split_m > 1, HAS_DROPOUT=p > 0, LORA_DOT=dot_dtype(lora_A.dtype),
-        LORA_PREC=dot_precision(lora_A.dtype, x.device), WIDE=wide_offsets(ds, x, da), BLOCK_R=block_r,
-        ARCH=arch(x.device),
-    )
-    return da
+        LORA_PREC=dot_precision(lora_A.dtype, device, tf32), WIDE=wide_offsets(ds, x, da), BLOCK_R=block_r,
+        ARCH=arch(device)), device)
+    ints = (M, K, R, m_bucket(M), *ds.stride(), *x.stride(), *da.stride())
+    return Plan(site, ints, (R, K), split_m, plan_drop(p, device))
 
 
 # ------------------------------------------------------------------------------------------ the layer, two ways

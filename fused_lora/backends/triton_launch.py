@@ -1,31 +1,55 @@
 """The launch toolbox every Triton launcher uses: which device and stream, operand precision, rank chunks, split
-factors, 64-bit offsets, the dropout arguments.
+factors, 64-bit offsets, the dropout arguments, and the per-signature launch plans.
 
 Launchers take 2-D views (x: M×K, dY: M×N) whose strides the kernels follow, and the weight in either layout
 ("linear": N×K, "conv1d": K×N) read through strides, never transposed or copied. Every launch runs on the tensors'
-device and that device's current stream (:func:`on_device`), never on whatever device happens to be current: a model
-spread over two GPUs runs each layer where it lives.
+device and that device's current stream, never on whatever device happens to be current: a model spread over two GPUs
+runs each layer where it lives. The autograd driver enters the device once per call (:func:`on_device`); each launch
+goes through a ``fast_launch.LaunchSite``, whose first (normal) launch enters the device itself and whose later ones
+name the device's stream.
+
+Per launch signature a launcher works out once what does not change from call to call (:func:`remember`): strides,
+the 64-bit-offsets switch, dot precisions, split factors, rank chunks, grids, each kernel's int and constexpr
+arguments, its ``LaunchSite``. The key holds the tensors' shapes, strides and dtypes, the device, the flags, the
+device's ``ARCH``, the TF32 switch when an fp32 operand is dotted (:func:`tf32_state`, read once per call) and, where a
+launcher splits a reduction, the ``split_factor`` it asks (tests replace it to force a split). Per call only the
+outputs are allocated and the tensors, the seed and the floats passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TypeVar
 
 import torch
 import triton.language as tl
 
 from .. import hardware
-from ..hardware import device_arch, fma_dots, num_sms, tf32_enabled
+from ..hardware import device_arch, fma_dots, num_sms
 from ..kernels.configs import INTERPRET
 
+T = TypeVar("T")
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+class _DeviceGuard(torch.cuda.device):
+    """``torch.cuda.device`` for a device whose index is known, without its constructor's argument parsing (1 µs of
+    the 1.5 µs it took per layer pass): entering and leaving are torch's own."""
+
+    def __init__(self, index: int) -> None:
+        self.idx = index
+        self.prev_idx = -1
+
+
+_NO_GUARD = contextlib.nullcontext()  # stateless: one for every call off CUDA
 
 
 def on_device(device: torch.device):
     """Launches inside go to ``device`` and its current stream (Triton launches on the *current* device)."""
     if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+        index = device.index
+        return _DeviceGuard(index) if index is not None else torch.cuda.device(device)
+    return _NO_GUARD
 
 
 _unused: dict[torch.device, torch.Tensor] = {}
@@ -67,16 +91,36 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return TL_DTYPES[dtype]
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device | None = None) -> str:
-    """fp32 dots follow PyTorch's switch: TF32 when it allows TF32 (``hardware.tf32_enabled``), else 3xTF32
-    (``kernels/precision.py``: about fp32 accuracy on tensor cores; IEEE fp32 dots ran on the FMA units and
-    spilled, bench/compile_report.py). GPUs before Ampere have no TF32 and Triton lowers their dots to FMA: plain IEEE
-    there. The interpreter computes every fp32 dot exactly and accepts both names, so the CPU tests run the same split
-    code the GPU does. Half operands ignore the precision."""
-    capability = hardware.device_capability(device) if device is not None else None  # per launch: no extra call
+_precision = getattr(torch._C, "_get_fp32_precision_getter", None)  # torch >= 2.9
+
+
+def tf32_state() -> bool:
+    """``hardware.tf32_enabled`` read through the C getters its properties wrap (0.2 µs instead of 1.7): a launcher
+    asks once per call when it dots an fp32 operand. The new API (``torch.backends.cuda.matmul.fp32_precision``, what
+    that property returns) first; the legacy flag only while it says "none" (reading it after the new API was set
+    raises: IEEE then, as ``tf32_enabled``)."""
+    if _precision is not None:
+        precision = _precision("cuda", "matmul")
+        if precision == "tf32":
+            return True
+        if precision == "ieee":
+            return False
+    try:
+        return bool(torch._C._get_cublas_allow_tf32())
+    except RuntimeError:
+        return False
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device | None = None, tf32: bool | None = None) -> str:
+    """fp32 dots follow PyTorch's switch: TF32 when it allows TF32 (``hardware.tf32_enabled``; ``tf32``: the switch as
+    the caller read it, :func:`tf32_state`), else 3xTF32 (``kernels/precision.py``: about fp32 accuracy on tensor
+    cores; IEEE fp32 dots ran on the FMA units and spilled, bench/compile_report.py). GPUs before Ampere have no TF32
+    and Triton lowers their dots to FMA: plain IEEE there. The interpreter computes every fp32 dot exactly and accepts
+    both names, so the CPU tests run the same split code the GPU does. Half operands ignore the precision."""
+    capability = hardware.device_capability(device) if device is not None else None
     if capability is not None and capability < (8, 0):  # hardware.fma_dots
         return "ieee"
-    if dtype == torch.float32 and not tf32_enabled():
+    if dtype == torch.float32 and not (tf32_state() if tf32 is None else tf32):
         return "tf32x3"
     return "tf32"
 
@@ -170,3 +214,60 @@ def drop_args(seed: torch.Tensor | int | None, p: float,
               device: torch.device) -> tuple[torch.Tensor, float, float]:
     """The kernels' (seed_ptr, p, 1/(1-p)) arguments."""
     return seed_arg(seed if p > 0 else None, device), p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)  # dropout.drop_scale
+
+
+# ------------------------------------------------------------------------------------------------ launch plans
+
+PLAN_LIMIT = 1024  # plans kept per launcher: a run with ever-new token counts clears and rebuilds them, never grows
+
+
+def remember(plans: dict, key: tuple, plan: T) -> T:
+    """``plans[key] = plan``, emptying ``plans`` first when it holds ``PLAN_LIMIT`` (every key's plan is rebuilt in
+    microseconds; the compiled kernels stay in triton's cache)."""
+    if len(plans) >= PLAN_LIMIT:
+        plans.clear()
+    plans[key] = plan
+    return plan
+
+
+F32 = torch.float32
+
+
+class Plan:
+    """What a launcher worked out once for one launch signature: its ``LaunchSite`` (grid and constexprs), the
+    kernel's int arguments in order (``ints``), the output's shape and contiguous strides (outputs are allocated with
+    ``torch.empty_strided``: 1.1 µs a call here, ``torch.empty`` 1.6), the split factor, the dropout arguments when
+    there is no dropout (``drop``: the cached seed, 0, 1; None: the call's seed is passed), the device's unused-output
+    element, and what else the launcher needs (``extra``)."""
+
+    __slots__ = ("drop", "extra", "ints", "nothing", "shape", "site", "split", "strides")
+
+    def __init__(self, site, ints: tuple, shape: tuple = (), split: int = 1, drop: tuple | None = None,
+                 nothing: torch.Tensor | None = None, extra=None) -> None:
+        self.site, self.ints, self.shape, self.split, self.drop = site, ints, shape, split, drop
+        self.strides = Fresh(shape).stride()
+        self.nothing, self.extra = nothing, extra
+
+
+def plan_drop(p: float, device: torch.device) -> tuple | None:
+    """A plan's ``drop``: the kernels' (seed_ptr, p, 1/(1-p)) without dropout (fixed), None with it (the seed is the
+    call's)."""
+    return drop_args(None, 0.0, device) if p <= 0 else None
+
+
+class Fresh:
+    """The shape and strides of a contiguous tensor a launcher will allocate, for a plan made before it exists
+    (``wide_offsets`` reads these two): no allocation, no aten op."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+
+    def stride(self, dim: int | None = None):
+        strides, step = [], 1
+        for size in reversed(self.shape):
+            strides.append(step)
+            step *= max(size, 1)
+        strides.reverse()
+        return tuple(strides) if dim is None else strides[dim]

@@ -68,27 +68,34 @@ def check_supported(variant: str, kind: bases.BaseKind | str, where: str) -> Non
 
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """'triton' or 'torch' for a call on ``device`` computing in ``dtype``."""
+    name, why = _backend(requested, device, dtype)
+    if why is not None:
+        warn_fallback(why)
+    return name
+
+
+def _backend(requested: str | None, device: torch.device, dtype: torch.dtype | None) -> tuple[str, str | None]:
+    """(the backend, why it is the PyTorch path when the GPU cannot run the kernels: said once, by the caller)."""
     if requested is None and device.type == "cpu" and not INTERPRET and ENV_VAR not in os.environ:
-        return "torch"  # the CPU path of every call without a GPU: decided before anything else (host cost)
+        return "torch", None  # the CPU path of every call without a GPU: decided before anything else (host cost)
     choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto")
     if choice not in BACKENDS:
         source = "backend=" if requested is not None else f"{ENV_VAR}="
         raise ValueError(f"fused_lora: {source}{choice!r} is not a backend; choose one of {BACKENDS}")
     if choice == "auto":
         if device.type != "cuda" and not INTERPRET:
-            return "torch"
+            return "torch", None
         reason = hardware.unfit_reason(device, dtype)
         if reason is not None:
-            warn_fallback(f"{reason}: running the PyTorch path")
-            return "torch"
-        return "triton"
+            return "torch", f"{reason}: running the PyTorch path"
+        return "triton", None
     if choice == "triton" and device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"fused_lora: the Triton backend needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
             "before importing fused_lora to run the kernels on CPU through Triton's interpreter, or use "
             "backend='torch'"
         )
-    return choice
+    return choice, None
 
 
 def resolve_gemm(device: torch.device) -> str:
@@ -110,10 +117,17 @@ def route(variant: str, kind: bases.BaseKind | str, device: torch.device, dtype:
     path is one of the kind's Triton paths, ``"auto"`` (timed on the first call of a shape among ``candidates``: the
     kind's paths and the PyTorch path), or ``"torch"`` on the PyTorch backend. ``fused_ok=False``: this call's inputs
     rule the fused path out (a 4-bit base whose x is not in the compute dtype, say)."""
-    name = resolve_backend(backend, device, dtype)
+    name, path, candidates, why = _route(variant, _kind(kind), device, dtype, backend, fused_ok)
+    if why is not None:
+        warn_fallback(why)
+    return name, path, candidates
+
+
+def _route(variant, kind, device, dtype, backend, fused_ok) -> tuple[str, str, tuple[str, ...], str | None]:
+    name, why = _backend(backend, device, dtype)
     if name == "torch":
-        return "torch", "torch", ("torch",)
-    paths = _kind(kind).paths(variant)
+        return "torch", "torch", ("torch",), why
+    paths = kind.paths(variant)
     setting = resolve_gemm(device)
     if not fused_ok or (setting == "auto" and hardware.fma_dots(device)):
         # Turing: Triton compiles tl.dot to FMA instructions (no HMMA, stack spills in every GEMM config:
@@ -121,13 +135,35 @@ def route(variant: str, kind: bases.BaseKind | str, device: torch.device, dtype:
         paths = tuple(p for p in paths if p != "fused")
     if not paths or (setting not in ("auto", *paths) and variant == DORA):
         # DoRA has no composed kernels: cuBLAS through the PyTorch path
-        warn_fallback(f"{device} runs LoRA's composed path (cuBLAS base GEMM); DoRA has no composed kernels: running "
-                      "the PyTorch path")
-        return "torch", "torch", ("torch",)
+        return "torch", "torch", ("torch",), (f"{device} runs LoRA's composed path (cuBLAS base GEMM); DoRA has no "
+                                              "composed kernels: running the PyTorch path")
     candidates = (*paths, "torch")
     if setting == "auto" or setting in paths:
-        return "triton", setting, candidates
-    return "triton", paths[0], candidates
+        return "triton", setting, candidates, None
+    return "triton", paths[0], candidates, None
+
+
+_calls: dict[tuple, object] = {}  # a route's inputs and settings → its call record (routes that fell back: not kept)
+
+
+def call_for(variant: str, kind: bases.BaseKind, layout: str, scaling: float, p: float, device: torch.device,
+             dtype: torch.dtype | None, backend: str | None, fused_ok: bool = True):
+    """The call record for one call: :func:`route` and the record, kept per route and settings (the environment
+    variables and the device's capability are part of the lookup: a change routes again). This runs on every call."""
+    env = os.environ
+    index = (variant, kind.name, layout, scaling, p, device, dtype, backend, fused_ok, env.get(ENV_VAR),
+             env.get(GEMM_ENV_VAR), hardware.device_capability(device))
+    call = _calls.get(index)
+    if call is None:
+        name, path, candidates, why = _route(variant, kind, device, dtype, backend, fused_ok)
+        call = call_record(variant, kind, layout, scaling, p, name, path, candidates)
+        if why is not None:
+            warn_fallback(why)  # said once per reason: such a route is routed (and said) again on each call
+        elif not torch.compiler.is_compiling():
+            if len(_calls) > 4096:  # scalings and dropout rates of many layers, shapes: bounded all the same
+                _calls.clear()
+            _calls[index] = call
+    return call
 
 
 def in_function_transform(tensors) -> bool:
@@ -156,14 +192,12 @@ def lora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         p, scaling = 0.0, 0.0
     if in_function_transform((x, weight, bias, lora_A, lora_B)):
         return plain_lora(x, weight, bias, lora_A, lora_B, scaling, p, weight_layout)
-    kind = bases.get(bases.DENSE)
-    name, path, candidates = route(LORA, kind, x.device, x.dtype, backend)
-    if name == "torch" and p == 0 and lora_A.dtype == x.dtype and os.environ.get(NATIVE_ENV_VAR) != "0":
+    call = call_for(LORA, bases.get(bases.DENSE), weight_layout, scaling, p, x.device, x.dtype, backend)
+    if call.backend == "torch" and p == 0 and lora_A.dtype == x.dtype and os.environ.get(NATIVE_ENV_VAR) != "0":
         # Without dropout and with adapters in x's dtype, PyTorch's own autograd over the same ops saves what the
         # Function would and runs its backward in C++ (fewer Python layers: small layers wait on the host). fp32
         # adapters on a half x would make autograd keep an fp32 copy of x: those take the Function.
         return lora_torch.native_forward(x, weight, bias, lora_A, lora_B, scaling, weight_layout)
-    call = call_record(LORA, kind, weight_layout, scaling, p, name, path, candidates)
     return FusedLoRAFunction.apply(call, x, weight, bias, lora_A, lora_B, None, seed_tensor(p, dropout_seed, x.device),
                                    None)
 
@@ -174,9 +208,7 @@ def dora_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """DoRA on a dense base, inputs checked (as :func:`lora_call`)."""
     if in_function_transform((x, weight, bias, lora_A, lora_B, magnitude)):
         return plain_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, weight_layout)
-    kind = bases.get(bases.DENSE)
-    name, path, candidates = route(DORA, kind, x.device, x.dtype, backend)
-    call = call_record(DORA, kind, weight_layout, scaling, p, name, path, candidates)
+    call = call_for(DORA, bases.get(bases.DENSE), weight_layout, scaling, p, x.device, x.dtype, backend)
     return FusedLoRAFunction.apply(call, x, weight, bias, lora_A, lora_B, magnitude,
                                    seed_tensor(p, dropout_seed, x.device), None)
 
@@ -195,7 +227,6 @@ def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor
     kind, base = bases.base_of(layer)
     compute = base.compute_dtype or x.dtype
     fused_ok = kind.fused_fits(x, base) if kind.fused_fits is not None else True
-    name, path, candidates = route(LORA, kind, x.device, compute, backend, fused_ok=fused_ok)
-    call = call_record(LORA, kind, "linear", scaling, p, name, path, candidates)
+    call = call_for(LORA, kind, "linear", scaling, p, x.device, compute, backend, fused_ok)
     return FusedLoRAFunction.apply(call, x, None, bias, lora_A, lora_B, None, seed_tensor(p, dropout_seed, x.device),
                                    base)

@@ -83,6 +83,22 @@ def key_of(call: Call, t: Operands, has_bias: bool) -> str:
     return k
 
 
+_states: dict[tuple, tuple[str, path_state.KeyState]] = {}
+path_state._on_clear.append(_states.clear)
+
+
+def state_of(call: Call, t: Operands, has_bias: bool) -> tuple[str, path_state.KeyState]:
+    """(the key, its record) for a call: one lookup per call on what identifies the key (the call record is one object
+    per route), the key's string made on the first."""
+    x, a = t.x, t.lora_A
+    parts = (call, x.device, x.dtype, a.dtype, x.shape[1], t.out_features, a.shape[0], m_bucket(x.shape[0]), has_bias)
+    found = _states.get(parts)
+    if found is None:
+        key = key_of(call, t, has_bias)
+        found = _states[parts] = (key, path_state.entry(key))
+    return found
+
+
 def describe(t: Operands, call: Call) -> dict:
     """Shapes and dtypes for the self-check's warning and report line."""
     weight_shape = list(t.weight.shape) if t.weight is not None else list(t.base.layer.weight.shape)
@@ -123,6 +139,25 @@ def _steady_path(call: Call, key: str, st: path_state.KeyState) -> str | None:
     if st.demoted is not None and _order(st.demoted) > _order(path):
         return st.demoted
     return path
+
+
+def _settle(call: Call, key: str, st: path_state.KeyState, check: str, asked: str, t: Operands,
+            device: torch.device) -> None:
+    """After a first call: when the key's calls of this check (asking for path ``asked``) need nothing more than their
+    pass (the path they run now is warm, no check is due or owed), the steady state's entry. Call under the lock."""
+    current = _current(call, key, st, asked)
+    if current is not None and _settled(st, current, check, t, device) and (current, check) not in st.owed and \
+            path_state.verify_mode(device) != "always":
+        st.steady[(asked, check)] = current
+
+
+def _current(call: Call, key: str, st: path_state.KeyState, asked: str) -> str | None:
+    """The path a call asking for ``asked`` runs now: auto's choice, moved on by failed checks and kernel failures."""
+    if asked == "auto":
+        return _steady_path(call, key, st)
+    if st.demoted is not None and _order(st.demoted) > _order(asked):
+        return st.demoted
+    return asked
 
 
 def _settled(st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
@@ -172,6 +207,7 @@ def _note_failure(st: path_state.KeyState, call: Call, path: str, direction: str
         st.failures.append({"path": path, "direction": direction, "error": first_line(err)})
         if st.demoted is None or _order(nxt) > _order(st.demoted):
             st.demoted = nxt
+        st.steady.clear()
     warn_fallback(f"a Triton kernel of the {path} path's {direction} failed on {device_name(device)} "
                   f"({first_line(err)}); this call and later ones with the same shapes and dtypes run the {nxt} path")
     return nxt
@@ -185,19 +221,21 @@ def run_forward(call: Call, t: Operands, seed, kwargs: dict) -> tuple[tuple, str
     device = t.x.device
     if call.backend == "torch":
         return _no_autocast(_pass(call, "torch").forward, device.type, t, call, seed, None, **kwargs), "torch"
-    key = key_of(call, t, t.bias is not None)
-    st = path_state.entry(key)
-    path = _steady_path(call, key, st)
+    key, st = state_of(call, t, t.bias is not None)
+    steady = st.steady.get((call.path, "forward"))
     with on_device(device):  # once per call: Triton launches go to the *current* device
-        if path is not None and _settled(st, path, "forward", t, device):
-            outs, path = _forward_on(call, t, seed, path, kwargs, st)
+        if steady is not None:  # the steady state: the pass, nothing else
+            outs, path = _forward_on(call, t, seed, steady, kwargs, st)
         else:  # a first call (tuning, first launches, a check): one thread at a time, never during capture
             with path_state.LOCK:
-                _refuse_capture(key)
+                path = _steady_path(call, key, st)
+                if path is None or not _settled(st, path, "forward", t, device):
+                    _refuse_capture(key)
                 if path is None:
                     path = _choose(call, t, seed, kwargs, key, st)
                 outs, path = _checked_forward(call, t, seed, path, kwargs, key, st)
                 st.warm.add((path, "forward"))
+                _settle(call, key, st, "forward", call.path, t, device)
     st.runs = path
     if outs[1].dtype != torch.float32:  # S in fp32 whichever path ran: the backward may run on another
         outs = (outs[0], outs[1].float(), *outs[2:])
@@ -348,21 +386,31 @@ def run_backward(call: Call, t: Operands, saved: tuple, dy: torch.Tensor, needs:
     if call.backend == "torch":
         grads = _no_autocast(_pass(call, "torch").backward, device.type, t, call, saved, dy, needs, seed, None)
         return _cast(grads, dtypes)
-    key = key_of(call, t, has_bias)  # the forward's key (the bias itself is not saved for LoRA: its presence is)
-    st = path_state.entry(key)
-    if path == "auto":  # under torch.compile the forward's choice is the key's
-        path = _steady_path(call, key, st) or "torch"
-    if st.demoted is not None and _order(st.demoted) > _order(path):
-        path = st.demoted
-    check = "backward:" + ",".join(n for n, need in zip(call.variant.grad_names, needs, strict=True) if need)
+    key, st = state_of(call, t, has_bias)  # the forward's key (LoRA does not save the bias: its presence)
+    check = _CHECKS.get(needs) or _check_name(call, needs)
+    steady = st.steady.get((path, check))
     with on_device(device):
-        if _settled(st, path, check, t, device):
-            return _cast(_backward_on(call, t, saved, dy, needs, seed, path, st)[0], dtypes)
+        if steady is not None:
+            return _cast(_backward_on(call, t, saved, dy, needs, seed, steady, st)[0], dtypes)
         with path_state.LOCK:
-            _refuse_capture(key)
+            asked = path
+            path = _current(call, key, st, asked) or "torch"  # auto (torch.compile): the key's choice
+            if not _settled(st, path, check, t, device):
+                _refuse_capture(key)
             grads, ran = _checked_backward(call, t, saved, dy, needs, seed, path, key, st, check)
             st.warm.add((ran, check))
+            _settle(call, key, st, check, asked, t, device)
             return _cast(grads, dtypes)
+
+
+_CHECKS: dict[tuple, str] = {}
+
+
+def _check_name(call: Call, needs: tuple[bool, ...]) -> str:
+    """"backward:dx,dA,dB" for the gradients a backward computes (a check of its own per set)."""
+    name = _CHECKS[needs] = "backward:" + ",".join(
+        n for n, need in zip(call.variant.grad_names, needs, strict=False) if need)
+    return name
 
 
 def _cast(grads: tuple, dtypes: tuple) -> tuple:

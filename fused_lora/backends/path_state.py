@@ -43,6 +43,9 @@ class KeyState:
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     warm: set[tuple[str, str]] = field(default_factory=set)  # (path, check) that ran once: tuned, compiled
+    # (the path the call asked for, check) → the path it runs, for calls that need nothing but their pass (warm, no
+    # check due): the steady state's one lookup. Emptied by anything that changes a key's path or checks.
+    steady: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def as_report(self) -> dict:
         return {"timed": dict(self.timed), "chosen": self.chosen, "runs": self.runs, "demoted_to": self.demoted,
@@ -80,11 +83,23 @@ def report() -> dict[str, dict]:
     return {k: _table[k].as_report() for k in sorted(_table)}
 
 
+_on_clear: list = []  # caches kept beside the table (the driver's keys), emptied with it
+
+
 def clear() -> None:
     """Forget every timing, choice, check, demotion and failure of this process (the choices file, if any, is read
     again on next use)."""
     with LOCK:
         _table.clear()
+        for forget in _on_clear:
+            forget()
+
+
+def unsettle() -> None:
+    """Every key's steady state taken back (the verify mode changed: checks may be due again)."""
+    with LOCK:
+        for st in _table.values():
+            st.steady.clear()
 
 
 # ------------------------------------------------------------------------------------------------- verify mode
@@ -101,6 +116,7 @@ def set_verify(mode: str | None) -> None:
     if mode is not None and mode not in MODES:
         raise ValueError(f"fused_lora.set_verify: mode={mode!r}; choose one of {MODES}")
     _mode, _mode_read = mode, mode is not None
+    unsettle()
 
 
 def verify_mode(device: torch.device) -> str:

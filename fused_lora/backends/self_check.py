@@ -200,6 +200,7 @@ def record(st: path_state.KeyState, key: str, path: str, check: str, device: tor
         return None
     moved = next_path(path, candidates)
     st.demoted = moved
+    st.steady.clear()
     capability = device_capability(device)
     line = {
         "gpu": device_name(device), "capability": None if capability is None else f"{capability[0]}.{capability[1]}",

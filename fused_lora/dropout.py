@@ -105,7 +105,7 @@ def keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device)
     for ``rand`` + ``ge_`` and 23 ms for ``bernoulli_`` (bench/results/cpu-2026-11-24/NOTES.md), and it
     runs twice per step (forward and backward). The drop probability is p rounded to a multiple of
     1/65536 (|error| <= 7.6e-6); the kept values are scaled by exactly 1/(1-p), as nn.Dropout does. The Generator
-    is reused (one per thread and device, re-seeded each call: constructing one cost ~1 µs a call, issue 14).
+    is reused (one per thread and device, re-seeded each call: constructing one cost ~1 µs a call).
     """
     gen = _generator(device)
     gen.manual_seed(generator_seed(seed))

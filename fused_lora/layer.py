@@ -226,7 +226,7 @@ class LoRALinear(nn.Module):
             return self.base_forward(x)
         # The common case is checked with plain comparisons on the parameter dict (nn.Module.__getattr__ costs ~0.5
         # µs a parameter), fused_lora_linear's full checks run only when something does not go together (for their
-        # error message): this runs per call, and small layers wait on it (issue 14).
+        # error message): this runs per call, and small layers wait on it.
         params = self._parameters
         weight, lora_A, lora_B = params["weight"], params["lora_A"], params["lora_B"]
         bias = params["bias"] if "bias" in params else self.bias  # None (bias=False) is a plain attribute

@@ -1,4 +1,4 @@
-"""GPU-like autotuning under Triton's interpreter (issue 20): a CPU test can see what benchmarking does to a result.
+"""GPU-like autotuning under Triton's interpreter: a CPU test can see what benchmarking does to a result.
 
 On a GPU, ``triton.autotune`` benchmarks the pruned configs of a new key on the call's own arguments (``do_bench``: many
 runs of each config) before the real launch, so a kernel that adds into its output in place or accumulates with atomics

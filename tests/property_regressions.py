@@ -90,5 +90,5 @@ REGRESSIONS: list[tuple[Case, str]] = [
      "failed on torch (dA 7.2e-7 vs 2x2.6e-7 + 1.2e-7): cancellation in a 30-term fp32 dS; not a bug, the atol "
      "was scaled by max|dA| and is now scaled by the terms' magnitude (test_properties.magnitudes)"),
     (Case(lead=(13,), K=40, N=37, r=5, bias_view="strided", p=0.2),
-     "a strided bias: the forward kernel read bias[col] at stride 1 (issue 12); wrong outputs of order 1"),
+     "a strided bias: the forward kernel read bias[col] at stride 1; wrong outputs of order 1"),
 ]

@@ -1,4 +1,4 @@
-"""Adversarial inputs (issue 7), one test per row of docs/adversarial-inputs.md that no other test file covers.
+"""Adversarial inputs, one test per row of docs/adversarial-inputs.md that no other test file covers.
 
 Each bad input gets an error of a stated type whose message names the offending thing (argument, layer, shapes,
 dtypes, devices) and says what to do, and leaves nothing half-changed; each odd-but-legal input (NaN/Inf, zero

@@ -1,4 +1,4 @@
-"""Every autograd mode PEFT supports works here too (issue 16): backward(create_graph=True) (gradient penalties,
+"""Every autograd mode PEFT supports works here too: backward(create_graph=True) (gradient penalties,
 Hessian-vector products), torch.func.grad / vmap(grad) (per-sample gradients), forward-mode AD (torch.func.jvp,
 torch.autograd.forward_ad) and dropout p = 1. Each is compared with the plain-op reference on both backends.
 """

@@ -48,7 +48,7 @@ DORA_FWD = {False: {"dora_norm_kernel", "lora_down_kernel", "dora_fwd_kernel"},
 DORA_BWD = {False: {"dora_dy_kernel", "lora_dx_kernel", "lora_da_kernel"},
             True: {"dora_dy_kernel", "dora_dx_kernel", "lora_da_kernel"}}
 
-# The audit (issue 20): what each autotuned kernel writes, and how benchmarking is kept from changing it. Stores of
+# The audit: what each autotuned kernel writes, and how benchmarking is kept from changing it. Stores of
 # values computed from inputs only need nothing (every run writes the same); in-place adds need restore_value; atomic
 # adds into a zero-filled buffer need reset_to_zero (zeroed before every benchmark run and once after the benchmarks,
 # before the real launch: triton 3.6 and 3.9 alike). Buffers listed under reset_to_zero that a launch stores into

@@ -135,7 +135,7 @@ def test_call_to_call_values_compile_one_variant():
     """Launches that differ only in M, the M bucket and the GPU kind (``ARCH``, every autotuned kernel's argument and
     autotune key) specialize to one signature with Triton's own rule (an int that is 1 or a multiple of 16 is otherwise
     a new variant: a recompile in the middle of training for a new batch length; sm_80's 80 is a multiple of 16); the
-    dropout seed is no argument value at all but read from device memory (``seed_ptr``, issue 20), and a launch with
+    dropout seed is no argument value at all but read from device memory (``seed_ptr``), and a launch with
     dropout passes an int64 pointer there. Issue 12. Runs without the interpreter, in a subprocess, because the rule
     is the compiler's."""
     script = """

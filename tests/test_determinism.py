@@ -1,4 +1,4 @@
-"""Determinism (issue 7): same inputs, seed and backend give the same bits; one dropout mask per call.
+"""Determinism: same inputs, seed and backend give the same bits; one dropout mask per call.
 
 What this file adds to the tests that already touch the subject (not repeated here):
 

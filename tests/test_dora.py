@@ -1,4 +1,4 @@
-"""DoRA (issue 15) at the functional level: ``fused_lora_linear(..., magnitude=m)`` on both backends (the Triton DoRA
+"""DoRA at the functional level: ``fused_lora_linear(..., magnitude=m)`` on both backends (the Triton DoRA
 kernels through the interpreter on CPU), output and every gradient (x, A, B, magnitude, bias) against an fp64
 reference of PEFT's semantics (``dora_ref``) with the flash-attention rule, and against PEFT's own DoRA layer.
 """

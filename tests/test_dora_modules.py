@@ -1,4 +1,4 @@
-"""DoRA at the module and model level (issue 15): ``LoRALinear(use_dora=True)`` and ``LoRAConfig(use_dora=True)``
+"""DoRA at the module and model level: ``LoRALinear(use_dora=True)`` and ``LoRAConfig(use_dora=True)``
 through ``inject_lora`` against PEFT's DoRA models (outputs, gradients, the initial magnitude), merge / unmerge /
 unload like PEFT's, adapter files both ways, ``fused_lora.peft.accelerate`` on PEFT's DoRA layers, and what the layer
 keeps for backward."""

@@ -80,7 +80,7 @@ def test_seed_follows_torch_manual_seed(backend):
     assert not torch.equal(outs[0], fused_lora_linear(x, w, None, a, b, 1.0, 0.5, backend=backend))
 
 
-# ------------------------------------------------------------------------- CUDA graphs (issue 20): what a CPU can show
+# ------------------------------------------------------------------------- CUDA graphs: what a CPU can show
 # A captured CUDA graph replays its kernels with the same arguments, pointers included, and PyTorch's CUDA generator
 # rewrites the memory of the draws inside the graph at each replay. So dropout is right under capture when the seed is
 # drawn on the device inside the call and the kernels read it from memory when they run, with no host read in between.

@@ -193,7 +193,7 @@ def test_one_dropout_mask_in_forward_and_backward():
 
 @check
 def test_cuda_graph_replays_take_new_masks_each_right():
-    """Forward + backward captured in a CUDA graph with the dropout seed drawn inside (issue 20): two replays use two
+    """Forward + backward captured in a CUDA graph with the dropout seed drawn inside: two replays use two
     masks, and each replay's outputs and gradients equal an eager call with that replay's seed (read back from the
     graph's seed tensor)."""
     from fused_lora import draw_dropout_seed

@@ -1,4 +1,4 @@
-"""What a real GPU would hit, checked where a CPU can show it (issue 12): strided bias and other pointers, PyTorch's
+"""What a real GPU would hit, checked where a CPU can show it: strided bias and other pointers, PyTorch's
 new TF32 API, launches on the tensors' device, explicit buffer dtypes, no recompiles from call-to-call values,
 64-bit offsets, and the dropout mask's documented Philox layout.
 

@@ -1,4 +1,4 @@
-"""The host path's work per forward + backward, held as counts (issue 14): kernel launches, allocations and aten ops
+"""The host path's work per forward + backward, held as counts: kernel launches, allocations and aten ops
 of the Triton path (counted on the host with the kernels stubbed out: bench/host_cost.py), and the aten ops of the
 PyTorch path. A count, not a time: an extra op or buffer added to the per-call path fails here, whatever the
 machine's load. Update a number only with the reason in the commit."""
@@ -46,7 +46,7 @@ def test_triton_path_counts(gemm, p, bias_grad):
     # PyTorch's own detach of each gradient it accumulates.
     base_ops = ["t", "addmm", "t", "t", "mm"] if gemm == "composed" else []
     # the seed made (here from dropout_seed=3) and never read on the host: the kernels read it from device memory, so
-    # the Triton path has no host sync and can be captured in a CUDA graph (issue 20)
+    # the Triton path has no host sync and can be captured in a CUDA graph
     seed_ops = ["lift_fresh"] if p > 0 else []
     detach = ["detach"] * (3 + bias_grad)
     assert sorted(c["ops"]) == sorted(c["allocations"] + base_ops + seed_ops + detach), c["ops"]

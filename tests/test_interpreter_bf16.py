@@ -1,4 +1,4 @@
-"""The bf16 workaround under Triton's interpreter (NOTES §3), tested both ways.
+"""The bf16 workaround under Triton's interpreter, tested both ways.
 
 The interpreter holds bf16 as uint16 and computes tl.dot on the bit patterns (triton#11584). The
 kernels therefore cast half operands to fp32 right before tl.dot when interpreting (triton_launch.dot_dtype):

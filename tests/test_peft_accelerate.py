@@ -144,7 +144,7 @@ def test_merge_disable_and_unload(fused_calls):
 
 
 def test_unserved_layers_keep_peft_path_with_one_warning(fused_calls):
-    # (DoRA layers are served since issue 15: tests/test_dora_modules.py; lora_bias since issue 21:
+    # (DoRA layers are served: tests/test_dora_modules.py; lora_bias:
     # tests/test_peft_lora_bias.py.) A float64 model is a dtype the fused Function does not take.
     peft_model = make("gemma_lm", dtype=torch.float64)
     with pytest.warns(UserWarning, match=r"base weight dtype torch.float64") as record:
@@ -204,7 +204,7 @@ def test_custom_base_keeps_peft_path(fused_calls):
 
 
 def test_peft_introspection_is_unchanged():
-    """repr and get_layer_status()/get_model_status() report PEFT's own layer type (issue 16: five PEFT tests read
+    """repr and get_layer_status()/get_model_status() report PEFT's own layer type (five PEFT tests read
     them); is_accelerated tells the difference."""
     peft_model = make("gemma_lm")
     fast = accelerated_copy(peft_model)

@@ -1,4 +1,4 @@
-"""The project root works as a working directory (issue 21): its ``kernels/`` folder (the Triton kernels, installed as
+"""The project root works as a working directory: its ``kernels/`` folder (the Triton kernels, installed as
 ``fused_lora.kernels``) has no ``__init__.py``, so HF's ``kernels`` package, which transformers 5 imports, wins even
 when the root is first on ``sys.path`` (``python -c``, ``python -m``, a notebook opened there)."""
 

@@ -1,4 +1,4 @@
-"""Property-based tests (issue 7): random problems, output and every gradient against fp64.
+"""Property-based tests: random problems, output and every gradient against fp64.
 
 Hypothesis draws the shapes (M including 0 and 1, odd K, N, r, 0-3 leading dims), dtypes (fp32, fp16,
 bf16; adapters in the base dtype or fp32; bias in the base dtype or fp32), weight layout, bias on/off,

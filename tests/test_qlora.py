@@ -1,4 +1,4 @@
-"""QLoRA (issue 13): fused LoRA on bitsandbytes 4-bit (NF4/FP4, double quantization or not) and 8-bit base layers.
+"""QLoRA: fused LoRA on bitsandbytes 4-bit (NF4/FP4, double quantization or not) and 8-bit base layers.
 
 bitsandbytes >= 0.47 runs these layers on CPU, so everything here runs in CI: outputs and every gradient against
 an fp64 reference built on bitsandbytes' own dequantized weight (the same rule as the dense tests: at most 2× the

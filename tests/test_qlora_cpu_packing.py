@@ -1,4 +1,4 @@
-"""bitsandbytes' CPU inference repack (issue 21, item 6) and the 4-bit paths before and after it.
+"""bitsandbytes' CPU inference repack and the 4-bit paths before and after it.
 
 On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit``'s weight in place the first time its forward
 runs in eval mode on an input without grad (``quant_state.packing_format_for_cpu``): codes regrouped for its bf16

@@ -63,7 +63,7 @@ def test_dry_run_of_check_bench_and_model(tmp_path):
 
 
 def test_dry_run_of_dora(tmp_path):
-    """`dora` (issue 15's GPU case): the DoRA benchmark runs and leaves its table and JSON."""
+    """`dora` (DoRA's GPU case): the DoRA benchmark runs and leaves its table and JSON."""
     out = tmp_path / "out"
     proc, _ = dry_run("dora", out)
     log = (out / "run.log").read_text() if (out / "run.log").exists() else ""

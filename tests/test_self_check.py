@@ -1,4 +1,4 @@
-"""The first-call self-check (issue 20): faulty kernels, injected by wrapping the launchers, are caught on the first
+"""The first-call self-check: faulty kernels, injected by wrapping the launchers, are caught on the first
 call of their key; that call returns the PyTorch path's result (which passes the fp64 rule), one FallbackWarning names
 the fault, the key moves on to the next path (fused → composed → PyTorch) and later calls run there. A key is checked
 once (``first``), every call (``always``) or never (``off``); a report line holds every field."""

@@ -159,7 +159,7 @@ def rank_block(r: int, adapter_dtype: torch.dtype, device: torch.device | None =
 def skinny_rank_block(r: int, device: torch.device | None = None) -> int:
     """Rank chunk of the skinny kernels (S = x Aᵀ, the dY pass, dA), whose grid spreads chunks over programs: each
     chunk re-reads x or dY and regenerates the mask. Up to 64 for every adapter dtype: with fp32 adapters 64-rank
-    chunks compile without spills in the skinny configs (kernels/configs.py; issue 14), so r <= 64 reads x or dY
+    chunks compile without spills in the skinny configs (kernels/configs.py), so r <= 64 reads x or dY
     once (16-rank chunks read them r/16 times: 4× at r = 64, bench/traffic_model.py). 16 on Turing."""
     if device is not None and fma_dots(device):
         return 16

@@ -68,7 +68,8 @@ def fused_lora_linear(
 
 
 def dropout_mask(
-    seed: int, shape: tuple[int, int], p: float, device: torch.device | str = "cpu", backend: str | None = None
+    seed: int | torch.Tensor, shape: tuple[int, int], p: float, device: torch.device | str = "cpu",
+    backend: str | None = None
 ) -> torch.Tensor:
     """The scaled keep mask (fp32; 0 or 1/(1-p)) a backend applies to a 2-D (tokens×in_features) input
     for ``seed``. Feed it to ``lora_linear_ref(..., dropout_mask=...)`` to reproduce a dropout run."""

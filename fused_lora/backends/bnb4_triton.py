@@ -296,7 +296,7 @@ def _forward_plan(x, packed: Packed4bit, bias, s, lora_B, tf32: bool | None) -> 
 
 
 def dx_4bit(
-    dy: torch.Tensor, packed: Packed4bit, ds: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float,
+    dy: torch.Tensor, packed: Packed4bit, ds: torch.Tensor, lora_A: torch.Tensor, seed: Seed, p: float,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``), one Triton GEMM reading W from its 4-bit storage; m is the

@@ -82,7 +82,7 @@ def _norm_plan(weight, lora_A, lora_B, weight_layout: str, split_k: int | None, 
     return Plan(site, ints, (split_k, N), split_k)
 
 
-def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: Seed, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(S = dropout(x) Aᵀ fp32 M×r, x_d = keep ⊙ x in x's dtype M×K, unscaled) for p > 0."""
     device, a_dtype = x.device, lora_A.dtype
     key = (x.shape, x.stride(), x.dtype, lora_A.shape, lora_A.stride(), a_dtype, device, p, arch(device),
@@ -223,7 +223,7 @@ def _dy_plan(dy, lora_B, s, P, magnitude, need_ds: bool, need_db: bool, need_dbi
 
 
 def dora_dx(dy: torch.Tensor, gm: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor,
-            weight_layout: str, seed: int, p: float, out_dtype: torch.dtype) -> torch.Tensor:
+            weight_layout: str, seed: Seed, p: float, out_dtype: torch.dtype) -> torch.Tensor:
     """dX = dY W + m ⊙ (G W + dS A), G = (g − 1)⊙dY (M×K, ``out_dtype``), one Triton GEMM."""
     device, dy_dtype, a_dtype = dy.device, dy.dtype, lora_A.dtype
     key = (dy.shape, dy.stride(), gm.shape, gm.stride(), gm.dtype, weight.shape, weight.stride(), weight.dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..call import Seed
 from ..kernels.dropout import dropout_mask_kernel
 from .fast_launch import LaunchSite
 from .triton_launch import Fresh, cdiv, drop_args, on_device, remember, wide_offsets
@@ -13,7 +14,8 @@ _sites: dict[tuple, LaunchSite] = {}
 _BLOCK = 32
 
 
-def dropout_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device, row_start: int = 0) -> torch.Tensor:
+def dropout_mask(seed: Seed, shape: tuple[int, int], p: float, device: torch.device,
+                 row_start: int = 0) -> torch.Tensor:
     """The scaled keep mask (fp32, 0 or 1/(1-p)) the kernels use for ``seed``; M×K: rows ``row_start`` …
     ``row_start + M − 1`` of x's mask (the mask is a function of (seed, row, column) alone)."""
     M, K = shape

@@ -58,7 +58,7 @@ _dx_add_plans: dict[tuple, Plan] = {}
 _da_plans: dict[tuple, Plan] = {}
 
 
-def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, split_k: int | None = None) -> torch.Tensor:
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, seed: Seed, p: float, split_k: int | None = None) -> torch.Tensor:
     """S = dropout(x) Aᵀ in fp32 (M×r). ``split_k`` slices of K (default: enough to fill the GPU when the row tiles
     alone do not), summed in a fixed order."""
     device, a_dtype = x.device, lora_A.dtype
@@ -199,7 +199,7 @@ def _dy_plan(dy, lora_B, s, need_ds: bool, need_db: bool, need_dbias: bool, spli
 
 def lora_dx(
     dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor,
-    weight_layout: str, seed: int, p: float, out_dtype: torch.dtype,
+    weight_layout: str, seed: Seed, p: float, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """dX = dY W + m ⊙ (dS A) (M×K, ``out_dtype``), one Triton GEMM."""
     device, dy_dtype, a_dtype = dy.device, dy.dtype, lora_A.dtype
@@ -232,7 +232,7 @@ def _dx_plan(dy, weight, ds, lora_A, weight_layout: str, p: float, out_dtype: to
     return Plan(site, ints, (M, K), drop=plan_drop(p, device))
 
 
-def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def lora_dx_add(dx: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, seed: Seed, p: float) -> torch.Tensor:
     """dX += m ⊙ (dS A) in place (dX: the base layer's input gradient, M×K); returns dX."""
     device, a_dtype = dx.device, lora_A.dtype
     key = (dx.shape, dx.stride(), dx.dtype, ds.shape, ds.stride(), ds.dtype, lora_A.shape, lora_A.stride(), a_dtype,
@@ -257,7 +257,7 @@ def _dx_add_plan(dx, ds, lora_A, p: float, tf32: bool | None) -> Plan:
 
 
 def lora_da(
-    ds: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float,
+    ds: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, seed: Seed, p: float,
     split_m: int | None = None,
 ) -> torch.Tensor:
     """dA = dSᵀ (m ⊙ x) in fp32 (r×K)."""

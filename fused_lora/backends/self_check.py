@@ -52,7 +52,7 @@ REPORT_ENV = "FUSED_LORA_VERIFY_REPORT"
 FACTOR = 2.0  # the tests' rule: at most twice the PyTorch same-dtype error against fp64 …
 ATOL_EPS = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # … plus eps(dtype) · max|fp64|
 ROW_BLOCK = 64  # rows per sampled block (three blocks: first, middle, last)
-CHUNK_ELEMENTS = 1 << 22  # a reduction chunk's rows × max(K, N): 32 MiB per fp64 tensor
+CHUNK_ELEMENTS = 1 << 20  # a reduction chunk's rows × max(K, N), a weight slice: 8 MiB per fp64 tensor
 
 
 def row_blocks(m: int) -> list[slice]:
@@ -167,27 +167,43 @@ class Dense64:
 def compare(got: dict[str, torch.Tensor | None], same: dict[str, torch.Tensor | None],
             ref: dict[str, torch.Tensor | None]) -> tuple[bool, str, float, float]:
     """(all within the rule, worst tensor, its error, its bound); the worst is the largest error/bound ratio. Compared
-    where fp64 is finite; a non-finite value there is a fault only where the same-dtype PyTorch result is finite."""
+    where fp64 is finite; a non-finite value there is a fault only where the same-dtype PyTorch result is finite.
+    Read in slices of ``CHUNK_ELEMENTS`` (a few fp64 temporaries of that size, whatever the tensors' size)."""
     worst = ("", 0.0, 0.0, -1.0)
     for name, g in got.items():
         if g is None:
             continue
-        s, r = same[name].double(), ref[name].double()
-        g64 = g.double()
-        finite = torch.isfinite(r)
-        if not bool(torch.isfinite(g64[finite & torch.isfinite(s)]).all()):
+        err, base, scale, fault = _errors(g.reshape(-1), same[name].reshape(-1), ref[name].reshape(-1))
+        if fault:
             return False, name, float("inf"), 0.0
-        usable = finite & torch.isfinite(g64) & torch.isfinite(s)
-        if not usable.any():
+        if scale < 0:  # nothing finite to compare
             continue
-        err = (g64 - r)[usable].abs().max().item()
-        base = (s - r)[usable].abs().max().item()
-        scale = r[usable].abs().max().item()
         bound = FACTOR * base + ATOL_EPS.get(g.dtype, 1e-6) * scale
         ratio = err / bound if bound > 0 else (0.0 if err == 0 else float("inf"))
         if ratio > worst[3]:
             worst = (name, err, bound, ratio)
     return worst[3] <= 1.0, worst[0], worst[1], worst[2]
+
+
+def _errors(g: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> tuple[float, float, float, bool]:
+    """(max |g − r|, max |s − r|, max |r|, a non-finite g where r and s are finite) over the elements where all three
+    are finite; the scale is −1 when there is none."""
+    err = base = 0.0
+    scale = -1.0
+    for i in range(0, g.numel(), CHUNK_ELEMENTS):
+        gc, sc, rc = (t[i:i + CHUNK_ELEMENTS].double() for t in (g, s, r))
+        ref_ok = torch.isfinite(rc) & torch.isfinite(sc)
+        g_ok = torch.isfinite(gc)
+        if bool((ref_ok & ~g_ok).any()):
+            return 0.0, 0.0, 0.0, True
+        usable = ref_ok & g_ok
+        if not bool(usable.any()):
+            continue
+        gc.sub_(rc).abs_().masked_fill_(~usable, 0)
+        sc.sub_(rc).abs_().masked_fill_(~usable, 0)
+        rc.abs_().masked_fill_(~usable, 0)
+        err, base, scale = max(err, gc.max().item()), max(base, sc.max().item()), max(scale, rc.max().item())
+    return err, base, scale, False
 
 
 def record(st: path_state.KeyState, key: str, path: str, check: str, device: torch.device,

@@ -82,8 +82,24 @@ def _weight_layout(base: nn.Module) -> str | None:
 
 def _has_hooks(module: nn.Module) -> bool:
     # accelerate's device_map offloading (AlignDevicesHook) moves weights in a pre-forward hook; the fused
-    # path reads the weights directly, so any hook means PEFT's path.
-    return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None))
+    # path reads the weights directly, so any hook means PEFT's path. DeepSpeed ZeRO-3's own hooks excepted.
+    if getattr(module, "_hf_hook", None):
+        return True
+    return any(not _is_zero3_hook(h) for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
+
+
+def _is_zero3_hook(hook) -> bool:
+    """One of the hooks DeepSpeed ZeRO-3 puts on every module to gather that module's partitioned parameters around
+    its forward and backward. The fused path reads the base layer's and the adapters' parameters without calling those
+    modules; inside the engine's forward DeepSpeed gathers a partitioned parameter when it is read and registers it with
+    the module whose forward runs (the LoRA layer: its "external parameters"), which re-gathers it for its backward.
+    Outside the engine's forward nothing gathers it: :func:`_zero3_unavailable` sends such a call to PEFT's forward."""
+    return (getattr(hook, "__module__", None) or "").startswith("deepspeed.")
+
+
+def _zero3_unavailable(tensor: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter not gathered now (an empty placeholder of its ``ds_numel`` values)."""
+    return hasattr(tensor, "ds_id") and tensor.numel() != getattr(tensor, "ds_numel", tensor.numel())
 
 
 def _is_dora(layer: nn.Module, adapter: str) -> bool:
@@ -178,9 +194,12 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
 def _call_reason(layer: PeftLoraLinear, adapter: str, x: torch.Tensor) -> str | None:
     """Checks that depend on the call: the dtype the Function will compute in."""
     weight = layer.get_base_layer().weight
-    lora_dtype = layer.lora_A[adapter].weight.dtype
+    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    lora_dtype = lora_A.dtype
     if x.device != weight.device:
         return "input and weights on different devices"
+    if _zero3_unavailable(weight) or _zero3_unavailable(lora_A) or _zero3_unavailable(lora_B):
+        return "DeepSpeed ZeRO-3 parameters not gathered (a call outside the DeepSpeed engine's forward)"
     if quantized_kind(layer.get_base_layer()) is not None:  # the layer casts x itself, as PEFT's path does
         return None if x.dtype in _FUSED_DTYPES else f"input dtype {x.dtype}"
     compute = x.dtype

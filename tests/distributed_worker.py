@@ -1,120 +1,206 @@
-"""Worker side of tests/test_distributed.py: a tiny GPT-2 classifier injected with fused LoRA layers, trained for a
-few AdamW steps under DDP or FSDP2 (``fully_shard``) on CPU with gloo. Each rank writes its trainable parameters
-(full, unsharded tensors) to ``out_dir`` for the parent test to compare with a single-process run; rank 0 also
-saves the FSDP2-trained adapter the way docs/distributed.md describes.
+"""Worker side of tests/test_distributed.py: two processes (gloo, CPU), started the way ``torchrun`` starts them (the
+``MASTER_ADDR``/``RANK``/``WORLD_SIZE`` environment), train the tiny GPT-2 classifier of tests/distributed_common.py
+under each engine, on each backend, through the fused autograd Function (proved per rank on the first step's loss):
 
-fused_lora is imported inside functions only: a spawned worker unpickles this module before ``worker`` runs, and
-the backend environment (TRITON_INTERPRET, FUSED_LORA_BACKEND) must be in place before fused_lora is imported.
+- DDP with ``inject_lora``;
+- FSDP2 (``fully_shard``) per block + root with ``inject_lora``; the adapter saved with ``save_adapter`` straight from
+  the sharded model;
+- FSDP2 in accelerate 1.16's layout (per block, the input embeddings, the final norm, the root) with a PEFT model made
+  under ``fused_lora.peft.enable()``;
+- DeepSpeed ZeRO-2 and ZeRO-3 (``deepspeed.initialize``; ZeRO-3 with every parameter partitioned) with ``inject_lora``
+  and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine's module.
+
+Each rank writes ``rank<r>.pt`` (scenario → its results) for the parent test. One process group for all of it, so that
+the start-up of two interpreters is paid once.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 
+import distributed_common as dc
 import torch
+import torch.distributed as dist
 from torch import nn
 
-STEPS = 3
-LR = 1e-2
-GLOBAL_BATCH, SEQ = 4, 6
+# ZeRO-3 partitions tiny parameters only without persistence thresholds: otherwise every parameter of a test model
+# stays whole on every rank and the test proves nothing about partitioning.
+ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0}
 
 
-def build_model(lora_dropout: float = 0.0) -> nn.Module:
-    """GPT-2 (Conv1D layers) for sequence classification: LoRA on c_proj and c_fc with their biases trainable
-    (bias="lora_only"), the ``score`` head trained in full (SEQ_CLS), everything else frozen. Frozen and trainable
-    parameters share modules, so FSDP2 must handle both in one parameter group.
-
-    Not c_attn: the key bias (and the key rows of lora_B) get a gradient that is zero in exact arithmetic (softmax
-    ignores a per-query constant), so AdamW turns float noise into full-size steps and no two runs agree."""
-    from tiny_models import build
-
-    from fused_lora import LoRAConfig, inject_lora
-
-    model = build("gpt2_cls")
-    torch.manual_seed(0)
-    config = LoRAConfig(r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules=["c_proj", "c_fc"],
-                        bias="lora_only", task_type="SEQ_CLS", init_lora_weights=False)  # random A and B
-    return inject_lora(model, config)
+def deepspeed_config(stage: int) -> dict:
+    # gradient_clipping: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the single process does not.
+    return {"train_micro_batch_size_per_gpu": dc.GLOBAL_BATCH // dc.WORLD_SIZE, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0, "zero_optimization": ZERO3 if stage == 3 else {"stage": stage},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 64, (GLOBAL_BATCH, SEQ), generator=g)  # no pad token (0): the last token is pooled
-    labels = torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
-    return ids, labels
+def _prover(rank: int, backend: str, where: str, out: dict):
+    def prove(loss: torch.Tensor) -> None:
+        out["function_nodes"] = dc.prove_fused_function(loss, backend, dc.LORA_LAYERS, f"{where} rank {rank}")
+    return prove
 
 
-def train(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> None:
-    """AdamW over the trainable parameters only (the frozen base never enters the optimizer)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    for _ in range(STEPS):
-        # Mean over this rank's examples; DDP and FSDP average gradients over ranks, so with equal shards the
-        # update equals the single-process update on the whole batch.
-        model(input_ids=ids, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def single_process_result(lora_dropout: float = 0.0) -> dict[str, torch.Tensor]:
-    model = build_model(lora_dropout)
-    train(model, *batch())
-    return trainable_state(model)
-
-
-def _run_ddp(rank: int, lora_dropout: float) -> dict[str, torch.Tensor]:
-    model = nn.parallel.DistributedDataParallel(build_model(lora_dropout))
-    ids, labels = (t.chunk(2)[rank] for t in batch())
-    train(model, ids, labels)
-    return trainable_state(model.module)
-
-
-def _run_fsdp2(rank: int, out_dir: str) -> dict[str, torch.Tensor]:
+def _full_trainables_fsdp(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full trainable parameters of an FSDP2 model on rank 0 (empty on the others), gathered by torch's own
+    state-dict API: a collective, every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = _trainable_names(model)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return dc.ours({n: t.clone() for n, t in full.items() if n in names})
+
+
+def run_ddp(rank: int, backend: str, lora_dropout: float = 0.0) -> dict:
+    out: dict = {}
+    model = nn.parallel.DistributedDataParallel(dc.injected_model(lora_dropout))
+    dc.train(model, *dc.rank_batch(rank), prove=_prover(rank, backend, "ddp", out))
+    out["params"] = dc.trainable_state(model.module)
+    return out
+
+
+def _check_fsdp2_sharded(model: nn.Module) -> int:
+    """Every parameter a DTensor sharded on dim 0 (the frozen base included); returns how many."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    params = list(model.parameters())
+    bad = [n for n, p in model.named_parameters() if not (isinstance(p, DTensor) and p.placements == (Shard(0),))]
+    assert not bad, f"fully_shard left parameters unsharded: {bad[:5]}"
+    return len(params)
+
+
+def run_fsdp2_blocks(rank: int, backend: str, out_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from fused_lora import save_adapter
 
-    model = build_model()
-    mesh = init_device_mesh("cpu", (2,))
+    out: dict = {}
+    model = dc.injected_model()
+    mesh = init_device_mesh("cpu", (dc.WORLD_SIZE,))
     for block in model.transformer.h:  # one FSDP unit per transformer block, then the root for the rest
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    assert all(type(p).__name__ == "DTensor" for p in model.parameters()), "fully_shard did not shard"
-    ids, labels = (t.chunk(2)[rank] for t in batch())
-    train(model, ids, labels)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    # Saving an adapter from a sharded model (docs/distributed.md): every rank joins the gather; rank 0 loads the
-    # full state into an unsharded copy of the injected model and saves the adapter from there.
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        plain = build_model()
-        plain.load_state_dict(full)
-        save_adapter(plain, os.path.join(out_dir, "fsdp2_adapter"))
-        return {n: t.clone() for n, t in full.items() if n in trainable}
-    return {}  # cpu_offload=True gathers on rank 0 only
+    out["sharded"] = _check_fsdp2_sharded(model)
+    dc.train(model, *dc.rank_batch(rank), prove=_prover(rank, backend, "fsdp2 per block", out))
+    out["params"] = _full_trainables_fsdp(model)  # every rank joins the gather; rank 0 gets the tensors
+    # Straight from the sharded model, on every rank: only the adapter's tensors are gathered, rank 0 writes.
+    out["adapter_dir"] = os.path.join(out_dir, f"fsdp2_blocks_{backend}")
+    save_adapter(model, out["adapter_dir"])
+    return out
 
 
-def worker(rank: int, port: int, out_dir: str, env: dict[str, str], timeout_s: float) -> None:
-    """Entry point for ``torch.multiprocessing``: runs DDP (dropout off and on) and FSDP2 in one process group,
-    so the two-process start-up is paid once."""
-    os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
+def accelerate_fsdp2_layout(model: nn.Module, mesh) -> None:
+    """``fully_shard`` as accelerate 1.16's FSDP2 preparation does it (accelerate.utils.fsdp_utils.fsdp2_prepare_model
+    with the transformer-layer policy): each block (the model's ``_no_split_modules``), the input embeddings, the
+    final norm as a tail unit kept unsharded after forward, then the root."""
+    from torch.distributed.fsdp import fully_shard
 
+    gpt2 = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for block in gpt2.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(gpt2.get_input_embeddings(), mesh=mesh)
+    fully_shard([gpt2.transformer.ln_f], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+
+
+def run_fsdp2_peft(rank: int, backend: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fused_lora.peft as flp
+
+    out: dict = {}
+    with flp.enabled():
+        model = dc.peft_model()
+    assert flp.is_accelerated(model)
+    accelerate_fsdp2_layout(model, init_device_mesh("cpu", (dc.WORLD_SIZE,)))
+    out["sharded"] = _check_fsdp2_sharded(model)
+    dc.train(model, *dc.rank_batch(rank), prove=_prover(rank, backend, "fsdp2 accelerate layout, PEFT", out))
+    out["params"] = _full_trainables_fsdp(model)  # every rank joins the gather; rank 0 gets the tensors
+    return out
+
+
+def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) -> dict:
+    import deepspeed
+
+    import fused_lora.peft as flp
+    from fused_lora import save_adapter
+
+    out: dict = {}
+    if kind == "peft":
+        with flp.enabled():
+            model = dc.peft_model()
+    else:
+        model = dc.injected_model()
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=dc.optimizer(model),
+                                             config=deepspeed_config(stage))
+    params = list(model.parameters())
+    if stage == 3:  # every parameter, frozen or not, an empty placeholder outside its module's forward
+        partitioned = [p for p in params if p.numel() == 0 and p.ds_numel > 0]
+        assert len(partitioned) == len(params), f"ZeRO-3 partitioned {len(partitioned)} of {len(params)} parameters"
+        out["partitioned"] = len(partitioned)
+    else:  # ZeRO-2: the optimizer's fp32 partition is this rank's share of the trainable parameters
+        share = sum(t.numel() for t in opt.single_partition_of_fp32_groups)
+        total = sum(p.numel() for p in params if p.requires_grad)
+        assert share < total, f"ZeRO-2 keeps {share} of {total} trainable values on one rank: not partitioned"
+        out["partitioned"] = (share, total)
+    ids, labels = dc.rank_batch(rank)
+    prove = _prover(rank, backend, f"deepspeed zero-{stage} {kind}", out)
+    for step in range(dc.STEPS):
+        loss = engine(input_ids=ids, labels=labels).loss
+        if step == 0:
+            prove(loss)
+        engine.backward(loss)
+        engine.step()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, enabled=stage == 3):
+        out["params"] = dc.trainable_state(model)
+    if kind == "inject":
+        out["adapter_dir"] = os.path.join(out_dir, f"zero{stage}_{backend}")
+        save_adapter(model, out["adapter_dir"])  # every rank; ZeRO-3 gathers the adapter's tensors only
+    engine.destroy()
+    return out
+
+
+SCENARIOS = {
+    "ddp": lambda rank, backend, out_dir: run_ddp(rank, backend),
+    "fsdp2_blocks": run_fsdp2_blocks,
+    "fsdp2_peft": lambda rank, backend, out_dir: run_fsdp2_peft(rank, backend),
+    **{f"zero{stage}_{kind}": (lambda rank, backend, out_dir, s=stage, k=kind: run_deepspeed(rank, backend, s, k,
+                                                                                             out_dir))
+       for stage in (2, 3) for kind in ("inject", "peft")},
+}
+
+
+def worker(rank: int, port: int, out_dir: str, timeout_s: float, scenarios: list[str]) -> None:
+    """Entry point for ``distributed_common.spawn``: every scenario on both backends in one process group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(dc.WORLD_SIZE), LOCAL_WORLD_SIZE=str(dc.WORLD_SIZE))
     # A short timeout: a collective that never completes fails the test instead of hanging CI.
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", rank=rank, world_size=dc.WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    results: dict = {}
     try:
-        results = {
-            "ddp": _run_ddp(rank, lora_dropout=0.0),
-            "ddp_dropout": _run_ddp(rank, lora_dropout=0.1),
-            "fsdp2": _run_fsdp2(rank, out_dir),
-        }
+        if any(s.startswith("zero") for s in scenarios):
+            import deepspeed
+
+            deepspeed.init_distributed("gloo")  # takes the process group above (builds its CPU op once: cached)
+        for name in scenarios:
+            for backend in dc.BACKEND_NAMES:
+                start, cpu = time.perf_counter(), time.process_time()
+                with dc.backend(backend):
+                    results[f"{name}/{backend}"] = SCENARIOS[name](rank, backend, out_dir)
+                print(f"rank {rank}: {name}/{backend} {time.perf_counter() - start:.1f} s "
+                      f"(cpu {time.process_time() - cpu:.1f} s)", file=sys.stderr, flush=True)
+        with dc.backend("torch"):  # p > 0: each rank regenerates its masks from the seed in backward
+            results["ddp_dropout"] = run_ddp(rank, "torch", lora_dropout=0.1)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks done before either tears gloo down: a rank that exits while its peer's last collective is still
         # in flight can abort in gloo's threads ("terminate called without an active exception", seen once in a

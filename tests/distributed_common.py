@@ -1,0 +1,255 @@
+"""What every multi-process test of tests/test_distributed*.py shares, in the parent test and in the workers: the model
+and data, the backend settings that force the fused autograd Function, the proof that it ran, the training loop and
+the single-process reference.
+
+Imported by spawned workers before fused_lora: fused_lora is imported inside functions only, after the worker has put
+the backend environment (``TRITON_INTERPRET``) in place.
+
+**Why the backend settings.** On CPU with dropout p = 0 and adapters in x's dtype the router takes a native-ops shortcut
+and never runs the autograd Function; a test that means the Function must switch it off (``FUSED_LORA_NATIVE=0`` on the
+PyTorch backend) or run the Triton kernels (under Triton's interpreter on CPU), and show that it did:
+:func:`prove_fused_function`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# The autograd Functions' backward node names (type(loss.grad_fn…).__name__): one of them in the loss's graph proves
+# the Function ran. One place to update when the Functions are renamed.
+FUNCTION_NODES = ("LoRALinearFunctionBackward", "DoRALinearFunctionBackward", "QuantLoRAFunctionBackward")
+# The paths of the Triton backend that run its kernels (path_report's "runs"); "torch" would be the PyTorch path.
+KERNEL_PATHS = ("fused", "composed")
+
+# Per backend, the environment that makes every LoRA call run the autograd Function: the PyTorch backend without its
+# native-ops shortcut; the Triton kernels (under TRITON_INTERPRET=1 on CPU, which must be set before the import) with
+# the fused GEMM (no timing on CPU).
+BACKEND_ENV = {
+    "torch": {"FUSED_LORA_BACKEND": "torch", "FUSED_LORA_NATIVE": "0"},
+    "triton": {"FUSED_LORA_BACKEND": "triton", "FUSED_LORA_GEMM": "fused"},
+}
+BACKEND_NAMES = tuple(BACKEND_ENV)
+_BACKEND_KEYS = sorted({k for env in BACKEND_ENV.values() for k in env})
+
+STEPS = 3
+LR = 1e-2
+GLOBAL_BATCH, SEQ = 4, 6
+WORLD_SIZE = 2
+# LoRA on GPT-2's c_proj and c_fc (Conv1D) with their biases trainable, the score head trained in full. Not c_attn: the
+# key bias (and the key rows of lora_B) get a gradient that is zero in exact arithmetic (softmax ignores a per-query
+# constant), so AdamW turns float noise into full-size steps and no two runs agree.
+LORA = dict(r=4, lora_alpha=8, target_modules=["c_proj", "c_fc"], bias="lora_only", task_type="SEQ_CLS",
+            init_lora_weights=False)
+LORA_LAYERS = 2 * 3  # 2 blocks × (attn.c_proj, mlp.c_fc, mlp.c_proj)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ backend and proof
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``BACKEND_ENV[name]`` in the environment for the block (the router reads it per call), with fused_lora's record
+    of the paths run emptied first, so that :func:`prove_fused_function` sees this block's calls only."""
+    from fused_lora.backends import self_check
+
+    saved = {k: os.environ.get(k) for k in _BACKEND_KEYS}
+    for k in _BACKEND_KEYS:
+        os.environ.pop(k, None)
+    os.environ.update(BACKEND_ENV[name])
+    self_check.clear()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def prove_fused_function(loss: torch.Tensor, backend_name: str, layers: int, where: str) -> int:
+    """Raises AssertionError unless the graph of ``loss`` holds at least ``layers`` nodes of the fused autograd Function
+    (one per LoRA layer call: a layer that took the native shortcut or PEFT's unfused forward adds none) and, on the
+    Triton backend, every key fused_lora recorded since :func:`backend` ran a kernel path (path_report's "runs"), not
+    the PyTorch path. Returns the number of Function nodes."""
+    import fused_lora
+
+    assert loss.grad_fn is not None, f"{where}: the loss has no autograd graph"
+    names: dict[str, int] = {}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names[type(node).__name__] = names.get(type(node).__name__, 0) + 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    nodes = sum(names.get(n, 0) for n in FUNCTION_NODES)
+    assert nodes >= layers, (
+        f"{where} ({backend_name} backend): the loss's graph holds {nodes} nodes of the fused Function "
+        f"{FUNCTION_NODES}, expected one per LoRA layer ({layers}): the router took the native shortcut or PEFT's "
+        f"unfused forward. Settings: { {k: os.environ.get(k) for k in _BACKEND_KEYS} }")
+    if backend_name == "triton":
+        runs = {key: entry["runs"] for key, entry in fused_lora.path_report().items()}
+        assert runs and all(path in KERNEL_PATHS for path in runs.values()), (
+            f"{where} (triton backend): path_report() says the keys ran {runs}; expected the kernels' paths "
+            f"{KERNEL_PATHS} for every key")
+    return nodes
+
+
+# ------------------------------------------------------------------------------------------------- models and data
+
+
+def injected_model(lora_dropout: float = 0.0) -> nn.Module:
+    """A tiny GPT-2 classifier (random weights from a config) with fused LoRA layers, A and B random."""
+    from tiny_models import build
+
+    from fused_lora import LoRAConfig, inject_lora
+
+    model = build("gpt2_cls")
+    torch.manual_seed(0)
+    return inject_lora(model, LoRAConfig(**LORA, lora_dropout=lora_dropout))
+
+
+def peft_model(base: nn.Module | None = None) -> nn.Module:
+    """The same model made by PEFT (``fused_lora.peft.enable()`` in effect or not, as the caller set it), with the
+    trainable values of :func:`injected_model`."""
+    import peft
+    from tiny_models import build, peft_name_to_ours
+
+    model = peft.get_peft_model(base if base is not None else build("gpt2_cls"),
+                                peft.LoraConfig(**LORA, fan_in_fan_out=True))
+    ours = dict(injected_model().named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(ours[peft_name_to_ours(name)])
+    return model
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (GLOBAL_BATCH, SEQ), generator=g)  # no pad token (0): the last token is pooled
+    labels = torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
+    return ids, labels
+
+
+def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.chunk(WORLD_SIZE)[rank] for t in batch())
+
+
+def optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only, without weight decay (as the Trainer runs are configured)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+
+
+def train(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, prove=None, opt=None) -> None:
+    """STEPS AdamW steps on a mean loss: with equal shards, the data-parallel average of the ranks' gradients equals the
+    single-process gradient on the whole batch. ``prove(loss)`` is called on the first step's loss."""
+    opt = opt if opt is not None else optimizer(model)
+    for step in range(STEPS):
+        loss = model(input_ids=ids, labels=labels).loss
+        if step == 0 and prove is not None:
+            prove(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameter names of a PEFT model (or ours) → ours."""
+    from tiny_models import peft_name_to_ours
+
+    return {peft_name_to_ours(n): t for n, t in state.items()}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return ours({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def reference() -> dict[str, torch.Tensor]:
+    """The single-process run on the whole batch (native autograd ops: independent of the Function)."""
+    model = injected_model()
+    train(model, *batch())
+    return trainable_state(model)
+
+
+def max_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    return max((got[n].double() - t.double()).abs().max().item() for n, t in want.items())
+
+
+def assert_same_training(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> float:
+    """Every trainable parameter equal to fp32 noise (only the order of the gradient sums differs); returns the largest
+    absolute difference."""
+    assert set(got) == set(want), f"{what}: trainable parameters {sorted(got)} != {sorted(want)}"
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{what} {n}: {m}")
+    return max_difference(got, want)
+
+
+# ------------------------------------------------------------------------------------------------- process groups
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's CPU communication op is built (g++, ~40-55 s) and then found by every later process group, in
+    this CI run and the next: ``$TORCH_EXTENSIONS_DIR`` when set, else a folder under ~/.cache named after the torch,
+    DeepSpeed and Python versions (torch's extension cache checks the sources, not the torch it was built against)."""
+    import importlib.metadata
+    import sys
+
+    given = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if given:
+        return given
+    versions = f"torch{torch.__version__}-deepspeed{importlib.metadata.version('deepspeed')}-py{sys.version_info[0]}" \
+               f"{sys.version_info[1]}"
+    return os.path.join(os.path.expanduser("~"), ".cache", "fused_lora_tests", "torch_extensions", versions)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment a worker process group starts with (before anything is imported): the interpreter on (the
+    Triton backend's kernels run under it on CPU), DeepSpeed on its CPU accelerator with the shared extension folder,
+    one thread per rank (two ranks share two cores; more threads only spin against each other, in torch and in the
+    interpreter's numpy), fused_lora's backend settings left to each scenario (:func:`backend`)."""
+    return {"TRITON_INTERPRET": "1", "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def spawn(worker, args: tuple, timeout_s: float) -> None:
+    """``worker(rank, *args)`` in WORLD_SIZE fresh interpreters started with :func:`worker_env` (set in this process
+    while they start, then restored); raises on a crash, fails after ``timeout_s``, and kills only its own processes."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    saved = {k: os.environ.get(k) for k in worker_env()}
+    os.environ.update(worker_env())
+    try:
+        ctx = mp.start_processes(worker, args=args, nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {timeout_s} s")
+    finally:
+        for process in ctx.processes:  # only ours; a no-op for those that exited
+            if process.is_alive():
+                process.kill()

@@ -289,7 +289,8 @@ def _is_rank0() -> bool:
         torch.distributed.get_rank() == 0
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: bool | None = None) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: bool | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path`` in PEFT's format,
     so that ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. The pair is written atomically: if saving
     fails, the folder keeps the previous adapter byte for byte, and no temporary file is left.
@@ -297,7 +298,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: 
     A model inside DDP or a DeepSpeed engine may be passed as it is (its ``.module`` is saved). On a sharded model
     (FSDP2's ``fully_shard``, DeepSpeed ZeRO-3) **every rank must call it**: only the adapter's tensors are gathered
     (never the frozen base), and rank 0 writes. ``is_main_process`` says whether this process writes (default: rank 0
-    on a sharded model, else the calling process), as in PEFT's ``save_pretrained``."""
+    on a sharded model, else the calling process), as in PEFT's ``save_pretrained``. ``state_dict``: the model's
+    state dict gathered already (as an engine hands it over, e.g. FSDP1's full state dict on the main process): the
+    adapter's tensors are read from it, and nothing is gathered."""
     model = _unwrapped(model)
     state = get_state(model)
     if state is None:
@@ -306,11 +309,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: 
                          "inject_lora(model, config) or load_adapter(model, path) records on the model")
     plan = state.plan
     targets = set(plan.targets)
-    gathered, collective = _adapter_tensors(model, list(adapter_shapes(model, plan)))
-    if is_main_process is None:
-        is_main_process = _is_rank0() if collective else True
-    if not is_main_process:
-        return
+    keys = list(adapter_shapes(model, plan))
+    if state_dict is not None:
+        if is_main_process is False:
+            return
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            raise ValueError(f"save_adapter: the state_dict passed lacks {len(missing)} of the adapter's {len(keys)} "
+                             f"tensors, e.g. {missing[:3]}; pass the model's full state dict (keys as in "
+                             "model.state_dict())")
+        gathered = {k: state_dict[k].detach().cpu() for k in keys}
+    else:
+        gathered, collective = _adapter_tensors(model, keys)
+        if is_main_process is None:
+            is_main_process = _is_rank0() if collective else True
+        if not is_main_process:
+            return
     tensors, seen = {}, set()
     for key, tensor in gathered.items():
         tensor = tensor.contiguous()

@@ -186,6 +186,49 @@ def reference() -> dict[str, torch.Tensor]:
     return trainable_state(model)
 
 
+class Examples(torch.utils.data.Dataset):
+    """The global batch, one example per item, for the Trainer."""
+
+    def __init__(self) -> None:
+        self.ids, self.labels = batch()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def training_arguments(output_dir: str, world_size: int, **overrides):
+    """The Trainer's run: the global batch of GLOBAL_BATCH examples split over ``world_size`` processes, one step per
+    epoch (every step sees all of them, as the single-process run), constant learning rate, no weight decay, no
+    clipping, nothing saved unless asked.
+
+    ``average_tokens_across_devices=False``: transformers 5.25 multiplies the loss by the number of processes for a
+    model whose forward takes ``**kwargs`` (GPT-2's classifier does), assuming the model divided it by the token count
+    of all processes; the classifier's loss is a plain mean, so its gradients would double under 2 processes (AdamW
+    almost hides it: 7.6e-4 apart after 3 steps, where the gradients are near its eps)."""
+    import transformers
+
+    kw = dict(output_dir=output_dir, per_device_train_batch_size=GLOBAL_BATCH // world_size, max_steps=STEPS,
+              learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+              optim="adamw_torch", save_strategy="no", report_to=[], seed=0, logging_strategy="no",
+              disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+              average_tokens_across_devices=False)
+    return transformers.TrainingArguments(**{**kw, **overrides})
+
+
+def trainer_reference(output_dir: str) -> dict[str, torch.Tensor]:
+    """The single-process Trainer run on the whole batch (native autograd ops), for the distributed Trainer runs: the
+    Trainer's own loss bookkeeping (the mean over the examples of all processes) is part of what they compare."""
+    import transformers
+
+    model = injected_model()
+    transformers.Trainer(model=model, args=training_arguments(output_dir, 1, use_cpu=True),
+                         train_dataset=Examples()).train()
+    return trainable_state(model)
+
+
 def max_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
     return max((got[n].double() - t.double()).abs().max().item() for n, t in want.items())
 

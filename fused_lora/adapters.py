@@ -251,11 +251,11 @@ def _is_fsdp1(model: nn.Module) -> bool:
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
-def _adapter_tensors(model: nn.Module, keys: list[str]) -> tuple[dict[str, torch.Tensor], bool]:
-    """(state-dict key → the full tensor, whether gathering them took collectives). On a sharded model only these
-    tensors are gathered, never the frozen base: FSDP2's DTensors one by one (``full_tensor``), ZeRO-3's partitioned
-    parameters together (``deepspeed.zero.GatheredParameters``, the adapter's size). Every rank must then take part, in
-    the same order (``keys``'s)."""
+def _adapter_tensors(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
+    """State-dict key → the full tensor, on the CPU. On a sharded model only these tensors are gathered, never the
+    frozen base: FSDP2's DTensors one by one (``full_tensor``), ZeRO-3's partitioned parameters together
+    (``deepspeed.zero.GatheredParameters``, the adapter's size). Every rank must then take part, in the same order
+    (``keys``'s)."""
     if _is_fsdp1(model):
         raise ValueError("save_adapter: the model is wrapped by FSDP1 (FullyShardedDataParallel), whose parameters are "
                          "views into flat shards; gather its full state dict on rank 0 (torch.distributed.checkpoint"
@@ -271,7 +271,6 @@ def _adapter_tensors(model: nn.Module, keys: list[str]) -> tuple[dict[str, torch
             named[key] = state[key]
         tensors[key] = named[key]
     zero3 = [t for t in tensors.values() if _is_zero3_partitioned(t)]
-    collective = bool(zero3)
     if zero3:
         import deepspeed  # its zero namespace is an attribute, not an importable module
 
@@ -280,11 +279,11 @@ def _adapter_tensors(model: nn.Module, keys: list[str]) -> tuple[dict[str, torch
     for key, tensor in tensors.items():
         if type(tensor).__name__ == "DTensor":  # FSDP2 (fully_shard): an all-gather of this tensor alone
             tensors[key] = tensor.full_tensor()
-            collective = True
-    return {k: t.detach().cpu() for k, t in tensors.items()}, collective
+    return {k: t.detach().cpu() for k, t in tensors.items()}
 
 
 def _is_rank0() -> bool:
+    """Rank 0 of the default process group, or no process group at all."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
         torch.distributed.get_rank() == 0
 
@@ -297,10 +296,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: 
 
     A model inside DDP or a DeepSpeed engine may be passed as it is (its ``.module`` is saved). On a sharded model
     (FSDP2's ``fully_shard``, DeepSpeed ZeRO-3) **every rank must call it**: only the adapter's tensors are gathered
-    (never the frozen base), and rank 0 writes. ``is_main_process`` says whether this process writes (default: rank 0
-    on a sharded model, else the calling process), as in PEFT's ``save_pretrained``. ``state_dict``: the model's
-    state dict gathered already (as an engine hands it over, e.g. FSDP1's full state dict on the main process): the
-    adapter's tensors are read from it, and nothing is gathered."""
+    (never the frozen base). ``is_main_process`` says whether this process writes, as in PEFT's ``save_pretrained``;
+    by default rank 0 writes when a process group is initialized (so every rank may call it, as a sharded model
+    requires), and the calling process otherwise. ``state_dict``: the model's state dict gathered already (as an
+    engine hands it over, e.g. FSDP1's full state dict on the main process): the adapter's tensors are read from it,
+    and nothing is gathered."""
     model = _unwrapped(model)
     state = get_state(model)
     if state is None:
@@ -320,10 +320,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: 
                              "model.state_dict())")
         gathered = {k: state_dict[k].detach().cpu() for k in keys}
     else:
-        gathered, collective = _adapter_tensors(model, keys)
-        if is_main_process is None:
-            is_main_process = _is_rank0() if collective else True
-        if not is_main_process:
+        gathered = _adapter_tensors(model, keys)
+        if not (_is_rank0() if is_main_process is None else is_main_process):
             return
     tensors, seen = {}, set()
     for key, tensor in gathered.items():

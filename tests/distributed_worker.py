@@ -2,13 +2,13 @@
 ``MASTER_ADDR``/``RANK``/``WORLD_SIZE`` environment), train the tiny GPT-2 classifier of tests/distributed_common.py
 under each engine, on each backend, through the fused autograd Function (proved per rank on the first step's loss):
 
-- DDP with ``inject_lora``;
+- DDP with ``inject_lora``; the adapter saved with ``save_adapter`` from the DDP wrapper, every rank calling it;
 - FSDP2 (``fully_shard``) per block + root with ``inject_lora``; the adapter saved with ``save_adapter`` straight from
   the sharded model;
 - FSDP2 in accelerate 1.16's layout (per block, the input embeddings, the final norm, the root) with a PEFT model made
   under ``fused_lora.peft.enable()``;
 - DeepSpeed ZeRO-2 and ZeRO-3 (``deepspeed.initialize``; ZeRO-3 with every parameter partitioned) with ``inject_lora``
-  and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine's module.
+  and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine.
 
 Each rank writes ``rank<r>.pt`` (scenario → its results) for the parent test. One process group for all of it, so that
 the start-up of two interpreters is paid once.
@@ -58,11 +58,16 @@ def _full_trainables_fsdp(model: nn.Module) -> dict[str, torch.Tensor]:
     return dc.ours({n: t.clone() for n, t in full.items() if n in names})
 
 
-def run_ddp(rank: int, backend: str, lora_dropout: float = 0.0) -> dict:
+def run_ddp(rank: int, backend: str, out_dir: str | None = None, lora_dropout: float = 0.0) -> dict:
+    from fused_lora import save_adapter
+
     out: dict = {}
     model = nn.parallel.DistributedDataParallel(dc.injected_model(lora_dropout))
     dc.train(model, *dc.rank_batch(rank), prove=_prover(rank, backend, "ddp", out))
     out["params"] = dc.trainable_state(model.module)
+    if out_dir is not None:  # the DDP wrapper as it is, every rank calling: rank 0 writes
+        out["adapter_dir"] = os.path.join(out_dir, f"ddp_{backend}")
+        save_adapter(model, out["adapter_dir"])
     return out
 
 
@@ -164,13 +169,13 @@ def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) 
         out["params"] = dc.trainable_state(model)
     if kind == "inject":
         out["adapter_dir"] = os.path.join(out_dir, f"zero{stage}_{backend}")
-        save_adapter(model, out["adapter_dir"])  # every rank; ZeRO-3 gathers the adapter's tensors only
+        save_adapter(engine, out["adapter_dir"])  # the engine as it is, every rank; ZeRO-3 gathers the adapter only
     engine.destroy()
     return out
 
 
 SCENARIOS = {
-    "ddp": lambda rank, backend, out_dir: run_ddp(rank, backend),
+    "ddp": run_ddp,
     "fsdp2_blocks": run_fsdp2_blocks,
     "fsdp2_peft": lambda rank, backend, out_dir: run_fsdp2_peft(rank, backend),
     **{f"zero{stage}_{kind}": (lambda rank, backend, out_dir, s=stage, k=kind: run_deepspeed(rank, backend, s, k,

@@ -77,11 +77,12 @@ def test_sharded_engine_matches_single_process(rank_results, single, scenario, b
         dc.assert_same_training(r1["params"], single, f"{key} rank 1")
 
 
-@pytest.mark.parametrize("scenario", ["fsdp2_blocks", "zero2_inject", "zero3_inject"])
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp2_blocks", "zero2_inject", "zero3_inject"])
 @pytest.mark.parametrize("backend", dc.BACKEND_NAMES)
 def test_adapter_saved_from_the_engine_loads_into_a_fresh_base(rank_results, scenario, backend):
-    """save_adapter straight from the sharded / partitioned model (every rank called it, rank 0 wrote): the file
-    restores exactly the trained parameters, through load_adapter and through PEFT."""
+    """save_adapter straight from the engine's model (the DDP wrapper, the sharded FSDP2 model, the DeepSpeed engine;
+    every rank called it, rank 0 wrote): the file restores exactly the trained parameters, through load_adapter and
+    through PEFT."""
     from peft import PeftModel
     from tiny_models import build
 

@@ -88,6 +88,13 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(not _is_zero3_hook(h) for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
 
 
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """A module FSDP wrapped as a unit of its own: FSDP1's ``FullyShardedDataParallel`` wrapper, or FSDP2's
+    ``fully_shard`` (which swaps the class for ``FSDP<name>``)."""
+    name = type(module).__name__
+    return name == "FullyShardedDataParallel" or (name.startswith("FSDP") and hasattr(module, "_get_fsdp_state"))
+
+
 def _is_zero3_hook(hook) -> bool:
     """One of the hooks DeepSpeed ZeRO-3 puts on every module to gather that module's partitioned parameters around
     its forward and backward. The fused path reads the base layer's and the adapters' parameters without calling those
@@ -166,6 +173,11 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "4-bit base weight without a quant_state (not quantized yet)"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        if _is_fsdp_unit(lora_A) or _is_fsdp_unit(lora_B):
+            # Measured (docs/distributed.md): gathering these units by hand for a fused call keeps their collectives
+            # (6 per layer and step) and ran slower than this fallback; per-block units serve the call fused.
+            return ("lora_A/lora_B are FSDP units of their own (PEFT's fsdp_auto_wrap_policy), sharded inside the "
+                    "layer's forward; wrap per transformer block instead (accelerate's FSDP2 preparation does)")
         return "lora_A/lora_B are not plain nn.Linear modules (lora_A without a bias)"
     if lora_B.bias is not None:  # lora_bias=True: served, as scaling · b_B beside the fused call (_lora_B_bias)
         if _is_dora(layer, adapter):

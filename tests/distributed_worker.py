@@ -132,6 +132,35 @@ def run_fsdp2_peft(rank: int, backend: str) -> dict:
     return out
 
 
+def run_fsdp2_peft_policy(rank: int) -> dict:
+    """PEFT's own FSDP wrapping (peft.utils.other.fsdp_auto_wrap_policy's units, with fully_shard: lora_A and lora_B
+    units of their own): fused_lora.peft keeps PEFT's forward, says why once, and trains right."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    import fused_lora.peft as flp
+
+    with flp.enabled():
+        model = dc.peft_model()
+    mesh = init_device_mesh("cpu", (dc.WORLD_SIZE,))
+    for module in reversed(list(model.modules())):  # children first, as the FSDP1 policy wraps them
+        leaf = not list(module.children()) and getattr(module, "weight", None) is not None
+        if module is not model and ((leaf and module.weight.requires_grad) or isinstance(module, GPT2Block)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    flp._reported.clear()  # a reason is reported once per process
+    out: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dc.train(model, *dc.rank_batch(rank))
+    out["warnings"] = [str(w.message) for w in caught if "fused_lora.peft" in str(w.message)]
+    out["params"] = _full_trainables_fsdp(model)
+    return out
+
+
 def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) -> dict:
     import deepspeed
 
@@ -206,6 +235,7 @@ def worker(rank: int, port: int, out_dir: str, timeout_s: float, scenarios: list
                       f"(cpu {time.process_time() - cpu:.1f} s)", file=sys.stderr, flush=True)
         with dc.backend("torch"):  # p > 0: each rank regenerates its masks from the seed in backward
             results["ddp_dropout"] = run_ddp(rank, "torch", lora_dropout=0.1)
+            results["fsdp2_peft_policy"] = run_fsdp2_peft_policy(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks done before either tears gloo down: a rank that exits while its peer's last collective is still
         # in flight can abort in gloo's threads ("terminate called without an active exception", seen once in a

@@ -105,3 +105,12 @@ def test_ddp_with_dropout_keeps_ranks_in_sync(rank_results):
     dc.assert_same_training(r1, r0, "ddp_dropout rank 1 vs rank 0")
     name = "transformer.h.0.attn.c_proj.lora_A"
     assert not torch.equal(r0[name], dict(dc.injected_model(lora_dropout=0.1).named_parameters())[name])
+
+
+def test_peft_fsdp_wrapping_keeps_peft_forward_and_says_why(rank_results, single):
+    """lora_A/lora_B as FSDP units of their own (PEFT's fsdp_auto_wrap_policy): PEFT's forward, one warning naming the
+    cause and the remedy, and the same training as a single process."""
+    r0 = rank_results[0]["fsdp2_peft_policy"]
+    assert len(r0["warnings"]) == 1 and "FSDP units of their own" in r0["warnings"][0], r0["warnings"]
+    assert "wrap per transformer block" in r0["warnings"][0]
+    dc.assert_same_training(r0["params"], single, "PEFT's FSDP wrapping")

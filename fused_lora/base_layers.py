@@ -125,12 +125,22 @@ class DenseBase:
 CPU_PACKING_BLOCK_N = 32  # the row block of the CPU packing (_convert_weight_packed_for_cpu's block_n)
 
 
-def in_cpu_packing(weight) -> bool:
-    """Whether a bitsandbytes 4-bit weight is in bitsandbytes' CPU inference packing."""
-    state = getattr(weight, "quant_state", None)
+def in_cpu_packing(weight, state=None) -> bool:
+    """Whether a bitsandbytes 4-bit weight is in bitsandbytes' CPU inference packing, by its quantization state
+    (``state``, default the weight's own)."""
+    state = state if state is not None else getattr(weight, "quant_state", None)
     # The repack sets the flag on the instance: read from there, since a missing attribute would go through
     # QuantState's Python __getattr__ (~2 µs, and this runs on every call of a 4-bit layer).
     return bool(getattr(state, "__dict__", {}).get("packing_format_for_cpu", False))
+
+
+def quant_state_of(layer: nn.Module):
+    """The quantization state of a bitsandbytes ``Linear4bit``: its weight's, or, when the weight is a plain tensor, the
+    layer's own copy (``Linear4bit.quant_state``). FSDP2's ``fully_shard`` turns a ``Params4bit`` into a DTensor, and at
+    forward and backward time into a plain gathered Parameter without ``quant_state``; the layer keeps it (bitsandbytes'
+    own forward reads it from there too). None when the layer was never quantized."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
 
 
 def unpack_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
@@ -167,6 +177,13 @@ def standard_4bit_packing(layer: nn.Module) -> nn.Parameter:
     if getattr(layer, "support_avx512bf16_for_cpu", False):
         layer.support_avx512bf16_for_cpu = False
     weight = layer.weight
+    if getattr(weight, "quant_state", None) is None and in_cpu_packing(weight, quant_state_of(layer)):
+        # A weight gathered by FSDP2 (its shards hold the repacked bytes): a copy rewritten here would be dropped at
+        # the next reshard, and the layer's state would then describe bytes it does not match.
+        raise ValueError(f"fused_lora: this bitsandbytes {type(layer).__name__} was repacked for bitsandbytes' CPU "
+                         "inference (an eval-mode forward without gradients) before FSDP sharded it; load the model "
+                         "again and call model.train() (or inject / fused_lora.peft) before any inference and before "
+                         "fully_shard")
     if in_cpu_packing(weight):
         import bitsandbytes.functional as F
 
@@ -223,8 +240,8 @@ class Bnb4Base:
         """W (N×K) in the quantization state's dtype: a temporary."""
         import bitsandbytes.functional as F
 
-        weight = self.canonical_weight()
-        return F.dequantize_4bit(weight.data, weight.quant_state)
+        weight = self.canonical_weight()  # FSDP2: the gathered plain tensor, its state the layer's
+        return F.dequantize_4bit(weight.data, quant_state_of(self.layer))
 
     def input_grad(self, dy: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
         dy = dy.to(self.compute_dtype)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base_layers import in_cpu_packing, unpack_cpu_packing
+from ..base_layers import in_cpu_packing, quant_state_of, unpack_cpu_packing
 from ..kernels.configs import m_bucket
 from ..kernels.lora_4bit import dequantize_4bit_kernel, lora_dx_4bit_kernel, lora_fwd_4bit_kernel
 from .lora_triton import backward_with, forward_with
@@ -127,13 +127,15 @@ class Packed4bit:
         return [t for t in (self.data, self.absmax, self.code, self.absmax2, self.code2, self.offset) if t is not None]
 
     @classmethod
-    def from_params(cls, weight) -> Packed4bit:
+    def from_params(cls, weight, quant_state=None) -> Packed4bit:
         """From a quantized bitsandbytes ``Params4bit`` (``Linear4bit.weight``): views of its storage and quant
         state, nothing copied except the 4-byte offset (reshaped to a tensor on the data's device). Call it once
         per layer: it validates and builds Python objects. A weight in bitsandbytes' CPU inference packing (a
         ``Linear4bit`` that ran eval-mode inference on CPU) is read into new tensors in the standard layout, nothing
-        lost (``base_layers.unpack_cpu_packing``); the weight itself is left as it is."""
-        state = getattr(weight, "quant_state", None)
+        lost (``base_layers.unpack_cpu_packing``); the weight itself is left as it is. ``quant_state``: the state
+        when the weight is a plain tensor holding the packed bytes (FSDP2 gathers a ``Params4bit`` into one; the
+        layer keeps the state: ``base_layers.quant_state_of``)."""
+        state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
         if state is None or not getattr(weight, "bnb_quantized", True):
             raise ValueError("Packed4bit.from_params: the weight is not quantized yet (bitsandbytes quantizes a "
                              "Params4bit when it is moved to its device: layer.to(device))")
@@ -143,7 +145,7 @@ class Packed4bit:
         if len(state.shape) != 2:
             raise ValueError(f"Packed4bit.from_params: expected a 2-D weight, got shape {tuple(state.shape)}")
         shape = (int(state.shape[0]), int(state.shape[1]))
-        if in_cpu_packing(weight):
+        if in_cpu_packing(weight, state):
             data, absmax, dtype = unpack_cpu_packing(weight.data, state)
             return cls(data=data, absmax=absmax, code=state.code.to(data.device, torch.float32),
                        blocksize=int(state.blocksize), shape=shape, dtype=dtype, quant_type=state.quant_type)
@@ -294,11 +296,12 @@ def packed_weight(base) -> Packed4bit:
     kept in bitsandbytes' standard packing (``Bnb4Base.canonical_weight``: on CPU, eval-mode inference would repack it
     for bitsandbytes' bf16 kernel), so the pack holds views of its own storage."""
     weight = base.canonical_weight()
+    state = quant_state_of(base.layer)  # FSDP2 gathers the weight into a plain tensor: the layer's state
     cached = getattr(base.layer, "_fused_lora_packed4", None)
-    if cached is not None and cached[0] == weight.data.data_ptr() and cached[1] is weight.quant_state:
+    if cached is not None and cached[0] == weight.data.data_ptr() and cached[1] is state:
         return cached[2]
-    packed = Packed4bit.from_params(weight)
-    base.layer._fused_lora_packed4 = (weight.data.data_ptr(), weight.quant_state, packed)
+    packed = Packed4bit.from_params(weight, state)
+    base.layer._fused_lora_packed4 = (weight.data.data_ptr(), state, packed)
     return packed
 
 

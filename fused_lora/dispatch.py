@@ -37,7 +37,7 @@ from .autograd.dora import DoRALinearFunction
 from .autograd.lora import LoRALinearFunction
 from .autograd.qlora import QuantLoRAFunction
 from .backends import lora_torch
-from .base_layers import BNB_4BIT, BNB_8BIT, DENSE, quantized_base, quantized_kind
+from .base_layers import BNB_4BIT, BNB_8BIT, DENSE, quant_state_of, quantized_base, quantized_kind
 from .dropout import seed_tensor
 from .fallback import warn_fallback
 from .kernels.configs import INTERPRET
@@ -154,7 +154,7 @@ def fused_4bit_fits(x: torch.Tensor, layer: torch.nn.Module, compute_dtype: torc
     bitsandbytes' matmul: the kernels' per-element scale gathers spilled or passed 99 KiB of shared memory on several
     GPUs (kernels/configs.py). The interpreter runs them."""
     return x.dtype == compute_dtype and not (x.device.type == "cuda"
-                                             and x.shape[-1] % layer.weight.quant_state.blocksize)
+                                             and x.shape[-1] % quant_state_of(layer).blocksize)
 
 
 def in_function_transform(tensors) -> bool:

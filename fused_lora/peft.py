@@ -56,7 +56,14 @@ try:
 except ImportError:  # pragma: no cover (a PEFT without mixed adapter types)
     MixedModel = None
 
-from .base_layers import BNB_4BIT, DENSE, conv1d_class, quantized_kind, standard_4bit_packing_everywhere
+from .base_layers import (
+    BNB_4BIT,
+    DENSE,
+    conv1d_class,
+    quant_state_of,
+    quantized_kind,
+    standard_4bit_packing_everywhere,
+)
 from .dispatch import DORA, refusal
 from .functional import fused_lora_linear
 from .quantized import quantized_lora
@@ -86,6 +93,10 @@ def _has_hooks(module: nn.Module) -> bool:
     if getattr(module, "_hf_hook", None):
         return True
     return any(not _is_zero3_hook(h) for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 def _is_fsdp_unit(module: nn.Module) -> bool:
@@ -169,7 +180,10 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "base weight on the meta device (offloaded)"
     if weight.requires_grad:
         return "trainable base weight (the fused Function trains adapters and biases only)"
-    if quantized_kind(base) == BNB_4BIT and getattr(weight, "quant_state", None) is None:
+    if _is_dtensor(weight):
+        return ("base weight still sharded in the layer's forward (its layer is an FSDP unit of its own); wrap per "
+                "transformer block instead")
+    if quantized_kind(base) == BNB_4BIT and quant_state_of(base) is None:
         return "4-bit base weight without a quant_state (not quantized yet)"
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:

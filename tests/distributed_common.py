@@ -139,6 +139,54 @@ def peft_model(base: nn.Module | None = None) -> nn.Module:
     return model
 
 
+# QLoRA: a tiny Llama classifier loaded in 4 bits (NF4, double quantization, fp32 compute; the head unquantized), PEFT's
+# LoRA on q_proj, v_proj and down_proj of its 2 layers. Sizes multiples of 64: bitsandbytes' CPU repack (the thing the
+# QLoRA test makes sure never happens) needs them.
+QLORA_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+# The Triton backend's 4-bit kernels under the interpreter cost ~6 s of CPU per rank and storage (3 steps): in CI they
+# run on the integer storage and on bf16 (the one accelerate shards); the storage only changes the dtype the packed
+# bytes are viewed as. FUSED_LORA_TEST_ALL_STORAGES=1 runs all four on both backends.
+TRITON_QLORA_STORAGES = QLORA_STORAGES if os.environ.get("FUSED_LORA_TEST_ALL_STORAGES") == "1" else ("uint8",
+                                                                                                     "bfloat16")
+QLORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="SEQ_CLS",
+             init_lora_weights=False)
+QLORA_LAYERS = 2 * 3
+
+
+def save_llama_base(path: str) -> None:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_labels=2,
+                                   pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(path)
+
+
+def qlora_model(path: str, storage: str) -> nn.Module:
+    """The 4-bit base (``bnb_4bit_quant_storage=storage``) as ``from_pretrained`` leaves it (in eval mode), with
+    PEFT's LoRA (A and B random, the same for every call); ``fused_lora.peft.enable()`` in effect or not, as the
+    caller set it."""
+    import peft
+    import transformers
+
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=getattr(torch, storage),
+        llm_int8_skip_modules=["score"])
+    base = transformers.LlamaForSequenceClassification.from_pretrained(
+        path, quantization_config=quantization, device_map="cpu", dtype=torch.float32)
+    torch.manual_seed(3)
+    return peft.get_peft_model(base, peft.LoraConfig(**QLORA))
+
+
+def qlora_reference(path: str) -> dict[str, torch.Tensor]:
+    """Plain PEFT QLoRA in one process on the whole batch (switched to train mode first, as a training script does)."""
+    model = qlora_model(path, "uint8").train()
+    train(model, *batch())
+    return trainable_state(model)
+
+
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 64, (GLOBAL_BATCH, SEQ), generator=g)  # no pad token (0): the last token is pooled

@@ -8,7 +8,10 @@ under each engine, on each backend, through the fused autograd Function (proved 
 - FSDP2 in accelerate 1.16's layout (per block, the input embeddings, the final norm, the root) with a PEFT model made
   under ``fused_lora.peft.enable()``;
 - DeepSpeed ZeRO-2 and ZeRO-3 (``deepspeed.initialize``; ZeRO-3 with every parameter partitioned) with ``inject_lora``
-  and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine.
+  and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine;
+- FSDP2 with PEFT QLoRA, the 4-bit weights sharded, for every ``bnb_4bit_quant_storage``: fused, after an eval-mode
+  forward under FSDP2 that must not repack the weights, and plain PEFT under the same sharding;
+- PEFT's own FSDP wrapping (lora_A/lora_B units): PEFT's forward, the reason named once.
 
 Each rank writes ``rank<r>.pt`` (scenario → its results) for the parent test. One process group for all of it, so that
 the start-up of two interpreters is paid once.
@@ -38,9 +41,9 @@ def deepspeed_config(stage: int) -> dict:
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def _prover(rank: int, backend: str, where: str, out: dict):
+def _prover(rank: int, backend: str, where: str, out: dict, layers: int = dc.LORA_LAYERS):
     def prove(loss: torch.Tensor) -> None:
-        out["function_nodes"] = dc.prove_fused_function(loss, backend, dc.LORA_LAYERS, f"{where} rank {rank}")
+        out["function_nodes"] = dc.prove_fused_function(loss, backend, layers, f"{where} rank {rank}")
     return prove
 
 
@@ -161,6 +164,49 @@ def run_fsdp2_peft_policy(rank: int) -> dict:
     return out
 
 
+def run_fsdp2_qlora(rank: int, backend: str, storage: str, fused: bool, base_path: str) -> dict:
+    """PEFT QLoRA with the 4-bit weights sharded by fully_shard (per decoder layer + root), fused
+    (``fused_lora.peft.enable()``) or plain PEFT. The fused model first runs an eval-mode forward without gradients
+    under FSDP2, as ``from_pretrained`` leaves it: the forward after which bitsandbytes would repack its weights for its
+    CPU inference kernel (on a CPU with AVX512-BF16); it must not (the layers' flag is off, no state says repacked), and
+    training afterwards must equal plain PEFT trained under the same sharding."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import fused_lora.peft as flp
+    from fused_lora.base_layers import BNB_4BIT, quant_state_of, quantized_kind
+
+    out: dict = {}
+    if fused:
+        with flp.enabled():
+            model = dc.qlora_model(base_path, storage)
+    else:
+        model = dc.qlora_model(base_path, storage).train()  # plain PEFT: train mode before anything runs
+    mesh = init_device_mesh("cpu", (dc.WORLD_SIZE,))
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    four_bit = [m for m in model.modules() if quantized_kind(m) == BNB_4BIT]
+    assert four_bit and all(isinstance(m.weight, DTensor) for m in four_bit), "the 4-bit weights are not sharded"
+    out["sharded_4bit"] = len(four_bit)
+    ids, labels = dc.rank_batch(rank)
+    # The optimizer first: FSDP2's root unit keeps its parameters unsharded after a forward without backward, so
+    # model.parameters() would hand an optimizer made after the eval forward the root's unsharded tensors.
+    opt = dc.optimizer(model)
+    if fused:
+        assert not model.get_base_model().training  # as from_pretrained left it (the PeftModel wrapper is new)
+        with torch.no_grad():
+            model(input_ids=ids)
+        out["repacked"] = [m for m in four_bit if getattr(quant_state_of(m), "packing_format_for_cpu", False)
+                           or getattr(m, "support_avx512bf16_for_cpu", False)]
+        model.train()
+    dc.train(model, ids, labels, prove=_prover(rank, backend, f"fsdp2 qlora {storage}", out, dc.QLORA_LAYERS)
+             if fused else None, opt=opt)
+    out["params"] = _full_trainables_fsdp(model)
+    return out
+
+
 def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) -> dict:
     import deepspeed
 
@@ -203,6 +249,18 @@ def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) 
     return out
 
 
+def run_qlora(rank: int, backend: str, out_dir: str) -> dict:
+    """Every quant storage fused (the Triton backend: dc.TRITON_QLORA_STORAGES); plain PEFT once per storage, on the
+    PyTorch backend's turn."""
+    base_path = os.path.join(out_dir, "llama_base")
+    storages = dc.QLORA_STORAGES if backend == "torch" else dc.TRITON_QLORA_STORAGES
+    results = {f"fused/{storage}": run_fsdp2_qlora(rank, backend, storage, True, base_path) for storage in storages}
+    if backend == "torch":
+        results.update({f"plain/{storage}": run_fsdp2_qlora(rank, backend, storage, False, base_path)
+                        for storage in dc.QLORA_STORAGES})
+    return results
+
+
 SCENARIOS = {
     "ddp": run_ddp,
     "fsdp2_blocks": run_fsdp2_blocks,
@@ -210,6 +268,7 @@ SCENARIOS = {
     **{f"zero{stage}_{kind}": (lambda rank, backend, out_dir, s=stage, k=kind: run_deepspeed(rank, backend, s, k,
                                                                                              out_dir))
        for stage in (2, 3) for kind in ("inject", "peft")},
+    "fsdp2_qlora": run_qlora,
 }
 
 

@@ -32,6 +32,7 @@ SCENARIOS = list(dw.SCENARIOS)
 def rank_results(tmp_path_factory) -> list[dict]:
     """Runs the two workers once for all the tests of this file; fails fast on a crash or a hang."""
     out_dir = str(tmp_path_factory.mktemp("dist"))
+    dc.save_llama_base(os.path.join(out_dir, "llama_base"))  # the QLoRA runs load it in 4 bits
     dc.spawn(dw.worker, (dc.free_port(), out_dir, COLLECTIVE_TIMEOUT_S, SCENARIOS), TOTAL_TIMEOUT_S)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(dc.WORLD_SIZE)]
 
@@ -114,3 +115,29 @@ def test_peft_fsdp_wrapping_keeps_peft_forward_and_says_why(rank_results, single
     assert len(r0["warnings"]) == 1 and "FSDP units of their own" in r0["warnings"][0], r0["warnings"]
     assert "wrap per transformer block" in r0["warnings"][0]
     dc.assert_same_training(r0["params"], single, "PEFT's FSDP wrapping")
+
+
+@pytest.fixture(scope="module")
+def single_qlora(rank_results, tmp_path_factory) -> dict[str, torch.Tensor]:
+    path = str(tmp_path_factory.mktemp("llama"))
+    dc.save_llama_base(path)
+    return dc.qlora_reference(path)
+
+
+@pytest.mark.parametrize(("backend", "storage"), [("torch", s) for s in dc.QLORA_STORAGES]
+                         + [("triton", s) for s in dc.TRITON_QLORA_STORAGES])
+def test_fsdp2_qlora_sharded_4bit_fused_equals_plain_peft(rank_results, single_qlora, backend, storage):
+    """FSDP2 with the 4-bit weights sharded (fully_shard turns each Params4bit into a DTensor, at forward time a plain
+    tensor without quant_state): every LoRA layer runs the fused Function on both ranks, an eval-mode forward under
+    FSDP2 repacks nothing, and training equals plain PEFT under the same sharding and in one process."""
+    fused = [r[f"fsdp2_qlora/{backend}"][f"fused/{storage}"] for r in rank_results]
+    plain = rank_results[0]["fsdp2_qlora/torch"][f"plain/{storage}"]
+    for rank, r in enumerate(fused):
+        assert r["function_nodes"] >= dc.QLORA_LAYERS, (rank, r["function_nodes"])
+        assert r["sharded_4bit"] == 2 * 7, r["sharded_4bit"]  # every projection of both layers
+        assert r["repacked"] == [], f"rank {rank}: bitsandbytes repacked {r['repacked']} for its CPU inference kernel"
+    print(storage, backend, "vs plain PEFT (FSDP2)", dc.assert_same_training(fused[0]["params"], plain["params"],
+                                                                               f"fused {storage} vs plain PEFT"))
+    print(storage, backend, "vs one process", dc.assert_same_training(fused[0]["params"], single_qlora,
+                                                                        f"fused {storage} vs one process"))
+    dc.assert_same_training(plain["params"], single_qlora, f"plain PEFT {storage} vs one process")

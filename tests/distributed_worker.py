@@ -11,7 +11,8 @@ under each engine, on each backend, through the fused autograd Function (proved 
   and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine;
 - FSDP2 with PEFT QLoRA, the 4-bit weights sharded, for every ``bnb_4bit_quant_storage``: fused, after an eval-mode
   forward under FSDP2 that must not repack the weights, and plain PEFT under the same sharding;
-- PEFT's own FSDP wrapping (lora_A/lora_B units): PEFT's forward, the reason named once.
+- PEFT's own FSDP wrapping (lora_A/lora_B units): PEFT's forward, the reason named once;
+- ``FusedLoRATrainer`` with DDP (the Trainer under torchrun), saving its adapter.
 
 Each rank writes ``rank<r>.pt`` (scenario → its results) for the parent test. One process group for all of it, so that
 the start-up of two interpreters is paid once.
@@ -249,6 +250,35 @@ def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) 
     return out
 
 
+def run_trainer_ddp(rank: int, backend: str, out_dir: str) -> dict:
+    """FusedLoRATrainer under torchrun: the Trainer wraps the model in DDP (CPU: use_cpu=True, gloo), save_model writes
+    the adapter from the main process. Last in the group: it leaves accelerate's process-wide state behind."""
+    from accelerate.state import AcceleratorState
+
+    from fused_lora.hf_trainer import FusedLoRATrainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    model = dc.injected_model()
+    folder = os.path.join(out_dir, f"trainer_ddp_{backend}")
+    args = dc.training_arguments(folder, dc.WORLD_SIZE, use_cpu=True, ddp_backend="gloo")
+    out: dict = {}
+
+    class ProvingTrainer(FusedLoRATrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            if "function_nodes" not in out:
+                _prover(rank, backend, "trainer ddp", out)(loss)
+            return loss
+
+    trainer = ProvingTrainer(model=model, args=args, train_dataset=dc.Examples())
+    trainer.train()
+    out["wrapper"] = type(trainer.model_wrapped).__name__
+    out["params"] = dc.trainable_state(model)
+    trainer.save_model(os.path.join(folder, "final"))
+    out["adapter_dir"] = os.path.join(folder, "final")
+    return out
+
+
 def run_qlora(rank: int, backend: str, out_dir: str) -> dict:
     """Every quant storage fused (the Triton backend: dc.TRITON_QLORA_STORAGES); plain PEFT once per storage, on the
     PyTorch backend's turn."""
@@ -269,6 +299,7 @@ SCENARIOS = {
                                                                                              out_dir))
        for stage in (2, 3) for kind in ("inject", "peft")},
     "fsdp2_qlora": run_qlora,
+    "trainer_ddp": run_trainer_ddp,
 }
 
 

@@ -42,6 +42,11 @@ def single() -> dict[str, torch.Tensor]:
     return dc.reference()
 
 
+@pytest.fixture(scope="module")
+def single_trainer(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return dc.trainer_reference(str(tmp_path_factory.mktemp("trainer_reference")))
+
+
 def test_reference_trains_every_parameter(single):
     names = sorted(single)
     assert names[:4] == ["score.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.0.attn.c_proj.lora_A",
@@ -78,7 +83,7 @@ def test_sharded_engine_matches_single_process(rank_results, single, scenario, b
         dc.assert_same_training(r1["params"], single, f"{key} rank 1")
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "fsdp2_blocks", "zero2_inject", "zero3_inject"])
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp2_blocks", "zero2_inject", "zero3_inject", "trainer_ddp"])
 @pytest.mark.parametrize("backend", dc.BACKEND_NAMES)
 def test_adapter_saved_from_the_engine_loads_into_a_fresh_base(rank_results, scenario, backend):
     """save_adapter straight from the engine's model (the DDP wrapper, the sharded FSDP2 model, the DeepSpeed engine;
@@ -91,12 +96,22 @@ def test_adapter_saved_from_the_engine_loads_into_a_fresh_base(rank_results, sce
 
     trained = rank_results[0][f"{scenario}/{backend}"]["params"]
     folder = rank_results[0][f"{scenario}/{backend}"]["adapter_dir"]
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(f for f in os.listdir(folder) if f != "training_args.bin")  # the Trainer adds its arguments
+    assert files == ["adapter_config.json", "adapter_model.safetensors"], files
     restored = dict(load_adapter(build("gpt2_cls"), folder).named_parameters())
     peft_restored = dc.ours(dict(PeftModel.from_pretrained(build("gpt2_cls"), folder).named_parameters()))
     for name, tensor in trained.items():
         assert torch.equal(restored[name], tensor), f"load_adapter: {name}"
         assert torch.equal(peft_restored[name], tensor), f"PeftModel.from_pretrained: {name}"
+
+
+@pytest.mark.parametrize("backend", dc.BACKEND_NAMES)
+def test_trainer_ddp_matches_single_process(rank_results, single_trainer, backend):
+    key = f"trainer_ddp/{backend}"
+    _check_ran_function(rank_results, key)
+    for rank, results in enumerate(rank_results):
+        assert results[key]["wrapper"] == "DistributedDataParallel", results[key]["wrapper"]
+        print(key, rank, dc.assert_same_training(results[key]["params"], single_trainer, f"{key} rank {rank}"))
 
 
 def test_ddp_with_dropout_keeps_ranks_in_sync(rank_results):

@@ -6,8 +6,8 @@ fused autograd Function (proved per rank on the first step's loss):
   ``fused_lora.peft.enable()``; ``FusedLoRATrainer`` (inject_lora) and ``Trainer`` (PEFT + enable) with no engine
   argument, so that the Trainer takes FSDP2 from the launch;
 - ``deepspeed`` config (ZeRO-3, every parameter partitioned): ``Accelerator().prepare`` (inject_lora);
-  ``FusedLoRATrainer`` with no engine argument (ZeRO-3 from the launch); ``Trainer(deepspeed=<dict>)`` given ZeRO-2 and
-  ZeRO-3 explicitly, with ``inject_lora`` (FusedLoRATrainer) and with PEFT + enable (Trainer).
+  ``FusedLoRATrainer`` with no engine argument (ZeRO-3 from the launch); ``Trainer(deepspeed=<dict>)`` given ZeRO-2
+  (``FusedLoRATrainer``, inject_lora) and ZeRO-3 (``Trainer``, PEFT + enable) explicitly.
 
 Each Trainer saves its model at the end and a checkpoint at step 2; every rank writes ``rank<r>.pt`` (scenario → its
 results) into the output folder.
@@ -270,7 +270,6 @@ SCENARIOS = {
         "accelerator_inject": lambda b, d: run_accelerator(b, "inject"),
         "trainer_inject": lambda b, d: run_trainer(b, "inject", d, f"ds_launch_trainer_inject_{b}"),
         "trainer_zero2_inject": lambda b, d: run_trainer(b, "inject", d, f"zero2_trainer_inject_{b}", zero_config(2)),
-        "trainer_zero3_inject": lambda b, d: run_trainer(b, "inject", d, f"zero3_trainer_inject_{b}", zero_config(3)),
         "trainer_zero3_peft": lambda b, d: run_trainer(b, "peft", d, f"zero3_trainer_peft_{b}",
                                                       zero_config(3, gather_on_save=True)),
     },

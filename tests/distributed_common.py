@@ -323,30 +323,23 @@ def worker_env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def spawn(worker, args: tuple, timeout_s: float) -> None:
-    """``worker(rank, *args)`` in WORLD_SIZE fresh interpreters started with :func:`worker_env` (set in this process
-    while they start, then restored); raises on a crash, fails after ``timeout_s``, and kills only its own processes."""
-    import time
+def launch(command: list[str], timeout_s: float, what: str) -> None:
+    """Runs a launcher (``torchrun``, ``accelerate launch``) with :func:`worker_env` added to this environment, in a
+    session of its own; fails the test with the end of its output when it fails, or when it outlives ``timeout_s``,
+    after killing that session (the launcher and the workers it started, nothing else)."""
+    import signal
+    import subprocess
 
     import pytest
-    import torch.multiprocessing as mp
 
-    saved = {k: os.environ.get(k) for k in worker_env()}
-    os.environ.update(worker_env())
+    env = {**os.environ, **worker_env()}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        ctx = mp.start_processes(worker, args=args, nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {timeout_s} s")
-    finally:
-        for process in ctx.processes:  # only ours; a no-op for those that exited
-            if process.is_alive():
-                process.kill()
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{what} did not finish within {timeout_s} s:\n{stderr[-6000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"{what} failed (exit {process.returncode}):\n{stderr[-8000:]}")

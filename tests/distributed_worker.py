@@ -1,12 +1,10 @@
-"""Worker side of tests/test_distributed.py: two processes (gloo, CPU), started the way ``torchrun`` starts them (the
-``MASTER_ADDR``/``RANK``/``WORLD_SIZE`` environment), train the tiny GPT-2 classifier of tests/distributed_common.py
-under each engine, on each backend, through the fused autograd Function (proved per rank on the first step's loss):
+"""Worker script of tests/test_distributed.py, started by ``torchrun --nproc_per_node 2`` (gloo, CPU): two processes
+train the tiny GPT-2 classifier of tests/distributed_common.py under each engine, on each backend, through the fused
+autograd Function (proved per rank on the first step's loss):
 
 - DDP with ``inject_lora``; the adapter saved with ``save_adapter`` from the DDP wrapper, every rank calling it;
 - FSDP2 (``fully_shard``) per block + root with ``inject_lora``; the adapter saved with ``save_adapter`` straight from
   the sharded model;
-- FSDP2 in accelerate 1.16's layout (per block, the input embeddings, the final norm, the root) with a PEFT model made
-  under ``fused_lora.peft.enable()``;
 - DeepSpeed ZeRO-2 and ZeRO-3 (``deepspeed.initialize``; ZeRO-3 with every parameter partitioned) with ``inject_lora``
   and with ``fused_lora.peft.enable()``; the adapter saved with ``save_adapter`` straight from the engine;
 - FSDP2 with PEFT QLoRA, the 4-bit weights sharded, for every ``bnb_4bit_quant_storage``: fused, after an eval-mode
@@ -25,10 +23,12 @@ import os
 import sys
 import time
 
-import distributed_common as dc
-import torch
-import torch.distributed as dist
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # distributed_common, tiny_models
+
+import distributed_common as dc  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 
 # ZeRO-3 partitions tiny parameters only without persistence thresholds: otherwise every parameter of a test model
 # stays whole on every rank and the test proves nothing about partitioning.
@@ -118,22 +118,6 @@ def accelerate_fsdp2_layout(model: nn.Module, mesh) -> None:
     fully_shard(gpt2.get_input_embeddings(), mesh=mesh)
     fully_shard([gpt2.transformer.ln_f], mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
-
-
-def run_fsdp2_peft(rank: int, backend: str) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    import fused_lora.peft as flp
-
-    out: dict = {}
-    with flp.enabled():
-        model = dc.peft_model()
-    assert flp.is_accelerated(model)
-    accelerate_fsdp2_layout(model, init_device_mesh("cpu", (dc.WORLD_SIZE,)))
-    out["sharded"] = _check_fsdp2_sharded(model)
-    dc.train(model, *dc.rank_batch(rank), prove=_prover(rank, backend, "fsdp2 accelerate layout, PEFT", out))
-    out["params"] = _full_trainables_fsdp(model)  # every rank joins the gather; rank 0 gets the tensors
-    return out
 
 
 def run_fsdp2_peft_policy(rank: int) -> dict:
@@ -294,7 +278,6 @@ def run_qlora(rank: int, backend: str, out_dir: str) -> dict:
 SCENARIOS = {
     "ddp": run_ddp,
     "fsdp2_blocks": run_fsdp2_blocks,
-    "fsdp2_peft": lambda rank, backend, out_dir: run_fsdp2_peft(rank, backend),
     **{f"zero{stage}_{kind}": (lambda rank, backend, out_dir, s=stage, k=kind: run_deepspeed(rank, backend, s, k,
                                                                                              out_dir))
        for stage in (2, 3) for kind in ("inject", "peft")},
@@ -303,10 +286,8 @@ SCENARIOS = {
 }
 
 
-def worker(rank: int, port: int, out_dir: str, timeout_s: float, scenarios: list[str]) -> None:
-    """Entry point for ``distributed_common.spawn``: every scenario on both backends in one process group."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(dc.WORLD_SIZE), LOCAL_WORLD_SIZE=str(dc.WORLD_SIZE))
+def worker(rank: int, out_dir: str, timeout_s: float, scenarios: list[str]) -> None:
+    """Every scenario on both backends in one process group (the environment torchrun sets)."""
     # A short timeout: a collective that never completes fails the test instead of hanging CI.
     dist.init_process_group("gloo", rank=rank, world_size=dc.WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=timeout_s))
@@ -333,3 +314,15 @@ def worker(rank: int, port: int, out_dir: str, timeout_s: float, scenarios: list
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def main() -> None:
+    """``torchrun --nproc_per_node 2 tests/distributed_worker.py <out_dir> <collective timeout s> [scenario,...]``"""
+    out_dir, timeout_s = sys.argv[1], float(sys.argv[2])
+    scenarios = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SCENARIOS)
+    torch.set_num_threads(1)  # two ranks on two cores
+    worker(int(os.environ["RANK"]), out_dir, timeout_s, scenarios)
+
+
+if __name__ == "__main__":
+    main()

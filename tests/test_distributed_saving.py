@@ -15,15 +15,24 @@ from fused_lora import load_adapter, save_adapter
 from fused_lora.hf_trainer import FusedLoRATrainer
 
 
-def _files(folder) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+def _files(folder) -> tuple[list[str], bytes, dict, dict[str, torch.Tensor]]:
+    """(file names, the config's bytes, the weights' metadata, the weights). Not the weights file's bytes: safetensors
+    writes its metadata in a different order from one call to the next."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    return sorted(os.listdir(folder)), (folder / "adapter_config.json").read_bytes(), metadata, tensors
 
 
 def test_from_a_gathered_state_dict_the_same_files(tmp_path):
     model = dc.injected_model()
     save_adapter(model, tmp_path / "own")
     save_adapter(model, tmp_path / "given", state_dict={k: v.clone() for k, v in model.state_dict().items()})
-    assert _files(tmp_path / "given") == _files(tmp_path / "own")
+    names, config, metadata, tensors = _files(tmp_path / "given")
+    assert (names, config, metadata) == _files(tmp_path / "own")[:3]
+    own = _files(tmp_path / "own")[3]
+    assert tensors.keys() == own.keys() and all(torch.equal(tensors[k], own[k]) for k in own)
 
 
 def test_a_state_dict_without_the_adapter_is_refused(tmp_path):

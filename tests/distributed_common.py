@@ -163,21 +163,41 @@ def save_llama_base(path: str) -> None:
     transformers.LlamaForSequenceClassification(cfg).save_pretrained(path)
 
 
-def qlora_model(path: str, storage: str) -> nn.Module:
-    """The 4-bit base (``bnb_4bit_quant_storage=storage``) as ``from_pretrained`` leaves it (in eval mode), with
-    PEFT's LoRA (A and B random, the same for every call); ``fused_lora.peft.enable()`` in effect or not, as the
-    caller set it."""
-    import peft
+def llama_4bit(path: str, storage: str) -> nn.Module:
+    """The base in 4 bits (``bnb_4bit_quant_storage=storage``), as ``from_pretrained`` leaves it (in eval mode)."""
     import transformers
 
     quantization = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=getattr(torch, storage),
         llm_int8_skip_modules=["score"])
-    base = transformers.LlamaForSequenceClassification.from_pretrained(
+    return transformers.LlamaForSequenceClassification.from_pretrained(
         path, quantization_config=quantization, device_map="cpu", dtype=torch.float32)
+
+
+def qlora_model(path: str, storage: str) -> nn.Module:
+    """The 4-bit base (``bnb_4bit_quant_storage=storage``) as ``from_pretrained`` leaves it (in eval mode), with
+    PEFT's LoRA (A and B random, the same for every call); ``fused_lora.peft.enable()`` in effect or not, as the
+    caller set it."""
+    import peft
+
+    base = llama_4bit(path, storage)
     torch.manual_seed(3)
     return peft.get_peft_model(base, peft.LoraConfig(**QLORA))
+
+
+def qlora_injected(path: str, storage: str) -> nn.Module:
+    """The same 4-bit base with fused_lora's own layers (``inject_lora``), starting from :func:`qlora_model`'s
+    values."""
+    from fused_lora import LoRAConfig, inject_lora
+
+    peft_values = trainable_state(qlora_model(path, storage))
+    model = inject_lora(llama_4bit(path, storage), LoRAConfig(**QLORA))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(peft_values[name])
+    return model
 
 
 def qlora_reference(path: str) -> dict[str, torch.Tensor]:

@@ -149,7 +149,8 @@ def run_fsdp2_peft_policy(rank: int) -> dict:
     return out
 
 
-def run_fsdp2_qlora(rank: int, backend: str, storage: str, fused: bool, base_path: str) -> dict:
+def run_fsdp2_qlora(rank: int, backend: str, storage: str, fused: bool, base_path: str, inject: bool = False,
+                    out_dir: str | None = None) -> dict:
     """PEFT QLoRA with the 4-bit weights sharded by fully_shard (per decoder layer + root), fused
     (``fused_lora.peft.enable()``) or plain PEFT. The fused model first runs an eval-mode forward without gradients
     under FSDP2, as ``from_pretrained`` leaves it: the forward after which bitsandbytes would repack its weights for its
@@ -160,16 +161,20 @@ def run_fsdp2_qlora(rank: int, backend: str, storage: str, fused: bool, base_pat
     from torch.distributed.tensor import DTensor
 
     import fused_lora.peft as flp
+    from fused_lora import save_adapter
     from fused_lora.base_layers import BNB_4BIT, quant_state_of, quantized_kind
 
     out: dict = {}
-    if fused:
+    if inject:  # fused_lora's own layers (inject_lora), the same start
+        model = dc.qlora_injected(base_path, storage)
+    elif fused:
         with flp.enabled():
             model = dc.qlora_model(base_path, storage)
     else:
         model = dc.qlora_model(base_path, storage).train()  # plain PEFT: train mode before anything runs
     mesh = init_device_mesh("cpu", (dc.WORLD_SIZE,))
-    for layer in model.get_base_model().model.layers:
+    base_model = model if inject else model.get_base_model()
+    for layer in base_model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     four_bit = [m for m in model.modules() if quantized_kind(m) == BNB_4BIT]
@@ -180,7 +185,7 @@ def run_fsdp2_qlora(rank: int, backend: str, storage: str, fused: bool, base_pat
     # model.parameters() would hand an optimizer made after the eval forward the root's unsharded tensors.
     opt = dc.optimizer(model)
     if fused:
-        assert not model.get_base_model().training  # as from_pretrained left it (the PeftModel wrapper is new)
+        assert not base_model.training  # as from_pretrained left it
         with torch.no_grad():
             model(input_ids=ids)
         out["repacked"] = [m for m in four_bit if getattr(quant_state_of(m), "packing_format_for_cpu", False)
@@ -189,6 +194,9 @@ def run_fsdp2_qlora(rank: int, backend: str, storage: str, fused: bool, base_pat
     dc.train(model, ids, labels, prove=_prover(rank, backend, f"fsdp2 qlora {storage}", out, dc.QLORA_LAYERS)
              if fused else None, opt=opt)
     out["params"] = _full_trainables_fsdp(model)
+    if inject:  # straight from the sharded 4-bit model
+        out["adapter_dir"] = os.path.join(out_dir, f"qlora_inject_{storage}")
+        save_adapter(model, out["adapter_dir"])
     return out
 
 
@@ -264,14 +272,17 @@ def run_trainer_ddp(rank: int, backend: str, out_dir: str) -> dict:
 
 
 def run_qlora(rank: int, backend: str, out_dir: str) -> dict:
-    """Every quant storage fused (the Triton backend: dc.TRITON_QLORA_STORAGES); plain PEFT once per storage, on the
-    PyTorch backend's turn."""
+    """Every quant storage fused (the Triton backend: dc.TRITON_QLORA_STORAGES); plain PEFT once per storage and
+    inject_lora once (bf16 storage), on the PyTorch backend's turn."""
     base_path = os.path.join(out_dir, "llama_base")
     storages = dc.QLORA_STORAGES if backend == "torch" else dc.TRITON_QLORA_STORAGES
     results = {f"fused/{storage}": run_fsdp2_qlora(rank, backend, storage, True, base_path) for storage in storages}
     if backend == "torch":
         results.update({f"plain/{storage}": run_fsdp2_qlora(rank, backend, storage, False, base_path)
                         for storage in dc.QLORA_STORAGES})
+        # inject_lora's layers: the same Function and 4-bit code; once, on the storage accelerate would shard
+        results["inject/bfloat16"] = run_fsdp2_qlora(rank, backend, "bfloat16", True, base_path, inject=True,
+                                                     out_dir=out_dir)
     return results
 
 

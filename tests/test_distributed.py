@@ -180,3 +180,22 @@ def test_fsdp2_qlora_sharded_4bit_fused_equals_plain_peft(rank_results, single_q
     dc.assert_same_training(plain["params"], single_qlora, f"plain PEFT {storage} vs one process", tight=True)
     print(f"fsdp2 qlora {storage} {backend}: max |Δ| {vs_plain:.2g} vs plain PEFT (FSDP2), {vs_single:.2g} vs one "
           "process (plain PEFT)")
+
+
+def test_fsdp2_qlora_with_inject_lora_and_its_adapter(rank_results, single_qlora, tmp_path):
+    """inject_lora's own 4-bit layers under FSDP2 with the weights sharded (bf16 storage, PyTorch backend): fused on
+    both ranks, equal to one process; the adapter saved straight from the sharded model loads into a fresh 4-bit base
+    equal to the trained parameters."""
+    from fused_lora import load_adapter
+
+    runs = [r["fsdp2_qlora/torch"]["inject/bfloat16"] for r in rank_results]
+    for rank, r in enumerate(runs):
+        assert r["function_nodes"] >= dc.QLORA_LAYERS and r["repacked"] == [], (rank, r)
+    got = runs[0]["params"]
+    print("fsdp2 qlora inject_lora: max |Δ|", dc.assert_same_training(got, single_qlora, "inject vs one process",
+                                                                       tight=True))
+    base = str(tmp_path / "llama")
+    dc.save_llama_base(base)
+    restored = dict(load_adapter(dc.llama_4bit(base, "bfloat16"), runs[0]["adapter_dir"]).named_parameters())
+    for name, tensor in got.items():
+        assert torch.equal(restored[name], tensor), name

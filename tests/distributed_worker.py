@@ -215,6 +215,17 @@ def run_deepspeed(rank: int, backend: str, stage: int, kind: str, out_dir: str) 
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=dc.optimizer(model),
                                              config=deepspeed_config(stage))
     params = list(model.parameters())
+    if stage == 3 and kind == "peft":
+        # A LoRA layer called on its own before any forward of the model: nothing gathered its base layer's and
+        # adapters' parameters for it, so it takes PEFT's forward (whose modules gather their own), and says why.
+        import warnings
+
+        flp._reported.clear()
+        layer = model.get_base_model().transformer.h[0].mlp.c_fc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(torch.randn(1, 3, layer.in_features))
+        out["alone"] = (tuple(y.shape), [str(w.message) for w in caught if "fused_lora.peft" in str(w.message)])
     if stage == 3:  # every parameter, frozen or not, an empty placeholder outside its module's forward
         partitioned = [p for p in params if p.numel() == 0 and p.ds_numel > 0]
         assert len(partitioned) == len(params), f"ZeRO-3 partitioned {len(partitioned)} of {len(params)} parameters"

@@ -199,3 +199,12 @@ def test_fsdp2_qlora_with_inject_lora_and_its_adapter(rank_results, single_qlora
     restored = dict(load_adapter(dc.llama_4bit(base, "bfloat16"), runs[0]["adapter_dir"]).named_parameters())
     for name, tensor in got.items():
         assert torch.equal(restored[name], tensor), name
+
+
+def test_zero3_peft_layer_called_alone_takes_peft_forward(rank_results):
+    """ZeRO-3, PEFT + enable(): a LoRA layer called on its own before any forward of the model finds its base layer's
+    and adapters' parameters partitioned (nothing gathered them for it): PEFT's forward, with the cause named."""
+    for results in rank_results:
+        shape, messages = results["zero3_peft/torch"]["alone"]
+        assert shape == (1, 3, 4 * 32), shape
+        assert len(messages) == 1 and "DeepSpeed ZeRO-3 parameters not gathered" in messages[0], messages

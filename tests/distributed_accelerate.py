@@ -9,8 +9,8 @@ fused autograd Function (proved per rank on the first step's loss):
   ``FusedLoRATrainer`` with no engine argument (ZeRO-3 from the launch); ``Trainer(deepspeed=<dict>)`` given ZeRO-2
   (``FusedLoRATrainer``, inject_lora) and ZeRO-3 (``Trainer``, PEFT + enable) explicitly.
 
-Each Trainer saves its model at the end and a checkpoint at step 2; every rank writes ``rank<r>.pt`` (scenario → its
-results) into the output folder.
+Each Trainer saves its model at the end and a checkpoint at step 2, from which ``FusedLoRATrainer`` resumes once per
+config (PyTorch backend); every rank writes ``rank<r>.pt`` (scenario → its results) into the output folder.
 
     accelerate launch --config_file fsdp2.yaml tests/distributed_accelerate.py <out_dir> fsdp2
 
@@ -249,6 +249,20 @@ def run_trainer(backend: str, kind: str, out_dir: str, name: str, deepspeed: dic
     return out
 
 
+def run_resume(out_dir: str, name: str) -> dict:
+    """``FusedLoRATrainer`` resumed from the step-2 checkpoint of the run ``name`` (PyTorch backend): the engine's own
+    checkpoint (FSDP's sharded model and optimizer state, DeepSpeed's global_step2) restores the training state, and
+    the last step ends where the uninterrupted run ended."""
+    from fused_lora.hf_trainer import FusedLoRATrainer
+
+    fresh_accelerate_state()
+    model = dc.injected_model()
+    args = dc.training_arguments(os.path.join(out_dir, name + "_resumed"), dc.WORLD_SIZE)
+    trainer = FusedLoRATrainer(model=model, args=args, train_dataset=dc.Examples())
+    trainer.train(resume_from_checkpoint=os.path.join(out_dir, name, "checkpoint-2"))
+    return {"params": gathered_trainables(trainer.model), "global_step": trainer.state.global_step}
+
+
 def zero_config(stage: int, gather_on_save: bool = False) -> dict:
     """What a user hands ``TrainingArguments(deepspeed=...)``: the Trainer fills the "auto" values from its arguments
     (micro batch, accumulation, gradient clipping from max_grad_norm). ``gather_on_save``: ZeRO-3's
@@ -265,10 +279,12 @@ SCENARIOS = {
         "accelerator_peft": lambda b, d: run_accelerator(b, "peft"),
         "trainer_inject": lambda b, d: run_trainer(b, "inject", d, f"fsdp2_trainer_inject_{b}"),
         "trainer_peft": lambda b, d: run_trainer(b, "peft", d, f"fsdp2_trainer_peft_{b}"),
+        "trainer_inject_resumed": lambda b, d: run_resume(d, f"fsdp2_trainer_inject_{b}"),
     },
     "deepspeed": {
         "accelerator_inject": lambda b, d: run_accelerator(b, "inject"),
         "trainer_inject": lambda b, d: run_trainer(b, "inject", d, f"ds_launch_trainer_inject_{b}"),
+        "trainer_inject_resumed": lambda b, d: run_resume(d, f"ds_launch_trainer_inject_{b}"),
         "trainer_zero2_inject": lambda b, d: run_trainer(b, "inject", d, f"zero2_trainer_inject_{b}", zero_config(2)),
         "trainer_zero3_peft": lambda b, d: run_trainer(b, "peft", d, f"zero3_trainer_peft_{b}",
                                                       zero_config(3, gather_on_save=True)),
@@ -289,7 +305,7 @@ def main() -> None:
     chosen = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SCENARIOS[config])  # a subset: for debugging
     for name in chosen:
         scenario = SCENARIOS[config][name]
-        for backend in dc.BACKEND_NAMES:
+        for backend in dc.BACKEND_NAMES if not name.endswith("_resumed") else ("torch",):  # checkpoint plumbing only
             start, cpu = time.perf_counter(), time.process_time()
             with dc.backend(backend):
                 results[f"{name}/{backend}"] = scenario(backend, out_dir)

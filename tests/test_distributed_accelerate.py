@@ -82,8 +82,8 @@ def single_trainer(tmp_path_factory) -> dict[str, torch.Tensor]:
     return dc.trainer_reference(str(tmp_path_factory.mktemp("trainer_reference")))
 
 
-FSDP2_SCENARIOS = list(da.SCENARIOS["fsdp2"])
-DEEPSPEED_SCENARIOS = list(da.SCENARIOS["deepspeed"])
+FSDP2_SCENARIOS = [s for s in da.SCENARIOS["fsdp2"] if not s.endswith("_resumed")]
+DEEPSPEED_SCENARIOS = [s for s in da.SCENARIOS["deepspeed"] if not s.endswith("_resumed")]
 ZERO_STAGE = {"trainer_inject": 3, "trainer_zero2_inject": 2, "trainer_zero3_peft": 3}
 
 
@@ -164,6 +164,17 @@ def test_trainer_saves_an_adapter(request, case, backend):
         assert len(saves) == 3, r0["logs"]  # checkpoint-2, checkpoint-3 (the last step), final
         assert r1["logs"] == [], r1["logs"]
         assert not [m for level, m in r0["logs"] if level != "INFO"], r0["logs"]
+
+
+@pytest.mark.parametrize("config", ["fsdp2", "deepspeed"])
+def test_fused_lora_trainer_resumes_from_the_engines_checkpoint(request, config):
+    """Resumed from the step-2 checkpoint (the engine's own state beside the adapter), the last step ends where the
+    uninterrupted run ended."""
+    ranks = request.getfixturevalue("fsdp2" if config == "fsdp2" else "deepspeed_launch")
+    resumed, whole = ranks[0]["trainer_inject_resumed/torch"], ranks[0]["trainer_inject/torch"]
+    assert resumed["global_step"] == dc.STEPS
+    print(config, "resumed vs uninterrupted:", dc.assert_same_training(resumed["params"], whole["params"],
+                                                                      f"{config} resumed", tight=True))
 
 
 def test_docs_show_the_launch_configs_the_tests_use():

@@ -235,10 +235,73 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"load_adapter: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} in {os.fspath(directory)!r}")
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The injected model inside a data-parallel wrapper (DDP, a DeepSpeed engine: both keep it as ``.module``)."""
+    while get_state(model) is None and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def _is_zero3_partitioned(tensor: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitioned (an empty placeholder outside its module's forward)."""
+    return hasattr(tensor, "ds_id") and hasattr(tensor, "ds_numel")
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def _adapter_tensors(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
+    """State-dict key → the full tensor, on the CPU. On a sharded model only these tensors are gathered, never the
+    frozen base: FSDP2's DTensors one by one (``full_tensor``), ZeRO-3's partitioned parameters together
+    (``deepspeed.zero.GatheredParameters``, the adapter's size). Every rank must then take part, in the same order
+    (``keys``'s)."""
+    if _is_fsdp1(model):
+        raise ValueError("save_adapter: the model is wrapped by FSDP1 (FullyShardedDataParallel), whose parameters are "
+                         "views into flat shards; gather its full state dict on rank 0 (torch.distributed.checkpoint"
+                         ".state_dict.get_model_state_dict with full_state_dict=True, cpu_offload=True), load it into "
+                         "an unsharded copy of the injected model and save that (docs/distributed.md), or use FSDP2")
+    named = {**dict(model.named_buffers(remove_duplicate=False)),
+             **dict(model.named_parameters(remove_duplicate=False))}
+    state = None
+    tensors: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key not in named:  # a key a state-dict hook made (none of an adapter's today): the state dict's tensor
+            state = state if state is not None else model.state_dict()
+            named[key] = state[key]
+        tensors[key] = named[key]
+    zero3 = [t for t in tensors.values() if _is_zero3_partitioned(t)]
+    if zero3:
+        import deepspeed  # its zero namespace is an attribute, not an importable module
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            tensors = {k: t.detach().clone() if _is_zero3_partitioned(t) else t for k, t in tensors.items()}
+    for key, tensor in tensors.items():
+        if type(tensor).__name__ == "DTensor":  # FSDP2 (fully_shard): an all-gather of this tensor alone
+            tensors[key] = tensor.full_tensor()
+    return {k: t.detach().cpu() for k, t in tensors.items()}
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of the default process group, or no process group at all."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: bool | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` into the folder ``path`` in PEFT's format,
     so that ``peft.PeftModel.from_pretrained(base_model, path)`` loads it. The pair is written atomically: if saving
-    fails, the folder keeps the previous adapter byte for byte, and no temporary file is left."""
+    fails, the folder keeps the previous adapter byte for byte, and no temporary file is left.
+
+    A model inside DDP or a DeepSpeed engine may be passed as it is (its ``.module`` is saved). On a sharded model
+    (FSDP2's ``fully_shard``, DeepSpeed ZeRO-3) **every rank must call it**: only the adapter's tensors are gathered
+    (never the frozen base). ``is_main_process`` says whether this process writes, as in PEFT's ``save_pretrained``;
+    by default rank 0 writes when a process group is initialized (so every rank may call it, as a sharded model
+    requires), and the calling process otherwise. ``state_dict``: the model's state dict gathered already (as an
+    engine hands it over, e.g. FSDP1's full state dict on the main process): the adapter's tensors are read from it,
+    and nothing is gathered."""
+    model = _unwrapped(model)
     state = get_state(model)
     if state is None:
         what = "fused LoRA layers not made by inject_lora" if lora_layers(model) else "no fused LoRA layers"
@@ -246,10 +309,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
                          "inject_lora(model, config) or load_adapter(model, path) records on the model")
     plan = state.plan
     targets = set(plan.targets)
-    params = model.state_dict()
+    keys = list(adapter_shapes(model, plan))
+    if state_dict is not None:
+        if is_main_process is False:
+            return
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            raise ValueError(f"save_adapter: the state_dict passed lacks {len(missing)} of the adapter's {len(keys)} "
+                             f"tensors, e.g. {missing[:3]}; pass the model's full state dict (keys as in "
+                             "model.state_dict())")
+        gathered = {k: state_dict[k].detach().cpu() for k in keys}
+    else:
+        gathered = _adapter_tensors(model, keys)
+        if not (_is_rank0() if is_main_process is None else is_main_process):
+            return
     tensors, seen = {}, set()
-    for key in adapter_shapes(model, plan):
-        tensor = params[key].detach().contiguous()
+    for key, tensor in gathered.items():
+        tensor = tensor.contiguous()
         # safetensors refuses tensors sharing storage (tied weights inside a modules_to_save module): copy those.
         ptr = (tensor.device, tensor.untyped_storage().data_ptr())
         tensors[file_key(key, targets)] = tensor.clone() if ptr in seen else tensor

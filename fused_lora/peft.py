@@ -83,8 +83,42 @@ def _weight_layout(base: nn.Module) -> str | None:
 
 def _has_hooks(module: nn.Module) -> bool:
     # accelerate's device_map offloading (AlignDevicesHook) moves weights in a pre-forward hook; the fused
-    # path reads the weights directly, so any hook means PEFT's path.
-    return bool(module._forward_pre_hooks or module._forward_hooks or getattr(module, "_hf_hook", None))
+    # path reads the weights directly, so any hook means PEFT's path. DeepSpeed ZeRO-3's own hooks excepted.
+    # accelerate's _hf_hook is a plain attribute (in __dict__): read there, ~60 ns, where getattr through
+    # nn.Module.__getattr__'s miss costs ~1.3 µs, and this runs for four modules on every call.
+    if module.__dict__.get("_hf_hook") is not None:
+        return True
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    if not pre and not post:
+        return False
+    return any(not _is_zero3_hook(h) for h in (*pre.values(), *post.values()))
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """A module FSDP wrapped as a unit of its own: FSDP1's ``FullyShardedDataParallel`` wrapper, or FSDP2's
+    ``fully_shard`` (which swaps the class for ``FSDP<name>``)."""
+    name = type(module).__name__
+    return name == "FullyShardedDataParallel" or (name.startswith("FSDP") and hasattr(module, "_get_fsdp_state"))
+
+
+def _is_zero3_hook(hook) -> bool:
+    """One of the hooks DeepSpeed ZeRO-3 puts on every module to gather that module's partitioned parameters around
+    its forward and backward. The fused path reads the base layer's and the adapters' parameters without calling those
+    modules; inside the engine's forward DeepSpeed gathers a partitioned parameter when it is read and registers it with
+    the module whose forward runs (the LoRA layer: its "external parameters"), which re-gathers them for its
+    forward and its backward from then on (measured with deepspeed 0.19.8, the engine's forward and the model called
+    directly alike). A LoRA layer called on its own before that finds them ungathered: :func:`_zero3_unavailable`
+    sends such a call to PEFT's forward, whose modules gather their own."""
+    return (getattr(hook, "__module__", None) or "").startswith("deepspeed.")
+
+
+def _zero3_unavailable(tensor: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter not gathered now (an empty placeholder of its ``ds_numel`` values)."""
+    return hasattr(tensor, "ds_id") and tensor.numel() != getattr(tensor, "ds_numel", tensor.numel())
 
 
 def _is_dora(layer: nn.Module, adapter: str) -> bool:
@@ -151,11 +185,19 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
         return "base weight on the meta device (offloaded)"
     if weight.requires_grad:
         return "trainable base weight (the fused Function trains adapters and biases only)"
+    if _is_dtensor(weight):
+        return ("base weight still sharded in the layer's forward (its layer is an FSDP unit of its own); wrap per "
+                "transformer block instead")
     not_ready = kind.not_ready(base) if quantized else None
     if not_ready is not None:
         return not_ready
     lora_A, lora_B, dropout = layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        if _is_fsdp_unit(lora_A) or _is_fsdp_unit(lora_B):
+            # Measured (docs/distributed.md): gathering these units by hand for a fused call keeps their collectives
+            # (6 per layer and step) and ran slower than this fallback; per-block units serve the call fused.
+            return ("lora_A/lora_B are FSDP units of their own (PEFT's fsdp_auto_wrap_policy), sharded inside the "
+                    "layer's forward; wrap per transformer block instead (accelerate's FSDP2 preparation does)")
         return "lora_A/lora_B are not plain nn.Linear modules (lora_A without a bias)"
     if lora_B.bias is not None:  # lora_bias=True: served, as scaling · b_B beside the fused call (_lora_B_bias)
         if _is_dora(layer, adapter):
@@ -184,9 +226,13 @@ def layer_reason(layer: nn.Module, adapter: str | None = None) -> str | None:
 def _call_reason(layer: PeftLoraLinear, adapter: str, x: torch.Tensor) -> str | None:
     """Checks that depend on the call: the dtype the Function will compute in."""
     weight = layer.get_base_layer().weight
-    lora_dtype = layer.lora_A[adapter].weight.dtype
+    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    lora_dtype = lora_A.dtype
     if x.device != weight.device:
         return "input and weights on different devices"
+    if _zero3_unavailable(weight) or _zero3_unavailable(lora_A) or _zero3_unavailable(lora_B):
+        return ("DeepSpeed ZeRO-3 parameters not gathered for this call (the LoRA layer called on its own, before a "
+                "forward of the model registered them with it)")
     kind = bases.of(layer.get_base_layer())
     if kind is not None and kind.quantized:  # the layer casts x itself, as PEFT's path does
         return None if x.dtype in _FUSED_DTYPES else f"input dtype {x.dtype}"

@@ -75,12 +75,22 @@ _W_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_PACKING_BLOCK_N = 32  # the row block of the CPU packing (_convert_weight_packed_for_cpu's block_n)
 
 
-def in_cpu_packing(weight) -> bool:
-    """Whether a bitsandbytes 4-bit weight is in bitsandbytes' CPU inference packing."""
-    state = getattr(weight, "quant_state", None)
+def in_cpu_packing(weight, state=None) -> bool:
+    """Whether a bitsandbytes 4-bit weight is in bitsandbytes' CPU inference packing, by its quantization state
+    (``state``, default the weight's own)."""
+    state = state if state is not None else getattr(weight, "quant_state", None)
     # The repack sets the flag on the instance: read from there, since a missing attribute would go through
     # QuantState's Python __getattr__ (~2 µs, and this runs on every call of a 4-bit layer).
     return bool(getattr(state, "__dict__", {}).get("packing_format_for_cpu", False))
+
+
+def quant_state_of(layer):
+    """The quantization state of a bitsandbytes ``Linear4bit``: its weight's, or, when the weight is a plain tensor,
+    the layer's own copy (``Linear4bit.quant_state``). FSDP2's ``fully_shard`` turns a ``Params4bit`` into a DTensor,
+    and at forward and backward time into a plain gathered Parameter without ``quant_state``; the layer keeps it
+    (bitsandbytes' own forward reads it from there too). None when the layer was never quantized."""
+    state = getattr(layer.weight, "quant_state", None)
+    return state if state is not None else getattr(layer, "quant_state", None)
 
 
 def unpack_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
@@ -99,7 +109,7 @@ def unpack_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.T
         raise ValueError(f"fused_lora: this bitsandbytes Linear4bit weight is in a CPU inference packing fused_lora "
                          f"does not know (weight {data.dtype} {tuple(data.shape)}, W {N}×{K}, scales {absmax.dtype} "
                          f"{tuple(absmax.shape)}); load the model again and keep it from CPU inference "
-                         "(base_layers.standard_4bit_packing) before wrapping it")
+                         "(bases.bnb4.standard_4bit_packing) before wrapping it")
     # Byte i of the 32 that hold rows 32·nb … 32·nb+31, columns 2·c and 2·c+1: low nibble code t = i, high t = 32 + i of
     # the 64 codes (row 32·nb + t // 2, column 2·c + t % 2).
     chunks = data.reshape(N // CPU_PACKING_BLOCK_N, K // 2, CPU_PACKING_BLOCK_N)
@@ -182,13 +192,15 @@ class Packed4bit:
         return [t for t in (self.data, self.absmax, self.code, self.absmax2, self.code2, self.offset) if t is not None]
 
     @classmethod
-    def from_params(cls, weight) -> Packed4bit:
+    def from_params(cls, weight, quant_state=None) -> Packed4bit:
         """From a quantized bitsandbytes ``Params4bit`` (``Linear4bit.weight``): views of its storage and quant
         state, nothing copied except the 4-byte offset (reshaped to a tensor on the data's device). Call it once
         per layer: it validates and builds Python objects. A weight in bitsandbytes' CPU inference packing (a
         ``Linear4bit`` that ran eval-mode inference on CPU) is read into new tensors in the standard layout, nothing
-        lost (:func:`unpack_cpu_packing`); the weight itself is left as it is."""
-        state = getattr(weight, "quant_state", None)
+        lost (:func:`unpack_cpu_packing`); the weight itself is left as it is. ``quant_state``: the state when the
+        weight is a plain tensor holding the packed bytes (FSDP2 gathers a ``Params4bit`` into one; the layer keeps the
+        state: :func:`quant_state_of`)."""
+        state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
         if state is None or not getattr(weight, "bnb_quantized", True):
             raise ValueError("Packed4bit.from_params: the weight is not quantized yet (bitsandbytes quantizes a "
                              "Params4bit when it is moved to its device: layer.to(device))")
@@ -198,7 +210,7 @@ class Packed4bit:
         if len(state.shape) != 2:
             raise ValueError(f"Packed4bit.from_params: expected a 2-D weight, got shape {tuple(state.shape)}")
         shape = (int(state.shape[0]), int(state.shape[1]))
-        if in_cpu_packing(weight):
+        if in_cpu_packing(weight, state):
             data, absmax, dtype = unpack_cpu_packing(weight.data, state)
             return cls(data=data, absmax=absmax, code=state.code.to(data.device, torch.float32),
                        blocksize=int(state.blocksize), shape=shape, dtype=dtype, quant_type=state.quant_type)
@@ -393,11 +405,12 @@ def packed_weight(base) -> Packed4bit:
     storage, a new pack). The layer is kept in bitsandbytes' standard packing (``canonical_weight``: on CPU, eval-mode
     inference would repack it for bitsandbytes' bf16 kernel), so the pack holds views of its own storage."""
     weight = base.canonical_weight()
+    state = quant_state_of(base.layer)  # FSDP2 gathers the weight into a plain tensor: the layer's state
     cached = getattr(base.layer, "_fused_lora_packed4", None)
-    if cached is not None and cached[0] == weight.data.data_ptr() and cached[1] is weight.quant_state:
+    if cached is not None and cached[0] == weight.data.data_ptr() and cached[1] is state:
         return cached[2]
-    packed = Packed4bit.from_params(weight)
-    base.layer._fused_lora_packed4 = (weight.data.data_ptr(), weight.quant_state, packed)
+    packed = Packed4bit.from_params(weight, state)
+    base.layer._fused_lora_packed4 = (weight.data.data_ptr(), state, packed)
     return packed
 
 

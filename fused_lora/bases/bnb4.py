@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..backends import bnb4_triton, lora_torch, lora_triton
-from ..backends.bnb4_triton import in_cpu_packing, unpack_cpu_packing
+from ..backends.bnb4_triton import in_cpu_packing, quant_state_of, unpack_cpu_packing
 from ..quantized import QuantizedLoRALinear
 from . import BaseKind, register
 
@@ -44,6 +44,13 @@ def standard_4bit_packing(layer: nn.Module) -> nn.Parameter:
     if getattr(layer, "support_avx512bf16_for_cpu", False):
         layer.support_avx512bf16_for_cpu = False
     weight = layer.weight
+    if getattr(weight, "quant_state", None) is None and in_cpu_packing(weight, quant_state_of(layer)):
+        # A weight gathered by FSDP2 (its shards hold the repacked bytes): a copy rewritten here would be dropped at
+        # the next reshard, and the layer's state would then describe bytes it does not match.
+        raise ValueError(f"fused_lora: this bitsandbytes {type(layer).__name__} was repacked for bitsandbytes' CPU "
+                         "inference (an eval-mode forward without gradients) before FSDP sharded it; load the model "
+                         "again and call model.train() (or inject / fused_lora.peft) before any inference and before "
+                         "fully_shard")
     if in_cpu_packing(weight):
         import bitsandbytes.functional as F
 
@@ -85,8 +92,8 @@ class Bnb4Base:
         """W (N×K) in the quantization state's dtype: a temporary."""
         import bitsandbytes.functional as F
 
-        weight = self.canonical_weight()
-        return F.dequantize_4bit(weight.data, weight.quant_state)
+        weight = self.canonical_weight()  # FSDP2: the gathered plain tensor, its state the layer's
+        return F.dequantize_4bit(weight.data, quant_state_of(self.layer))
 
     def input_grad(self, dy: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
         dy = dy.to(self.compute_dtype)
@@ -112,11 +119,11 @@ def fused_fits(x: torch.Tensor, base: Bnb4Base) -> bool:
     matmul: the kernels' per-element scale gathers spilled or passed 99 KiB of shared memory on several GPUs
     (kernels/configs.py). The interpreter runs them."""
     return x.dtype == base.compute_dtype and not (x.device.type == "cuda"
-                                                   and x.shape[-1] % base.layer.weight.quant_state.blocksize)
+                                                   and x.shape[-1] % quant_state_of(base.layer).blocksize)
 
 
 def not_ready(layer: nn.Module) -> str | None:
-    if getattr(layer.weight, "quant_state", None) is None:
+    if quant_state_of(layer) is None:
         return (f"the {type(layer).__name__} has no quant_state: its weight was never quantized (bitsandbytes "
                 "quantizes a Linear4bit when it is moved to a device: layer.to('cuda') or layer.to('cpu'), or load the "
                 "model with a BitsAndBytesConfig)")

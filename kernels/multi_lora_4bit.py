@@ -5,8 +5,8 @@ adapter in the accumulator.
     multi_lora_fwd_4bit_kernel:  y_i  = x_i Wᵀ + b(_i) + s_i·S_i B_iᵀ      (lora_fwd_4bit_kernel, segmented)
     multi_lora_dx_4bit_kernel:   dX_i = dY_i W + m_i ⊙ (dS_i A_i)          (lora_dx_4bit_kernel, segmented)
 
-The W tile loader, its rounding and the config pruning are lora_4bit.py's own (``load_w4_tile``, ``_as_operand``,
-``_round``, ``_prune``); the segment search, packed S/dS and tables are multi_lora.py's. S, dS, dA and dB come from the
+The W tile loader, its rounding and the config pruning are lora_4bit.py's own (``load_w4_tile``, ``as_operand``,
+``round_rn``, ``prune_4bit``); the segment search, packed S/dS and tables are multi_lora.py's. S, dS, dA and dB come from the
 dense multi-adapter kernels: only these two read W.
 """
 
@@ -16,7 +16,7 @@ import triton.language as tl
 from .configs import Q4_GEMM_CONFIGS
 from .dropout import dropout_scale
 from .indexing import index
-from .lora_4bit import _as_operand, _prune, _round, load_w4_tile
+from .lora_4bit import as_operand, load_w4_tile, prune_4bit, round_rn
 from .lora_forward import grouped_tile
 from .multi_lora import SEGMENT_RUNTIME_VALUES, segment_ranks, segment_rows, segment_tile
 from .precision import dot_fp32
@@ -25,7 +25,7 @@ from .rank_term import rank_r_tile
 
 @triton.autotune(configs=Q4_GEMM_CONFIGS,
                  key=["M_BUCKET", "N", "K", "R_MAX", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
-                 prune_configs_by={"early_config_prune": _prune("x_ptr", "multi_lora_fwd_4bit_kernel")})
+                 prune_configs_by={"early_config_prune": prune_4bit("x_ptr", "multi_lora_fwd_4bit_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
 def multi_lora_fwd_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
@@ -61,18 +61,18 @@ def multi_lora_fwd_4bit_kernel(
                     mask=row_ok & (ks[None, :] < K), other=0.0)
         w = load_w4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code, cols, k0, N, K,
                          BLOCK_K, True, W_DTYPE, NESTED, QBLOCK_LOG2, QBLOCK2_LOG2, ALIGNED)
-        acc = dot_fp32(x.to(BASE_DOT), _as_operand(w, W_DTYPE, X_DTYPE, BASE_DOT), acc, BASE_PREC, False,
+        acc = dot_fp32(x.to(BASE_DOT), as_operand(w, W_DTYPE, X_DTYPE, BASE_DOT), acc, BASE_PREC, False,
                        W_DTYPE != tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + seg * stride_bias_seg + cols * stride_bias, mask=cols < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-             _round(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
+             round_rn(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
 @triton.autotune(configs=Q4_GEMM_CONFIGS,
                  key=["M_BUCKET", "N", "K", "R_MAX", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
-                 prune_configs_by={"early_config_prune": _prune("dy_ptr", "multi_lora_dx_4bit_kernel")})
+                 prune_configs_by={"early_config_prune": prune_4bit("dy_ptr", "multi_lora_dx_4bit_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
 def multi_lora_dx_4bit_kernel(
     dy_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, ds_ptr, a_ptr, dx_ptr,
@@ -111,7 +111,7 @@ def multi_lora_dx_4bit_kernel(
                      mask=row_ok & (ns[None, :] < N), other=0.0)
         w = load_w4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code, ns, index(k_start, WIDE), N, K,
                          BLOCK_N, False, W_DTYPE, NESTED, QBLOCK_LOG2, QBLOCK2_LOG2, ALIGNED)
-        acc = dot_fp32(dy.to(BASE_DOT), _as_operand(w, W_DTYPE, DY_DTYPE, BASE_DOT), acc, BASE_PREC, False,
+        acc = dot_fp32(dy.to(BASE_DOT), as_operand(w, W_DTYPE, DY_DTYPE, BASE_DOT), acc, BASE_PREC, False,
                        W_DTYPE != tl.float32)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-             _round(acc, dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
+             round_rn(acc, dx_ptr.dtype.element_ty), mask=row_ok & col_ok)

@@ -158,7 +158,7 @@ class Packed4bit:
         return cls(**fields)
 
 
-def _quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, object]]:
+def quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, object]]:
     """(the six pointer arguments every 4-bit kernel takes after w_ptr's, its quantization constexprs)."""
     nothing = unused(packed.device)
     pointers = [packed.data, packed.absmax, packed.code,
@@ -170,14 +170,14 @@ def _quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, objec
     return pointers, consts
 
 
-def _w_wide(packed: Packed4bit) -> bool:
+def w_wide(packed: Packed4bit) -> bool:
     """Whether W's flat element index n·K + k (tile overhang included) needs int64 (``triton_launch.wide_offsets``)."""
     N, K = packed.shape
     overhang = TILE_OVERHANG
     return (N - 1 + overhang) * K + K - 1 + overhang > INT32_REACH
 
 
-def _check_device(packed: Packed4bit, t: torch.Tensor) -> None:
+def check_device(packed: Packed4bit, t: torch.Tensor) -> None:
     if packed.device != t.device:
         raise ValueError(f"the 4-bit weight is on {packed.device}, the activations on {t.device}")
 
@@ -193,11 +193,11 @@ def forward_4bit(
     if packed.shape != (N, K) or s.shape != (M, R):
         raise ValueError(f"forward_4bit: W {packed.shape}, x {tuple(x.shape)}, S {tuple(s.shape)}, "
                          f"B {tuple(lora_B.shape)} do not fit y = x Wᵀ + s·S Bᵀ")
-    _check_device(packed, x)
+    check_device(packed, x)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:  # a grid with a zero dimension is not a launch
         return y
-    pointers, quant = _quant_args(packed)
+    pointers, quant = quant_args(packed)
     bias_arg = bias if bias is not None else unused(x.device)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x.device):
@@ -210,7 +210,7 @@ def forward_4bit(
             HAS_BIAS=bias is not None, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
             BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
             LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, x.device),
-            WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed),
+            WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or w_wide(packed),
             BLOCK_R=rank_block(R, lora_B.dtype),
             ARCH=arch(x.device),
         )
@@ -229,11 +229,11 @@ def dx_4bit(
     if packed.shape != (N, K) or ds.shape != (M, R):
         raise ValueError(f"dx_4bit: W {packed.shape}, dY {tuple(dy.shape)}, dS {tuple(ds.shape)}, "
                          f"A {tuple(lora_A.shape)} do not fit dX = dY W + m ⊙ (dS A)")
-    _check_device(packed, dy)
+    check_device(packed, dy)
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
     if M == 0 or K == 0:
         return dx
-    pointers, quant = _quant_args(packed)
+    pointers, quant = quant_args(packed)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
     with on_device(dy.device):
         lora_dx_4bit_kernel[grid](
@@ -244,7 +244,7 @@ def dx_4bit(
             HAS_DROPOUT=p > 0, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
             BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
             LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, dy.device),
-            WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed),
+            WIDE=wide_offsets(dy, ds, lora_A, dx) or w_wide(packed),
             BLOCK_R=rank_block(R, lora_A.dtype),
             ARCH=arch(dy.device),
         )
@@ -259,10 +259,10 @@ def dequantize(packed: Packed4bit, *, forward_tiles: bool = False) -> torch.Tens
     out = torch.empty((N, K), device=packed.device, dtype=packed.dtype)
     if out.numel() == 0:
         return out
-    pointers, quant = _quant_args(packed)
+    pointers, quant = quant_args(packed)
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"]))
     with on_device(packed.device):
-        dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=_w_wide(packed), KN=forward_tiles,
+        dequantize_4bit_kernel[grid](*pointers, out, N, K, **quant, WIDE=w_wide(packed), KN=forward_tiles,
                                      ARCH=arch(packed.device))
     return out
 

@@ -36,7 +36,7 @@ def _keep_as(keep: torch.Tensor | None, seed: int, x: torch.Tensor, p: float, dt
     return keep.to(dtype)
 
 
-def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None):
+def down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None):
     """S = dropout(x) Aᵀ in the adapters' dtype, and x in the adapters' dtype (for the caller's own use)."""
     x_a = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
     if p == 0:
@@ -45,7 +45,7 @@ def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torc
     return scaled_mm(x_a * _keep_as(keep, seed, x, p, x_a.dtype), lora_A.t(), 1.0 / (1.0 - p)), x_a
 
 
-def _add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y += scaling · S Bᵀ in place; fp32 adapters on a half base: computed in fp32, rounded once (as PEFT)."""
     if lora_B.dtype == y.dtype:
         return y.addmm_(s, lora_B.t(), alpha=scaling)
@@ -60,8 +60,8 @@ def composed_forward(
     Returns (y M×N in the base's output dtype, S = dropout(x) Aᵀ M×r in the adapters' dtype). ``keep``: a boolean
     keep mask to use instead of this backend's own (the kernels' mask, when a kernel failed and this path stands
     in)."""
-    s, _ = _down(x, lora_A, p, seed, keep)
-    return _add_up(base.forward(x), s, lora_B, scaling), s
+    s, _ = down(x, lora_A, p, seed, keep)
+    return add_up(base.forward(x), s, lora_B, scaling), s
 
 
 def forward(
@@ -77,14 +77,14 @@ def forward(
         y = torch.nn.functional.linear(x, weight, bias)
     else:
         y = x @ weight if bias is None else torch.addmm(bias, x, weight)
-    s, _ = _down(x, lora_A, p, seed, keep)
-    return _add_up(y, s, lora_B, scaling), s
+    s, _ = down(x, lora_A, p, seed, keep)
+    return add_up(y, s, lora_B, scaling), s
 
 
-def _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db, need_dbias, keep):
+def branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db, need_dbias, keep):
     """(dS A or None, the 0/1 keep mask or None, dA, dB, dbias): the LoRA branch's share of the gradients, the mask
     regenerated once. The 1/(1-p) of dropout is folded into dS (M×r), not applied to an M×K tensor; the mask is
-    applied to dS A where it is added into dX (:func:`_add_masked`)."""
+    applied to dS A where it is added into dX (:func:`add_masked`)."""
     da = db = dbias = lora_dx = keep_f = None
     dy_lora = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
     if need_db:
@@ -104,7 +104,7 @@ def _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_d
     return lora_dx, keep_f, da, db, dbias
 
 
-def _add_masked(dx: torch.Tensor, lora_dx: torch.Tensor, keep_f: torch.Tensor | None) -> torch.Tensor:
+def add_masked(dx: torch.Tensor, lora_dx: torch.Tensor, keep_f: torch.Tensor | None) -> torch.Tensor:
     """dX += m ⊙ (dS A) in place: one fused multiply-add over M×K when the dtypes agree (addcmul_: one pass where
     multiply then add took two); fp32 adapters on a half dX: masked in fp32, rounded once."""
     if keep_f is None:
@@ -121,9 +121,9 @@ def composed_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Returns (dX, dA, dB, dbias), None where not needed: dX is the base's input gradient with m ⊙ (dS A) added in
     place. The mask is regenerated once, for dA and dX (or ``keep`` is used, as in :func:`composed_forward`)."""
-    lora_dx, keep_f, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
+    lora_dx, keep_f, da, db, dbias = branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
                                                       need_db, need_dbias, keep)
-    dx = _add_masked(base.input_grad(dy, x.dtype), lora_dx, keep_f) if need_dx else None
+    dx = add_masked(base.input_grad(dy, x.dtype), lora_dx, keep_f) if need_dx else None
     return dx, da, db, dbias
 
 
@@ -136,11 +136,11 @@ def backward(
     """:func:`composed_backward` on a dense weight (either layout). dX = dY W, then m ⊙ (dS A) added in place (one
     addmm with dS A as its input was an op cheaper, but summed differently: 3× PyTorch's error at M = 1, K = 4096,
     test_adversarial.test_very_wide)."""
-    lora_dx, keep_f, da, db, dbias = _branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
+    lora_dx, keep_f, da, db, dbias = branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da,
                                                       need_db, need_dbias, keep)
     dx = None
     if need_dx:
-        dx = _add_masked(dy @ (weight if weight_layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
+        dx = add_masked(dy @ (weight if weight_layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
         if dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
     return dx, da, db, dbias

@@ -13,7 +13,7 @@ import torch
 from ..kernels.configs import m_bucket
 from ..kernels.multi_lora_4bit import multi_lora_dx_4bit_kernel, multi_lora_fwd_4bit_kernel
 from ..segments import MultiAdapters, Segments, bias_rows
-from .bnb4_triton import Packed4bit, _check_device, _quant_args, _w_wide, packed_weight
+from .bnb4_triton import Packed4bit, check_device, packed_weight, quant_args, w_wide
 from .multi_triton import Tables, backward_with, forward_with, rank_args
 from .triton_launch import TL_DTYPES, cdiv, dot_dtype, dot_precision, on_device, unused, wide_offsets
 
@@ -32,11 +32,11 @@ def multi_forward_4bit(
     if packed.shape != (N, K):
         raise ValueError(f"multi_forward_4bit: W {packed.shape}, x {tuple(x.shape)}, B_cat {tuple(lora_B.shape)} do "
                          "not fit y = x Wᵀ + s·S Bᵀ")
-    _check_device(packed, x)
+    check_device(packed, x)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y
-    pointers, quant = _quant_args(packed)
+    pointers, quant = quant_args(packed)
     bias_arg = bias if bias is not None else unused(x.device)
     grid = lambda meta: ((cdiv(M, meta["BLOCK_M"]) + seg.n) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x.device):
@@ -47,7 +47,7 @@ def multi_forward_4bit(
             bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 1,
             HAS_BIAS=bias is not None, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
             BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, x.device),
-            WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed),
+            WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or w_wide(packed),
             **rank_args(t, lora_B.dtype, x.device, False),
         )
     return y
@@ -64,11 +64,11 @@ def multi_dx_4bit(
     if packed.shape != (N, K):
         raise ValueError(f"multi_dx_4bit: W {packed.shape}, dY {tuple(dy.shape)}, A_cat {tuple(lora_A.shape)} do not "
                          "fit dX = dY W + m ⊙ (dS A)")
-    _check_device(packed, dy)
+    check_device(packed, dy)
     dx = torch.empty((M, K), device=dy.device, dtype=out_dtype)
     if M == 0 or K == 0:
         return dx
-    pointers, quant = _quant_args(packed)
+    pointers, quant = quant_args(packed)
     grid = lambda meta: ((cdiv(M, meta["BLOCK_M"]) + seg.n) * cdiv(K, meta["BLOCK_N"]),)
     with on_device(dy.device):
         multi_lora_dx_4bit_kernel[grid](
@@ -77,7 +77,7 @@ def multi_dx_4bit(
             dy.stride(0), dy.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
             HAS_DROPOUT=t.has_dropout, W_DTYPE=TL_DTYPES[packed.dtype], **quant,
             BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, dy.device),
-            WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed),
+            WIDE=wide_offsets(dy, ds, lora_A, dx) or w_wide(packed),
             **rank_args(t, lora_A.dtype, dy.device, False),
         )
     return dx

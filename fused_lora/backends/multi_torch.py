@@ -17,7 +17,7 @@ import torch
 
 from ..base_layers import DenseBase
 from ..segments import MultiAdapters, Segments, bias_deltas, seed_ints
-from .lora_torch import _add_masked, _add_up, _branch_backward, _down
+from .lora_torch import add_masked, add_up, branch_backward, down
 
 __all__ = ["backward", "base_bias", "base_output", "composed_backward", "composed_forward", "dense_output", "forward"]
 
@@ -49,11 +49,11 @@ def _rank_terms(y: torch.Tensor, x: torch.Tensor, adapters: MultiAdapters, segme
     for i in range(segments.n):
         rows = segments.rows_of(i)
         x_i = x[rows]
-        s_i, _ = _down(x_i, adapters.lora_A[i], adapters.dropout_ps[i], ints[i], _keep(keeps, i))
+        s_i, _ = down(x_i, adapters.lora_A[i], adapters.dropout_ps[i], ints[i], _keep(keeps, i))
         y_i = y[rows]
         if deltas is not None and adapters.biases[i] is not None:
             y_i.add_(deltas[i].to(y.dtype))
-        _add_up(y_i, s_i, adapters.lora_B[i], adapters.scalings[i])
+        add_up(y_i, s_i, adapters.lora_B[i], adapters.scalings[i])
         parts.append(s_i)
     return segments.pack(parts)
 
@@ -123,11 +123,11 @@ def _lora_grads(dy, x, adapters: MultiAdapters, segments: Segments, seeds, s: to
     das, dbs, dbias = [], [], []
     for i in range(segments.n):
         rows = segments.rows_of(i)
-        lora_dx, keep_f, da, db, db_i = _branch_backward(
+        lora_dx, keep_f, da, db, db_i = branch_backward(
             dy[rows], x[rows], adapters.lora_A[i], adapters.lora_B[i], s_parts[i], adapters.scalings[i],
             adapters.dropout_ps[i], ints[i], need_dx, need_da, need_db, need_dbias, _keep(keeps, i))
         if need_dx:
-            _add_masked(dx[rows], lora_dx, keep_f)
+            add_masked(dx[rows], lora_dx, keep_f)
         das.append(da)
         dbs.append(db)
         dbias.append(db_i)

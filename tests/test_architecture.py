@@ -15,7 +15,7 @@ KERNELS = ROOT / "kernels"
 # Each module's layer: a module imports only modules of its own layer or below.
 LAYERS = [
     ("kernels", ["kernels.*"]),
-    ("foundation", ["hardware", "fallback", "dropout", "validation", "reference", "base_layers", "config"]),
+    ("foundation", ["hardware", "fallback", "dropout", "validation", "reference", "base_layers", "config", "segments"]),
     ("backends", ["backends.*"]),
     ("autograd", ["autograd.*"]),
     ("router", ["dispatch"]),

@@ -18,8 +18,11 @@ N separate single-adapter runs.
                                    the per-segment bias of the fused GEMMs and of the composed path, and the bias
                                    gradients from the per-segment sums Σ_rows dY_i
 
-The per-segment S_i (and dS_i) live in one flat buffer, segment after segment, each row-major len_i×r_i
-(:meth:`Segments.split` gives the views): exactly Σ len_i·r_i elements, nothing stored beyond x and S.
+Ranks are laid out padded to a multiple of ``RANK_ALIGN`` (4): adapter i takes rp_i = ``padded_rank(r_i)`` rows of
+A_cat = cat(A_i) and columns of B_cat = cat(B_i, dim=1), the padding zeros (ranks 1, 2, 3 take 4; the usual 8, 16, 32,
+64 nothing more), and so do dA_cat and dB_cat. The per-segment S_i and dS_i (fp32 in the kernels) live in one flat
+buffer, segment after segment, each row-major len_i×rp_i; the padding columns hold zeros (x times A's zero rows, dY
+times B's zero columns). :meth:`Segments.split` gives the len_i×r_i views. Nothing is stored beyond x and S.
 """
 
 from __future__ import annotations
@@ -30,6 +33,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# Each adapter's ranks are padded to a multiple of this in every rank-indexed buffer (A_cat, B_cat, S, dS, dA, dB), so
+# that the kernels know (``tl.multiple_of``) that a segment's rank, its first rank and its S offset are multiples of 4:
+# rank masks and rows then load as 128-bit vectors (4 fp32). With the ranks as they are, unknown to the compiler, every
+# element took its own address and predicate: the in-place add at rank 64 went from 174 registers (the single-adapter
+# kernel) to 255 and 56 B of spills per thread, the forward GEMM at 128×128×64 spilled 32-64 B (sm_80,
+# bench/compile_report.py); padded, 180 registers and none, 248 and none.
+RANK_ALIGN = 4
+
+
+def padded_rank(rank: int) -> int:
+    """The ranks a rank-``rank`` adapter takes in the padded layout (its rows of A_cat, its row stride in S)."""
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN
 
 
 def _ints(values, name: str, where: str) -> tuple[int, ...]:
@@ -49,9 +65,9 @@ class Segments:
     """Row segments of a batch, one per adapter in adapter order, and the adapters' ranks.
 
     ``lengths[i]``: the rows of adapter i (>= 0); ``ranks[i]``: r_i (>= 1). Host ints only. Derived, on the host:
-    ``starts`` (n+1 row offsets), ``rank_offsets`` (n+1 offsets of each adapter's ranks in the concatenated adapters
-    A_cat = cat(A_i) R_tot×K and B_cat = cat(B_i, dim=1) N×R_tot), ``s_offsets`` (n+1 offsets of each S_i in the packed
-    buffer). :meth:`table` puts the three on a device, once per device."""
+    ``starts`` (n+1 row offsets), ``rank_offsets`` (n+1 offsets of each adapter's padded ranks in A_cat (R_tot×K),
+    B_cat (N×R_tot), dA_cat and dB_cat), ``s_offsets`` (n+1 offsets of each S_i, len_i×``padded_rank(r_i)``, in the
+    packed S). :meth:`table` puts the three on a device, once per device."""
 
     lengths: tuple[int, ...]
     ranks: tuple[int, ...]
@@ -82,8 +98,8 @@ class Segments:
         starts, rank_offsets, s_offsets = [0], [0], [0]
         for n, r in zip(lengths, ranks, strict=True):
             starts.append(starts[-1] + n)
-            rank_offsets.append(rank_offsets[-1] + r)
-            s_offsets.append(s_offsets[-1] + n * r)
+            rank_offsets.append(rank_offsets[-1] + padded_rank(r))
+            s_offsets.append(s_offsets[-1] + n * padded_rank(r))
         set_(self, "starts", tuple(starts))
         set_(self, "rank_offsets", tuple(rank_offsets))
         set_(self, "s_offsets", tuple(s_offsets))
@@ -100,16 +116,17 @@ class Segments:
 
     @property
     def total_rank(self) -> int:
-        """R_tot = Σ r_i: the rows of A_cat, the columns of B_cat."""
+        """R_tot = Σ padded_rank(r_i): the rows of A_cat and dA_cat, the columns of B_cat and dB_cat."""
         return self.rank_offsets[-1]
 
     @property
     def max_rank(self) -> int:
-        return max(self.ranks)
+        """The largest padded rank (the kernels' rank chunks follow it)."""
+        return max(padded_rank(r) for r in self.ranks)
 
     @property
     def s_numel(self) -> int:
-        """Σ len_i·r_i: the elements of the packed S (and dS)."""
+        """Σ len_i·padded_rank(r_i): the elements of the packed S (and dS)."""
         return self.s_offsets[-1]
 
     def check(self, rows: int, n_adapters: int, where: str) -> None:
@@ -125,19 +142,26 @@ class Segments:
         return slice(self.starts[i], self.starts[i + 1])
 
     def ranks_of(self, i: int) -> slice:
-        return slice(self.rank_offsets[i], self.rank_offsets[i + 1])
+        """Adapter i's ranks in A_cat's rows / B_cat's columns (its r_i, without the padding)."""
+        return slice(self.rank_offsets[i], self.rank_offsets[i] + self.ranks[i])
 
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
-        """The per-segment len_i×r_i views of a packed S or dS (1-D, :attr:`s_numel` elements)."""
+        """The per-segment len_i×r_i views of a packed S or dS (1-D, :attr:`s_numel` elements; row stride
+        ``padded_rank(r_i)``)."""
         if packed.dim() != 1 or packed.numel() != self.s_numel:
-            raise ValueError(f"Segments.split: expected a 1-D tensor of {self.s_numel} elements (Σ len_i·r_i), got "
-                             f"shape {tuple(packed.shape)}")
-        return [packed[self.s_offsets[i]:self.s_offsets[i + 1]].view(self.lengths[i], self.ranks[i])
-                for i in range(self.n)]
+            raise ValueError(f"Segments.split: expected a 1-D tensor of {self.s_numel} elements (Σ len_i·"
+                             f"padded_rank(r_i)), got shape {tuple(packed.shape)}")
+        return [packed[self.s_offsets[i]:self.s_offsets[i + 1]].view(self.lengths[i], padded_rank(r))[:, :r]
+                for i, r in enumerate(self.ranks)]
 
     def pack(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The packed 1-D form of per-segment len_i×r_i tensors (the inverse of :meth:`split`)."""
-        return torch.cat([p.reshape(-1) for p in parts])
+        """The packed 1-D form of per-segment len_i×r_i tensors (the inverse of :meth:`split`; padding zeros)."""
+        if not parts:
+            raise ValueError("Segments.pack: no parts")
+        out = parts[0].new_zeros(self.s_numel)
+        for view, part in zip(self.split(out), parts, strict=True):
+            view.copy_(part)
+        return out
 
     def tiles(self, block_m: int) -> int:
         """Row tiles of ``block_m`` rows that do not straddle segments: Σ cdiv(len_i, block_m) <= cdiv(M, block_m) + n
@@ -243,13 +267,33 @@ class MultiAdapters:
         """The :class:`Segments` of a batch with these adapters' ranks."""
         return Segments(tuple(lengths), self.ranks)
 
+    @property
+    def padded(self) -> bool:
+        """Whether some rank is not a multiple of ``RANK_ALIGN`` (A_cat and B_cat then get zero rows / columns)."""
+        return any(r % RANK_ALIGN for r in self.ranks)
+
     def A_cat(self) -> torch.Tensor:
-        """cat(A_i): R_tot×K (a copy of the small adapters, per call)."""
-        return self.lora_A[0] if self.n == 1 else torch.cat(self.lora_A, dim=0)
+        """cat(A_i), each padded with zero rows to ``padded_rank(r_i)``: R_tot×K (a copy of the small adapters, per
+        call)."""
+        if not self.padded:
+            return self.lora_A[0] if self.n == 1 else torch.cat(self.lora_A, dim=0)
+        out = self.lora_A[0].new_zeros((sum(padded_rank(r) for r in self.ranks), self.in_features))
+        row = 0
+        for a in self.lora_A:
+            out[row:row + a.shape[0]].copy_(a)
+            row += padded_rank(a.shape[0])
+        return out
 
     def B_cat(self) -> torch.Tensor:
-        """cat(B_i, dim=1): N×R_tot."""
-        return self.lora_B[0] if self.n == 1 else torch.cat(self.lora_B, dim=1)
+        """cat(B_i, dim=1), each padded with zero columns to ``padded_rank(r_i)``: N×R_tot."""
+        if not self.padded:
+            return self.lora_B[0] if self.n == 1 else torch.cat(self.lora_B, dim=1)
+        out = self.lora_B[0].new_zeros((self.out_features, sum(padded_rank(r) for r in self.ranks)))
+        col = 0
+        for b in self.lora_B:
+            out[:, col:col + b.shape[1]].copy_(b)
+            col += padded_rank(b.shape[1])
+        return out
 
     def scalar_table(self, device: torch.device) -> torch.Tensor:
         """fp32 (3, n) on ``device``: scalings, dropout p, 1/(1-p); each rounded to fp32 as the single-adapter kernels

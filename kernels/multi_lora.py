@@ -18,9 +18,12 @@ height; the spare programs return at once. A segment's tiles are those of x_i al
 (``local``), so each adapter's dropout mask is the single-adapter kernels' for x_i and seed_i, and its tiles sum in the
 same order.
 
-Adapters come concatenated: A_cat = cat(A_i) (R_tot×K), B_cat = cat(B_i, dim=1) (N×R_tot), dA and dB likewise; S and
-dS packed, segment after segment, each row-major len_i×r_i. The tables (``seg_ptr``: int64 (3, n+1) row starts, rank
-offsets, S offsets; ``scal_ptr``: fp32 (3, n) scaling, p, 1/(1-p); ``seed_ptr``: int64 (n,)) are
+Adapters come concatenated with each rank padded to a multiple of 4 (``segments.padded_rank``; zero rows and columns):
+A_cat = cat(A_i) (R_tot×K), B_cat = cat(B_i, dim=1) (N×R_tot), dA and dB likewise; S and dS packed, segment after
+segment, each row-major len_i×rp_i. The kernels take each adapter's padded rank as its rank (the padding computes exact
+zeros) and tell the compiler it, its first rank and its S offset are multiples of 4, so that rank masks and S rows load
+as 128-bit vectors (``segments.RANK_ALIGN`` has the measurement). The tables (``seg_ptr``: int64 (3, n+1) row starts,
+rank offsets, S offsets; ``scal_ptr``: fp32 (3, n) scaling, p, 1/(1-p); ``seed_ptr``: int64 (n,)) are
 ``Segments.table`` / ``MultiAdapters.scalar_table`` / ``segments.seed_table``. Every rank-r loop runs in BLOCK_R chunks
 over the tile's own r_i (masked: ranks 1, 2, 3 take one 16-wide chunk); BLOCK_R follows the largest rank (``R_MAX``,
 an autotune key). Dropout (``HAS_DROPOUT``: any p_i > 0) regenerates each segment's mask with its own seed and p
@@ -59,6 +62,8 @@ from .rank_term import rank_r_tile
 SEGMENT_RUNTIME_VALUES = RUNTIME_VALUES + ["n_seg", "R_MAX"]
 # Segments scanned per step of ``segment_tile``'s search (any count works: it loops).
 _SEG_CHUNK: tl.constexpr = tl.constexpr(64)
+# Every adapter's ranks are padded to a multiple of this (fused_lora.segments.RANK_ALIGN).
+_RANK_ALIGN: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
@@ -93,10 +98,11 @@ def segment_rows(seg_ptr, seg, tile, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def segment_ranks(seg_ptr, seg, n_seg):
-    """(the adapter's first rank in A_cat/B_cat, int64; its rank r, int32; its S's offset in the packed S, int64)."""
-    r_lo = tl.load(seg_ptr + (n_seg + 1) + seg)
-    r = (tl.load(seg_ptr + (n_seg + 1) + seg + 1) - r_lo).to(tl.int32)
-    s_off = tl.load(seg_ptr + 2 * (n_seg + 1) + seg)
+    """(the adapter's first rank in A_cat/B_cat, int64; its padded rank r (also its S's row stride), int32; its S's
+    offset in the packed S, int64), each a multiple of ``_RANK_ALIGN``, which the compiler is told."""
+    r_lo = tl.multiple_of(tl.load(seg_ptr + (n_seg + 1) + seg), _RANK_ALIGN)
+    r = tl.multiple_of((tl.load(seg_ptr + (n_seg + 1) + seg + 1) - r_lo).to(tl.int32), _RANK_ALIGN)
+    s_off = tl.multiple_of(tl.load(seg_ptr + 2 * (n_seg + 1) + seg), _RANK_ALIGN)
     return r_lo, r, s_off
 
 

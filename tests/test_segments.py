@@ -8,26 +8,33 @@ import pytest
 import torch
 
 from fused_lora.segments import (
+    RANK_ALIGN,
     MultiAdapters,
     Segments,
     bias_deltas,
     bias_grads,
     bias_rows,
+    padded_rank,
     seed_ints,
     seed_table,
 )
 
 
 def test_layout_offsets_and_views():
-    seg = Segments([3, 0, 5], [2, 4, 1])
-    assert (seg.n, seg.rows, seg.total_rank, seg.max_rank, seg.s_numel) == (3, 8, 7, 4, 3 * 2 + 0 + 5 * 1)
-    assert seg.starts == (0, 3, 3, 8) and seg.rank_offsets == (0, 2, 6, 7) and seg.s_offsets == (0, 6, 6, 11)
-    assert seg.rows_of(2) == slice(3, 8) and seg.ranks_of(1) == slice(2, 6)
+    seg = Segments([3, 0, 5], [2, 4, 8])
+    # every rank padded to a multiple of RANK_ALIGN (4): rank 2 takes 4, 4 and 8 nothing more
+    assert [padded_rank(r) for r in (1, 2, 3, 4, 5, 8, 16, 63)] == [4, 4, 4, 4, 8, 8, 16, 64] and RANK_ALIGN == 4
+    assert (seg.n, seg.rows, seg.total_rank, seg.max_rank, seg.s_numel) == (3, 8, 16, 8, 3 * 4 + 0 + 5 * 8)
+    assert seg.starts == (0, 3, 3, 8) and seg.rank_offsets == (0, 4, 8, 16) and seg.s_offsets == (0, 12, 12, 52)
+    assert seg.rows_of(2) == slice(3, 8) and seg.ranks_of(0) == slice(0, 2) and seg.ranks_of(1) == slice(4, 8)
     packed = torch.arange(seg.s_numel, dtype=torch.float32)
     parts = seg.split(packed)
-    assert [tuple(p.shape) for p in parts] == [(3, 2), (0, 4), (5, 1)]
-    assert parts[0].data_ptr() == packed.data_ptr() and parts[2][0, 0] == 6  # views, segment after segment
-    assert torch.equal(seg.pack(parts), packed)
+    assert [tuple(p.shape) for p in parts] == [(3, 2), (0, 4), (5, 8)]
+    assert parts[0].data_ptr() == packed.data_ptr() and parts[0].stride() == (4, 1)  # views, rows 4 apart
+    assert parts[0][1, 0] == 4 and parts[2][0, 0] == 12 and parts[2].is_contiguous()
+    repacked = seg.pack(parts)
+    assert torch.equal(seg.split(repacked)[0], parts[0]) and torch.equal(repacked[12:], packed[12:])
+    assert not repacked[2:4].any()  # padding columns of a packed S are zeros
     # tiles that do not straddle segments, and the kernels' bound cdiv(M, B) + n on them
     for block in (1, 2, 4, 16):
         assert seg.tiles(block) == sum(-(-n // block) for n in (3, 0, 5)) <= -(-8 // block) + 3
@@ -56,7 +63,7 @@ def test_segments_accept_numpy_ints_and_reject_bad_input():
         seg.check(6, 2, "here")
     with pytest.raises(ValueError, match="2 segments .* for 3 adapters"):
         seg.check(5, 3, "here")
-    with pytest.raises(ValueError, match="1-D tensor of 5 elements"):
+    with pytest.raises(ValueError, match="1-D tensor of 20 elements"):
         seg.split(torch.zeros(4))
 
 
@@ -68,8 +75,15 @@ def _adapters(ranks=(2, 3), K=6, N=5, dtype=torch.float32, **kw):
 
 def test_adapters_validate_and_concatenate():
     ad = _adapters(dropout_ps=[0.0, 0.3], scalings=[2.0, 1 / 3])
-    assert ad.ranks == (2, 3) and ad.has_dropout and not ad.has_own_bias
-    assert torch.equal(ad.A_cat(), torch.cat(ad.lora_A)) and torch.equal(ad.B_cat(), torch.cat(ad.lora_B, dim=1))
+    assert ad.ranks == (2, 3) and ad.has_dropout and not ad.has_own_bias and ad.padded
+    A_cat, B_cat = ad.A_cat(), ad.B_cat()  # each adapter padded to 4 ranks with zeros
+    assert A_cat.shape == (8, 6) and B_cat.shape == (5, 8)
+    assert torch.equal(A_cat[0:2], ad.lora_A[0]) and torch.equal(A_cat[4:7], ad.lora_A[1])
+    assert torch.equal(B_cat[:, 0:2], ad.lora_B[0]) and torch.equal(B_cat[:, 4:7], ad.lora_B[1])
+    assert not A_cat[[2, 3, 7]].any() and not B_cat[:, [2, 3, 7]].any()
+    aligned = _adapters(ranks=(4, 8))
+    assert not aligned.padded and torch.equal(aligned.A_cat(), torch.cat(aligned.lora_A))
+    assert torch.equal(aligned.B_cat(), torch.cat(aligned.lora_B, dim=1))
     table = ad.scalar_table("cpu")
     assert table.dtype == torch.float32 and table.shape == (3, 2)
     # each value rounded to fp32 once, as Triton passes a Python float to the single-adapter kernels

@@ -48,6 +48,16 @@ def padded_rank(rank: int) -> int:
     return -(-rank // RANK_ALIGN) * RANK_ALIGN
 
 
+def _on_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host table on ``device``. On a GPU through pinned memory and a non-blocking copy: a copy from pageable
+    memory can hold the host until the stream's earlier work is done, a sync per batch (the segments change with every
+    batch); the caching host allocator keeps the pinned buffer until its copy has run."""
+    t = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _ints(values, name: str, where: str) -> tuple[int, ...]:
     """``values`` as a tuple of Python ints: integers only (numpy's too), not bools, floats or tensors (a tensor would
     need a device sync; the collator knows the lengths on the host)."""
@@ -174,7 +184,7 @@ class Segments:
         device = torch.device(device)
         t = self._tables.get(device)
         if t is None:
-            t = torch.tensor([self.starts, self.rank_offsets, self.s_offsets], dtype=torch.int64).to(device)
+            t = _on_device([self.starts, self.rank_offsets, self.s_offsets], torch.int64, device)
             self._tables[device] = t
         return t
 
@@ -302,7 +312,7 @@ class MultiAdapters:
         t = self._tables.get(device)
         if t is None:
             scales = [1.0 / (1.0 - p) for p in self.dropout_ps]  # dropout.drop_scale (p < 1 here)
-            t = torch.tensor([self.scalings, self.dropout_ps, scales], dtype=torch.float32).to(device)
+            t = _on_device([self.scalings, self.dropout_ps, scales], torch.float32, device)
             self._tables[device] = t
         return t
 
@@ -339,7 +349,7 @@ def seed_table(seeds: torch.Tensor | Sequence[int] | None, n: int, device: torch
             raise ValueError(f"fused_lora multi-adapter: {seeds.numel()} dropout seeds for {n} adapters; give one "
                              "per adapter")
         return seeds.reshape(n).to(device, torch.int64)
-    return torch.tensor(seed_ints(seeds, n), dtype=torch.int64, device=device)
+    return _on_device(seed_ints(seeds, n), torch.int64, torch.device(device))
 
 
 def bias_rows(base_bias: torch.Tensor | None, adapters: MultiAdapters,

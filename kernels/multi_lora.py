@@ -42,9 +42,10 @@ from .configs import (
     DX_CONFIGS,
     DY_CONFIGS_FP32,
     DY_CONFIGS_FP32_ADAPTERS,
-    DY_CONFIGS_HALF_ADAPTERS,
     GEMM_CONFIGS,
     GEMM_CONFIGS_FP32,
+    MULTI_DY_CONFIGS_HALF_ADAPTERS,
+    MULTI_GEMM_CONFIGS_FP32,
     RUNTIME_VALUES,
     SKINNY_CONFIGS,
     SKINNY_CONFIGS_FP32,
@@ -156,7 +157,7 @@ def multi_lora_down_kernel(
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R_MAX", "ARCH"],
-                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", GEMM_CONFIGS_FP32,
+                 prune_configs_by={"early_config_prune": by_dtype("x_ptr", MULTI_GEMM_CONFIGS_FP32,
                                                                    kernel="multi_lora_fwd_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
 def multi_lora_fwd_kernel(
@@ -238,7 +239,7 @@ def multi_lora_up_add_kernel(
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
-                                                                   half_adapters=DY_CONFIGS_HALF_ADAPTERS,
+                                                                   half_adapters=MULTI_DY_CONFIGS_HALF_ADAPTERS,
                                                                    kernel="multi_lora_dy_kernel",
                                                                    turing=SKINNY_CONFIGS_TURING)})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)

@@ -65,6 +65,7 @@ def composed_forward(
     """y = base(x) (the base's own forward, its bias included; any object with ``forward``/``input_grad``) with each
     segment's rank-r term added in place, and an adapter's own bias in place of the base's (:func:`base_output`).
     Returns (y M×N in the base's output dtype, S packed in the adapters' dtype)."""
+    adapters.check(segments, x.shape[0], x.shape[1], adapters.out_features, "multi_torch.composed_forward")
     y, deltas = base_output(x, base, adapters, segments)
     return y, _rank_terms(y, x, adapters, segments, seeds, keeps, deltas)
 
@@ -91,7 +92,8 @@ def dense_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.addmm_(x, weight.t() if weight_layout == "linear" else weight)
 
 
-def base_output(x: torch.Tensor, base, adapters: MultiAdapters, segments: Segments):
+def base_output(x: torch.Tensor, base, adapters: MultiAdapters,
+                segments: Segments) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y = the base's output over all rows, the bias corrections the composed path adds with the rank-r terms or None).
     A dense base puts each segment's own bias into its GEMM (exactly what the adapter computes alone); any other base
     (bitsandbytes) adds its own bias inside its forward, so an adapter's own bias comes in as own − base afterwards

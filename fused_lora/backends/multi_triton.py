@@ -377,6 +377,8 @@ def composed_forward(
     bias in ``bias`` or ``layer.bias``) + every segment's rank-r term added in place, and an adapter's own bias in
     place of the base's (``multi_torch.base_output``: in a dense base's GEMM, else added with the rank-r term). The
     base's GEMM + 2 launches."""
+    adapters.check(segments, x.shape[0], x.shape[1], adapters.out_features, "multi_triton.composed_forward")
+
     def base_gemm(s, B_cat, t):
         y, deltas = multi_torch.base_output(x, base, adapters, segments)
         return multi_lora_up_add(y, s, B_cat, t, deltas)

@@ -58,6 +58,27 @@ ADD_KERNELS = ("lora_up_add_kernel", "lora_dx_add_kernel")  # the composed path'
 DORA_KERNELS = ("dora_norm_kernel", "dora_down_kernel", "dora_fwd_kernel", "dora_dy_kernel", "dora_dx_kernel")
 KERNELS.update({name: getattr(kernels, name) for name in DORA_KERNELS})
 GEMM_KERNELS += ("dora_fwd_kernel", "dora_dx_kernel")
+# Several adapters on one base (kernels/multi_lora.py, multi_lora_4bit.py, fused_lora/backends/multi_triton.py): each
+# the segmented form of a single-adapter kernel, launched where that one is, with the same axes; the segment tables
+# (int64 row starts / rank offsets / S offsets, fp32 scalings / p / 1/(1-p), int64 seeds) are extra pointers, S and dS
+# are packed (no strides), A_cat / B_cat hold N_SEG adapters of rank r (their rank stride N_SEG·r).
+SINGLE_OF = {"multi_lora_down_kernel": "lora_down_kernel", "multi_lora_fwd_kernel": "lora_fwd_kernel",
+             "multi_lora_up_add_kernel": "lora_up_add_kernel", "multi_lora_dy_kernel": "lora_dy_kernel",
+             "multi_lora_dx_kernel": "lora_dx_kernel", "multi_lora_dx_add_kernel": "lora_dx_add_kernel",
+             "multi_lora_da_kernel": "lora_da_kernel", "multi_lora_fwd_4bit_kernel": "lora_fwd_4bit_kernel",
+             "multi_lora_dx_4bit_kernel": "lora_dx_4bit_kernel"}
+MULTI_KERNELS = tuple(SINGLE_OF)
+KERNELS.update({name: getattr(kernels, name) for name in MULTI_KERNELS})
+MULTI_Q4_GEMMS = ("multi_lora_fwd_4bit_kernel", "multi_lora_dx_4bit_kernel")
+GEMM_KERNELS += ("multi_lora_fwd_kernel", "multi_lora_dx_kernel", *MULTI_Q4_GEMMS)
+Q4_KERNELS += MULTI_Q4_GEMMS
+ADD_KERNELS += ("multi_lora_up_add_kernel", "multi_lora_dx_add_kernel")
+N_SEG = 3  # adapters of a multi-adapter variant (a runtime value: it only sets B_cat's and dB's rank stride)
+
+
+def single_of(kernel: str) -> str:
+    """The single-adapter kernel whose segmented form ``kernel`` is (itself when it is one)."""
+    return SINGLE_OF.get(kernel, kernel)
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 M, N, K = 1000, 2304, 2048
 
@@ -94,27 +115,28 @@ class Variant:
         return f"{self.base}/{self.adapter}"
 
     def label(self) -> str:
-        if self.kernel == "dequantize_4bit_kernel":
+        kernel = single_of(self.kernel)
+        if kernel == "dequantize_4bit_kernel":
             return " ".join([self.base, f"bs{self.qblock}", "nested" if self.nested else "plain"]
                             + ([] if self.q4_aligned else ["unaligned"]) + (["wide"] if self.wide else []))
         parts = [self.dtypes]
-        if self.kernel in GEMM_KERNELS or self.kernel == "dora_norm_kernel":
+        if kernel in GEMM_KERNELS or kernel == "dora_norm_kernel":
             parts.append(self.layout)
         parts.append(f"r{self.rank}")
-        if self.kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_dx_add_kernel",
+        if kernel in ("lora_down_kernel", "lora_dx_kernel", "lora_da_kernel", "lora_dx_add_kernel",
                            "lora_dx_4bit_kernel", "dora_fwd_kernel", "dora_dy_kernel"):
             parts.append("drop" if self.dropout else "nodrop")
-        if self.kernel in ("lora_fwd_kernel", "lora_dy_kernel", "lora_fwd_4bit_kernel", "dora_fwd_kernel",
-                           "dora_dy_kernel"):
+        if kernel in ("lora_fwd_kernel", "lora_dy_kernel", "lora_fwd_4bit_kernel", "dora_fwd_kernel",
+                           "dora_dy_kernel") or self.kernel == "multi_lora_up_add_kernel":  # its own-bias deltas
             parts.append("bias" if self.bias else "nobias")
-        if self.kernel in Q4_KERNELS:
+        if kernel in Q4_KERNELS:
             parts.append(f"W{self.wdtype or self.base} bs{self.qblock} {'nested' if self.nested else 'plain'}"
                          + ("" if self.q4_aligned else " unaligned"))
-        if self.kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel", "dora_norm_kernel"):
+        if kernel in ("lora_dy_kernel", "lora_da_kernel", "dora_dy_kernel", "dora_norm_kernel"):
             parts.append(f"split{self.split}")
-        if self.kernel in ("lora_dy_kernel", "dora_dy_kernel"):
+        if kernel in ("lora_dy_kernel", "dora_dy_kernel"):
             parts.append(self.need)
-        if self.kernel == "dora_fwd_kernel" and not self.write_p:
+        if kernel == "dora_fwd_kernel" and not self.write_p:
             parts.append("noP")
         if self.tf32 and "fp32" in (self.base, self.adapter):
             parts.append("tf32")
@@ -123,7 +145,8 @@ class Variant:
         return " ".join(parts)
 
 
-SKINNY_KERNELS = ("lora_down_kernel", "lora_dy_kernel", "lora_da_kernel")  # rank chunks spread over programs
+SKINNY_KERNELS = ("lora_down_kernel", "lora_dy_kernel", "lora_da_kernel",  # rank chunks spread over programs
+                  "multi_lora_down_kernel", "multi_lora_dy_kernel", "multi_lora_da_kernel")
 
 
 def block_r(r: int, adapter: str, kernel: str = "", arch: int = 90) -> int:
@@ -203,6 +226,8 @@ def _launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, ob
         return args, {"HAS_DROPOUT": v.dropout, **lora}
     if v.kernel in DORA_KERNELS:
         return _dora_launch_args(v, arch)
+    if v.kernel in MULTI_KERNELS:
+        return _multi_launch_args(v, arch)
     # QLoRA, as fused_lora/backends/bnb4_triton.py launches them: packed bytes, absmax (uint8 when nested), the
     # 16-entry code; absmax2/code2/offset are fp32 (triton_launch.unused's one fp32 element when not nested).
     u8 = Ptr("u8")
@@ -316,15 +341,18 @@ def full_matrix() -> list[Variant]:
     for (b, a), kernel in itertools.product(DTYPES, KERNELS):
         layouts = ["linear", "conv1d"] if kernel in GEMM_KERNELS else ["linear"]
         common = dict(base=[b], adapter=[a], layout=layouts, rank=[8, 16, 32, 64])
-        if kernel in ("lora_down_kernel", "lora_dx_kernel"):
+        single = single_of(kernel)
+        if single in ("lora_down_kernel", "lora_dx_kernel"):
             out += _product(kernel, dropout=[True, False], **common)
-        elif kernel == "lora_fwd_kernel":
+        elif single == "lora_fwd_kernel":
             out += _product(kernel, bias=[True, False], **common)
-        elif kernel == "lora_dy_kernel":
+        elif single == "lora_dy_kernel":
             out += _product(kernel, bias=[True, False], split=[1, 2], need=["ds+db", "ds", "db"], **common)
-        elif kernel == "lora_up_add_kernel":
+        elif kernel == "multi_lora_up_add_kernel":  # bias: the own-bias deltas
+            out += _product(kernel, bias=[True, False], **common)
+        elif single == "lora_up_add_kernel":
             out += _product(kernel, **common)
-        elif kernel == "lora_dx_add_kernel":
+        elif single == "lora_dx_add_kernel":
             out += _product(kernel, dropout=[True, False], **common)
         else:
             out += _product(kernel, dropout=[True, False], split=[1, 2], **common)
@@ -340,8 +368,8 @@ def _q4_full() -> list[Variant]:
     """The QLoRA kernels' axes: every dtype pair and rank, the heavy and light flag, nested or not, W in the base
     dtype or another; every blocksize at the defaults (it is only a shift amount in the code)."""
     out = []
-    for kernel in ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel"):
-        flag = "bias" if kernel == "lora_fwd_4bit_kernel" else "dropout"
+    for kernel in ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", *MULTI_Q4_GEMMS):
+        flag = "bias" if "fwd" in kernel else "dropout"
         for (b, a), rank, on, nested, other, aligned in itertools.product(
                 DTYPES, [8, 16, 32, 64], [True, False], [True, False], [False, True], [True, False]):
             out.append(Variant(kernel, base=b, adapter=a, rank=rank, nested=nested,
@@ -359,12 +387,12 @@ def _q4_ci() -> list[Variant]:
     base a half W makes 3xTF32 two products), no dropout in dX, int64 offsets, and the unaligned path (K not a
     multiple of the blocksize: scales gathered per element, 64×64 tiles only) at every CI dtype pair."""
     out = []
-    for kernel in ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel"):
+    for kernel in ("lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", *MULTI_Q4_GEMMS):
         out += [Variant(kernel, base=b, adapter=a) for b, a in CI_DTYPES]
         out += [Variant(kernel, adapter="bf16", rank=64), Variant(kernel, nested=False),
                 Variant(kernel, wdtype="fp32"), Variant(kernel, base="fp32", wdtype="bf16"), Variant(kernel, wide=True)]
         out += [Variant(kernel, base=b, adapter=a, aligned=False) for b, a in CI_DTYPES]
-    out.append(Variant("lora_dx_4bit_kernel", dropout=False))
+    out += [Variant("lora_dx_4bit_kernel", dropout=False), Variant("multi_lora_dx_4bit_kernel", dropout=False)]
     out += [Variant("dequantize_4bit_kernel", base=b, nested=n) for b, n in itertools.product(TL, [True, False])]
     out += [Variant("dequantize_4bit_kernel", wide=True), Variant("dequantize_4bit_kernel", aligned=False)]
     return out
@@ -396,8 +424,10 @@ def ci_matrix() -> list[Variant]:
         for layout in (["linear", "conv1d"] if kernel in GEMM_KERNELS else ["linear"]):
             out.append(Variant(kernel, base=b, adapter=a, layout=layout))
     out += [Variant(kernel, adapter="bf16", rank=64) for kernel in KERNELS]
-    out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel")]
-    out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False)]
+    out += [Variant(k, dropout=False) for k in ("lora_down_kernel", "lora_dx_kernel", "multi_lora_down_kernel",
+                                                "multi_lora_dx_kernel")]
+    out += [Variant("lora_dy_kernel", split=1), Variant("lora_da_kernel", split=1, dropout=False),
+            Variant("multi_lora_dy_kernel", split=1), Variant("multi_lora_da_kernel", split=1, dropout=False)]
     out += [Variant(kernel, wide=True) for kernel in KERNELS]  # int64 offsets: the rare launch past 2³¹ elements
     out += [Variant(kernel, rank=64) for kernel in SKINNY_KERNELS]  # fp32 adapters' 64-rank chunks (skinny_rank_block)
     return [v for v in out if v.kernel not in Q4_KERNELS + DORA_KERNELS] + _q4_ci() + _dora_ci()
@@ -462,6 +492,68 @@ def _dora_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[st
                     stride_wn=wn, stride_dsm=R, stride_dsr=1, stride_ar=K, stride_ak=1, stride_dxm=K, stride_dxk=1,
                     **drop)
         return args, gemm
+    raise KeyError(v.kernel)
+
+
+def _multi_launch_args(v: Variant, arch: int) -> tuple[dict[str, object], dict[str, object]]:
+    """As fused_lora/backends/multi_triton.py and multi_bnb4_triton.py launch the segmented kernels: the single-adapter
+    kernel's arguments less S's strides (packed) and the scalar scaling / p / 1/(1-p) (read from the fp32 table), plus
+    the three table pointers and n_seg, R_MAX (the largest rank: BLOCK_R follows it); B_cat and dB N×(N_SEG·r), the
+    bias table and dbias (N_SEG, N)."""
+    R, R_TOT = v.rank, N_SEG * v.rank
+    base, ad, f32, i64 = Ptr(v.base), Ptr(v.adapter), Ptr("fp32"), Ptr("i64")
+    wk, wn = (1, K) if v.layout == "linear" else (N, 1)
+    lora = {"LORA_DOT": TL[v.adapter], "LORA_PREC": precision(v.adapter, v.tf32, arch),
+            "BLOCK_R": block_r(R, v.adapter, v.kernel, arch), "WIDE": v.wide}
+    gemm = {"BASE_DOT": TL[v.base], "BASE_PREC": precision(v.base, v.tf32, arch), **lora}
+    seg = dict(M=M, n_seg=N_SEG, R_MAX=R, M_BUCKET=triton.next_power_of_2(M))
+    tables = dict(seg_ptr=i64, scal_ptr=f32)
+    bias = dict(bias_ptr=base if v.bias else f32, stride_bias_seg=N if v.bias else 0, stride_bias=1)
+    if v.kernel == "multi_lora_down_kernel":
+        args = dict(x_ptr=base, a_ptr=ad, s_ptr=f32, **tables, seed_ptr=i64, K=K, **seg, stride_xm=K, stride_xk=1,
+                    stride_ar=K, stride_ak=1, stride_ss=M * R if v.split > 1 else 0)
+        return args, {"HAS_DROPOUT": v.dropout, **lora}
+    if v.kernel == "multi_lora_fwd_kernel":
+        args = dict(x_ptr=base, w_ptr=base, s_ptr=f32, b_ptr=ad, y_ptr=base, **tables, N=N, K=K, **seg,
+                    stride_xm=K, stride_xk=1, stride_wk=wk, stride_wn=wn, stride_bn=R_TOT, stride_br=1, stride_ym=N,
+                    stride_yn=1, **bias)
+        return args, {"HAS_BIAS": v.bias, **gemm}
+    if v.kernel == "multi_lora_up_add_kernel":
+        args = dict(y_ptr=base, s_ptr=f32, b_ptr=ad, delta_ptr=f32, **tables, N=N, **seg, stride_ym=N, stride_yn=1,
+                    stride_bn=R_TOT, stride_br=1, stride_delta_seg=N if v.bias else 0)
+        return args, {"HAS_DELTA": v.bias, **lora}
+    if v.kernel == "multi_lora_dy_kernel":
+        need_ds, need_db = "ds" in v.need, "db" in v.need
+        args = dict(dy_ptr=base, b_ptr=ad, s_ptr=f32, ds_ptr=f32, db_ptr=f32, dbias_ptr=f32, **tables, N=N, **seg,
+                    stride_dym=N, stride_dyn=1, stride_bn=R_TOT, stride_br=1, stride_dbn=R_TOT if need_db else 1,
+                    stride_dbr=1, stride_dbias_seg=N if v.bias else 0)
+        return args, {"DS_ATOMIC": v.split > 1, "HAS_DBIAS": v.bias, "NEED_DS": need_ds, "NEED_DB": need_db, **lora}
+    if v.kernel == "multi_lora_dx_kernel":
+        args = dict(dy_ptr=base, w_ptr=base, ds_ptr=f32, a_ptr=ad, dx_ptr=base, **tables, seed_ptr=i64, N=N, K=K,
+                    **seg, stride_dym=N, stride_dyn=1, stride_wk=wk, stride_wn=wn, stride_ar=K, stride_ak=1,
+                    stride_dxm=K, stride_dxk=1)
+        return args, {"HAS_DROPOUT": v.dropout, **gemm}
+    if v.kernel == "multi_lora_dx_add_kernel":
+        args = dict(dx_ptr=base, ds_ptr=f32, a_ptr=ad, **tables, seed_ptr=i64, K=K, **seg, stride_dxm=K, stride_dxk=1,
+                    stride_ar=K, stride_ak=1)
+        return args, {"HAS_DROPOUT": v.dropout, **lora}
+    if v.kernel == "multi_lora_da_kernel":
+        args = dict(ds_ptr=f32, x_ptr=base, da_ptr=f32, **tables, seed_ptr=i64, K=K, **seg, stride_xm=K, stride_xk=1,
+                    stride_dar=K, stride_dak=1)
+        return args, {"DA_ATOMIC": v.split > 1, "HAS_DROPOUT": v.dropout, **lora}
+    u8 = Ptr("u8")
+    quant = dict(w_ptr=u8, absmax_ptr=u8 if v.nested else f32, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
+                 offset_ptr=f32)
+    q4 = {"NESTED": v.nested, "QBLOCK_LOG2": v.qblock.bit_length() - 1, "QBLOCK2_LOG2": 8, "ALIGNED": v.q4_aligned,
+          "W_DTYPE": TL[v.wdtype or v.base]}
+    if v.kernel == "multi_lora_fwd_4bit_kernel":
+        args = dict(x_ptr=base, **quant, s_ptr=f32, b_ptr=ad, y_ptr=base, **tables, N=N, K=K, **seg, stride_xm=K,
+                    stride_xk=1, stride_bn=R_TOT, stride_br=1, stride_ym=N, stride_yn=1, **bias)
+        return args, {"HAS_BIAS": v.bias, **q4, **gemm}
+    if v.kernel == "multi_lora_dx_4bit_kernel":
+        args = dict(dy_ptr=base, **quant, ds_ptr=f32, a_ptr=ad, dx_ptr=base, **tables, seed_ptr=i64, N=N, K=K, **seg,
+                    stride_dym=N, stride_dyn=1, stride_ar=K, stride_ak=1, stride_dxm=K, stride_dxk=1)
+        return args, {"HAS_DROPOUT": v.dropout, **q4, **gemm}
     raise KeyError(v.kernel)
 
 

@@ -178,3 +178,40 @@ def plain_backward(dy, x, lora_A, lora_B, scaling, mask, base_dx, bias_dtype, ne
     if need_dbias:
         dbias = dy2d.sum(0, dtype=torch.float32).to(bias_dtype)
     return dx, dbias, da, db
+
+
+# ------------------------------------------------------------------------- several adapters on one base (segments)
+
+
+def multi_lora_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scalings: list[float],
+    lengths: list[int],
+    weight_layout: str = "linear",
+    *,
+    biases: list[torch.Tensor | None] | None = None,
+    dropout_masks: list[torch.Tensor | None] | None = None,
+    upcast: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Several adapters on one base, by definition: x's rows (M×K) in contiguous segments of ``lengths``, segment i
+    through :func:`lora_linear_ref` with adapter i (``lora_As[i]``, ``lora_Bs[i]``, ``scalings[i]``), its own bias
+    ``biases[i]`` in place of ``bias`` when given, and its scaled keep mask ``dropout_masks[i]`` (len_i×K, values 0 or
+    1/(1-p); None: no dropout); the segments' outputs concatenated. Eager autograd ops, so the gradients of x, every
+    A_i, B_i and bias are the ground truth (in fp64 with ``upcast=torch.float64``). Dtype rules as
+    :func:`lora_linear_ref`."""
+    n = len(lengths)
+    if not (len(lora_As) == len(lora_Bs) == len(scalings) == n) or sum(lengths) != x.shape[0]:
+        raise ValueError(f"multi_lora_ref: {n} segments (lengths summing to {sum(lengths)}) for {len(lora_As)} "
+                         f"adapters and {x.shape[0]} rows")
+    outs, start = [], 0
+    for i, length in enumerate(lengths):
+        own = biases[i] if biases is not None and biases[i] is not None else bias
+        mask = dropout_masks[i] if dropout_masks is not None else None
+        outs.append(lora_linear_ref(x[start:start + length], weight, own, lora_As[i], lora_Bs[i], scalings[i],
+                                    weight_layout=weight_layout, dropout_mask=mask, upcast=upcast))
+        start += length
+    return torch.cat(outs)

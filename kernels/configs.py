@@ -150,6 +150,20 @@ DY_CONFIGS_FP32 = pick([cfg(4, 4, BLOCK_M=64, BLOCK_K=32), cfg(4, 4, BLOCK_M=32,
                         cfg(4, 4, BLOCK_M=32, BLOCK_K=32)], _SKINNY_INTERP)
 
 
+# The multi-adapter dY pass (kernels/multi_lora.py) with half adapters: the dense pass's tiles and a 32-row one with 8
+# warps. At rank 64 (BLOCK_R 64) the three others spilled 16-104 B per thread on sm_80/86/89/120 (the segment's tables
+# beside the pass's two rank-r accumulators; triton 3.9, EXCLUDED); 32×64 with 8 warps took 178-196 registers, no stack.
+MULTI_DY_CONFIGS_HALF_ADAPTERS = pick([_SK_64x64, _SK_64x128, _SK_128x64, cfg(8, 3, BLOCK_M=32, BLOCK_K=64)],
+                                      _SKINNY_INTERP)
+
+# The multi-adapter forward GEMM (kernels/multi_lora.py) with an fp32 base: the dense list's tile, and a 32-row one for
+# sm_80, where the 64-row tile spilled 16 B per thread (the segment's tables beside 3xTF32's split operands; triton 3.9,
+# bench/compile_report.py; EXCLUDED).
+MULTI_GEMM_CONFIGS_FP32 = pick(
+    [cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), cfg(4, 5, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
+    _GEMM_INTERP,
+)
+
 # QLoRA GEMMs (kernels/lora_4bit.py): W's tile is dequantized in registers (one byte, a code lookup, a scale per
 # element) before it goes to the MMA, so a tile costs registers where the dense kernels' costs shared memory. With the
 # dense lists' BLOCK_K 64 (32 W elements per thread at 128×128 with 8 warps, 64 at 64×128 with 4) they reached 255
@@ -160,6 +174,11 @@ Q4_GEMM_CONFIGS = pick(
      cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)],
     _GEMM_INTERP,
 )
+# The multi-adapter 4-bit forward GEMM (kernels/multi_lora_4bit.py): the QLoRA list and 64×64×32 with 8 warps. With fp32
+# adapters on sm_80/86/89 the QLoRA tiles all spilled (the 128×128 ones 8-64 B with both tritons, 64×64×32 with 4 warps
+# 8-16 B at 128 registers with triton 3.6; EXCLUDED); with 8 warps it took 93-128 registers and no stack on every arch,
+# both tritons (bench/results/compile-multi/).
+MULTI_Q4_GEMM_CONFIGS = pick(Q4_GEMM_CONFIGS + [cfg(8, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)], _GEMM_INTERP)
 # fp32 base: the dense kernels' one fp32 tile and a 32-row one, which sm_120 needs (there 64×64×32 spilled 8 B in dX
 # with a bf16 W, 24-32 B wide).
 Q4_GEMM_CONFIGS_FP32 = pick(
@@ -300,4 +319,71 @@ EXCLUDED: list[tuple[tuple[int, ...], str, tuple[str, ...], tuple[int, ...], str
      "p = 0, conv1d: spills 8 B at 255 registers (3.6)"),
     ((90,), "dora_dy_kernel", ("fp32-adapters",), ALL_RANKS, "64×64 w4 s4",
      "p = 0, split 1: spills 16 B at 255 registers (3.6)"),
+    # Several adapters on one base (kernels/multi_lora.py, multi_lora_4bit.py): the single-adapter kernels' tiles with
+    # the segment's tables, rank and offsets besides; each kernel measured on its own (CI matrix on sm_80/sm_90, the
+    # sample on the others, every config, both tritons: bench/results/compile-multi/).
+    (_99K, "multi_lora_da_kernel", ("half",), _HALF_WIDE_R, "128×64 w8 s3",
+     "r64: spills 80 B at 255 registers, 112-113 KiB of shared memory (3.6, 3.9)"),
+    ((120,), "multi_lora_da_kernel", ("fp32-adapters",), _HALF_WIDE_R, "32×128 w4 s4",
+     "r64: spills 24-48 B (3.6, 3.9)"),
+    (_99K, "multi_lora_down_kernel", ("fp32-adapters",), _HALF_WIDE_R, "64×64 w8 s3",
+     "r64: spills 8-24 B at 255 registers (3.9)"),
+    ((100,), "multi_lora_down_kernel", ("half",), _HALF_WIDE_R, "64×64 w4 s4",
+     "r64: spills 8 B at 128 registers (3.9)"),
+    ((100, 120), "multi_lora_down_kernel", ("half",), _HALF_WIDE_R, "64×128 w8 s3",
+     "r64: spills 16-40 B at 128 registers (3.9)"),
+    ((80, 86, 89), "multi_lora_dx_4bit_kernel", ("fp32-adapters",), ALL_RANKS, "64×64×32 w4 s5",
+     "spills 16 B at 128 registers (3.6)"),
+    (_99K, "multi_lora_dx_4bit_kernel", ("half",), _HALF_WIDE_R, "128×128×32 w8 s4",
+     "r64: spills 16 B at 255 registers, 144-145 KiB of shared memory (3.6, 3.9)"),
+    ((90,), "multi_lora_dx_4bit_kernel", ("fp32",), ALL_RANKS, "32×64×32 w4 s5", "no wgmma for 32 rows (3.6, 3.9)"),
+    ((120,), "multi_lora_dx_4bit_kernel", ("half",), _HALF_WIDE_R, "128×128×32 w8 s3",
+     "r64: spills 16 B at 255 registers (3.9)"),
+    ((86, 89), "multi_lora_dx_add_kernel", ("half",), _HALF_WIDE_R, "128×64 w8 s1",
+     "r64: spills 8 B at 128 registers (3.6)"),
+    ((120,), "multi_lora_dx_add_kernel", ("half",), _HALF_WIDE_R, "64×128 w8 s1",
+     "r64: spills 8 B at 128 registers (3.9)"),
+    (_99K, "multi_lora_dx_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4",
+     "r64: spills 24 B at 255 registers, 144-145 KiB of shared memory (3.6, 3.9)"),
+    ((120,), "multi_lora_dx_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s3",
+     "r64: spills 24 B at 255 registers (3.9)"),
+    ((75,), "multi_lora_dy_kernel", ("fp32-adapters",), ALL_RANKS, "32×64 w8 s3", "spills 8 B at 64 registers (3.6)"),
+    ((80,), "multi_lora_dy_kernel", ("fp32",), ALL_RANKS, "32×64 w4 s4", "spills 8 B at 255 registers (3.6)"),
+    ((80, 86, 89, 90, 120), "multi_lora_dy_kernel", ("fp32-adapters",), _HALF_WIDE_R, "64×64 w4 s4",
+     "r64: spills 8-112 B at 255 registers (3.6, 3.9)"),
+    ((80, 86, 89, 100, 120), "multi_lora_dy_kernel", ("half",), _HALF_WIDE_R, "128×64 w8 s3",
+     "r64: spills 8-104 B (3.6, 3.9)"),
+    ((80, 86, 89, 120), "multi_lora_dy_kernel", ("half",), _HALF_WIDE_R, "64×128 w8 s3",
+     "r64: spills 16-80 B (3.6, 3.9)"),
+    ((80, 86, 89, 120), "multi_lora_dy_kernel", ("half",), _HALF_WIDE_R, "64×64 w4 s4",
+     "r64: spills 32-72 B at 255 registers (3.6, 3.9)"),
+    ((80,), "multi_lora_fwd_4bit_kernel", ("fp32",), ALL_RANKS, "64×64×32 w4 s5", "spills 8-24 B (3.6, 3.9)"),
+    ((80, 86, 89), "multi_lora_fwd_4bit_kernel", ("fp32-adapters",), ALL_RANKS, "64×64×32 w4 s5",
+     "spills 8-16 B at 128 registers (3.6)"),
+    ((80, 86, 89, 120), "multi_lora_fwd_4bit_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×32 w8 s3",
+     "spills 8-64 B at 255 registers (3.6, 3.9)"),
+    ((80, 86, 89, 120), "multi_lora_fwd_4bit_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×32 w8 s4",
+     "spills 8-64 B at 255 registers (3.6, 3.9)"),
+    (_99K, "multi_lora_fwd_4bit_kernel", ("half",), _HALF_WIDE_R, "128×128×32 w8 s4",
+     "r64: spills 24 B at 255 registers, 144-145 KiB of shared memory (3.6, 3.9)"),
+    ((90,), "multi_lora_fwd_4bit_kernel", ("fp32",), ALL_RANKS, "32×64×32 w4 s5", "no wgmma for 32 rows (3.6, 3.9)"),
+    ((120,), "multi_lora_fwd_4bit_kernel", ("half",), _HALF_WIDE_R, "128×128×32 w8 s3",
+     "r64: spills 24 B at 255 registers (3.9)"),
+    ((80,), "multi_lora_fwd_kernel", ("fp32",), ALL_RANKS, "64×64×32 w4 s5", "spills 16 B at 255 registers (3.9)"),
+    ((80, 86, 89, 120), "multi_lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s3",
+     "spills 8-40 B at 255 registers (3.6, 3.9)"),
+    ((80, 86, 89, 120), "multi_lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "128×128×64 w8 s4",
+     "spills 8-40 B at 255 registers (3.6, 3.9)"),
+    ((80, 120), "multi_lora_fwd_kernel", ("fp32-adapters",), ALL_RANKS, "64×128×64 w4 s4",
+     "spills 8-16 B at 255 registers (3.9)"),
+    ((86, 89, 100, 120), "multi_lora_fwd_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s4",
+     "r64: spills 8 B, 144-145 KiB of shared memory (3.6, 3.9)"),
+    ((90,), "multi_lora_fwd_kernel", ("fp32",), ALL_RANKS, "32×64×32 w4 s5", "no wgmma for 32 rows (3.6, 3.9)"),
+    ((100, 120), "multi_lora_fwd_kernel", ("half",), _HALF_WIDE_R, "64×128×64 w4 s4", "r64: spills 16-80 B (3.6, 3.9)"),
+    ((120,), "multi_lora_fwd_kernel", ("half",), _HALF_WIDE_R, "128×128×64 w8 s3",
+     "r64: spills 8-16 B at 255 registers (3.6, 3.9)"),
+    ((80,), "multi_lora_up_add_kernel", ("fp32-adapters",), ALL_RANKS, "64×128 w8 s1",
+     "spills 8-16 B at 128 registers (3.6, 3.9)"),
+    ((80, 90), "multi_lora_up_add_kernel", ("fp32-adapters",), ALL_RANKS, "32×128 w4 s1",
+     "spills 8-16 B at 128 registers (3.6)"),
 ]

@@ -61,7 +61,7 @@ def _mul_rn(a, b):
 
 
 @triton.jit
-def _round(x, DTYPE: tl.constexpr):
+def round_rn(x, DTYPE: tl.constexpr):
     """fp32 ``x`` in ``DTYPE``, rounded to nearest even (the GPU's ``cvt.rn``). Triton's interpreter truncates
     fp32 → bf16 (triton 3.9: ``cast_impl`` converts with no rounding mode; 1.17742 became 1.171875, not 1.1796875):
     interpreted, the bf16 rounding is done here on the bits first, which makes that cast exact. Finite x only."""
@@ -101,7 +101,7 @@ def load_w4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code, ns
     per row of W (J vectors), not per element. Otherwise the scale is gathered per element: the rows' J = (S-1) //
     blocksize + 2 possible blocks, selected per element, took 168-255 registers and spilled 16-192 B per thread
     (triton 3.6, sm_80/sm_100); the per-element gathers cost shared memory instead (Triton's pipeliner stages them:
-    84 KiB at 64×64×32 with 5 stages), so unaligned launches take the 64×64 tiles only (``_prune``).
+    84 KiB at 64×64×32 with 5 stages), so unaligned launches take the 64×64 tiles only (``prune_4bit``).
     (Per-element gathers of the code were staged the same way: 369 KiB at 128×128×64 with 4 stages on sm_90,
     triton 3.9; the register lookup has none.)"""
     ks = k0 + tl.arange(0, S)
@@ -137,19 +137,19 @@ def load_w4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code, ns
     if W_DTYPE == tl.float32:  # W is the fp32 product itself: keep it from being contracted into a later
         w = _mul_rn(w, scale)      # subtraction (3xTF32's b - b_hi), so that the dot sees bitsandbytes' W
     else:
-        w = _round(w * scale, W_DTYPE)
+        w = round_rn(w * scale, W_DTYPE)
     return w
 
 
 @triton.jit
-def _as_operand(w, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, DOT: tl.constexpr):
+def as_operand(w, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, DOT: tl.constexpr):
     """W's tile (in W's dtype) as the other operand's dtype, then the dot's: bitsandbytes' ``.to(x.dtype)``."""
     if W_DTYPE != X_DTYPE:
-        w = _round(w.to(tl.float32), X_DTYPE)
+        w = round_rn(w.to(tl.float32), X_DTYPE)
     return w.to(DOT)
 
 
-def _prune(base: str, kernel: str):
+def prune_4bit(base: str, kernel: str):
     """``configs.by_dtype``'s pruning (own lists, configs.Q4_GEMM_CONFIGS: the W tile lives in registers, the dense
     lists spilled), and for an unaligned W (``ALIGNED`` off: per-element scale gathers, load_w4_tile) the tiles of at
     most 64×64 only, whose staged gathers fit every GPU's shared memory (84 KiB at 64×64×32 with 5 stages; 128 KiB
@@ -165,7 +165,7 @@ def _prune(base: str, kernel: str):
 
 
 @triton.autotune(cache_results=CACHE_RESULTS, configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
-                 prune_configs_by={"early_config_prune": _prune("x_ptr", "lora_fwd_4bit_kernel")})
+                 prune_configs_by={"early_config_prune": prune_4bit("x_ptr", "lora_fwd_4bit_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_fwd_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
@@ -199,17 +199,17 @@ def lora_fwd_4bit_kernel(
                          BLOCK_K, True, W_DTYPE, NESTED, QBLOCK_LOG2, QBLOCK2_LOG2, ALIGNED)
         # W in W's dtype, then x's (bnb: dequantize_4bit(...).to(x.dtype)). With fp32 x and a half W_DTYPE, W is
         # exact in TF32: 3xTF32 then needs two products, not three (precision.dot_fp32).
-        acc = dot_fp32(x.to(BASE_DOT), _as_operand(w, W_DTYPE, X_DTYPE, BASE_DOT), acc, BASE_PREC, False,
+        acc = dot_fp32(x.to(BASE_DOT), as_operand(w, W_DTYPE, X_DTYPE, BASE_DOT), acc, BASE_PREC, False,
                        W_DTYPE != tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-             _round(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
+             round_rn(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
 @triton.autotune(cache_results=CACHE_RESULTS, configs=Q4_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
-                 prune_configs_by={"early_config_prune": _prune("dy_ptr", "lora_dx_4bit_kernel")})
+                 prune_configs_by={"early_config_prune": prune_4bit("dy_ptr", "lora_dx_4bit_kernel")})
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
 def lora_dx_4bit_kernel(
     dy_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, ds_ptr, a_ptr, dx_ptr,
@@ -246,10 +246,10 @@ def lora_dx_4bit_kernel(
                      mask=row_ok & (ns[None, :] < N), other=0.0)
         w = load_w4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code, ns, index(k_start, WIDE), N, K,
                          BLOCK_N, False, W_DTYPE, NESTED, QBLOCK_LOG2, QBLOCK2_LOG2, ALIGNED)
-        acc = dot_fp32(dy.to(BASE_DOT), _as_operand(w, W_DTYPE, DY_DTYPE, BASE_DOT), acc, BASE_PREC, False,
+        acc = dot_fp32(dy.to(BASE_DOT), as_operand(w, W_DTYPE, DY_DTYPE, BASE_DOT), acc, BASE_PREC, False,
                        W_DTYPE != tl.float32)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-             _round(acc, dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
+             round_rn(acc, dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
 @triton.autotune(cache_results=CACHE_RESULTS, configs=DEQUANT_CONFIGS, key=["ARCH"])

@@ -60,6 +60,9 @@ AUTOTUNED = frozenset({
     "lora_up_add_kernel", "lora_dx_add_kernel",  # lora_compose.py
     "lora_fwd_4bit_kernel", "lora_dx_4bit_kernel", "dequantize_4bit_kernel",  # lora_4bit.py
     "dora_norm_kernel", "dora_down_kernel", "dora_fwd_kernel", "dora_dy_kernel", "dora_dx_kernel",  # dora.py
+    "multi_lora_down_kernel", "multi_lora_fwd_kernel", "multi_lora_up_add_kernel",  # multi_lora.py
+    "multi_lora_dy_kernel", "multi_lora_dx_kernel", "multi_lora_dx_add_kernel", "multi_lora_da_kernel",
+    "multi_lora_fwd_4bit_kernel", "multi_lora_dx_4bit_kernel",  # multi_lora_4bit.py
 })
 
 

@@ -16,7 +16,8 @@ KERNELS = ROOT / "kernels"
 # Each module's layer: a module imports only modules of its own layer or below.
 LAYERS = [
     ("kernels", ["kernels.*"]),
-    ("foundation", ["hardware", "fallback", "dropout", "validation", "reference", "config", "call", "bases.__init__"]),
+    ("foundation", ["hardware", "fallback", "dropout", "validation", "reference", "config", "call", "segments",
+                    "bases.__init__"]),
     ("backends", ["backends.*"]),
     ("autograd", ["autograd.*"]),
     ("router", ["dispatch"]),

@@ -69,6 +69,15 @@ PROTECTION = {
     "dora_fwd_kernel": ((), ()),  # y, P: stores
     "dora_dy_kernel": ((), ("ds_ptr", "db_ptr", "dbias_ptr", "dmag_ptr")),  # atomics (dS when split); G: stores
     "dora_dx_kernel": ((), ()),  # dX: stores
+    "multi_lora_down_kernel": ((), ()),  # packed S (or its split-K slices): stores
+    "multi_lora_fwd_kernel": ((), ()),  # y: stores
+    "multi_lora_up_add_kernel": (("y_ptr",), ()),  # y += s_i·S_i B_iᵀ (+ own bias − base bias) in place
+    "multi_lora_dy_kernel": ((), ("ds_ptr", "db_ptr", "dbias_ptr")),  # dB, per-segment dbias atomics; dS when split
+    "multi_lora_dx_kernel": ((), ()),  # dX: stores
+    "multi_lora_dx_add_kernel": (("dx_ptr",), ()),  # dX += m_i ⊙ (dS_i A_i) in place
+    "multi_lora_da_kernel": ((), ("da_ptr",)),  # dA atomics when split
+    "multi_lora_fwd_4bit_kernel": ((), ()),  # y: stores
+    "multi_lora_dx_4bit_kernel": ((), ()),  # dX: stores
 }
 
 
@@ -312,7 +321,8 @@ def test_every_autotuned_kernel_is_covered_and_protected():
     declares the protection of the audit (PROTECTION)."""
     tuners = autotuned_kernels()
     assert set(tuners) == AUTOTUNED
-    covered = set().union(*LORA_FWD.values(), *LORA_BWD.values(), *DORA_FWD.values(), *DORA_BWD.values(), DIRECT)
+    covered = set().union(*LORA_FWD.values(), *LORA_BWD.values(), *DORA_FWD.values(), *DORA_BWD.values(), DIRECT,
+                          *MULTI_FWD.values(), *MULTI_BWD.values(), MULTI_DIRECT)
     assert covered == AUTOTUNED
     assert set(PROTECTION) == AUTOTUNED
     for name, tuner in tuners.items():
@@ -403,3 +413,127 @@ def test_pruning_reads_the_launch_arch():
     half_r64 = dict(LORA_DOT=tl.bfloat16, BLOCK_R=64)
     assert wide not in prune([wide, small], {"x_ptr": x, "ARCH": 86}, **half_r64)
     assert prune([wide, small], {"x_ptr": x}, ARCH=90, **half_r64)[0] is wide
+
+
+# ------------------------------------------------------------------------------------- several adapters on one base
+# The segmented kernels (kernels/multi_lora.py, multi_lora_4bit.py) through their passes (fused_lora/backends/
+# multi_triton.py, multi_bnb4_triton.py): three adapters on odd segments, one empty, dropout on two, an own bias beside
+# the base's (on the 4-bit composed path it comes in with the in-place add: its HAS_DELTA form).
+MULTI_FWD = {"fused": {"multi_lora_down_kernel", "multi_lora_fwd_kernel"},
+             "composed": {"multi_lora_down_kernel", "multi_lora_up_add_kernel"},
+             "4bit-fused": {"multi_lora_down_kernel", "multi_lora_fwd_4bit_kernel"},
+             "4bit-composed": {"multi_lora_down_kernel", "multi_lora_up_add_kernel"}}
+MULTI_BWD = {"fused": {"multi_lora_dy_kernel", "multi_lora_dx_kernel", "multi_lora_da_kernel"},
+             "composed": {"multi_lora_dy_kernel", "multi_lora_dx_add_kernel", "multi_lora_da_kernel"},
+             "4bit-fused": {"multi_lora_dy_kernel", "multi_lora_dx_4bit_kernel", "multi_lora_da_kernel"},
+             "4bit-composed": {"multi_lora_dy_kernel", "multi_lora_dx_add_kernel", "multi_lora_da_kernel"}}
+MULTI_LENGTHS, MULTI_RANKS, MULTI_PS = (9, 0, 28), (3, 5, 2), (0.3, 0.0, 0.2)
+
+
+def _multi_problem(path: str):
+    from fused_lora import bases
+    from fused_lora.backends.dense_base import DenseBase
+    from fused_lora.segments import MultiAdapters
+
+    gen = torch.Generator().manual_seed(3)
+    k = K4 if path.startswith("4bit") else K
+    if path.startswith("4bit"):
+        base = bases.base_of(_bnb_layer(4, 0.0, True).base_layer)[1]
+        weight, bias = None, base.layer.bias
+    else:
+        weight, bias = _rnd(N, k, gen=gen, scale=k**-0.5), _rnd(N, gen=gen)
+        base = DenseBase(weight, bias, "linear")
+    adapters = MultiAdapters([_rnd(r, k, gen=gen, scale=k**-0.5) for r in MULTI_RANKS],
+                             [_rnd(N, r, gen=gen) for r in MULTI_RANKS], [2.0 / r for r in MULTI_RANKS], MULTI_PS,
+                             [None, None, _rnd(N, gen=gen)])
+    x, dy = _rnd(sum(MULTI_LENGTHS), k, gen=gen), _rnd(sum(MULTI_LENGTHS), N, gen=gen)
+    return base, weight, bias, adapters, adapters.segments(MULTI_LENGTHS), x, dy
+
+
+def _multi_call(path: str, problem, after_forward=None) -> dict[str, torch.Tensor]:
+    """y, S and every gradient of one forward and backward of ``path``; ``after_forward()`` runs between the two."""
+    from fused_lora.backends import multi_bnb4_triton, multi_triton
+
+    base, weight, bias, adapters, segments, x, dy = problem
+    seeds = [SEED, SEED + 1, SEED + 2]
+    needs = (True, True, True, True)
+    if path == "fused":
+        y, s = multi_triton.forward(x, weight, bias, adapters, segments, seeds, "linear")
+    elif path == "4bit-fused":
+        y, s = multi_bnb4_triton.fused_forward(x, base, bias, adapters, segments, seeds)
+    else:
+        y, s = multi_triton.composed_forward(x, base, adapters, segments, seeds)
+    if after_forward is not None:
+        after_forward()
+    if path == "fused":
+        grads = multi_triton.backward(dy, x, weight, adapters, segments, seeds, s, "linear", *needs)
+    elif path == "4bit-fused":
+        grads = multi_bnb4_triton.fused_backward(dy, x, base, adapters, segments, seeds, s, *needs)
+    else:
+        grads = multi_triton.composed_backward(dy, x, base, adapters, segments, seeds, s, *needs)
+    dx, das, dbs, dbias = grads
+    out = {"y": y, "s": s, "dx": dx, "dbias": dbias}
+    for i, n in enumerate(MULTI_LENGTHS):
+        if n:  # an empty segment's gradients are zeros: no signal to compare
+            out[f"dA{i}"], out[f"dB{i}"] = das[i], dbs[i]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["all", "one"])
+@pytest.mark.parametrize("path", sorted(MULTI_FWD))
+def test_multi_first_call(path, mode, autotune_harness):
+    problem = _multi_problem(path)
+    want = _multi_call(path, problem)
+    for name, value in want.items():
+        assert value.abs().max() > 0, f"{name}: no signal to compare"
+    tuner = autotune_harness(mode=mode)
+    got = _multi_call(path, problem, after_forward=lambda: tuner.assert_benchmarked(MULTI_FWD[path]))
+    tuner.assert_benchmarked(MULTI_FWD[path] | MULTI_BWD[path])
+    bad = _diffs(got, want)
+    assert not bad, f"the first call under GPU-like autotuning ({mode}) differs from a normal call: {bad}"
+
+
+def test_multi_first_call_launching_another_config(autotune_harness):
+    """The doubled tiles launched for real: row tiles of 64 rows, which the segments' tiles follow (the grids' bound on
+    them holds for any tile height), and the protected buffers right for a config that is not the kernel's own."""
+    problem = _multi_problem("fused")
+    want = _multi_call("fused", problem)
+    tuner = autotune_harness(mode="all", winner="last")
+    got = _multi_call("fused", problem)
+    tuner.assert_benchmarked(MULTI_FWD["fused"] | MULTI_BWD["fused"])
+    bad = _diffs(got, want, VARIANT_RTOL)
+    assert not bad, f"another config differs: {bad}"
+
+
+def _multi_dy_split():
+    from fused_lora.backends import multi_triton
+
+    _, _, _, adapters, segments, x, dy = _multi_problem("fused")
+    t = multi_triton.tables(segments, adapters, [1, 2, 3], DEVICE)
+    s = multi_triton.multi_lora_down(x, adapters.A_cat(), t)
+    ds, db, dbias = multi_triton.multi_lora_dy_pass(dy, adapters.B_cat(), s, t, True, True, True, split_n=3)
+    return {"ds": ds, "db": db, "dbias": dbias}
+
+
+def _multi_da_split():
+    from fused_lora.backends import multi_triton
+
+    _, _, _, adapters, segments, x, _ = _multi_problem("fused")
+    t = multi_triton.tables(segments, adapters, [1, 2, 3], DEVICE)
+    ds = _rnd(segments.s_numel, gen=torch.Generator().manual_seed(9))
+    return {"da": multi_triton.multi_lora_da(ds, x, adapters.A_cat(), t, split_m=2)}
+
+
+MULTI_DIRECT = {"multi_lora_dy_kernel": _multi_dy_split, "multi_lora_da_kernel": _multi_da_split}
+
+
+@pytest.mark.parametrize("mode", ["all", "one"])
+@pytest.mark.parametrize("kernel", sorted(MULTI_DIRECT))
+def test_multi_split_first_call(kernel, mode, autotune_harness):
+    """The split reductions (atomics from several programs; the launchers split only on a GPU), launched directly."""
+    want = MULTI_DIRECT[kernel]()
+    tuner = autotune_harness(mode=mode)
+    got = MULTI_DIRECT[kernel]()
+    assert kernel in tuner.benchmarked
+    bad = _diffs(got, want)
+    assert not bad, f"{kernel}: the first launch under GPU-like autotuning ({mode}) differs from a normal one: {bad}"

@@ -244,14 +244,20 @@ def _pack_key(packed: Packed4bit) -> tuple:
     return packed.shape, packed.blocksize, packed.blocksize2, packed.nested, packed.dtype, packed.device
 
 
-def _w_wide(packed: Packed4bit) -> bool:
+def quant_args(packed: Packed4bit) -> tuple[list[torch.Tensor], dict[str, object]]:
+    """(the six pointer arguments every 4-bit kernel takes after w_ptr's, its quantization constexprs): for launchers
+    that launch without a plan (the multi-adapter ones)."""
+    return list(_pointers(packed, unused(packed.device))), _quant_consts(packed)
+
+
+def w_wide(packed: Packed4bit) -> bool:
     """Whether W's flat element index n·K + k (tile overhang included) needs int64 (``triton_launch.wide_offsets``)."""
     N, K = packed.shape
     overhang = TILE_OVERHANG
     return (N - 1 + overhang) * K + K - 1 + overhang > INT32_REACH
 
 
-def _check_device(packed: Packed4bit, t: torch.Tensor) -> None:
+def check_device(packed: Packed4bit, t: torch.Tensor) -> None:
     if packed.device != t.device:
         raise ValueError(f"the 4-bit weight is on {packed.device}, the activations on {t.device}")
 
@@ -289,7 +295,7 @@ def _forward_plan(x, packed: Packed4bit, bias, s, lora_B, tf32: bool | None) -> 
     if packed.shape != (N, K) or s.shape != (M, R):
         raise ValueError(f"forward_4bit: W {packed.shape}, x {tuple(x.shape)}, S {tuple(s.shape)}, "
                          f"B {tuple(lora_B.shape)} do not fit y = x Wᵀ + s·S Bᵀ")
-    _check_device(packed, x)
+    check_device(packed, x)
     device = x.device
     nothing = unused(device)
     if M == 0 or N == 0:
@@ -301,7 +307,7 @@ def _forward_plan(x, packed: Packed4bit, bias, s, lora_B, tf32: bool | None) -> 
         HAS_BIAS=bias is not None, W_DTYPE=TL_DTYPES[packed.dtype], **_quant_consts(packed),
         BASE_DOT=dot_dtype(x.dtype), BASE_PREC=dot_precision(x.dtype, device, tf32),
         LORA_DOT=dot_dtype(lora_B.dtype), LORA_PREC=dot_precision(lora_B.dtype, device, tf32),
-        WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or _w_wide(packed), BLOCK_R=rank_block(R, lora_B.dtype),
+        WIDE=wide_offsets(x, bias_arg, s, lora_B, y) or w_wide(packed), BLOCK_R=rank_block(R, lora_B.dtype),
         ARCH=arch(device)), device)
     ints = (M, N, K, R, m_bucket(M), *x.stride(), *s.stride(), *lora_B.stride(), *y.stride(), bias_arg.stride(0))
     return Plan(site, ints, (M, N), nothing=nothing)
@@ -335,7 +341,7 @@ def _dx_plan(dy, packed: Packed4bit, ds, lora_A, p: float, out_dtype: torch.dtyp
     if packed.shape != (N, K) or ds.shape != (M, R):
         raise ValueError(f"dx_4bit: W {packed.shape}, dY {tuple(dy.shape)}, dS {tuple(ds.shape)}, "
                          f"A {tuple(lora_A.shape)} do not fit dX = dY W + m ⊙ (dS A)")
-    _check_device(packed, dy)
+    check_device(packed, dy)
     device = dy.device
     if M == 0 or K == 0:
         return Plan(None, (), (M, K))
@@ -345,7 +351,7 @@ def _dx_plan(dy, packed: Packed4bit, ds, lora_A, p: float, out_dtype: torch.dtyp
         HAS_DROPOUT=p > 0, W_DTYPE=TL_DTYPES[packed.dtype], **_quant_consts(packed),
         BASE_DOT=dot_dtype(dy.dtype), BASE_PREC=dot_precision(dy.dtype, device, tf32),
         LORA_DOT=dot_dtype(lora_A.dtype), LORA_PREC=dot_precision(lora_A.dtype, device, tf32),
-        WIDE=wide_offsets(dy, ds, lora_A, dx) or _w_wide(packed), BLOCK_R=rank_block(R, lora_A.dtype),
+        WIDE=wide_offsets(dy, ds, lora_A, dx) or w_wide(packed), BLOCK_R=rank_block(R, lora_A.dtype),
         ARCH=arch(device)), device)
     ints = (M, N, K, R, m_bucket(M), *dy.stride(), *ds.stride(), *lora_A.stride(), *dx.stride())
     return Plan(site, ints, (M, K), drop=plan_drop(p, device), nothing=unused(device))
@@ -373,7 +379,7 @@ def _dequantize_plan(packed: Packed4bit, forward_tiles: bool) -> Plan:
     if N * K == 0:
         return Plan(None, (), (N, K))
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"]))
-    site = LaunchSite(grid, dict(**_quant_consts(packed), WIDE=_w_wide(packed), KN=forward_tiles, ARCH=arch(device)),
+    site = LaunchSite(grid, dict(**_quant_consts(packed), WIDE=w_wide(packed), KN=forward_tiles, ARCH=arch(device)),
                       device)
     return Plan(site, (N, K), (N, K), nothing=unused(device))
 

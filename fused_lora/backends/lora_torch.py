@@ -37,7 +37,7 @@ def _keep_as(keep: torch.Tensor | None, seed: int, x: torch.Tensor, p: float, dt
     return keep.to(dtype)
 
 
-def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None):
+def down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None):
     """S = dropout(x) Aᵀ in the adapters' dtype, and x in the adapters' dtype (for the caller's own use)."""
     x_a = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
     if p == 0:
@@ -46,7 +46,7 @@ def _down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torc
     return scaled_mm(x_a * _keep_as(keep, seed, x, p, x_a.dtype), lora_A.t(), 1.0 / (1.0 - p)), x_a
 
 
-def _add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def add_up(y: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y += scaling · S Bᵀ in place; fp32 adapters on a half base: computed in fp32, rounded once (as PEFT)."""
     if lora_B.dtype == y.dtype:
         return y.addmm_(s, lora_B.t(), alpha=scaling)
@@ -60,8 +60,8 @@ def composed_forward(t: Operands, call: Call, seed: Seed, keep: torch.Tensor | N
     ``keep``: a boolean keep mask to use instead of this backend's own (the kernels' mask, when this path runs on the
     Triton backend)."""
     base = t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
-    s, _ = _down(t.x, t.lora_A, call.p, seed, keep)
-    return _add_up(base.forward(t.x), s, t.lora_B, call.scaling), s
+    s, _ = down(t.x, t.lora_A, call.p, seed, keep)
+    return add_up(base.forward(t.x), s, t.lora_B, call.scaling), s
 
 
 def forward(t: Operands, call: Call, seed: Seed, keep: torch.Tensor | None = None
@@ -75,16 +75,14 @@ def forward(t: Operands, call: Call, seed: Seed, keep: torch.Tensor | None = Non
         y = torch.nn.functional.linear(x, weight, bias)
     else:
         y = x @ weight if bias is None else torch.addmm(bias, x, weight)
-    s, _ = _down(x, t.lora_A, call.p, seed, keep)
-    return _add_up(y, s, t.lora_B, call.scaling), s
+    s, _ = down(x, t.lora_A, call.p, seed, keep)
+    return add_up(y, s, t.lora_B, call.scaling), s
 
 
-def _branch_backward(t, call, s, dy, needs, seed, keep):
+def branch_backward(dy, x, lora_A, lora_B, s, scaling, p, seed, need_dx, need_da, need_db, need_dbias, keep):
     """(dS A or None, the 0/1 keep mask or None, dA, dB, dbias): the LoRA branch's share of the gradients, the mask
     regenerated once. The 1/(1-p) of dropout is folded into dS (M×r), not applied to an M×K tensor; the mask is
-    applied to dS A where it is added into dX (:func:`_add_masked`)."""
-    need_dx, need_da, need_db, need_dbias = needs
-    x, lora_A, lora_B, scaling, p = t.x, t.lora_A, t.lora_B, call.scaling, call.p
+    applied to dS A where it is added into dX (:func:`add_masked`). Shared with the multi-adapter path, per segment."""
     da = db = dbias = lora_dx = keep_f = None
     dy_lora = dy if dy.dtype == lora_B.dtype else dy.to(lora_B.dtype)
     if need_db:
@@ -104,7 +102,7 @@ def _branch_backward(t, call, s, dy, needs, seed, keep):
     return lora_dx, keep_f, da, db, dbias
 
 
-def _add_masked(dx: torch.Tensor, lora_dx: torch.Tensor, keep_f: torch.Tensor | None) -> torch.Tensor:
+def add_masked(dx: torch.Tensor, lora_dx: torch.Tensor, keep_f: torch.Tensor | None) -> torch.Tensor:
     """dX += m ⊙ (dS A) in place: one fused multiply-add over M×K when the dtypes agree (addcmul_: one pass where
     multiply then add took two); fp32 adapters on a half dX: masked in fp32, rounded once."""
     if keep_f is None:
@@ -118,11 +116,12 @@ def composed_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, n
                       keep: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """Returns (dX, dA, dB, dbias), None where not needed: dX is the base's input gradient with m ⊙ (dS A) added in
     place. The mask is regenerated once, for dA and dX (or ``keep`` is used, as in :func:`composed_forward`)."""
-    lora_dx, keep_f, da, db, dbias = _branch_backward(t, call, saved[0], dy, needs, seed, keep)
+    lora_dx, keep_f, da, db, dbias = branch_backward(dy, t.x, t.lora_A, t.lora_B, saved[0], call.scaling, call.p, seed,
+                                                     *needs, keep)
     dx = None
     if needs[0]:
         base = t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
-        dx = _add_masked(base.input_grad(dy, t.x.dtype), lora_dx, keep_f)
+        dx = add_masked(base.input_grad(dy, t.x.dtype), lora_dx, keep_f)
     return dx, da, db, dbias
 
 
@@ -131,11 +130,12 @@ def backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tup
     """:func:`composed_backward` on a dense weight (either layout). dX = dY W, then m ⊙ (dS A) added in place (one
     addmm with dS A as its input was an op cheaper, but summed differently: 3× PyTorch's error at M = 1, K = 4096,
     test_adversarial.test_very_wide)."""
-    lora_dx, keep_f, da, db, dbias = _branch_backward(t, call, saved[0], dy, needs, seed, keep)
+    lora_dx, keep_f, da, db, dbias = branch_backward(dy, t.x, t.lora_A, t.lora_B, saved[0], call.scaling, call.p, seed,
+                                                     *needs, keep)
     dx = None
     if needs[0]:
         weight = t.weight
-        dx = _add_masked(dy @ (weight if call.layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
+        dx = add_masked(dy @ (weight if call.layout == "linear" else weight.t()), lora_dx, keep_f)  # W is N×K
         if dx.dtype != t.x.dtype:
             dx = dx.to(t.x.dtype)
     return dx, da, db, dbias
@@ -163,4 +163,4 @@ def _native_call(x, weight, bias, lora_A, lora_B, scaling, layout):
     y = torch.nn.functional.linear(x, weight, bias) if layout == "linear" else (
         x @ weight if bias is None else torch.addmm(bias, x, weight))
     s = torch.nn.functional.linear(x if x.dtype == lora_A.dtype else x.to(lora_A.dtype), lora_A)
-    return _add_up(y, s, lora_B, scaling), s
+    return add_up(y, s, lora_B, scaling), s

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .configs import (
     ADD_CONFIGS,
+    CACHE_RESULTS,
     DA_CONFIGS_FP32_ADAPTERS,
     DOWN_CONFIGS_FP32_ADAPTERS,
     DOWN_CONFIGS_HALF_ADAPTERS,
@@ -107,7 +108,7 @@ def segment_ranks(seg_ptr, seg, n_seg):
     return r_lo, r, s_off
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R_MAX", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R_MAX", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DOWN_CONFIGS_FP32_ADAPTERS,
                                                                    half_adapters=DOWN_CONFIGS_HALF_ADAPTERS,
@@ -156,7 +157,7 @@ def multi_lora_down_kernel(
              mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R_MAX", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R_MAX", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", MULTI_GEMM_CONFIGS_FP32,
                                                                    kernel="multi_lora_fwd_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
@@ -202,7 +203,7 @@ def multi_lora_fwd_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R_MAX", "ARCH"], restore_value=["y_ptr"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=ADD_CONFIGS, key=["M_BUCKET", "N", "R_MAX", "ARCH"], restore_value=["y_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("y_ptr", ADD_CONFIGS,
                                                                    kernel="multi_lora_up_add_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
@@ -235,7 +236,7 @@ def multi_lora_up_add_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R_MAX", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=SKINNY_CONFIGS, key=["M_BUCKET", "N", "R_MAX", "ARCH"],
                  reset_to_zero=["ds_ptr", "db_ptr", "dbias_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", DY_CONFIGS_FP32,
                                                                    fp32_adapters=DY_CONFIGS_FP32_ADAPTERS,
@@ -305,7 +306,7 @@ def multi_lora_dy_kernel(
             tl.store(ds_ptrs, scaling * ds, mask=row_ok & rank_ok)
 
 
-@triton.autotune(configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R_MAX", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=DX_CONFIGS, key=["M_BUCKET", "N", "K", "R_MAX", "ARCH"],
                  prune_configs_by={"early_config_prune": by_dtype("dy_ptr", GEMM_CONFIGS_FP32,
                                                                    kernel="multi_lora_dx_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
@@ -348,7 +349,7 @@ def multi_lora_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R_MAX", "ARCH"], restore_value=["dx_ptr"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=ADD_CONFIGS, key=["M_BUCKET", "K", "R_MAX", "ARCH"], restore_value=["dx_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("dx_ptr", ADD_CONFIGS,
                                                                    kernel="multi_lora_dx_add_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
@@ -381,7 +382,7 @@ def multi_lora_dx_add_kernel(
     tl.store(dx_ptrs, (dx.to(tl.float32) + acc).to(dx_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R_MAX", "LORA_DOT", "ARCH"],
+@triton.autotune(cache_results=CACHE_RESULTS, configs=SKINNY_CONFIGS, key=["M_BUCKET", "K", "R_MAX", "LORA_DOT", "ARCH"],
                  reset_to_zero=["da_ptr"],
                  prune_configs_by={"early_config_prune": by_dtype("x_ptr", SKINNY_CONFIGS_FP32,
                                                                    fp32_adapters=DA_CONFIGS_FP32_ADAPTERS,

@@ -13,7 +13,7 @@ dense multi-adapter kernels: only these two read W.
 import triton
 import triton.language as tl
 
-from .configs import MULTI_Q4_GEMM_CONFIGS, Q4_GEMM_CONFIGS
+from .configs import CACHE_RESULTS, MULTI_Q4_GEMM_CONFIGS, Q4_GEMM_CONFIGS
 from .dropout import dropout_scale
 from .indexing import index
 from .lora_4bit import as_operand, load_w4_tile, prune_4bit, round_rn
@@ -23,7 +23,7 @@ from .precision import dot_fp32
 from .rank_term import rank_r_tile
 
 
-@triton.autotune(configs=MULTI_Q4_GEMM_CONFIGS,
+@triton.autotune(cache_results=CACHE_RESULTS, configs=MULTI_Q4_GEMM_CONFIGS,
                  key=["M_BUCKET", "N", "K", "R_MAX", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": prune_4bit("x_ptr", "multi_lora_fwd_4bit_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)
@@ -70,7 +70,7 @@ def multi_lora_fwd_4bit_kernel(
              round_rn(acc, y_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
-@triton.autotune(configs=Q4_GEMM_CONFIGS,
+@triton.autotune(cache_results=CACHE_RESULTS, configs=Q4_GEMM_CONFIGS,
                  key=["M_BUCKET", "N", "K", "R_MAX", "NESTED", "QBLOCK_LOG2", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": prune_4bit("dy_ptr", "multi_lora_dx_4bit_kernel")})
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_VALUES)

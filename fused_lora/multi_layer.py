@@ -91,6 +91,10 @@ def multi_lora_linear(
         if x.dtype not in FLOAT_DTYPES or weight.dtype != x.dtype:
             raise TypeError(f"{where}: x ({x.dtype}) and the base weight ({weight.dtype}) must share one of "
                             f"{FLOAT_DTYPES}")
+        if weight.requires_grad:
+            raise ValueError(f"{where}: the base weight {tuple(weight.shape)} requires grad; several adapters share "
+                             "one frozen base and train only their A, B (and own biases). Freeze it with "
+                             "weight.requires_grad_(False)")
     else:
         K = bases.of(layer).in_out(layer)[0] if bases.of(layer) is not None else x.shape[-1]
     if x.shape[-1] != K:

@@ -332,7 +332,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: 
         seen.add(ptr)
     conv1d = any(model.get_submodule(t).weight_layout == "conv1d" for t in plan.targets)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config_dict = plan.config.to_peft_dict(base_model_name_or_path=name_or_path, fan_in_fan_out=conv1d)
+    write_adapter_folder(path, tensors, plan.config.to_peft_dict(base_model_name_or_path=name_or_path,
+                                                                 fan_in_fan_out=conv1d))
+
+
+def write_adapter_folder(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config_dict: dict) -> None:
+    """Writes one adapter folder in PEFT's format: ``tensors`` (by file key, contiguous CPU tensors sharing no storage)
+    into ``adapter_model.safetensors`` with their SHA-256, ``config_dict`` (``LoRAConfig.to_peft_dict``) into
+    ``adapter_config.json``; both or neither (see :func:`save_adapter`)."""
     # Top-level keys sorted as PEFT writes them; rank_pattern / alpha_pattern keep their order, unlike PEFT's
     # json.dumps(sort_keys=True): the first matching key wins, so sorting them can give a module another rank than
     # the one it was trained with (and a file that PEFT itself cannot load back).
@@ -347,6 +354,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, is_main_process: 
 
     _atomic_write_all(directory, {WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata),
                                   CONFIG_NAME: write_config})
+
+
+def read_adapter_folder(path: str | os.PathLike) -> tuple[dict, LoRAConfig, dict[str, torch.Tensor]]:
+    """(the config as written, its :class:`LoRAConfig`, the tensors by file key) of an adapter folder written by
+    :func:`save_adapter`, :func:`write_adapter_folder` or PEFT; a corrupted file is refused with a clear error."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"load_adapter: {os.fspath(path)!r} is not a folder; pass the folder holding "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    data, config = _read_config_json(directory)
+    return data, config, _read_weights(directory)
 
 
 # ---------------------------------------------------------------------------------------------------------------

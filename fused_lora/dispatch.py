@@ -9,6 +9,11 @@
 | lora    | bnb-8bit                  | composed (lora_triton)               | lora_torch, composed               |
 | dora    | dense                     | fused (dora_triton)                  | dora_torch                         |
 | dora    | bnb-4bit / bnb-8bit       | refused (the kind's ``refusals``: one message for every place that asks) |
+| multi   | dense                     | fused, composed (multi_triton)       | multi_torch                        |
+| multi   | bnb-4bit                  | fused (multi_bnb4_triton), composed  | multi_torch, composed              |
+| multi   | bnb-8bit                  | composed (multi_triton)              | multi_torch, composed              |
+
+``multi``: several LoRA adapters on one base, adapter i on the i-th segment of x's rows (:func:`multi_call`).
 
 Every served cell runs through one autograd Function (``autograd/driver.py``). Per call, in this order:
 1. Under torch.func transforms or forward-mode AD (:func:`in_function_transform`): PEFT's plain ops
@@ -37,7 +42,8 @@ from .backends import lora_torch
 from .dropout import seed_tensor
 from .fallback import warn_fallback
 from .kernels.configs import INTERPRET
-from .reference import plain_dora, plain_lora, plain_quantized
+from .reference import plain_dora, plain_lora, plain_multi, plain_quantized
+from .segments import Segments, seed_table
 
 BACKENDS = ("auto", "triton", "torch")
 GEMM_MODES = ("auto", "fused", "composed")
@@ -46,7 +52,7 @@ GEMM_ENV_VAR = "FUSED_LORA_GEMM"
 # FUSED_LORA_NATIVE=0: never take the PyTorch backend's native-ops shortcut (p = 0, adapters in x's dtype), so every
 # call runs the autograd Function: what a test that means the Function sets (on CPU the shortcut is otherwise taken).
 NATIVE_ENV_VAR = "FUSED_LORA_NATIVE"
-LORA, DORA = "lora", "dora"  # the variants (autograd/variants.py)
+LORA, DORA, MULTI = "lora", "dora", "multi"  # the variants (autograd/variants.py)
 
 
 def _kind(kind: bases.BaseKind | str) -> bases.BaseKind:
@@ -147,16 +153,18 @@ _calls: dict[tuple, object] = {}  # a route's inputs and settings → its call r
 
 
 def call_for(variant: str, kind: bases.BaseKind, layout: str, scaling: float, p: float, device: torch.device,
-             dtype: torch.dtype | None, backend: str | None, fused_ok: bool = True):
+             dtype: torch.dtype | None, backend: str | None, fused_ok: bool = True, *,
+             scalings: tuple[float, ...] = (), ps: tuple[float, ...] = ()):
     """The call record for one call: :func:`route` and the record, kept per route and settings (the environment
-    variables and the device's capability are part of the lookup: a change routes again). This runs on every call."""
+    variables and the device's capability are part of the lookup: a change routes again). This runs on every call.
+    ``scalings``/``ps``: the multi variant's per-adapter values."""
     env = os.environ
     index = (variant, kind.name, layout, scaling, p, device, dtype, backend, fused_ok, env.get(ENV_VAR),
-             env.get(GEMM_ENV_VAR), hardware.device_capability(device))
+             env.get(GEMM_ENV_VAR), hardware.device_capability(device), scalings, ps)
     call = _calls.get(index)
     if call is None:
         name, path, candidates, why = _route(variant, kind, device, dtype, backend, fused_ok)
-        call = call_record(variant, kind, layout, scaling, p, name, path, candidates)
+        call = call_record(variant, kind, layout, scaling, p, name, path, candidates, scalings, ps)
         if why is not None:
             warn_fallback(why)  # said once per reason: such a route is routed (and said) again on each call
         elif not torch.compiler.is_compiling():
@@ -230,3 +238,40 @@ def quantized_call(x: torch.Tensor, layer: torch.nn.Module, lora_A: torch.Tensor
     call = call_for(LORA, kind, "linear", scaling, p, x.device, compute, backend, fused_ok)
     return FusedLoRAFunction.apply(call, x, None, bias, lora_A, lora_B, None, seed_tensor(p, dropout_seed, x.device),
                                    base)
+
+
+def multi_call(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               lora_As: tuple[torch.Tensor, ...], lora_Bs: tuple[torch.Tensor, ...], scalings: tuple[float, ...],
+               ps: tuple[float, ...], segments: Segments, weight_layout: str = "linear", *,
+               biases: tuple[torch.Tensor | None, ...] | None = None,
+               dropout_seeds: torch.Tensor | list[int] | None = None, backend: str | None = None,
+               layer: torch.nn.Module | None = None) -> torch.Tensor:
+    """Several LoRA adapters on one frozen base: adapter i (``lora_As[i]`` r_i×K, ``lora_Bs[i]`` N×r_i, ``scalings[i]``,
+    the applied dropout ``ps[i]``, its own bias ``biases[i]`` or None) on segment i of x's rows (``segments``: host
+    ints, x's leading dims flattened). The base is a dense ``weight`` (``weight_layout``) with ``bias``, or a quantized
+    ``layer`` (a registered base kind; ``weight`` None, ``bias`` the layer's). ``dropout_seeds``: one per adapter (ints
+    or an int64 tensor), drawn from PyTorch's generator of x's device when None. Autocast already applied."""
+    n = segments.n
+    scalings = tuple(0.0 if p == 1.0 else float(s) for s, p in zip(scalings, ps, strict=True))
+    ps = tuple(0.0 if p == 1.0 else float(p) for p in ps)  # nn.Dropout(p=1): the branch contributes nothing
+    owns = tuple(biases) if biases else (None,) * n
+    if in_function_transform((x, weight, bias, *lora_As, *lora_Bs, *owns)):
+        return plain_multi(x, weight, bias, lora_As, lora_Bs, scalings, ps, segments.lengths, weight_layout, owns,
+                           layer)
+    base = None
+    if layer is not None:
+        kind, base = bases.base_of(layer)
+        compute = base.compute_dtype or x.dtype
+        fused_ok = kind.fused_fits(x, base) if kind.fused_fits is not None else True
+        weight_layout = "linear"
+    else:
+        kind, compute, fused_ok = bases.get(bases.DENSE), x.dtype, True
+    check_supported(MULTI, kind, "fused_lora multi-adapter")
+    p = max(ps, default=0.0)
+    call = call_for(MULTI, kind, weight_layout, 0.0, p, x.device, compute, backend, fused_ok, scalings=scalings, ps=ps)
+    seeds = None
+    if p > 0:
+        seeds = (torch.randint(0, 2**31 - 1, (n,), dtype=torch.int64, device=x.device) if dropout_seeds is None
+                 else seed_table(dropout_seeds, n, x.device))
+    return FusedLoRAFunction.apply(call, x, weight, bias, None, None, None, seeds, base, segments, *lora_As, *lora_Bs,
+                                   *owns)

@@ -215,3 +215,24 @@ def multi_lora_ref(
                                     weight_layout=weight_layout, dropout_mask=mask, upcast=upcast))
         start += length
     return torch.cat(outs)
+
+
+def plain_multi(x, weight, bias, lora_As, lora_Bs, scalings, ps, lengths, weight_layout, biases, layer=None):
+    """Several adapters, PEFT's forward op for op on each segment of x's rows (``plain_lora`` on a dense base,
+    ``plain_quantized`` on a quantized ``layer``, whose own bias an adapter's own replaces): under torch.func."""
+    x2d = x.reshape(-1, x.shape[-1])
+    outs, start = [], 0
+    for i, length in enumerate(lengths):
+        x_i = x2d[start:start + length]
+        own = biases[i] if biases is not None else None
+        if layer is None:
+            outs.append(plain_lora(x_i, weight, own if own is not None else bias, lora_As[i], lora_Bs[i], scalings[i],
+                                   ps[i], weight_layout))
+        else:
+            y_i = plain_quantized(x_i, layer, lora_As[i], lora_Bs[i], scalings[i], ps[i])
+            if own is not None:
+                y_i = y_i + (own - (layer.bias if layer.bias is not None else 0)).to(y_i.dtype)
+            outs.append(y_i)
+        start += length
+    y = torch.cat(outs)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -22,9 +22,9 @@ LAYERS = [
     ("autograd", ["autograd.*"]),
     ("router", ["dispatch"]),
     ("functional", ["functional", "diagnostics"]),
-    ("modules", ["layer", "quantized"]),
+    ("modules", ["layer", "quantized", "multi_layer"]),
     ("injector", ["injector"]),
-    ("glue", ["adapters", "peft", "hf_trainer"]),
+    ("glue", ["adapters", "peft", "hf_trainer", "multi_adapters"]),
     ("plug-ins", ["bases.*"]),  # a base kind's file names the paths and modules it uses; lower layers ask the registry
     ("package", ["__init__"]),
 ]

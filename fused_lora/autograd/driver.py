@@ -34,7 +34,6 @@ from ..backends.kernel_errors import KERNEL_FAILURES, first_line
 from ..backends.self_check import Dense64, Recording, Replay, row_blocks, row_chunks, take_rows
 from ..backends.triton_launch import on_device
 from ..call import Call, Operands
-from ..dropout import seed_value
 from ..fallback import warn_fallback
 from ..hardware import capturing, device_name
 from ..kernels.configs import m_bucket
@@ -46,14 +45,16 @@ _call_index: dict[tuple, Call] = {}
 
 
 def call_record(variant: str, kind: bases.BaseKind, layout: str, scaling: float, p: float, backend: str, path: str,
-                candidates: tuple[str, ...]) -> Call:
-    """The one record for these values (made once, kept: a layer's steady state builds none)."""
+                candidates: tuple[str, ...], scalings: tuple[float, ...] = (), ps: tuple[float, ...] = ()) -> Call:
+    """The one record for these values (made once, kept: a layer's steady state builds none). ``scalings``/``ps``: the
+    multi variant's per-adapter values."""
     if torch.compiler.is_compiling():  # traced: a constant of the graph (a cache filled while tracing breaks guards)
-        return Call(VARIANTS[variant], kind, layout, scaling, p, backend, path, candidates)
-    index = (variant, kind.name, id(kind), layout, scaling, p, backend, path, candidates)
+        return Call(VARIANTS[variant], kind, layout, scaling, p, backend, path, candidates, scalings, ps)
+    index = (variant, kind.name, id(kind), layout, scaling, p, backend, path, candidates, scalings, ps)
     call = _call_index.get(index)
     if call is None:
-        call = _call_index[index] = Call(VARIANTS[variant], kind, layout, scaling, p, backend, path, candidates)
+        call = _call_index[index] = Call(VARIANTS[variant], kind, layout, scaling, p, backend, path, candidates,
+                                         scalings, ps)
     return call
 
 
@@ -70,15 +71,17 @@ _keys: dict[tuple, str] = {}
 def key_of(call: Call, t: Operands, has_bias: bool) -> str:
     """The path table's key: what changes which path is fastest or whether a path is right (a string, for the choices
     file). Made once per shape and kept (this runs on every Triton-backend call)."""
-    x, a = t.x, t.lora_A
-    parts = (call.variant.name, call.kind.name, x.device, x.dtype, a.dtype, call.layout, x.shape[1], t.out_features,
-             a.shape[0], m_bucket(x.shape[0]), call.p > 0, has_bias)
+    x = t.x
+    dims = call.variant.key_dims(t)  # (adapter dtype, N, rank[s], …)
+    parts = (call.variant.name, call.kind.name, x.device, x.dtype, call.layout, x.shape[1], dims,
+             m_bucket(x.shape[0]), call.p > 0, has_bias, call.ps)
     k = _keys.get(parts)
     if k is None:
-        variant, kind, device, dtype, adapter_dtype, layout, K, N, R, M, drop, bias = parts
+        variant, kind, device, dtype, layout, K, dims, M, drop, bias, _ = parts
         name = variant if kind == bases.DENSE else f"{variant}-{kind}"
         k = _keys[parts] = (f"{name}|{device_name(device)}|{str(dtype).removeprefix('torch.')}"
-                            f"|{str(adapter_dtype).removeprefix('torch.')}|{layout}|K{K}|N{N}|R{R}|M{M}"
+                            f"|{str(dims[0]).removeprefix('torch.')}|{layout}|K{K}|N{dims[1]}"
+                            f"|{call.variant.key_text(call, dims)}|M{M}"
                             f"{'|dropout' if drop else ''}{'|bias' if bias else ''}")
     return k
 
@@ -90,8 +93,8 @@ path_state._on_clear.append(_states.clear)
 def state_of(call: Call, t: Operands, has_bias: bool) -> tuple[str, path_state.KeyState]:
     """(the key, its record) for a call: one lookup per call on what identifies the key (the call record is one object
     per route), the key's string made on the first."""
-    x, a = t.x, t.lora_A
-    parts = (call, x.device, x.dtype, a.dtype, x.shape[1], t.out_features, a.shape[0], m_bucket(x.shape[0]), has_bias)
+    x = t.x
+    parts = (call, x.device, x.dtype, x.shape[1], call.variant.key_dims(t), m_bucket(x.shape[0]), has_bias)
     found = _states.get(parts)
     if found is None:
         key = key_of(call, t, has_bias)
@@ -102,10 +105,9 @@ def state_of(call: Call, t: Operands, has_bias: bool) -> tuple[str, path_state.K
 def describe(t: Operands, call: Call) -> dict:
     """Shapes and dtypes for the self-check's warning and report line."""
     weight_shape = list(t.weight.shape) if t.weight is not None else list(t.base.layer.weight.shape)
-    return {"shapes": {"x": list(t.x.shape), "weight": weight_shape, "lora_A": list(t.lora_A.shape),
-                       "lora_B": list(t.lora_B.shape)},
+    return {"shapes": {"x": list(t.x.shape), "weight": weight_shape, **call.variant.adapter_shapes(t)},
             "dtypes": {"x": str(t.x.dtype).removeprefix("torch."),
-                       "adapters": str(t.lora_A.dtype).removeprefix("torch.")},
+                       "adapters": str(call.variant.key_dims(t)[0]).removeprefix("torch.")},
             "variant": call.variant.name, "base": call.kind.name}
 
 
@@ -146,7 +148,7 @@ def _settle(call: Call, key: str, st: path_state.KeyState, check: str, asked: st
     """After a first call: when the key's calls of this check (asking for path ``asked``) need nothing more than their
     pass (the path they run now is warm, no check is due or owed), the steady state's entry. Call under the lock."""
     current = _current(call, key, st, asked)
-    if current is not None and _settled(st, current, check, t, device) and (current, check) not in st.owed and \
+    if current is not None and _settled(call, st, current, check, t, device) and (current, check) not in st.owed and \
             path_state.verify_mode(device) != "always":
         st.steady[(asked, check)] = current
 
@@ -160,13 +162,13 @@ def _current(call: Call, key: str, st: path_state.KeyState, asked: str) -> str |
     return asked
 
 
-def _settled(st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
+def _settled(call: Call, st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
     """Whether a call can take the steady state: its path has run this direction before (tuned, compiled) and no
     check is due."""
-    return (path, check) in st.warm and not _check_due(st, path, check, t, device)
+    return (path, check) in st.warm and not _check_due(call, st, path, check, t, device)
 
 
-def _check_due(st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
+def _check_due(call: Call, st: path_state.KeyState, path: str, check: str, t: Operands, device: torch.device) -> bool:
     if path == "torch":  # the PyTorch path is the reference itself
         return False
     mode = path_state.verify_mode(device)
@@ -175,13 +177,7 @@ def _check_due(st: path_state.KeyState, path: str, check: str, t: Operands, devi
     if mode == "always" or (path, check) not in st.passed:
         return True
     owed = st.owed.get((path, check))
-    return owed is not None and owed != _state(t)
-
-
-def _state(t: Operands) -> tuple:
-    b = t.lora_B
-    m = t.magnitude
-    return (b.data_ptr(), b._version) if m is None else (b.data_ptr(), b._version, m.data_ptr(), m._version)
+    return owed is not None and owed != call.variant.state(t)
 
 
 def _refuse_capture(key: str) -> None:
@@ -195,9 +191,8 @@ def _refuse_capture(key: str) -> None:
             "torch.cuda.graphs' own warm-up iterations do), then capture")
 
 
-def _kernels_keep(call: Call, t: Operands, seed) -> torch.Tensor | None:
-    x = t.x
-    return masks.keep("triton", seed, tuple(x.shape), call.p, x.device)
+def _kernels_keep(call: Call, t: Operands, seed):
+    return call.variant.kernels_keep(call, t, seed)
 
 
 def _note_failure(st: path_state.KeyState, call: Call, path: str, direction: str, err: BaseException,
@@ -229,7 +224,7 @@ def run_forward(call: Call, t: Operands, seed, kwargs: dict) -> tuple[tuple, str
         else:  # a first call (tuning, first launches, a check): one thread at a time, never during capture
             with path_state.LOCK:
                 path = _steady_path(call, key, st)
-                if path is None or not _settled(st, path, "forward", t, device):
+                if path is None or not _settled(call, st, path, "forward", t, device):
                     _refuse_capture(key)
                 if path is None:
                     path = _choose(call, t, seed, kwargs, key, st)
@@ -256,7 +251,7 @@ def _forward_on(call, t, seed, path, kwargs, st, base=None) -> tuple[tuple, str]
 
 def _choose(call, t, seed, kwargs, key, st) -> str:
     """``auto``: times each candidate's forward and backward on this call's inputs (``path_choice``)."""
-    needs = (True, True, True, t.bias is not None, *((True,) if call.variant.name == "dora" else ()))
+    needs = call.variant.timing_needs(t)
 
     def candidate(path):
         def run():
@@ -273,7 +268,7 @@ def _choose(call, t, seed, kwargs, key, st) -> str:
 
 def _checked_forward(call, t, seed, path, kwargs, key, st) -> tuple[tuple, str]:
     device = t.x.device
-    if not _check_due(st, path, "forward", t, device):
+    if not _check_due(call, st, path, "forward", t, device):
         return _forward_on(call, t, seed, path, kwargs, st)
     blocks = row_blocks(t.x.shape[0])
     seen: dict = {}
@@ -283,8 +278,12 @@ def _checked_forward(call, t, seed, path, kwargs, key, st) -> tuple[tuple, str]:
     outs, ran = _forward_on(call, t, seed, path, kwargs, st, base=recording)
     if ran != path:  # its kernels could not run: the next path ran instead, checked on a later call
         return outs, ran
+    own = call.variant.own_check
     try:
-        verdict = _compare_forward(call, t, seed, path, kwargs, outs, blocks, seen)
+        if own is not None:
+            verdict = _no_autocast(own.compare_forward, device.type, call, t, seed, path, outs, blocks, seen)
+        else:
+            verdict = _compare_forward(call, t, seed, path, kwargs, outs, blocks, seen)
     except torch.OutOfMemoryError as err:
         self_check.skipped(st, path, "forward", f"out of memory: {str(err).splitlines()[0][:120]}")
         return outs, path
@@ -301,7 +300,7 @@ def _passed(st: path_state.KeyState, call: Call, path: str, check: str, t: Opera
     magnitude) has changed."""
     st.passed.add((path, check))
     if call.variant.blind(t, outs):
-        st.owed[(path, check)] = _state(t)
+        st.owed[(path, check)] = call.variant.state(t)
     else:
         st.owed.pop((path, check), None)
 
@@ -382,25 +381,25 @@ def run_backward(call: Call, t: Operands, saved: tuple, dy: torch.Tensor, needs:
     """The gradients (dX, dA, dB, dbias[, d magnitude]), None where not needed, each in its input's dtype (dbias fp32),
     on the forward's path (or the later one a failed check or a kernel failure moved the key to)."""
     device = dy.device
-    dtypes = call.variant.grad_dtypes(t)
+    cast = call.variant.cast_grads
     if call.backend == "torch":
         grads = _no_autocast(_pass(call, "torch").backward, device.type, t, call, saved, dy, needs, seed, None)
-        return _cast(grads, dtypes)
+        return cast(grads, t)
     key, st = state_of(call, t, has_bias)  # the forward's key (LoRA does not save the bias: its presence)
     check = _CHECKS.get(needs) or _check_name(call, needs)
     steady = st.steady.get((path, check))
     with on_device(device):
         if steady is not None:
-            return _cast(_backward_on(call, t, saved, dy, needs, seed, steady, st)[0], dtypes)
+            return cast(_backward_on(call, t, saved, dy, needs, seed, steady, st)[0], t)
         with path_state.LOCK:
             asked = path
             path = _current(call, key, st, asked) or "torch"  # auto (torch.compile): the key's choice
-            if not _settled(st, path, check, t, device):
+            if not _settled(call, st, path, check, t, device):
                 _refuse_capture(key)
             grads, ran = _checked_backward(call, t, saved, dy, needs, seed, path, key, st, check)
             st.warm.add((ran, check))
             _settle(call, key, st, check, asked, t, device)
-            return _cast(grads, dtypes)
+            return cast(grads, t)
 
 
 _CHECKS: dict[tuple, str] = {}
@@ -411,10 +410,6 @@ def _check_name(call: Call, needs: tuple[bool, ...]) -> str:
     name = _CHECKS[needs] = "backward:" + ",".join(
         n for n, need in zip(call.variant.grad_names, needs, strict=False) if need)
     return name
-
-
-def _cast(grads: tuple, dtypes: tuple) -> tuple:
-    return tuple(g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, dtypes, strict=True))
 
 
 def _backward_on(call, t, saved, dy, needs, seed, path, st, base=None) -> tuple[tuple, str]:
@@ -431,7 +426,7 @@ def _backward_on(call, t, saved, dy, needs, seed, path, st, base=None) -> tuple[
 
 def _checked_backward(call, t, saved, dy, needs, seed, path, key, st, check) -> tuple[tuple, str]:
     device = dy.device
-    if not _check_due(st, path, check, t, device):
+    if not _check_due(call, st, path, check, t, device):
         return _backward_on(call, t, saved, dy, needs, seed, path, st)
     blocks = row_blocks(t.x.shape[0])
     seen: dict = {}
@@ -441,8 +436,13 @@ def _checked_backward(call, t, saved, dy, needs, seed, path, key, st, check) -> 
     grads, ran = _backward_on(call, t, saved, dy, needs, seed, path, st, base=recording)
     if ran != path:  # its kernels could not run: the next path ran instead, checked on a later call
         return grads, ran
+    own = call.variant.own_check
     try:
-        verdict = _compare_backward(call, t, saved, dy, needs, seed, path, grads, blocks, seen)
+        if own is not None:
+            verdict = _no_autocast(own.compare_backward, device.type, call, t, saved, dy, needs, seed, path, grads,
+                                   blocks, seen)
+        else:
+            verdict = _compare_backward(call, t, saved, dy, needs, seed, path, grads, blocks, seen)
     except torch.OutOfMemoryError as err:
         self_check.skipped(st, path, check, f"out of memory: {str(err).splitlines()[0][:120]}")
         return grads, path
@@ -501,59 +501,69 @@ def _compare_backward(call, t, saved, dy, needs, seed, path, grads, blocks, seen
 
 
 def _call_of(variant: str, kind: str, layout: str, scaling: float, p: float, backend: str, path: str,
-             candidates: str) -> Call:
+             candidates: str, scalings: list[float], ps: list[float]) -> Call:
     """The call record from the values the custom ops carry (plain values, not objects: a compiled graph holds them
     as constants, and the record is found again by value, in any process; a schema has no list of strings, so the
     candidates travel comma-joined)."""
-    return call_record(variant, bases.get(kind), layout, scaling, p, backend, path, tuple(candidates.split(",")))
+    return call_record(variant, bases.get(kind), layout, scaling, p, backend, path, tuple(candidates.split(",")),
+                       tuple(scalings), tuple(ps))
 
 
 def _op_args(call: Call) -> tuple:
     return (call.variant.name, call.kind.name, call.layout, call.scaling, call.p, call.backend, call.path,
-            ",".join(call.candidates))
+            ",".join(call.candidates), list(call.scalings), list(call.ps))
 
 
+# A variant's own inputs (``extra``) travel as three lists: its tensors, its optional tensors, its ints (the multi
+# variant: every A_i then every B_i, the own biases, the segment lengths); empty for LoRA and DoRA.
 @torch.library.custom_op("fused_lora::forward", mutates_args=())
-def _forward_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, magnitude: torch.Tensor | None, seed: torch.Tensor | None, variant: str,
-                kind: str, layout: str, scaling: float, p: float, backend: str, path: str, candidates: str,
-                base: int, need_p: bool) -> list[torch.Tensor]:
-    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
-    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, bases.by_handle(base))
+def _forward_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, lora_A: torch.Tensor | None,
+                lora_B: torch.Tensor | None, magnitude: torch.Tensor | None, seed: torch.Tensor | None,
+                extra_tensors: list[torch.Tensor], extra_optional: list[torch.Tensor | None], extra_ints: list[int],
+                variant: str, kind: str, layout: str, scaling: float, p: float, backend: str, path: str,
+                candidates: str, scalings: list[float], ps: list[float], base: int,
+                need_p: bool) -> list[torch.Tensor]:
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates, scalings, ps)
+    extra = rec.variant.from_op_extras(extra_tensors, extra_optional, extra_ints)
+    t = rec.variant.operands(rec, x, weight, bias, lora_A, lora_B, magnitude, bases.by_handle(base), extra)
     kwargs = {"need_p": need_p} if rec.variant.name == "dora" else {}
-    return list(run_forward(rec, t, seed_value(seed) if rec.backend == "torch" else seed, kwargs)[0])
+    return list(run_forward(rec, t, rec.variant.host_seed(seed) if rec.backend == "torch" else seed, kwargs)[0])
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, seed, variant, kind, layout, scaling, p, backend, path, candidates,
-      base, need_p):
-    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
-    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, None)
+def _(x, weight, bias, lora_A, lora_B, magnitude, seed, extra_tensors, extra_optional, extra_ints, variant, kind,
+      layout, scaling, p, backend, path, candidates, scalings, ps, base, need_p):
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates, scalings, ps)
+    extra = rec.variant.from_op_extras(extra_tensors, extra_optional, extra_ints)
+    t = rec.variant.operands(rec, x, weight, bias, lora_A, lora_B, magnitude, None, extra)
     return list(rec.variant.fake_outputs(t, rec, {"need_p": need_p}))
 
 
 @torch.library.custom_op("fused_lora::backward", mutates_args=())
 def _backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                 lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor | None,
-                 seed: torch.Tensor | None, saved: list[torch.Tensor], variant: str, kind: str, layout: str,
-                 scaling: float, p: float, backend: str, path: str, candidates: str, base: int,
-                 needs: list[bool], has_bias: bool) -> list[torch.Tensor]:
-    """The gradients; an empty tensor for each one not needed (a custom op cannot return None)."""
-    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
-    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, bases.by_handle(base))
-    grads = run_backward(rec, t, tuple(saved), dy, tuple(needs), seed_value(seed) if rec.backend == "torch" else seed,
-                         rec.path, has_bias)
-    return [dy.new_empty(0) if g is None else g for g in grads]
+                 lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, magnitude: torch.Tensor | None,
+                 seed: torch.Tensor | None, saved: list[torch.Tensor], extra_tensors: list[torch.Tensor],
+                 extra_optional: list[torch.Tensor | None], extra_ints: list[int], variant: str, kind: str,
+                 layout: str, scaling: float, p: float, backend: str, path: str, candidates: str,
+                 scalings: list[float], ps: list[float], base: int, needs: list[bool],
+                 has_bias: bool) -> list[torch.Tensor]:
+    """The gradients, flat (``Variant.flat_grads``); an empty tensor for each one not needed (a custom op cannot return
+    None)."""
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates, scalings, ps)
+    extra = rec.variant.from_op_extras(extra_tensors, extra_optional, extra_ints)
+    t = rec.variant.operands(rec, x, weight, bias, lora_A, lora_B, magnitude, bases.by_handle(base), extra)
+    grads = run_backward(rec, t, tuple(saved), dy, tuple(needs),
+                         rec.variant.host_seed(seed) if rec.backend == "torch" else seed, rec.path, has_bias)
+    return rec.variant.flat_grads(grads, dy)
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, bias, lora_A, lora_B, magnitude, seed, saved, variant, kind, layout, scaling, p, backend, path,
-      candidates, base, needs, has_bias):
-    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates)
-    t = Operands(x, weight, bias, lora_A, lora_B, magnitude, None)
-    shapes = [x.shape, lora_A.shape, lora_B.shape, (lora_B.shape[0],), None if magnitude is None else magnitude.shape]
-    return [dy.new_empty(0) if not need else dy.new_empty(shape, dtype=dtype)
-            for need, shape, dtype in zip(needs, shapes, rec.variant.grad_dtypes(t), strict=False)]
+def _(dy, x, weight, bias, lora_A, lora_B, magnitude, seed, saved, extra_tensors, extra_optional, extra_ints, variant,
+      kind, layout, scaling, p, backend, path, candidates, scalings, ps, base, needs, has_bias):
+    rec = _call_of(variant, kind, layout, scaling, p, backend, path, candidates, scalings, ps)
+    extra = rec.variant.from_op_extras(extra_tensors, extra_optional, extra_ints)
+    t = rec.variant.operands(rec, x, weight, bias, lora_A, lora_B, magnitude, None, extra)
+    return rec.variant.fake_grads(dy, t, tuple(needs))
 
 
 # ----------------------------------------------------------------------------------------------- the Function
@@ -564,28 +574,33 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 
 class FusedLoRAFunction(torch.autograd.Function):
-    """The autograd Function of every fused layer (LoRA, DoRA; dense or quantized base). Use the router's entry points
-    (``fused_lora.fused_lora_linear``, the modules), which check the inputs, route the call and draw the seed, rather
-    than ``apply``. ``base``: a quantized layer's base object (``bases.base_of``), None for a dense weight."""
+    """The autograd Function of every fused layer (LoRA, DoRA, several adapters; dense or quantized base). Use the
+    router's entry points (``fused_lora.fused_lora_linear``, ``dispatch.multi_call``, the modules), which check the
+    inputs, route the call and draw the seed, rather than ``apply``. ``base``: a quantized layer's base object
+    (``bases.base_of``), None for a dense weight; ``extra``: a variant's own inputs (``autograd/variants.py``)."""
 
     @staticmethod
-    def forward(ctx, call: Call, x, weight, bias, lora_A, lora_B, magnitude, seed, base):
+    def forward(ctx, call: Call, x, weight, bias, lora_A, lora_B, magnitude, seed, base, *extra):
         variant = call.variant
         kwargs = variant.forward_kwargs(ctx.needs_input_grad)
-        t = Operands(_as_2d(x), weight, bias, lora_A, lora_B, magnitude, base)
+        t = variant.operands(call, _as_2d(x), weight, bias, lora_A, lora_B, magnitude, base, extra)
         if torch.compiler.is_compiling():
-            outs = tuple(_forward_op(t.x, weight, bias, lora_A, lora_B, magnitude, seed, *_op_args(call),
-                                     base_handle(base), kwargs.get("need_p", False)))
+            outs = tuple(_forward_op(t.x, weight, bias, lora_A, lora_B, magnitude, seed, *variant.op_extras(extra),
+                                     *_op_args(call), base_handle(base), kwargs.get("need_p", False)))
             path = call.path
             ctx.seed_arg = seed
         else:  # the PyTorch backend's seed read on the host once, for backward too
-            ctx.seed_arg = seed_value(seed) if call.backend == "torch" else seed
+            ctx.seed_arg = variant.host_seed(seed) if call.backend == "torch" else seed
             outs, path = run_forward(call, t, ctx.seed_arg, kwargs)
         # x itself, not its 2-D view: an input of the Function stays connected to the graph when a backward with
         # create_graph=True reads it back (a view made in here would not be).
         # the bias itself only where the differentiable backward recomputes y with it (DoRA); LoRA's needs its dtype
+        # a variant's own tensors are saved (its other inputs, e.g. the Segments, are kept as they are)
+        extra_tensors = [e for e in extra if isinstance(e, torch.Tensor)]
         ctx.save_for_backward(x, weight, bias if variant.saves_bias else None, lora_A, lora_B, magnitude, seed,
-                              *outs[1:])
+                              *extra_tensors, *outs[1:])
+        ctx.extra = tuple(None if isinstance(e, torch.Tensor) else e for e in extra)
+        ctx.extra_is_tensor = tuple(isinstance(e, torch.Tensor) for e in extra)
         ctx.call, ctx.base, ctx.path = call, base, path
         ctx.bias_dtype = None if bias is None else bias.dtype
         y = outs[0]
@@ -595,28 +610,25 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, lora_A, lora_B, magnitude, seed, *saved = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, magnitude, seed, *rest = ctx.saved_tensors
+        tensors = iter(rest)
+        extra = tuple(next(tensors) if is_tensor else e for e, is_tensor in zip(ctx.extra, ctx.extra_is_tensor,
+                                                                                 strict=True))
+        saved = list(tensors)
         call = ctx.call
         variant = call.variant
         needs = variant.needs(ctx.needs_input_grad)
         if torch.is_grad_enabled():  # backward(create_graph=True): a backward that is itself differentiable
-            mask = masks.scaled(call.backend, seed if call.backend == "triton" else ctx.seed_arg,
-                                (x.numel() // x.shape[-1], x.shape[-1]), call.p, x.device)
-            grads = variant.differentiable_backward(call, ctx.base, dy, x, weight, bias, ctx.bias_dtype, lora_A,
-                                                    lora_B, magnitude, mask, needs)
+            grads = variant.graph_backward(call, ctx.base, dy, x, weight, bias, ctx.bias_dtype, lora_A, lora_B,
+                                           magnitude, seed, ctx.seed_arg, extra, needs)
         else:
-            t = Operands(_as_2d(x), weight, bias, lora_A, lora_B, magnitude, ctx.base)
+            t = variant.operands(call, _as_2d(x), weight, bias, lora_A, lora_B, magnitude, ctx.base, extra)
             if torch.compiler.is_compiling():
-                grads = _backward_op(_as_2d(dy), t.x, weight, bias, lora_A, lora_B, magnitude, seed, list(saved),
-                                     *_op_args(call), base_handle(ctx.base), list(needs), ctx.bias_dtype is not None)
-                grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+                flat = _backward_op(_as_2d(dy), t.x, weight, bias, lora_A, lora_B, magnitude, seed, saved,
+                                    *variant.op_extras(extra), *_op_args(call), base_handle(ctx.base), list(needs),
+                                    ctx.bias_dtype is not None)
+                grads = variant.nested_grads(flat, needs, extra)
             else:
                 grads = run_backward(call, t, tuple(saved), _as_2d(dy), needs, ctx.seed_arg, ctx.path,
                                      ctx.bias_dtype is not None)
-        dx, da, db, dbias = grads[:4]
-        dmag = grads[4] if len(grads) > 4 else None
-        if dx is not None and dx.shape != x.shape:
-            dx = dx.view(x.shape)
-        if dbias is not None and dbias.dtype != ctx.bias_dtype:
-            dbias = dbias.to(ctx.bias_dtype)
-        return None, dx, None, dbias, da, db, dmag, None, None
+        return variant.function_grads(grads, x, ctx.bias_dtype, extra)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..bases import Pass
+from ..call import Call, Operands
 from ..kernels.configs import m_bucket
 from ..kernels.multi_lora_4bit import multi_lora_dx_4bit_kernel, multi_lora_fwd_4bit_kernel
 from ..segments import MultiAdapters, Segments, bias_rows
@@ -17,7 +19,7 @@ from .bnb4_triton import Packed4bit, check_device, packed_weight, quant_args, w_
 from .multi_triton import Tables, backward_with, forward_with, rank_args
 from .triton_launch import TL_DTYPES, cdiv, dot_dtype, dot_precision, on_device, unused, wide_offsets
 
-__all__ = ["fused_backward", "fused_forward", "multi_dx_4bit", "multi_forward_4bit"]
+__all__ = ["FUSED", "fused_backward", "fused_forward", "multi_dx_4bit", "multi_forward_4bit"]
 
 
 def multi_forward_4bit(
@@ -111,3 +113,15 @@ def fused_backward(
         dy, x, base, adapters, segments, seeds, s, (need_dx, need_da, need_db, need_dbias), "fused-bnb4",
         lambda ds, A_cat, t: multi_dx_4bit(dy if dy.dtype == x.dtype else dy.to(x.dtype), packed, ds, A_cat, t,
                                            x.dtype))
+
+
+def _fused_pass_forward(t: Operands, call: Call, seed, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_forward(t.x, t.base, t.bias, t.adapters, t.segments, seed)
+
+
+def _fused_pass_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed,
+                         keep=None) -> tuple:
+    return fused_backward(dy, t.x, t.base, t.adapters, t.segments, seed, saved[0], *needs)
+
+
+FUSED = Pass(_fused_pass_forward, _fused_pass_backward)  # the 4-bit kind's multi-adapter fused path (driver's form)

@@ -15,11 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..bases import Pass
+from ..call import Call, Operands
 from ..segments import MultiAdapters, Segments, bias_deltas, seed_ints
 from .dense_base import DenseBase
 from .lora_torch import add_masked, add_up, branch_backward, down
 
-__all__ = ["backward", "base_bias", "base_output", "composed_backward", "composed_forward", "dense_output", "forward"]
+__all__ = ["COMPOSED", "DENSE", "backward", "base_bias", "base_output", "composed_backward", "composed_forward",
+           "dense_output", "forward"]
 
 Keeps = Sequence[torch.Tensor | None] | None
 
@@ -164,3 +167,36 @@ def backward(
     if dx is not None and dx.dtype != x.dtype:
         dx = dx.to(x.dtype)
     return dx, das, dbs, dbias
+
+
+# ------------------------------------------------------------------- the passes (the multi variant's PyTorch path)
+# In the driver's pass form (``bases.Pass``): ``t.segments`` / ``t.adapters`` carry the batch's segments and the
+# adapters, ``seed`` the per-adapter seeds (host ints on the PyTorch backend, the device table on the Triton one),
+# ``keep`` the kernels' per-segment boolean masks when this path stands in for the kernels (else None: each segment's
+# own Generator mask). Backward returns (dX, [dA_i], [dB_i], the per-segment bias sums (n, N) fp32).
+
+
+def _dense_pass_forward(t: Operands, call: Call, seed, keep: Keeps = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(t.x, t.weight, t.bias, t.adapters, t.segments, seed, call.layout, keeps=keep)
+
+
+def _dense_pass_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed,
+                         keep: Keeps = None) -> tuple:
+    return backward(dy, t.x, t.weight, t.adapters, t.segments, seed, saved[0], call.layout, *needs, keeps=keep)
+
+
+def _base_of(t: Operands, call: Call):
+    return t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
+
+
+def _composed_pass_forward(t: Operands, call: Call, seed, keep: Keeps = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return composed_forward(t.x, _base_of(t, call), t.adapters, t.segments, seed, keeps=keep)
+
+
+def _composed_pass_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed,
+                            keep: Keeps = None) -> tuple:
+    return composed_backward(dy, t.x, _base_of(t, call), t.adapters, t.segments, seed, saved[0], *needs, keeps=keep)
+
+
+DENSE = Pass(_dense_pass_forward, _dense_pass_backward)  # the dense kind's multi-adapter PyTorch path
+COMPOSED = Pass(_composed_pass_forward, _composed_pass_backward)  # any base object's multi-adapter PyTorch path

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bases import Pass
+from ..call import Call, Operands
 from ..kernels.configs import m_bucket
 from ..kernels.multi_lora import (
     multi_lora_da_kernel,
@@ -53,9 +55,9 @@ from .triton_launch import (
 
 GEMMS = ("fused", "composed")
 
-__all__ = ["GEMMS", "Tables", "backward", "backward_with", "composed_backward", "composed_forward", "forward",
-           "forward_with", "kernel_keeps", "multi_lora_da", "multi_lora_down", "multi_lora_dx", "multi_lora_dx_add",
-           "multi_lora_dy_pass", "multi_lora_forward", "multi_lora_up_add", "rank_args", "tables"]
+__all__ = ["COMPOSED", "FUSED", "GEMMS", "Tables", "backward", "backward_with", "composed_backward", "composed_forward",
+           "forward", "forward_with", "kernel_keeps", "multi_lora_da", "multi_lora_down", "multi_lora_dx",
+           "multi_lora_dx_add", "multi_lora_dy_pass", "multi_lora_forward", "multi_lora_up_add", "rank_args", "tables"]
 
 
 @dataclass(frozen=True)
@@ -388,3 +390,34 @@ def composed_backward(
     return backward_with(dy, x, base, adapters, segments, seeds, s, (need_dx, need_da, need_db, need_dbias),
                          f"composed-{type(base).__name__}",
                          lambda ds, A_cat, t: multi_lora_dx_add(base.input_grad(dy, x.dtype), ds, A_cat, t))
+
+
+# ------------------------------------------------------------------- the passes (the multi variant's Triton paths)
+# In the driver's pass form (``bases.Pass``): ``t.segments`` / ``t.adapters`` carry the batch's segments and the
+# adapters, ``seed`` the int64 (n,) per-adapter seeds on the device; ``keep`` is unused (the kernels draw their masks).
+
+
+def _fused_pass_forward(t: Operands, call: Call, seed, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(t.x, t.weight, t.bias, t.adapters, t.segments, seed, call.layout, "fused")
+
+
+def _fused_pass_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed,
+                         keep=None) -> tuple:
+    return backward(dy, t.x, t.weight, t.adapters, t.segments, seed, saved[0], call.layout, *needs, "fused")
+
+
+def _base_of(t: Operands, call: Call):
+    return t.base if t.base is not None else DenseBase(t.weight, t.bias, call.layout)
+
+
+def _composed_pass_forward(t: Operands, call: Call, seed, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return composed_forward(t.x, _base_of(t, call), t.adapters, t.segments, seed)
+
+
+def _composed_pass_backward(t: Operands, call: Call, saved: tuple, dy: torch.Tensor, needs: tuple[bool, ...], seed,
+                            keep=None) -> tuple:
+    return composed_backward(dy, t.x, _base_of(t, call), t.adapters, t.segments, seed, saved[0], *needs)
+
+
+FUSED = Pass(_fused_pass_forward, _fused_pass_backward)  # the dense kind's multi-adapter fused path
+COMPOSED = Pass(_composed_pass_forward, _composed_pass_backward)  # any base object's multi-adapter composed path

@@ -3,6 +3,8 @@
     LoRA: fused (the 4-bit weight dequantized in registers inside the base GEMM, ``bnb4_triton.FUSED``), composed
           (bitsandbytes' own matmul + the in-place rank-r kernels), PyTorch (bitsandbytes' matmul + the rank-r term)
     DoRA: refused (PEFT for DoRA on a quantized base)
+    multi (several adapters, one per segment of rows): fused (multi_bnb4_triton.FUSED: W read once, 4-bit, for every
+          segment), composed (multi_triton.COMPOSED), PyTorch (multi_torch.COMPOSED)
 
 The base object (:class:`Bnb4Base`) computes exactly what the layer computes: its own forward (x and the bias cast to
 ``compute_dtype``, ``matmul_4bit``), and in backward ``dY · dequantize_4bit(W)`` in the compute dtype, as bitsandbytes'
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import bnb4_triton, lora_torch, lora_triton
+from ..backends import bnb4_triton, lora_torch, lora_triton, multi_bnb4_triton, multi_torch, multi_triton
 from ..backends.bnb4_triton import in_cpu_packing, quant_state_of, unpack_cpu_packing
 from ..quantized import QuantizedLoRALinear
 from . import BaseKind, register
@@ -146,6 +148,9 @@ KIND = register(BaseKind(
         ("lora", "torch"): lora_torch.COMPOSED,
         ("lora", "fused"): bnb4_triton.FUSED,
         ("lora", "composed"): lora_triton.COMPOSED,
+        ("multi", "torch"): multi_torch.COMPOSED,
+        ("multi", "fused"): multi_bnb4_triton.FUSED,
+        ("multi", "composed"): multi_triton.COMPOSED,
     },
     refusals={"dora": "use_dora=True on a bitsandbytes Linear4bit (a quantized base): fused_lora runs DoRA "
                       "(weight-decomposed LoRA) on floating-point nn.Linear / Conv1D bases only. Use plain LoRA on "

@@ -2,6 +2,7 @@
 
     LoRA: composed (bitsandbytes' own int8 matmul + the in-place rank-r kernels), PyTorch
     DoRA: refused (PEFT for DoRA on a quantized base)
+    multi (several adapters, one per segment of rows): composed (multi_triton.COMPOSED), PyTorch (multi_torch.COMPOSED)
 
 The base object (:class:`Bnb8Base`) runs the layer's own forward (LLM.int8 quantizes the activations too: the
 self-check therefore checks the rank-r term apart from the base's output), and in backward ``dY · (CB · SCB / 127)`` in
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import lora_torch, lora_triton
+from ..backends import lora_torch, lora_triton, multi_torch, multi_triton
 from ..quantized import QuantizedLoRALinear
 from . import BaseKind, register
 
@@ -75,6 +76,8 @@ KIND = register(BaseKind(
     passes={
         ("lora", "torch"): lora_torch.COMPOSED,
         ("lora", "composed"): lora_triton.COMPOSED,
+        ("multi", "torch"): multi_torch.COMPOSED,
+        ("multi", "composed"): multi_triton.COMPOSED,
     },
     refusals={"dora": "use_dora=True on a bitsandbytes Linear8bitLt (a quantized base): fused_lora runs DoRA "
                       "(weight-decomposed LoRA) on floating-point nn.Linear / Conv1D bases only. Use plain LoRA on "

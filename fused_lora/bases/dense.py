@@ -4,13 +4,15 @@ the weight through strides in either layout, never transposed or copied.
 
     LoRA: fused (lora_triton.FUSED), composed (cuBLAS + in-place rank-r kernels, lora_triton.COMPOSED), PyTorch
     DoRA: fused (dora_triton.FUSED), PyTorch
+    multi (several adapters, one per segment of rows): fused (multi_triton.FUSED), composed (multi_triton.COMPOSED),
+          PyTorch (multi_torch.DENSE)
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..backends import dora_torch, dora_triton, lora_torch, lora_triton
+from ..backends import dora_torch, dora_triton, lora_torch, lora_triton, multi_torch, multi_triton
 from . import DENSE, BaseKind, conv1d_class, register
 
 
@@ -52,6 +54,9 @@ KIND = register(BaseKind(
         ("lora", "composed"): lora_triton.COMPOSED,
         ("dora", "torch"): dora_torch.DENSE,
         ("dora", "fused"): dora_triton.FUSED,
+        ("multi", "torch"): multi_torch.DENSE,
+        ("multi", "fused"): multi_triton.FUSED,
+        ("multi", "composed"): multi_triton.COMPOSED,
     },
     quantized=False,
     layout=lambda module: layout(module) or "linear",

@@ -65,6 +65,17 @@ from .injector import (  # noqa: E402,F401
     unmerge_lora,
 )
 from .layer import LoRALinear, lora_scaling  # noqa: E402,F401
+from .multi_adapters import (  # noqa: E402
+    AdapterCollator,
+    adapter_param_groups,
+    inject_adapters,
+    load_adapters,
+    save_adapters,
+    set_active_adapter,
+    unload_adapters,
+    use_adapters,
+)
+from .multi_layer import MultiLoRALinear, multi_lora_linear  # noqa: E402
 from .quantized import QuantizedLoRALinear, quantized_lora  # noqa: E402
 
 LoRALinearFunction = DoRALinearFunction = FusedLoRAFunction
@@ -72,25 +83,35 @@ LoRALinearFunction = DoRALinearFunction = FusedLoRAFunction
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCollator",
     "FallbackWarning",
     "FusedLoRATrainer",
     "LoRAConfig",
     "LoRALinear",
+    "MultiLoRALinear",
     "QuantizedLoRALinear",
+    "adapter_param_groups",
     "diagnostics",
     "disable_adapters",
     "fused_lora_linear",
+    "inject_adapters",
     "inject_lora",
     "load_adapter",
+    "load_adapters",
     "merge_lora",
+    "multi_lora_linear",
     "plan_injection",
     "print_trainable_parameters",
     "quantized_lora",
     "read_adapter_config",
     "save_adapter",
+    "save_adapters",
+    "set_active_adapter",
     "trainable_parameters",
+    "unload_adapters",
     "unload_lora",
     "unmerge_lora",
+    "use_adapters",
 ]
 
 

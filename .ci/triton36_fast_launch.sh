@@ -18,4 +18,4 @@ if ! "$venv/bin/python" -c "import torch, triton; assert triton.__version__ == '
     "$venv/bin/pip" install -q pytest "transformers>=4.45" safetensors peft
 fi
 echo "== the launch fast path against triton 3.6.0's launch path ($("$venv/bin/python" -c 'import triton; print(triton.__version__)'))"
-TRITON_INTERPRET=0 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_fast_launch.py "$@"
+TRITON_INTERPRET=0 "$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts= tests/test_fast_launch.py "$@"

@@ -11,7 +11,14 @@ there), the CPU-only modules below are skipped, and ``bench/run_gpu.sh`` runs th
 
 import os
 
-import torch
+# Under pytest-xdist (pyproject's addopts) the workers share the cores: each gets its share for torch's and OpenMP's
+# threads, set before torch is imported and inherited by the processes the tests start. Measured on 2 cores with 2
+# workers and the default 2 threads each: OpenMP's waiting threads made the GPT-2 example's test 40x slower (980 s).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

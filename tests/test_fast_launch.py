@@ -70,7 +70,8 @@ def test_off_under_the_interpreter():
 @pytest.mark.skipif(not configs.INTERPRET or CUDA, reason="starts the real-JIT process from the interpreter's")
 def test_in_a_process_without_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "0", "FUSED_LORA_BACKEND": "torch"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                          str(Path(__file__))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     tail = run.stdout[-3000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail

@@ -14,9 +14,20 @@ so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_
 PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
 would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter (``lora_bias=True``
 included: lora_B's bias enters as ``scaling · b_B``), or its DoRA (``use_dora=True`` on an nn.Linear / Conv1D base:
-the fused DoRA Function, ``fused_lora.autograd.dora``); anything else (adapters disabled or merged, mixed-adapter
-batches, other variants, DoRA on quantized bases, several active adapters, custom or hooked bases, dtypes the
-Function does not take) runs PEFT's own forward.
+the fused DoRA Function, ``fused_lora.autograd.dora``); anything else (adapters disabled or merged, other variants,
+DoRA on quantized bases, several active adapters, custom or hooked bases, dtypes the Function does not take) runs
+PEFT's own forward.
+
+Mixed-adapter batches (``model(..., adapter_names=[name per example])``, ``generate(..., adapter_names=...)``): each
+LoRA layer computes all the adapters named in the batch in one multi-adapter call (``fused_lora.peft_mixed``), with
+PEFT's semantics (each example through its adapter, its own scaling, dropout and ``lora_bias``; ``"__base__"`` and
+adapters a layer lacks: the base output), after PEFT's own argument checks; a layer where one named adapter cannot be
+served (the reasons above, DoRA: PEFT's own error) runs PEFT's loop. Training with ``adapter_names``, which PEFT
+refuses ("Cannot pass `adapter_names` when the model is in training mode"), works on a served model and gives each
+adapter the gradients of training it alone on its examples: the ``LoraModel`` (PEFT's tuner) gets an
+``_enable_peft_forward_hooks`` of its own that enters PEFT's with the tuner's own ``training`` flag False for the
+moment PEFT checks it (no submodule's mode changes; :func:`restore` takes it out). Refused with gradient checkpointing
+(its recomputation would run without the names).
 
 Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
 that says why, and a reason is reported once per process (a layer that falls back at call time, say after

@@ -1,12 +1,13 @@
 """PEFT's mixed-adapter batches (``adapter_names=[name per example]``) on accelerated PEFT models
 (fused_lora/peft_mixed.py): one multi-adapter call per LoRA layer instead of PEFT's loop over adapters.
 
-Three adapters of different ranks (one rsLoRA, one on attention only, so some layers lack it and give its examples the
-base output), ``"__base__"`` examples, examples in mixed order. Inference: the logits PEFT's own mixed batch gives, by
-the fp64 rule (error <= 2x PEFT's fp32 error against PEFT in fp64 + atol). Training (PEFT refuses ``adapter_names``
-there; an accelerated model takes it): every adapter's A and B gradients equal, by the same rule, those of PEFT trained
-with that adapter alone on its examples. Random B and PEFT's B = 0; both backends, the Triton one on its fused path;
-each test checks that the multi-adapter Function ran on every LoRA layer (a spy on its entry, the path record)."""
+Three adapters of different ranks (one rsLoRA; one on attention only, with a lora_B bias: layers without it give its
+examples the base output), ``"__base__"`` examples, examples in mixed order. Inference: the logits PEFT's own mixed
+batch gives, by the fp64 rule (error <= 2x PEFT's fp32 error against PEFT in fp64 + atol). Training (PEFT refuses
+``adapter_names`` there; an accelerated model takes it): every adapter's A, B (and lora_B bias) gradients equal, by the
+same rule, those of PEFT trained with that adapter alone on its examples. Random B and PEFT's B = 0; both backends, the
+Triton one on its fused path; each test checks that the multi-adapter Function ran on every LoRA layer (a spy on its
+entry, the path record)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ from tiny_models import build, input_ids  # noqa: E402
 import fused_lora.peft as flp  # noqa: E402
 from fused_lora import bases, diagnostics, fallback, multi_layer  # noqa: E402
 
-# per model: adapter → LoraConfig words. "attn" sits on attention only (the MLP layers give its examples the base).
+# per model: adapter → LoraConfig words. "attn" sits on attention only (the MLP layers give its examples the base) and
+# has a lora_B bias (lora_bias=True: GPT-2's c_attn has a base bias, Gemma's q/v_proj none).
 ADAPTERS = {
     "gpt2_lm": {"small": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]),
                 "big": dict(r=5, lora_alpha=7, target_modules=["c_attn", "c_fc"], use_rslora=True),
-                "attn": dict(r=3, lora_alpha=6, target_modules=["c_attn"])},
+                "attn": dict(r=3, lora_alpha=6, target_modules=["c_attn"], lora_bias=True)},
     "gemma_lm": {"small": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
                  "big": dict(r=5, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
-                 "attn": dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"])},
+                 "attn": dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"], lora_bias=True)},
 }
 NAMES = ["big", "__base__", "small", "attn", "big", "small"]  # mixed order, one base-only example
 
@@ -247,3 +249,18 @@ def test_training_only_where_fused_lora_serves(monkeypatch):
     getattr(enabled, "activation_checkpointing_enable", enabled.gradient_checkpointing_enable)()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         enabled(input_ids=ids, adapter_names=["small", "attn"])
+
+
+def test_generate_with_adapter_names(monkeypatch, multi_calls):
+    """PeftModel.generate hands the names to every step (KV-cached steps: one row per example): PEFT's tokens."""
+    use_backend(monkeypatch, "torch")
+    peft_model = make("gpt2_lm").eval()
+    fast = flp.accelerate(copy.deepcopy(peft_model))
+    ids = input_ids(4, 3).to(DEVICE)
+    names = ["attn", "__base__", "big", "small"]
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=4,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want, got = peft_model.generate(**kw), fast.generate(**kw)
+    assert len(multi_calls) == 4 * n_lora_layers(fast)
+    assert torch.equal(got, want)

@@ -173,19 +173,20 @@ def test_training_dropout_is_each_adapters_own(monkeypatch, multi_calls):
     assert (got[0] - want[0]).abs().max() > 1e-3
 
 
-def test_bnb_4bit_base(monkeypatch, multi_calls):
-    """bitsandbytes 4-bit bases (PEFT's lora.bnb.Linear4bit): inference equals PEFT's mixed batch, training each
-    adapter's gradients alone."""
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_bnb_bases(kind, monkeypatch, multi_calls):
+    """bitsandbytes bases (PEFT's lora.bnb.Linear4bit / Linear8bitLt): inference equals PEFT's mixed batch, training
+    each adapter's gradients alone."""
     from test_peft_lora_bias import bnb_model
 
     use_backend(monkeypatch, "torch")
-    base = bnb_model("4bit")
-    base.is_loaded_in_4bit = True
+    base = bnb_model(kind)
+    setattr(base, f"is_loaded_in_{kind}", True)
     torch.manual_seed(1)
     model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0", "2"], r=3, lora_alpha=6,
                                                       init_lora_weights=False), adapter_name="one")
     model.add_adapter("two", peft.LoraConfig(target_modules=["0", "2"], r=5, lora_alpha=4, init_lora_weights=False))
-    assert type(model.base_model.model[0]).__name__ == "Linear4bit"
+    assert type(model.base_model.model[0]).__name__ == ("Linear4bit" if kind == "4bit" else "Linear8bitLt")
     fast = flp.accelerate(copy.deepcopy(model))
     # PEFT's own model with the weights in bitsandbytes' standard packing too: on CPU its eval forward would otherwise
     # repack them for bitsandbytes' inference kernel, which differs by ~4e-3 from its training-mode forward
@@ -264,3 +265,43 @@ def test_generate_with_adapter_names(monkeypatch, multi_calls):
         want, got = peft_model.generate(**kw), fast.generate(**kw)
     assert len(multi_calls) == 4 * n_lora_layers(fast)
     assert torch.equal(got, want)
+
+
+def test_modules_to_save_keep_peft_mixed_forward(monkeypatch, multi_calls):
+    """A classification head per adapter (modules_to_save, PEFT's own wrapper and its own mixed forward) beside fused
+    LoRA layers: PEFT's logits; in training, each adapter's head and LoRA gradients are those of training it alone."""
+    use_backend(monkeypatch, "torch")
+    base = build("gpt2_cls")
+    torch.manual_seed(7)
+    model = None
+    for adapter, r in (("one", 2), ("two", 4)):
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=4, target_modules=["c_attn"],
+                                 fan_in_fan_out=True, init_lora_weights=False)
+        if model is None:
+            model = peft.get_peft_model(base, config, adapter_name=adapter)
+        else:
+            model.add_adapter(adapter, config)
+    with torch.no_grad():  # heads that differ per adapter
+        for adapter in ("one", "two"):
+            model.base_model.model.score.modules_to_save[adapter].weight.normal_()
+    model = model.to(DEVICE).eval()
+    fast = flp.accelerate(copy.deepcopy(model))
+    ids = input_ids(4, 5).to(DEVICE)
+    names = ["two", "one", "__base__", "two"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids, adapter_names=names).logits,
+                                   model(input_ids=ids, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+    assert len(multi_calls) == n_lora_layers(fast)
+    fast.train()
+    for n, p in fast.named_parameters():
+        p.requires_grad_("lora_" in n or "modules_to_save" in n)
+    fast(input_ids=ids, adapter_names=names).logits.square().sum().backward()
+    for adapter in ("one", "two"):
+        rows = [e for e, n in enumerate(names) if n == adapter]
+        alone = copy.deepcopy(model).train()
+        alone.set_adapter(adapter)
+        alone(input_ids=ids[rows]).logits.square().sum().backward()
+        grads = {n: p.grad for n, p in alone.named_parameters() if p.requires_grad}
+        assert any("modules_to_save" in n for n in grads) and any("lora_A" in n for n in grads)
+        for n, g in grads.items():
+            torch.testing.assert_close(fast.get_parameter(n).grad, g, rtol=1e-4, atol=1e-5, msg=n)

@@ -12,6 +12,7 @@ entry, the path record)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ ADAPTERS = {
                  "big": dict(r=5, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
                  "attn": dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"], lora_bias=True)},
 }
+HAS_LORA_BIAS = "lora_bias" in {f.name for f in dataclasses.fields(peft.LoraConfig)}  # peft >= 0.14
 NAMES = ["big", "__base__", "small", "attn", "big", "small"]  # mixed order, one base-only example
 
 
@@ -66,6 +68,8 @@ def make(name: str, b_zero: bool = False, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(123)
     model = None
     for adapter, kw in ADAPTERS[name].items():
+        if not HAS_LORA_BIAS:
+            kw = {k: v for k, v in kw.items() if k != "lora_bias"}
         config = peft.LoraConfig(**kw, lora_dropout=dropout, init_lora_weights=True if b_zero else False,
                                  fan_in_fan_out=name.startswith("gpt2"))
         if model is None:

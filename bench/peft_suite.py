@@ -25,8 +25,9 @@ What it does:
    kept PEFT's forward. With ``--via enable`` the plugin calls ``fused_lora.peft.enable()`` instead
    (``--fused-enable``): PEFT's LoRA tuner serves every model it builds, PEFT's functions stay unpatched.
 3. Compares per-test outcomes. Exit status: 0 no regression; 1 a test that passes plain fails or errors
-   accelerated; 2 the runner could not do its job (download, collection, a pass crashed, or the accelerated pass
-   swapped no layer / never called the fused Function: the patch did not take effect).
+   accelerated (except the ``INTENDED`` differences, listed apart: PEFT's check that adapter_names= raises in training
+   mode, which fused_lora serves); 2 the runner could not do its job (download, collection, a pass crashed, or the
+   accelerated pass swapped no layer / never called the fused Function: the patch did not take effect).
 
 Outputs (JSON per pass, pytest logs, summary.md) go to ``<cache>/runs/<time>/`` or ``--out DIR``; never into the
 repository.
@@ -540,16 +541,32 @@ def run_pass(name: str, root: Path, cache: Path, out: Path, ids: list[str], acce
 
 BAD = ("failed", "error", "missing")
 
+# Tests (Class::method) whose accelerated outcome differs from PEFT's on purpose, with the failure message that shows
+# it (and nothing else) happened: not regressions, listed in the summary. PEFT refuses adapter_names= in training mode;
+# a model fused_lora serves trains with it (fused_lora/peft_mixed.py), so PEFT's check that it raises does not raise.
+INTENDED = {
+    "TestMixedAdapterBatches::test_mixed_adapter_batches_training_mode_raises": (
+        "DID NOT RAISE", "fused_lora.peft serves adapter_names= in training mode (PEFT refuses it)"),
+}
+
+
+def intended(nodeid: str, test: dict) -> str | None:
+    """Why ``test``'s outcome in an accelerated pass differs from PEFT's on purpose, or None."""
+    found = INTENDED.get(nodeid.split("::", 1)[-1].partition("[")[0])
+    if found is None or test["outcome"] != "failed" or found[0] not in test.get("message", ""):
+        return None
+    return found[1]
+
 
 def regressions(plain: dict, accel: dict) -> list[tuple[str, str, str]]:
     """(id, outcome, first error line) of the tests given to ``accel`` that pass plain and fail, error or are missing
-    (a crash) there."""
+    (a crash) there, except the :data:`INTENDED` differences."""
     out = []
     for nodeid in accel["ids"]:
         if plain["tests"].get(nodeid, {}).get("outcome") != "passed":
             continue
         other = accel["tests"].get(nodeid, {"outcome": "missing", "message": "not run in this pass"})
-        if other["outcome"] in BAD:
+        if other["outcome"] in BAD and intended(nodeid, other) is None:
             out.append((nodeid, other["outcome"], other["message"]))
     return out
 
@@ -576,6 +593,12 @@ def summary(passes: dict[str, dict], regs: dict[str, list], selection: str, n_id
     for name, res in passes.items():
         if res["mode"] == "accelerated":
             lines += ["", *fused_path_report(name, res)]
+    for name, res in passes.items():
+        differs = [(nodeid, why) for nodeid, test in res["tests"].items()
+                   if name != "plain" and (why := intended(nodeid, test)) is not None]
+        if differs:
+            lines += ["", f"### Intended differences in the {name} pass: {len(differs)}", ""]
+            lines += [f"- `{nodeid.split('::', 1)[1]}`: {why}" for nodeid, why in differs]
     for name, found in regs.items():
         lines += ["", f"### Regressions in the {name} pass: {len(found)} (pass plain, fail or error {name})", ""]
         for nodeid, outcome, message in found:

@@ -14,9 +14,20 @@ so what PEFT's ``get_layer_status()`` / ``get_model_status()`` report (``module_
 PEFT's; :func:`is_accelerated` tells an accelerated model apart. The fused path is taken call by call, when PEFT
 would compute exactly ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with one adapter (``lora_bias=True``
 included: lora_B's bias enters as ``scaling · b_B``), or its DoRA (``use_dora=True`` on an nn.Linear / Conv1D base:
-the fused DoRA Function, ``fused_lora.autograd.dora``); anything else (adapters disabled or merged, mixed-adapter
-batches, other variants, DoRA on quantized bases, several active adapters, custom or hooked bases, dtypes the
-Function does not take) runs PEFT's own forward.
+the fused DoRA Function, ``fused_lora.autograd.dora``); anything else (adapters disabled or merged, other variants,
+DoRA on quantized bases, several active adapters, custom or hooked bases, dtypes the Function does not take) runs
+PEFT's own forward.
+
+Mixed-adapter batches (``model(..., adapter_names=[name per example])``, ``generate(..., adapter_names=...)``): each
+LoRA layer computes all the adapters named in the batch in one multi-adapter call (``fused_lora.peft_mixed``), with
+PEFT's semantics (each example through its adapter, its own scaling, dropout and ``lora_bias``; ``"__base__"`` and
+adapters a layer lacks: the base output), after PEFT's own argument checks; a layer where one named adapter cannot be
+served (the reasons above, DoRA: PEFT's own error) runs PEFT's loop. Training with ``adapter_names``, which PEFT
+refuses ("Cannot pass `adapter_names` when the model is in training mode"), works on a served model and gives each
+adapter the gradients of training it alone on its examples: the ``LoraModel`` (PEFT's tuner) gets an
+``_enable_peft_forward_hooks`` of its own that enters PEFT's with the tuner's own ``training`` flag False for the
+moment PEFT checks it (no submodule's mode changes; :func:`restore` takes it out). Refused with gradient checkpointing
+(its recomputation would run without the names).
 
 Warnings: PEFT LoRA layers that cannot be served are reported in one grouped ``UserWarning`` per ``accelerate`` call
 that says why, and a reason is reported once per process (a layer that falls back at call time, say after
@@ -56,7 +67,7 @@ try:
 except ImportError:  # pragma: no cover (a PEFT without mixed adapter types)
     MixedModel = None
 
-from . import bases
+from . import bases, peft_mixed
 from .bases import conv1d_class
 from .dispatch import DORA, refusal
 from .functional import fused_lora_linear
@@ -248,6 +259,14 @@ def _call_reason(layer: PeftLoraLinear, adapter: str, x: torch.Tensor) -> str | 
     return None
 
 
+def _report(reason: str, stacklevel: int = 2) -> None:
+    """Warns that a layer falls back to PEFT's forward at call time, once per reason and process."""
+    if reason not in _reported:
+        _reported.add(reason)
+        warnings.warn(f"fused_lora.peft: some LoRA layers keep PEFT's unfused forward: {reason}", UserWarning,
+                      stacklevel=stacklevel + 1)
+
+
 def _warn(reasons: dict[str, list[str]], total: int, stacklevel: int) -> None:
     parts = []
     for reason, names in reasons.items():
@@ -264,19 +283,26 @@ class _Fused:
     adapter, and then the fused Function (``_fused_call``)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # PEFT's own semantics first: extra arguments (mixed-adapter batches), disabled adapters (which unmerge
-        # a merged layer), merged weights: its forward handles them and costs only the base GEMM.
-        if args or any(v is not None for v in kwargs.values()) or self.disable_adapters or self.merged:
+        # PEFT's own semantics first: extra arguments, disabled adapters (which unmerge a merged layer), merged
+        # weights: its forward handles them and costs only the base GEMM. A mixed-adapter batch (adapter_names= and
+        # nothing else): one multi-adapter call (peft_mixed), after PEFT's own checks of the names.
+        if args or self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
+        if kwargs:
+            names = kwargs.get("adapter_names")
+            if names is not None and all(v is None for k, v in kwargs.items() if k != "adapter_names"):
+                self._check_forward_args(x, adapter_names=names)
+                y = peft_mixed.mixed_forward(self, x, names)
+                if y is not None:
+                    return y
+            if any(v is not None for v in kwargs.values()):
+                return super().forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return super().forward(x, *args, **kwargs)
         reason = layer_reason(self) or _call_reason(self, active[0], x)
         if reason is not None:
-            if reason not in _reported:
-                _reported.add(reason)
-                warnings.warn(f"fused_lora.peft: some LoRA layers keep PEFT's unfused forward: {reason}",
-                              UserWarning, stacklevel=2)
+            _report(reason)
             return super().forward(x, *args, **kwargs)
         adapter = active[0]
         dropout = self.lora_dropout[adapter]
@@ -394,6 +420,9 @@ def _serve(model: nn.Module, stacklevel: int) -> int:
         bases.prepare_all(model)
     unserved: dict[str, list[str]] = defaultdict(list)
     served = _served()
+    for m in model.modules():
+        if type(m) is LoraModel:  # PeftModel's tuner: adapter_names= in training mode too (peft_mixed)
+            peft_mixed.allow_training(m)
     for name, layer in lora_layers:
         if type(layer) in served:
             layer.__class__ = served[type(layer)]  # same attributes and parameters; only forward differs
@@ -411,6 +440,8 @@ def restore(peft_model: nn.Module) -> nn.Module:
     for module in peft_model.modules():
         if type(module) in original:
             module.__class__ = original[type(module)]
+        elif type(module) is LoraModel:
+            peft_mixed.disallow_training(module)
     return peft_model
 
 
@@ -437,7 +468,8 @@ def _serving(original):
         result = original(self, *args, **kwargs)
         # Exact types only: subclasses such as AdaLoraModel build their own layer types, which nothing here serves.
         if type(self) in _PATCHED:
-            _serve(self.model, stacklevel=2)
+            if _serve(self.model, stacklevel=2) and type(self) is LoraModel:
+                peft_mixed.allow_training(self)
         return result
 
     inject_adapter.__fused_lora_wrapped__ = original

@@ -361,20 +361,27 @@ BANNER = "MODEL, not a measurement: bytes and roofline times computed from the k
 #   moves only where a kernel is memory-bound: the base GEMMs at small M (W read n times) and nothing else (the
 #   skinny kernels move the same bytes both ways). Two floors the roofline leaves out, shown beside it and stated:
 #   "launch floor": no kernel takes less than LAUNCH_US (the launch rate of an eager host, bench/host_gpu.py's
-#   TRITON_LAUNCH_US: tritonbench's launch latency of a no-op Triton kernel); "host floor": a layer call takes at
-#   least its host (Python) work, HOST_US_PER_CALL per single-adapter fwd+bwd, and for the concurrent call that
-#   plus HOST_US_PER_EXTRA_ADAPTER per adapter after the first (the values and where they come from: below). On a
-#   GPU the step is the larger of the device's and the host's time when the host runs ahead asynchronously.
+#   TRITON_LAUNCH_US: tritonbench's launch latency of a no-op Triton kernel); "host floor": a layer's fwd+bwd takes at
+#   least its host (Python) work, HOST.single per single-adapter call, HOST.multi + (n - 1)·HOST.per_extra_adapter for
+#   the concurrent call (the values and where they come from: below). On a GPU the step is the larger of the device's
+#   and the host's time when the host runs ahead asynchronously (a block: max(Σ device, Σ host) over its layers).
 
 LAUNCH_US = 5.6  # bench/host_gpu.py's TRITON_LAUNCH_US (tritonbench launch_latency, meta-pytorch/tritonbench #1017)
-# Host work of ours per single-adapter fwd+bwd on the Triton path: 144-263 µs thread CPU time on this 2-core shared
-# EPYC (bench/results/cpu-2026-12-06/host_gpu/README.md, after the launch fast path); 150 taken. A GPU host's CPU is
-# usually faster: the host floor is then lower for both ways, and its ratio about the same.
-HOST_US_PER_CALL = 150.0
-# The concurrent call's host work per adapter after the first (the per-adapter A/B concatenation, split of dA, dB and
-# the tables). Measured by bench/multi_bench.py on this CPU with the kernels stubbed out (its "host µs" column):
-# the default here is what that measured; see bench/results/cpu-2026-12-06/multi/.
-HOST_US_PER_EXTRA_ADAPTER = 15.0
+
+
+@dataclass(frozen=True)
+class Host:
+    """Host µs per layer fwd+bwd on the Triton path: measured by bench/multi_bench.py on this 2-core shared EPYC with
+    every kernel stubbed out (thread CPU time; its "GPU path" table, bench/results/cpu-2026-12-06/multi/), plus
+    LAUNCH_US per Triton launch (5 both ways, which the stubs skip). A GPU host's CPU is usually faster: both floors
+    drop, their ratio much less."""
+
+    single: float = 230 + 5 * LAUNCH_US  # fused_lora_linear (LoRALinear), one adapter: 222-249 µs stubbed
+    multi: float = 560 + 5 * LAUNCH_US  # multi_lora_linear (MultiLoRALinear) with one adapter: 544-617 µs stubbed
+    per_extra_adapter: float = 40  # each adapter after the first (A, B copies, dA, dB split): 27-55 µs stubbed
+
+
+HOST = Host()
 
 # Per-block projections (name, in, out, how many per block) and whether they carry a bias, of the two stated shapes.
 MULTI_FAMILIES = {
@@ -417,14 +424,12 @@ def _floor_ms(ks: list[Kernel], d: Device, launch_us: float) -> float:
     return 1e3 * sum(max(k.bytes / d.bw, k.flops / d.peak, k.launches * launch_us * 1e-6) for k in ks)
 
 
-def host_us(way: str, n: int, per_call: float = HOST_US_PER_CALL,
-            per_extra_adapter: float = HOST_US_PER_EXTRA_ADAPTER) -> float:
+def host_us(way: str, n: int, host: Host = HOST) -> float:
     """The host floor of one layer's fwd+bwd (stated assumption, module comment above)."""
-    return per_call + (n - 1) * per_extra_adapter if way == "concurrent" else n * per_call
+    return host.multi + (n - 1) * host.per_extra_adapter if way == "concurrent" else n * host.single
 
 
-def multi_model(s: Shape, n: int, *, launch_us: float = LAUNCH_US, host_per_call: float = HOST_US_PER_CALL,
-                host_per_extra_adapter: float = HOST_US_PER_EXTRA_ADAPTER) -> dict:
+def multi_model(s: Shape, n: int, *, launch_us: float = LAUNCH_US, host: Host = HOST) -> dict:
     """One adapted layer, n adapters of s.M tokens each, one training step, concurrent vs sequential: per way the
     launches, FLOPs, compulsory bytes (total, frozen weight, rank-r terms) and per device the bytes with the L2 model
     and three times (roofline, with the launch floor, with the host floor); and per device the time ratios."""
@@ -442,7 +447,7 @@ def multi_model(s: Shape, n: int, *, launch_us: float = LAUNCH_US, host_per_call
             entry["devices"][d.name] = {
                 "bytes": sum(k.bytes for k in ks), "base_bytes": multi_base_bytes(s, n, d)[way], "ms": roof,
                 "ms_launch_floor": _floor_ms(ks, d, launch_us),
-                "ms_host_floor": max(roof, 1e-3 * host_us(way, n, host_per_call, host_per_extra_adapter))}
+                "ms_host_floor": max(roof, 1e-3 * host_us(way, n, host))}
         out["ways"][way] = entry
     for d in DEVICES:
         c, q = (out["ways"][w]["devices"][d.name] for w in MULTI_WAYS)
@@ -463,9 +468,7 @@ def multi_block(family: str, tokens: int, n: int, r: int = 16, ea: int = 2, **kw
         add = lambda key, way=way: sum(c * res["ways"][way][key] for _, c, res in layers)  # noqa: E731
         dev = {d.name: {k: sum(c * res["ways"][way]["devices"][d.name][k] for _, c, res in layers)
                         for k in ("bytes", "base_bytes", "ms", "ms_launch_floor")} for d in DEVICES}
-        host_ms = 1e-3 * sum(c * host_us(way, n, kw.get("host_per_call", HOST_US_PER_CALL),
-                                         kw.get("host_per_extra_adapter", HOST_US_PER_EXTRA_ADAPTER))
-                             for _, c, _ in layers)
+        host_ms = 1e-3 * sum(c * host_us(way, n, kw.get("host", HOST)) for _, c, _ in layers)
         for v in dev.values():
             v["ms_host_floor"] = max(v["ms"], host_ms)
         out["ways"][way] = {k: add(k) for k in ("launches", "flops", "bytes_once", "base_bytes_once",
@@ -513,8 +516,8 @@ def multi_assumptions(tokens: int, r: int, ea: int) -> list[str]:
         f"{d.name}: {d.bw / 1e12:.2f} TB/s, {d.peak / 1e12:.1f} dense bf16 TFLOP/s, {d.l2 / 1e6:.0f} MB L2 "
         f"({d.l2_share:.0%} usable for shared data). roofline = Σ max(bytes/BW, FLOPs/peak) (equal FLOPs both ways); "
         f"+launch floor: no kernel under {LAUNCH_US} µs; +host floor: a layer's fwd+bwd takes at least its host work, "
-        f"{HOST_US_PER_CALL:g} µs per single-adapter call, concurrent {HOST_US_PER_CALL:g} + "
-        f"{HOST_US_PER_EXTRA_ADAPTER:g} µs per extra adapter (bench/traffic_model.py, multi-adapter section).",
+        f"{HOST.single:g} µs per single-adapter call, concurrent {HOST.multi:g} + {HOST.per_extra_adapter:g} µs per "
+        "extra adapter (measured on this CPU with the kernels stubbed: bench/traffic_model.py's Host).",
     ]
 
 
@@ -630,8 +633,7 @@ def multi_main(args: argparse.Namespace, ea: int) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"note": BANNER, "assumptions": lines, "devices": [asdict(d) for d in DEVICES],
-                       "launch_us": LAUNCH_US, "host_us_per_call": HOST_US_PER_CALL,
-                       "host_us_per_extra_adapter": HOST_US_PER_EXTRA_ADAPTER, "blocks": results}, f, indent=1)
+                       "launch_us": LAUNCH_US, "host_us": asdict(HOST), "blocks": results}, f, indent=1)
     return 0
 
 

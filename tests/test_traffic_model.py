@@ -152,7 +152,9 @@ def test_multi_with_one_adapter_is_the_single_adapter_model(d):
                 [(k.name, k.read, k.write, k.flops) for k in single], (s.label, way)
         res = tm.multi_model(s, 1)
         for ratios in res["ratio"].values():
-            assert ratios == pytest.approx({"ms": 1.0, "ms_launch_floor": 1.0, "ms_host_floor": 1.0})
+            assert (ratios["ms"], ratios["ms_launch_floor"]) == pytest.approx((1.0, 1.0))
+            # the multi path's host work with one adapter is more than the single-adapter call's (measured)
+            assert ratios["ms_host_floor"] >= 1.0
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 8])
@@ -191,8 +193,12 @@ def test_multi_time_ratios_and_the_goal():
         for n in (2, 4, 8):
             res = tm.multi_block(family, 512, n)
             for r in res["ratio"].values():
-                # Same FLOPs, fewer bytes, fewer launches, less host work: concurrent is never slower in the model.
-                assert all(0 < v <= 1 + 1e-9 for v in r.values()), (family, n, r)
+                # Same FLOPs, fewer bytes, fewer launches: concurrent is never slower on the device in the model.
+                assert 0 < r["ms"] <= 1 + 1e-9 and 0 < r["ms_launch_floor"] <= 1 + 1e-9, (family, n, r)
+    # The host floor: n single-adapter calls against one multi call whose own host work is larger (tm.Host).
+    h = tm.HOST
+    assert tm.host_us("sequential", 8) == 8 * h.single
+    assert tm.host_us("concurrent", 8) == h.multi + 7 * h.per_extra_adapter
     # What the model says about the goal (n = 8, 512 tokens each, ≤ 0.5× on an H100): bandwidth and FLOPs alone do
     # not give it (both blocks are compute-bound or nearly so at 512 tokens: ratio ≥ 0.9); it comes from the host and
     # launch work that n sequential runs pay n times.

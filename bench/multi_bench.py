@@ -21,12 +21,14 @@ What is measured, for each adapter count n (default 1, 2, 4, 8), with the same t
 - time per step: CPU: measure.time_cpu_interleaved (both ways in each round, --rounds, median and 20/80 % quantiles
   over all blocks); GPU: triton.testing.do_bench. The ratio is concurrent ÷ sequential.
 - memory: ``tensor MiB``: exact bytes of the tensors each way keeps (base weights, adapters, their grads and AdamW
-  states), counted per storage. ``peak``: CPU: the peak RSS of a fresh process that builds one way and takes 3 steps,
-  minus that of a process that imports the same and builds nothing (``--no-rss`` skips it); the sequential way is n
-  SEPARATE processes of one single-adapter run (their peaks summed), as n separate runs would take. GPU: in this
-  process, torch.cuda.max_memory_allocated over building and 2 steps of one way, above what was allocated before
-  (the sequential way: its n models resident at once). ``goal`` checks concurrent ≤ sequential/n + n adapters'
-  tensor bytes (one base, its adapters; activations are counted in both peaks: concurrent holds n runs' at once).
+  states), counted per storage. ``peak``: CPU: the peak RSS (VmHWM) of a fresh process that builds one way and takes
+  3 steps, minus that of a process that runs the same code on a tiny stack (libtorch's code pages count in RSS;
+  ``--no-rss`` skips it); the sequential way is n SEPARATE processes of one single-adapter run (their peaks summed),
+  as n separate runs would take. GPU: in this process, torch.cuda.max_memory_allocated over building and 2 steps of
+  one way, above what was allocated before (the sequential way: its n models resident at once). ``goal``: the
+  concurrent tensor bytes ≤ the sequential ones / n + the n adapters' (one base instead of n, the adapters' own bytes
+  on top). Peaks also hold activations, which are the same total both ways but live at once in the concurrent step
+  (n × tokens rows) and one run at a time in each separate process: the peak ratio is shown, not held to 1/n.
 - W read: the frozen weights' DRAM bytes per step from bench/traffic_model.py's multi-adapter model (compulsory:
   once per GEMM; concurrent reads each W twice per step, sequential 2n times), summed over the stack's layers, and
   its predicted H100 time ratio for this stack (roofline; with the host floor).
@@ -34,7 +36,7 @@ What is measured, for each adapter count n (default 1, 2, 4, 8), with the same t
   work (measure.count_cpu_ops: the torch path's passes over memory); plus, in a subprocess with TRITON_INTERPRET=1 and
   every Triton kernel stubbed out (bench/triton_host_calls.py's method), the GPU path's Triton launches + aten ops
   that would launch, and its host µs per layer fwd+bwd (the Python work a GPU step pays before its launches; this
-  CPU, medians of --rounds blocks). GPU: CUDA kernels, memsets and memcpys seen by torch.profiler.
+  CPU's thread time, min and median of --rounds blocks). GPU: CUDA kernels, memsets and memcpys seen by torch.profiler.
 
 CPU numbers are the PyTorch path (the Triton interpreter is not a timing); the fused Triton numbers come from a GPU
 (bench/run_gpu.sh bench). Writes multi.json and multi.md into --out (default bench/results/<device>-<date>/multi).
@@ -346,9 +348,8 @@ def gpu_path_launches(args) -> dict | None:
 # ------------------------------------------------------------------------------------- memory (CPU)
 
 def rss_child(args) -> int:
-    """--rss-child WAY N: build one way (or nothing: 'none'), take 3 steps, print the peak RSS in bytes."""
-    import resource
-
+    """--rss-child WAY N: build one way (or nothing: 'none'), take 3 steps, print the peak RSS in bytes (VmHWM: the
+    peak of this process's own address space; getrusage's ru_maxrss would carry the parent's peak over the exec)."""
     torch = _torch()
     torch.set_num_threads(args.threads or 1)
     way_name, n = args.rss_child[0], int(args.rss_child[1])
@@ -357,9 +358,14 @@ def rss_child(args) -> int:
         way = make_way(args, n, torch.device("cpu"), dtype, way_name)
         for _ in range(3):
             way.step()
-    else:
-        from fused_lora import LoRALinear, MultiLoRALinear  # noqa: F401  (the same imports)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+    else:  # the same imports and code paths (libtorch's code pages count in RSS), on a tiny stack of both ways
+        tiny = argparse.Namespace(**{**vars(args), "preset": "tiny", "tokens": 4, "blocks": 1})
+        for way in make_ways(tiny, n, torch.device("cpu"), dtype):
+            for _ in range(3):
+                way.step()
+    with open("/proc/self/status") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) * 1024)  # kB
     return 0
 
 
@@ -455,7 +461,8 @@ def _cuda_peak(args, n: int, device, dtype, kind: str) -> int:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--preset", default="opt350m-mlp", choices=list(PRESETS))
+    ap.add_argument("--preset", nargs="+", default=["opt350m-mlp"], choices=list(PRESETS),
+                    help="block shapes, one after the other (CPU memory and stub counts: the first)")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--tokens", type=int, help="tokens per adapter (default: 64 on CPU, 512 on GPU)")
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8], help="adapter counts")
@@ -477,6 +484,8 @@ def parse_args(argv=None):
     ap.add_argument("--rss-child", nargs=2, metavar=("WAY", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--stub-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.presets = args.preset if isinstance(args.preset, list) else [args.preset]
+    args.preset = args.presets[0]
     if args.tokens is None:
         args.tokens = 512 if args.device == "cuda" else 64
     if args.dtype is None:
@@ -507,21 +516,26 @@ def main(argv=None) -> int:
     payload = {"kind": "multi", "environment": report.environment(device), "argv": argv,
                "command": "python bench/multi_bench.py " + " ".join(argv),
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "rss_child", "stub_child")}
-               | {"hidden_ffn": PRESETS[args.preset]},
+               | {"hidden_ffn": {p: PRESETS[p] for p in args.presets}},
                "load_before": report.load_average(), "cases": []}
     print(f"# multi-adapter benchmark on {payload['environment']['device']}, {torch.get_num_threads()} threads: "
-          f"{args.preset} × {args.blocks} blocks, {args.tokens} tokens per adapter, n = {args.ns}", flush=True)
-    for n in args.ns:
+          f"{args.presets} × {args.blocks} blocks, {args.tokens} tokens per adapter, n = {args.ns}", flush=True)
+    for preset, n in [(p, n) for p in args.presets for n in args.ns]:
         t0 = time.time()
+        args.preset = preset
         try:
             rec = run_case(args, n, device)
         except Exception as exc:
             rec = {"n": n, "error": f"{type(exc).__name__}: {exc}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rec["preset"] = preset
         rec["seconds"] = round(time.time() - t0, 1)
         rec["load_after"] = report.load_average()
         payload["cases"].append(rec)
         print(_case_line(rec), flush=True)
         write_outputs(payload, out_dir)
+    args.preset = args.presets[0]
     if device.type == "cpu" and args.stub:
         payload["gpu_path_stubbed"] = gpu_path_launches(args)
     if device.type == "cpu" and args.rss:
@@ -540,9 +554,10 @@ def main(argv=None) -> int:
 
 def _case_line(rec: dict) -> str:
     if "time" not in rec:
-        return f"n={rec['n']}: ERROR {rec.get('error')} ({rec.get('check')})"
+        return f"{rec.get('preset')} n={rec['n']}: ERROR {rec.get('error')} ({rec.get('check')})"
     t = rec["time"]
-    return (f"n={rec['n']}: concurrent {t['concurrent']['ms']:.2f} ms, sequential {t['sequential']['ms']:.2f} ms, "
+    return (f"{rec['preset']} n={rec['n']}: concurrent {t['concurrent']['ms']:.2f} ms, "
+            f"sequential {t['sequential']['ms']:.2f} ms, "
             f"ratio {rec['ratio']:.2f} (check rel err {rec['check']['adapter_rel_err']:.1e}) [{rec['seconds']}s]")
 
 
@@ -554,39 +569,42 @@ def tables(payload: dict) -> str:
     cases = [c for c in payload["cases"] if "time" in c]
     rss = payload.get("rss") or {}
     stub = payload.get("gpu_path_stubbed") or {}
-    lines = ["| n | concurrent ms (q20–q80) | sequential ms (q20–q80) | ratio | check rel err | tensor MiB c / s | "
-             "peak MiB c / s | goal c ≤ s/n + adapters | W MiB/step once c / s | model H100 ratio (roofline, "
-             "host floor) | launches/layer c / s |",
-             "|---:|---|---|---:|---:|---|---|---|---|---|---|"]
+    lines = ["| stack | n | concurrent ms (q20–q80) | sequential ms (q20–q80) | ratio | check rel err | "
+             "tensor MiB c / s | peak MiB c / s (c÷s) | goal: tensor c ≤ s/n + adapters | W MiB/step once c / s | "
+             "model H100 ratio (roofline, host floor) | launches/layer c / s |",
+             "|---|---:|---|---|---:|---:|---|---|---|---|---|---|"]
     for c in cases:
         n, t, tb = c["n"], c["time"], c["tensor_bytes"]
         tc, ts = (tb[w]["base"] + tb[w]["adapters"] for w in ("concurrent", "sequential"))
         adapters = tb["concurrent"]["adapters"]
         if "peak_bytes" in c:
             pc, ps = c["peak_bytes"]["concurrent"], c["peak_bytes"]["sequential"]
-        elif "single_run" in rss:
+        elif "single_run" in rss and c["preset"] == payload["settings"]["preset"]:
             pc, ps = rss["concurrent"].get(str(n)), n * rss["single_run"]
         else:
             pc = ps = None
-        goal = "–" if pc is None else f"{'yes' if pc <= ps / n + adapters else 'NO'} ({_mib(pc)} ≤ " \
-                                      f"{_mib(ps / n + adapters)})"
+        bound = ts / n + adapters
+        goal = f"{'yes' if tc <= bound else 'NO'} ({_mib(tc)} ≤ {_mib(bound)})"
+        peak_ratio = "–" if not pc or not ps else f"{pc / ps:.2f}"
         tr = c["traffic"]
         lc = c.get("launches_per_layer", {})
         fmt = lambda x: f"{x['ms']:.2f} ({x['ms_q20']:.2f}–{x['ms_q80']:.2f})"  # noqa: E731
-        lines.append(f"| {n} | {fmt(t['concurrent'])} | {fmt(t['sequential'])} | {c['ratio']:.2f} | "
-                     f"{c['check']['adapter_rel_err']:.1e} | {_mib(tc)} / {_mib(ts)} | {_mib(pc)} / {_mib(ps)} | "
+        lines.append(f"| {c['preset']} | {n} | {fmt(t['concurrent'])} | {fmt(t['sequential'])} | {c['ratio']:.2f} | "
+                     f"{c['check']['adapter_rel_err']:.1e} | {_mib(tc)} / {_mib(ts)} | "
+                     f"{_mib(pc)} / {_mib(ps)} ({peak_ratio}) | "
                      f"{goal} | {_mib(tr['W_bytes_once']['concurrent'])} / {_mib(tr['W_bytes_once']['sequential'])}"
                      f" | {tr['ratio_h100']:.2f}, {tr['ratio_h100_host_floor']:.2f} | "
                      f"{lc.get('concurrent', '–')} / {lc.get('sequential', '–')} |")
     out = "\n".join(lines)
     if stub and "error" not in stub:
-        rows = ["| n | Triton launches c / s | + aten ops c / s | host µs per layer fwd+bwd c / s | host ratio |",
+        rows = ["| n | Triton launches c / s | + aten ops c / s | host µs per layer fwd+bwd, min (median) c / s | "
+                "host ratio (min) |",
                 "|---:|---|---|---|---:|"]
         for n, e in stub.items():
             c, s = e["concurrent"], e["sequential"]
             rows.append(f"| {n} | {c['triton_launches']} / {s['triton_launches']} | {c['aten_ops']} / "
-                        f"{s['aten_ops']} | {c['host_us']:.0f} / {s['host_us']:.0f} | "
-                        f"{c['host_us'] / s['host_us']:.2f} |")
+                        f"{s['aten_ops']} | {c['host_us_min']:.0f} ({c['host_us']:.0f}) / {s['host_us_min']:.0f} "
+                        f"({s['host_us']:.0f}) | {c['host_us_min'] / s['host_us_min']:.2f} |")
         out += ("\n\nThe GPU path's launches and host work per layer (fc1 fwd+bwd), counted on this CPU with every "
                 "Triton kernel stubbed out (TRITON_INTERPRET=1, FUSED_LORA_GEMM=fused, 64→96, 16 tokens per adapter, "
                 "1 thread; nothing launched, so host µs leave out the launch itself):\n\n" + "\n".join(rows))
@@ -601,13 +619,13 @@ def write_outputs(payload: dict, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(out_dir / "multi.json", payload)
     env, s = payload["environment"], payload["settings"]
-    hidden, ffn = s["hidden_ffn"]
+    stacks = ", ".join(f"{p} {h}→{f}→{h}" for p, (h, f) in s["hidden_ffn"].items())
     head = (f"# Several adapters on one base: concurrent vs sequential, {env['device']}\n\n"
             f"{env['date']}; torch {env['torch']}, triton {env['triton']}, {env['torch_threads']} threads; "
             f"FUSED_LORA_BACKEND={os.environ.get('FUSED_LORA_BACKEND')}; load average before/after "
             f"{payload['load_before']} / {payload.get('load_after')}; commit {env['git_commit']}.\n\n"
             f"Command: `{payload['command']}`\n\n"
-            f"Stack: {s['blocks']} × MLP block {hidden}→{ffn}→{hidden} ({s['preset']}), both projections adapted, "
+            f"Stack: {s['blocks']} × MLP block ({stacks}), both projections adapted, "
             f"r = {s['rank']}, p = 0, {s['dtype']} base, {s['tokens']} tokens per adapter; one training step (forward, "
             "backward, AdamW). c = concurrent (one base, n adapters, one call per layer), s = sequential (n separate "
             "single-adapter runs, each with its own base copy, one after the other). ratio = c ÷ s. tensor MiB: base + "

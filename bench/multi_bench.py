@@ -622,18 +622,21 @@ def write_outputs(payload: dict, out_dir: Path) -> str:
     stacks = ", ".join(f"{p} {h}→{f}→{h}" for p, (h, f) in s["hidden_ffn"].items())
     head = (f"# Several adapters on one base: concurrent vs sequential, {env['device']}\n\n"
             f"{env['date']}; torch {env['torch']}, triton {env['triton']}, {env['torch_threads']} threads; "
-            f"FUSED_LORA_BACKEND={os.environ.get('FUSED_LORA_BACKEND')}; load average before/after "
+            f"FUSED_LORA_BACKEND={env.get('FUSED_LORA_BACKEND')}; load average before/after "
             f"{payload['load_before']} / {payload.get('load_after')}; commit {env['git_commit']}.\n\n"
             f"Command: `{payload['command']}`\n\n"
             f"Stack: {s['blocks']} × MLP block ({stacks}), both projections adapted, "
             f"r = {s['rank']}, p = 0, {s['dtype']} base, {s['tokens']} tokens per adapter; one training step (forward, "
             "backward, AdamW). c = concurrent (one base, n adapters, one call per layer), s = sequential (n separate "
             "single-adapter runs, each with its own base copy, one after the other). ratio = c ÷ s. tensor MiB: base + "
-            "adapters + grads + AdamW states kept. peak: CPU: peak RSS of a fresh process above an empty one (s: n × "
-            "one single-adapter run's process, as n separate runs); GPU: max allocated. W MiB/step once: the frozen "
-            "weights' compulsory DRAM reads (bench/traffic_model.py). launches/layer: fc1's fwd+bwd; CPU: aten ops of "
-            "the torch path; GPU: CUDA kernels. Definitions: bench/multi_bench.py's docstring.\n")
+            "adapters + grads + AdamW states kept. peak: CPU: peak RSS of a fresh process above one running the same "
+            "code on a tiny stack (s: n × one single-adapter run's process, as n separate runs); GPU: max allocated. "
+            "W MiB/step once: the frozen weights' compulsory DRAM reads (bench/traffic_model.py). launches/layer: "
+            "fc1's fwd+bwd; CPU: aten ops of the torch path; GPU: CUDA kernels. Definitions: bench/multi_bench.py's "
+            "docstring.\n")
     body = tables(payload)
+    if payload.get("traffic_recomputed"):
+        body += f"\n\nNote: {payload['traffic_recomputed']}."
     errors = [f"- n={c['n']}: {c['error']}" for c in payload["cases"] if "error" in c]
     if errors:
         body += "\n\nErrors:\n" + "\n".join(errors)

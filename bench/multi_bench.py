@@ -534,6 +534,9 @@ def main(argv=None) -> int:
         rec["load_after"] = report.load_average()
         payload["cases"].append(rec)
         print(_case_line(rec), flush=True)
+        if args.print_json:  # each case as soon as it is done: a run cut off at its cap keeps what it measured
+            print("MULTI_CASE " + json.dumps({k: v for k, v in rec.items() if not k.startswith("launches")},
+                                             default=str), flush=True)
         write_outputs(payload, out_dir)
     args.preset = args.presets[0]
     if device.type == "cpu" and args.stub:

@@ -2,6 +2,8 @@
 
     python bench/traffic_model.py [--only LoRAFusion] [--kernels] [--adapter-dtype fp32] [--rank 64]
     python bench/traffic_model.py --json m.json --markdown m.md
+    python bench/traffic_model.py --multi [--adapters 1 2 4 8] [--tokens 512]   # n adapters on one base: concurrent
+                                                                                # vs sequential (multi-adapter section)
 
 Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients
 for: the frozen base alone (the floor), fused-lora (2 + 3 launches), the composed path (cuBLAS base GEMMs +

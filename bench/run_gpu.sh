@@ -4,7 +4,8 @@
 #
 #     bash bench/run_gpu.sh check   # ≤ 240 s from a cold Triton cache: the GPU tests most likely to fail first
 #     bash bench/run_gpu.sh bench   # ≤ 560 s: host cost per layer vs PEFT (16→16, GPT-2 c_attn); layer table on
-#                                   #   LoRAFusion's shapes, beside the traffic model
+#                                   #   LoRAFusion's shapes, beside the traffic model; several adapters on one base,
+#                                   #   concurrent vs sequential (bench/multi_bench.py, ≤ 60 s)
 #     bash bench/run_gpu.sh model   # ≤ 560 s: one training step of GPT-2 / Gemma-2B shapes, fused vs PEFT
 #     bash bench/run_gpu.sh all     # ≤ 560 s: check, then bench, then model, each with a smaller cap
 #     bash bench/run_gpu.sh tests   # ≤ 560 s: the whole tests/ suite on CUDA
@@ -175,9 +176,11 @@ if [ "$DRY" = 1 ]; then  # tiny, seconds each: the same scripts and flags as on 
                 --rounds 1 --min-time 0.05 --no-qkv)
     CALIBRATION_ARGS=(--quick --dtypes float32 --ps 0.1)
     MODEL_ARGS=(--models gpt2 --ps 0.1 --layers 1 --batch 1 --seq 32 --vocab 256 --warmup 1 --rounds 1 --steps 1)
+    MULTI_ARGS=(--preset tiny --ns 1 2 --tokens 8 --blocks 1 --rounds 1 --min-time 0.05 --no-rss --no-stub)
 else
     LAYER_ARGS=(--plan lorafusion)
     MODEL_ARGS=()
+    MULTI_ARGS=(--preset opt350m-mlp llama7b-mlp --blocks 1 --tokens 512)
     CALIBRATION_ARGS=()
 fi
 
@@ -284,6 +287,12 @@ bench_stage() {
     if [ -f "$RES/layer.json" ] && [ ! -f "$RES/layer.png" ]; then
         stage bench/plot 30 --min 5 "$PY" "$REPO/bench/report.py" "$RES/layer.json"
     fi
+    # Several adapters on one base (bench/multi_bench.py): n = 1, 2, 4, 8 adapters × 512 tokens, one training step
+    # concurrent (one segmented call per layer) vs n sequential single-adapter runs, OPT-350m's then Llama-7B's MLP
+    # block, bf16; each case checks both ways agree before it is timed. One config per kernel (no autotuning: the cap).
+    # Its table (and its JSON, one line) go to run.log and the summary, its files to scratch: 8 files come back.
+    stage bench/multi 60 --min 20 env FUSED_LORA_AUTOTUNE=0 "$PY" "$REPO/bench/multi_bench.py" --device "$DEVICE" \
+        --out "$WORK/multi" --print-json "${MULTI_ARGS[@]}"
 }
 
 # model CAP [ARGS...]: bench/model_bench.py (p = 0.1 for both models first, then p = 0).
@@ -356,6 +365,10 @@ if [ -f "$RES/dora.md" ]; then
 fi
 if [ -f "$RES/model.md" ]; then
     echo "---- model.md"; grep -E '^\|' "$RES/model.md" | head -n 14
+fi
+if grep -q '^== \[bench/multi\] start' "$LOG"; then
+    echo "---- several adapters on one base: concurrent vs sequential (bench/multi)"
+    sed -n '/^== \[bench\/multi\] start/,/^== \[bench\/multi\] done/p' "$LOG" | grep -E '^\||ERROR' | head -n 14
 fi
 if grep -q '^== \[bench/vs-model\] start' "$LOG"; then
     echo "---- measured beside the traffic model (bench/vs-model)"

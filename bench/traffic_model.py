@@ -2,6 +2,8 @@
 
     python bench/traffic_model.py [--only LoRAFusion] [--kernels] [--adapter-dtype fp32] [--rank 64]
     python bench/traffic_model.py --json m.json --markdown m.md
+    python bench/traffic_model.py --multi [--adapters 1 2 4 8] [--tokens 512]   # n adapters on one base: concurrent
+                                                                                # vs sequential (multi-adapter section)
 
 Bytes read and written and matmul FLOPs per kernel of y = x Wᵀ + b + s·(m⊙x)Aᵀ Bᵀ and its gradients
 for: the frozen base alone (the floor), fused-lora (2 + 3 launches), the composed path (cuBLAS base GEMMs +
@@ -53,7 +55,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GIB = 2**30
 
@@ -133,6 +135,7 @@ class Kernel:
     read: float
     write: float
     flops: float = 0.0
+    launches: int = 1  # GPU launches it stands for (0: counted per step elsewhere, not per layer)
 
     @property
     def bytes(self) -> float:
@@ -145,15 +148,27 @@ def _usable_l2(d: Device) -> float:
 
 def _operand_reads(M: int, N: int, K: int, e: int, d: Device | None, tile: tuple[int, int, int]) -> float:
     """DRAM bytes of A[M×K] and B[K×N] read by a grouped-order GEMM with ``tile`` (assumption 2)."""
-    bm, bn, group = tile
-    a, b = M * K * e, K * N * e
+    a_reads, b_reads = _operand_reread(M, N, K, e, d, tile)
+    return M * K * e * a_reads + K * N * e * b_reads
+
+
+def _operand_reread(M: int, N: int, K: int, e: int, d: Device | None, tile: tuple[int, int, int]) -> tuple[int, int]:
+    """How many times a grouped-order GEMM with ``tile`` reads A[M×K] (the activation) and B[K×N] (the weight) from
+    DRAM (assumption 2): (1, 1) without a device."""
     if d is None:
-        return a + b
+        return 1, 1
+    bm, bn, group = tile
+    b = K * N * e
     rows, n_tiles = min(group, math.ceil(M / bm)), math.ceil(N / bn)
     panel, w_wave = rows * bm * K * e, min(n_tiles, math.ceil(d.sms / rows)) * bn * K * e
     rb = 1 if b + panel <= _usable_l2(d) else math.ceil(M / (bm * group))
     ra = 1 if panel + w_wave <= _usable_l2(d) else math.ceil(rows * n_tiles / d.sms)
-    return a * ra + b * rb
+    return ra, rb
+
+
+def weight_reads(M: int, N: int, K: int, e: int, d: Device | None, tile: tuple[int, int, int] = FUSED_TILE[0]) -> float:
+    """DRAM bytes of the frozen weight (K×N, ``e`` bytes) read by one of fused-lora's GEMMs over M rows."""
+    return K * N * e * _operand_reread(M, N, K, e, d, tile)[1]
 
 
 def _gemm(name: str, M: int, N: int, K: int, e: int, d: Device | None, tiles: tuple[tuple[int, int, int], ...],
@@ -176,25 +191,28 @@ def _rank_chunks(s: Shape, d: Device | None) -> int:
     return math.ceil(s.r / min(BLOCK_R_MAX, max(BLOCK_R_MIN, 1 << (s.r - 1).bit_length())))
 
 
-def lora_down(s: Shape, d: Device | None) -> Kernel:
-    """S = (m⊙x)Aᵀ: reads x (once per rank chunk) and A; writes S (M×r fp32). Mask from the seed: no traffic."""
+def lora_down(s: Shape, d: Device | None, n: int = 1) -> Kernel:
+    """S = (m⊙x)Aᵀ: reads x (once per rank chunk) and A; writes S (M×r fp32). Mask from the seed: no traffic.
+    ``n`` adapters on segments of the M rows (the segmented kernel): each tile reads its own adapter's A."""
     M, K, r = s.M, s.K, s.r
-    return Kernel("lora_down_kernel: S = (m⊙x)Aᵀ", _stream(M * K * s.e, _rank_chunks(s, d), d) + r * K * s.ea,
+    return Kernel("lora_down_kernel: S = (m⊙x)Aᵀ", _stream(M * K * s.e, _rank_chunks(s, d), d) + n * r * K * s.ea,
                   M * r * 4, 2 * M * K * r)
 
 
-def lora_dy(s: Shape, d: Device | None) -> Kernel:
-    """One pass over dY: reads dY (once per rank chunk), S, B; writes dS (M×r fp32) and dB (N×r fp32, atomics in L2)."""
+def lora_dy(s: Shape, d: Device | None, n: int = 1) -> Kernel:
+    """One pass over dY: reads dY (once per rank chunk), S, B; writes dS (M×r fp32) and dB (N×r fp32, atomics in L2);
+    per adapter with ``n`` segments."""
     M, N, r = s.M, s.N, s.r
-    return Kernel("lora_dy_kernel: dS, dB", _stream(M * N * s.e, _rank_chunks(s, d), d) + M * r * 4 + N * r * s.ea,
-                  M * r * 4 + N * r * 4, 4 * M * N * r)
+    return Kernel("lora_dy_kernel: dS, dB",
+                  _stream(M * N * s.e, _rank_chunks(s, d), d) + M * r * 4 + n * N * r * s.ea,
+                  M * r * 4 + n * N * r * 4, 4 * M * N * r)
 
 
-def lora_da(s: Shape, d: Device | None) -> Kernel:
-    """dA = dSᵀ(m⊙x): reads dS and x (once per rank chunk; mask regenerated); writes dA (r×K fp32)."""
+def lora_da(s: Shape, d: Device | None, n: int = 1) -> Kernel:
+    """dA = dSᵀ(m⊙x): reads dS and x (once per rank chunk; mask regenerated); writes dA (r×K fp32) per adapter."""
     M, K, r = s.M, s.K, s.r
     return Kernel("lora_da_kernel: dA = dSᵀ(m⊙x)", M * r * 4 + _stream(M * K * s.e, _rank_chunks(s, d), d),
-                  r * K * 4, 2 * M * K * r)
+                  n * r * K * 4, 2 * M * K * r)
 
 
 def path_base(s: Shape, d: Device | None) -> list[Kernel]:
@@ -204,17 +222,19 @@ def path_base(s: Shape, d: Device | None) -> list[Kernel]:
             _gemm("cuBLAS dX = dY W", M, K, N, s.e, d, CUBLAS_TILE)]
 
 
-def path_fused(s: Shape, d: Device | None) -> list[Kernel]:
-    """fused-lora: lora_down, lora_fwd (x, W, S, B in; y out), lora_dy, lora_dx (dY, W, dS, A in; dX out), lora_da."""
+def path_fused(s: Shape, d: Device | None, n: int = 1) -> list[Kernel]:
+    """fused-lora: lora_down, lora_fwd (x, W, S, B in; y out), lora_dy, lora_dx (dY, W, dS, A in; dX out), lora_da.
+    ``n`` > 1: the segmented kernels (kernels/multi_lora.py) of ``n`` adapters of rank r on segments of the M rows:
+    the same five launches, W read as for one adapter over M rows, every adapter tensor n times."""
     M, K, N, r, e, ea = s.M, s.K, s.N, s.r, s.e, s.ea
     return [
-        lora_down(s, d),
+        lora_down(s, d, n),
         _gemm("lora_fwd_kernel: y = xWᵀ + b + s·S Bᵀ", M, N, K, e, d, FUSED_TILE,
-              extra_read=M * r * 4 + N * r * ea + N * e * s.bias, extra_flops=2 * M * N * r),
-        lora_dy(s, d),
+              extra_read=M * r * 4 + n * N * r * ea + N * e * s.bias, extra_flops=2 * M * N * r),
+        lora_dy(s, d, n),
         _gemm("lora_dx_kernel: dX = dY W + m⊙(dS A)", M, K, N, e, d, FUSED_TILE,
-              extra_read=M * r * 4 + r * K * ea, extra_flops=2 * M * K * r),
-        lora_da(s, d),
+              extra_read=M * r * 4 + n * r * K * ea, extra_flops=2 * M * K * r),
+        lora_da(s, d, n),
     ]
 
 
@@ -326,6 +346,188 @@ HEAD = DEVICES[0].name
 BANNER = "MODEL, not a measurement: bytes and roofline times computed from the kernels' code (bench/traffic_model.py)."
 
 
+# ---------------------------------------------------------------------- several adapters on one frozen base
+# MULTI-ADAPTER MODEL (``multi_model``; ``python bench/traffic_model.py --multi``). n adapters of rank r, the same
+# tokens each (Shape.M = tokens PER ADAPTER), one training step of one adapted layer (forward + backward + AdamW):
+#
+# - concurrent: the segmented kernels (kernels/multi_lora.py) over all n·M rows, one call: the same five launches as
+#   one adapter, the frozen W read by the two GEMMs as for one adapter over n·M rows (compulsory: once each; with the
+#   L2/tile model of assumption 2: ceil(n·M/(BLOCK_M·GROUP_M)) sweeps when W + a row panel exceed the usable L2);
+#   every adapter tensor (A_i, B_i, dA_i, dB_i) once per adapter; S, dS packed over all rows (M×r fp32 per adapter).
+# - sequential: n separate single-adapter runs of M rows one after the other (what n separate trainings do on one
+#   GPU): n × path_fused(M), so W is read 2n times (compulsory), each run with its own five launches.
+# - both: AdamW (torch.optim, states in the adapters' dtype: param, grad, exp_avg, exp_avg_sq read; param, exp_avg,
+#   exp_avg_sq written) on the adapters' r·(K+N) parameters each; bytes only, no launch per layer (a foreach/fused
+#   AdamW launches per step over all of a run's layers).
+# - time: the roofline of assumption 3 (Σ max(bytes/BW, FLOPs/peak)); the FLOPs are the same both ways, so the ratio
+#   moves only where a kernel is memory-bound: the base GEMMs at small M (W read n times) and nothing else (the
+#   skinny kernels move the same bytes both ways). Two floors the roofline leaves out, shown beside it and stated:
+#   "launch floor": no kernel takes less than LAUNCH_US (the launch rate of an eager host, bench/host_gpu.py's
+#   TRITON_LAUNCH_US: tritonbench's launch latency of a no-op Triton kernel); "host floor": a layer's fwd+bwd takes at
+#   least its host (Python) work, HOST.single per single-adapter call, HOST.multi + (n - 1)·HOST.per_extra_adapter for
+#   the concurrent call (the values and where they come from: below). On a GPU the step is the larger of the device's
+#   and the host's time when the host runs ahead asynchronously (a block: max(Σ device, Σ host) over its layers).
+
+LAUNCH_US = 5.6  # bench/host_gpu.py's TRITON_LAUNCH_US (tritonbench launch_latency, meta-pytorch/tritonbench #1017)
+
+
+@dataclass(frozen=True)
+class Host:
+    """Host µs per layer fwd+bwd on the Triton path: measured by bench/multi_bench.py on this 2-core shared EPYC with
+    every kernel stubbed out (thread CPU time; its "GPU path" table, bench/results/cpu-2026-12-06/multi/), plus
+    LAUNCH_US per Triton launch (5 both ways, which the stubs skip). A GPU host's CPU is usually faster: both floors
+    drop, their ratio much less."""
+
+    # Three measurements on 2026-12-06 (load 6-9 on 2 cores): the committed one (multi/multi.md) and two before it.
+    single: float = 200 + 5 * LAUNCH_US  # fused_lora_linear (LoRALinear), one adapter: 185-222 µs stubbed (min)
+    multi: float = 520 + 5 * LAUNCH_US  # multi_lora_linear (MultiLoRALinear) with one adapter: 499-544 µs stubbed
+    per_extra_adapter: float = 50  # each adapter after the first (A, B copies, dA, dB split): 51-55 µs (n = 1 → 8)
+
+
+HOST = Host()
+# A GPU host's CPU is likely faster than this loaded 2-core EPYC: the host floor with host work at HOST_FAST of HOST's
+# (the sensitivity of the prediction to the one assumption it rests on, printed beside it).
+HOST_FAST = 0.5
+FAST_HOST = Host(HOST.single * HOST_FAST, HOST.multi * HOST_FAST, HOST.per_extra_adapter * HOST_FAST)
+
+# Per-block projections (name, in, out, how many per block) and whether they carry a bias, of the two stated shapes.
+MULTI_FAMILIES = {
+    # Llama-7B (Llama-2-7B config: hidden 4096, intermediate 11008, 32 heads × 128, no bias)
+    "Llama-7B": ((("q/k/v/o_proj", 4096, 4096, 4), ("gate/up_proj", 4096, 11008, 2), ("down_proj", 11008, 4096, 1)),
+                 False),
+    # OPT-350m (facebook/opt-350m config: hidden 1024, ffn_dim 4096, biases on every projection)
+    "OPT-350m": ((("q/k/v/out_proj", 1024, 1024, 4), ("fc1", 1024, 4096, 1), ("fc2", 4096, 1024, 1)), True),
+}
+MULTI_WAYS = ("concurrent", "sequential")
+
+
+def adamw(s: Shape, n: int) -> Kernel:
+    """torch.optim.AdamW on n adapters' A (r×K) and B (N×r), states in the adapters' dtype (zeros_like the params):
+    reads param, grad, exp_avg, exp_avg_sq, writes param, exp_avg, exp_avg_sq. Bytes only (launches=0)."""
+    params = n * s.r * (s.K + s.N)
+    return Kernel("AdamW on the adapters", 4 * params * s.ea, 3 * params * s.ea, 0.0, launches=0)
+
+
+def multi_paths(s: Shape, n: int, d: Device | None) -> dict[str, list[Kernel]]:
+    """The kernels of one training step of one layer with n adapters of s.M tokens each, both ways."""
+    return {"concurrent": path_fused(replace(s, M=n * s.M), d, n) + [adamw(s, n)],
+            "sequential": (path_fused(s, d) + [adamw(s, 1)]) * n}
+
+
+def multi_base_bytes(s: Shape, n: int, d: Device | None) -> dict[str, float]:
+    """DRAM bytes of the frozen weight read by the two GEMMs (y = xWᵀ: out M×N; dX = dY W: out M×K), both ways."""
+    one = lambda m: weight_reads(m, s.N, s.K, s.e, d) + weight_reads(m, s.K, s.N, s.e, d)  # noqa: E731
+    return {"concurrent": one(n * s.M), "sequential": n * one(s.M)}
+
+
+def _gemm_core_bytes(s: Shape, rows: int, d: Device | None) -> float:
+    """The two base GEMMs' own bytes (activation and weight reads, output writes), the rank-r extras left out."""
+    tile = FUSED_TILE[0]
+    return (_operand_reads(rows, s.N, s.K, s.e, d, tile) + rows * s.N * s.e
+            + _operand_reads(rows, s.K, s.N, s.e, d, tile) + rows * s.K * s.e)
+
+
+def _floor_ms(ks: list[Kernel], d: Device, launch_us: float) -> float:
+    return 1e3 * sum(max(k.bytes / d.bw, k.flops / d.peak, k.launches * launch_us * 1e-6) for k in ks)
+
+
+def host_us(way: str, n: int, host: Host = HOST) -> float:
+    """The host floor of one layer's fwd+bwd (stated assumption, module comment above)."""
+    return host.multi + (n - 1) * host.per_extra_adapter if way == "concurrent" else n * host.single
+
+
+def multi_model(s: Shape, n: int, *, launch_us: float = LAUNCH_US, host: Host = HOST) -> dict:
+    """One adapted layer, n adapters of s.M tokens each, one training step, concurrent vs sequential: per way the
+    launches, FLOPs, compulsory bytes (total, frozen weight, rank-r terms) and per device the bytes with the L2 model
+    and three times (roofline, with the launch floor, with the host floor); and per device the time ratios."""
+    out: dict = {"n": n, "tokens_per_adapter": s.M, "ways": {}, "ratio": {}}
+    for way in MULTI_WAYS:
+        rows, runs = (n * s.M, 1) if way == "concurrent" else (s.M, n)
+        once = multi_paths(s, n, None)[way]
+        total = sum(k.bytes for k in once)
+        entry = {"launches": sum(k.launches for k in once), "flops": sum(k.flops for k in once), "bytes_once": total,
+                 "base_bytes_once": multi_base_bytes(s, n, None)[way],
+                 "rank_r_bytes_once": total - runs * _gemm_core_bytes(s, rows, None), "devices": {}}
+        for d in DEVICES:
+            ks = multi_paths(s, n, d)[way]
+            roof = _floor_ms(ks, d, 0.0)
+            entry["devices"][d.name] = {
+                "bytes": sum(k.bytes for k in ks), "base_bytes": multi_base_bytes(s, n, d)[way], "ms": roof,
+                "ms_launch_floor": _floor_ms(ks, d, launch_us),
+                "ms_host_floor": max(roof, 1e-3 * host_us(way, n, host))}
+        out["ways"][way] = entry
+    for d in DEVICES:
+        c, q = (out["ways"][w]["devices"][d.name] for w in MULTI_WAYS)
+        out["ratio"][d.name] = {k: c[k] / q[k] for k in ("ms", "ms_launch_floor", "ms_host_floor")}
+    return out
+
+
+def multi_block(family: str, tokens: int, n: int, r: int = 16, ea: int = 2, **kw) -> dict:
+    """``multi_model`` summed over one transformer block's adapted projections (MULTI_FAMILIES) for each device. The
+    host floor of a block is max(Σ roofline, Σ host work): the host runs ahead of the device across layers."""
+    projections, bias = MULTI_FAMILIES[family]
+    layers = [(name, count, multi_model(Shape(family, name, tokens, K, N, r=r, p=0.0, bias=bias, ea=ea), n, **kw))
+              for name, K, N, count in projections]
+    out: dict = {"family": family, "n": n, "tokens_per_adapter": tokens, "layers": {}, "ways": {}, "ratio": {}}
+    for name, count, res in layers:
+        out["layers"][name] = {"count": count, **res}
+    for way in MULTI_WAYS:
+        add = lambda key, way=way: sum(c * res["ways"][way][key] for _, c, res in layers)  # noqa: E731
+        dev = {d.name: {k: sum(c * res["ways"][way]["devices"][d.name][k] for _, c, res in layers)
+                        for k in ("bytes", "base_bytes", "ms", "ms_launch_floor")} for d in DEVICES}
+        host_ms = 1e-3 * sum(c * host_us(way, n, kw.get("host", HOST)) for _, c, _ in layers)
+        for v in dev.values():
+            v["ms_host_floor"] = max(v["ms"], host_ms)
+        out["ways"][way] = {k: add(k) for k in ("launches", "flops", "bytes_once", "base_bytes_once",
+                                                   "rank_r_bytes_once")} | {"devices": dev}
+    for d in DEVICES:
+        c, q = (out["ways"][w]["devices"][d.name] for w in MULTI_WAYS)
+        out["ratio"][d.name] = {k: c[k] / q[k] for k in ("ms", "ms_launch_floor", "ms_host_floor")}
+    return out
+
+
+MULTI_GOAL = 0.5  # concurrent ≤ 0.5 × sequential at n = 8, 512 tokens per adapter (the goal stated for the GPU)
+
+
+def multi_table(results: list[dict], device: str = HEAD) -> tuple[list[str], list[list[str]]]:
+    cols = ["block", "layer", "n", "launches c/s", "GiB once c/s", "W GiB once c/s", "rank-r GiB once c/s",
+            f"W GiB {device} c/s", f"ms {device} c/s", "ratio roofline", f"ratio +{LAUNCH_US:g}µs/launch",
+            "ratio +host floor"]
+    rows = []
+    for blk in results:
+        entries = [(name, res) for name, res in blk["layers"].items()] + [("block total", blk)]
+        for name, res in entries:
+            c, q = (res["ways"][w] for w in MULTI_WAYS)
+            cd, qd = c["devices"][device], q["devices"][device]
+            rt = res["ratio"][device]
+            pair = lambda a, b, f: f"{format(a, f)} / {format(b, f)}"  # noqa: E731
+            rows.append([blk["family"], name, str(blk["n"]), pair(c["launches"], q["launches"], "d"),
+                         pair(c["bytes_once"] / GIB, q["bytes_once"] / GIB, ".3f"),
+                         pair(c["base_bytes_once"] / GIB, q["base_bytes_once"] / GIB, ".3f"),
+                         pair(c["rank_r_bytes_once"] / GIB, q["rank_r_bytes_once"] / GIB, ".3f"),
+                         pair(cd["base_bytes"] / GIB, qd["base_bytes"] / GIB, ".3f"),
+                         pair(cd["ms"], qd["ms"], ".3f"), f"{rt['ms']:.2f}", f"{rt['ms_launch_floor']:.2f}",
+                         f"{rt['ms_host_floor']:.2f}"])
+    return cols, rows
+
+
+def multi_assumptions(tokens: int, r: int, ea: int) -> list[str]:
+    d = DEVICES[0]
+    return [
+        BANNER,
+        f"Several adapters on one frozen base: n adapters × {tokens} tokens each, r={r}, bf16 base, "
+        f"{'bf16' if ea == 2 else 'fp32'} adapters, p=0, one training step (fwd + bwd + AdamW) of each adapted "
+        "projection; c = concurrent (one segmented call, W read once per GEMM), s = sequential (n single-adapter runs, "
+        "W read n times per GEMM). ratio = concurrent ms ÷ sequential ms; goal at n=8, 512 tokens: ≤ "
+        f"{MULTI_GOAL}.",
+        f"{d.name}: {d.bw / 1e12:.2f} TB/s, {d.peak / 1e12:.1f} dense bf16 TFLOP/s, {d.l2 / 1e6:.0f} MB L2 "
+        f"({d.l2_share:.0%} usable for shared data). roofline = Σ max(bytes/BW, FLOPs/peak) (equal FLOPs both ways); "
+        f"+launch floor: no kernel under {LAUNCH_US} µs; +host floor: a layer's fwd+bwd takes at least its host work, "
+        f"{HOST.single:g} µs per single-adapter call, concurrent {HOST.multi:g} + {HOST.per_extra_adapter:g} µs per "
+        "extra adapter (measured on this CPU with the kernels stubbed: bench/traffic_model.py's Host).",
+    ]
+
+
 def shape_table(res: dict) -> tuple[list[str], list[list[str]]]:
     cols = ["path", "launches", "GFLOP", "GiB once", f"GiB {HEAD}", *(f"ms {d.name}" for d in DEVICES),
             f"× base ({HEAD})", f"PEFT ÷ ({HEAD})"]
@@ -386,8 +588,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", action="store_true", help="also print each kernel's bytes")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--markdown", metavar="PATH")
+    ap.add_argument("--multi", action="store_true",
+                    help="the multi-adapter model: n adapters concurrent vs n sequential runs (--adapters, --tokens)")
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8], help="--multi: adapter counts n")
+    ap.add_argument("--tokens", type=int, default=512, help="--multi: tokens per adapter")
+    ap.add_argument("--families", nargs="+", choices=list(MULTI_FAMILIES), default=list(MULTI_FAMILIES))
     args = ap.parse_args(argv)
     ea = 4 if args.adapter_dtype == "fp32" else 2
+    if args.multi:
+        return multi_main(args, ea)
     chosen = [Shape(**{**asdict(s), "r": args.rank}) for s in shapes(ea) if args.only.lower() in s.label.lower()]
     if not chosen:
         ap.error(f"no shape matches --only {args.only!r}")
@@ -412,6 +621,29 @@ def main(argv: list[str] | None = None) -> int:
                    "shapes": [{"shape": asdict(s), "label": s.label, "paths": res} for s, res in results]}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
+    return 0
+
+
+def multi_main(args: argparse.Namespace, ea: int) -> int:
+    """--multi: the multi-adapter model's table per block family and n; the goal line at n = 8."""
+    results = [multi_block(f, args.tokens, n, r=args.rank, ea=ea) for f in args.families for n in args.adapters]
+    lines = multi_assumptions(args.tokens, args.rank, ea)
+    cols, rows = multi_table(results)
+    fast = {f: multi_block(f, args.tokens, 8, r=args.rank, ea=ea, host=FAST_HOST)["ratio"][HEAD]["ms_host_floor"]
+            for f in args.families}
+    goal = [f"goal (n=8, {args.tokens} tokens each, {HEAD}: concurrent ≤ {MULTI_GOAL} × sequential): {b['family']} "
+            f"block: roofline {b['ratio'][HEAD]['ms']:.2f}, +launch floor {b['ratio'][HEAD]['ms_launch_floor']:.2f}, "
+            f"+host floor {b['ratio'][HEAD]['ms_host_floor']:.2f} (a host {1 / HOST_FAST:g}× faster than the one "
+            f"measured: {fast[b['family']]:.2f})" for b in results if b["n"] == 8]
+    print("\n".join([*lines, "", _fmt_text(cols, rows), "", *goal]))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(["# Several adapters on one base: traffic model", "", *(f"{x}\n" for x in lines),
+                               _fmt_md(cols, rows), "", *(f"- {g}" for g in goal)]) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"note": BANNER, "assumptions": lines, "devices": [asdict(d) for d in DEVICES],
+                       "launch_us": LAUNCH_US, "host_us": asdict(HOST), "blocks": results}, f, indent=1)
     return 0
 
 

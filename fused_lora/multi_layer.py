@@ -318,7 +318,10 @@ class MultiLoRALinear(nn.Module):
         n_ad = sum(plan.counts)
         y = None
         if n_ad:
-            y = self._adapters_call(xb[:n_ad].reshape(-1, self.in_features), self._segments(plan, per_example, names),
+            # Every row an adapter's (the usual training batch): x itself, not a slice of it, so that autograd
+            # hands dX over as it is (a slice's backward zero-fills and copies a dX of x's size per layer).
+            x_ad = xb if n_ad == batch else xb[:n_ad]
+            y = self._adapters_call(x_ad.reshape(-1, self.in_features), self._segments(plan, per_example, names),
                                     names).view(n_ad, per_example, -1)
         if plan.base:
             y_base = self.base_forward(xb[n_ad:].reshape(-1, self.in_features)).view(plan.base, per_example, -1)

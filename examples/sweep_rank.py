@@ -111,8 +111,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="base weights, adapter inits (seed + i for adapter i), data")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="of the base and the adapters (float64: a reference run)")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="fused-lora's path: 'triton' (the fused kernels), 'torch' (the PyTorch path) or 'auto'; "
                         "default: the FUSED_LORA_BACKEND environment variable, else auto")
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     device = sentiment_data.pick_device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.float32
     counts_350m = check_opt_350m_counts(args.ranks)
 
     train_rows, test_rows = sentiment_data.synthetic_sentiment(args.train_size, args.test_size, seed=args.seed)
@@ -355,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
 
     mode = "sequential" if args.sequential else "concurrent"
     backend = os.environ.get("FUSED_LORA_BACKEND", "auto")
-    print(f"rank sweep {args.ranks} ({mode}) on {device} ({args.dtype}, fused-lora backend {backend}): "
+    print(f"rank sweep {args.ranks} ({mode}) on {device} (float32, fused-lora backend {backend}): "
           f"{args.steps} steps × {args.batch_size} reviews per adapter, lr {args.lr}, dropout {args.dropout}")
     collate_by_adapter = AdapterCollator(collate, adapters=names)
     losses: dict[str, list[float]] = {}

@@ -36,8 +36,9 @@ one per adapter of the model, in the model's adapter order (adapter i's mask the
 shape of its rows); a model holding one adapter would draw other seeds, so other masks. So that adapter i sees the
 same masks in both modes, the sequential run with dropout keeps every adapter of the sweep in its model (same inits)
 but trains one at a time: a batch holds only that adapter's examples (the others have no rows, cost nothing and do
-not move) and the optimizer only its param group. Both modes reseed the generator at every step, so each layer draws
-the same seeds both ways. The base's own dropout is off (random weights: it only adds noise).
+not move) and the optimizer only its param group. Both modes reseed the generator at every step, so that nothing
+drawn between steps (an evaluation, a data pipeline) could shift the seeds of one mode. The base's own dropout is off,
+and must be for the modes to agree: its draws depend on how many rows a batch has.
 
 Output: per-adapter training loss curves (``--plot FILE.png`` with matplotlib, which the ``examples`` extra installs;
 without it, or with ``--curves FILE.json``, the curves go to JSON), a table of final training loss, test loss and
@@ -78,7 +79,7 @@ from fused_lora.diagnostics import BACKENDS  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 VERDICT = {0: "negative", 1: "positive"}
-# facebook/opt-350m's config.json (transformers.OPTConfig's words).
+# facebook/opt-350m's config.json (transformers.OPTConfig's words; the Hub's file, as its fine-tunes copy it).
 OPT_350M = dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, word_embed_proj_dim=512, vocab_size=50272,
                 num_attention_heads=16, max_position_embeddings=2048, do_layer_norm_before=False)
 OPT_350M_PER_RANK = 98304  # 2 target modules × 24 layers × (1024 in + 1024 out)
@@ -142,6 +143,11 @@ def check_opt_350m_counts(ranks: list[int]) -> dict[int, int]:
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(**OPT_350M)
+    # q_proj and v_proj are hidden × hidden in every layer: r·(in + out) parameters each.
+    formula = len(TARGETS) * config.num_hidden_layers * (config.hidden_size + config.hidden_size)
+    if formula != OPT_350M_PER_RANK:
+        raise AssertionError(f"OPT-350m: {len(TARGETS)} modules × {config.num_hidden_layers} layers × (2 × "
+                             f"{config.hidden_size}) = {formula} per rank, not {OPT_350M_PER_RANK}")
     with torch.device("meta"):
         model = OPTForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())

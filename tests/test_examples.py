@@ -307,8 +307,15 @@ def test_sweep_rank_concurrent_equals_sequential_and_peft_loads_each_adapter(swe
 
 
 def test_sweep_rank_opt_350m_count_check_fails_loudly(sweep_example, monkeypatch):
-    """The OPT-350m check compares the injected model's count with 98304·r; a wrong expectation is an error."""
+    """The OPT-350m check: the injected model's count per adapter against 98304·r, and 98304 against the config's
+    2 modules × 24 layers × (1024 + 1024); either mismatch is an error that says what it found."""
     assert sweep_example.check_opt_350m_counts([3]) == {3: 3 * 98304}
-    monkeypatch.setattr(sweep_example, "OPT_350M_PER_RANK", 98305)
-    with pytest.raises(AssertionError, match=r"expected 98305·r .* got \{1: 98304, 4: 393216\}"):
+    groups = sweep_example.adapter_param_groups
+    # As if the injection had missed one module (the last layer's v_proj B, 1024 × r).
+    monkeypatch.setattr(sweep_example, "adapter_param_groups",
+                        lambda model: [dict(g, params=g["params"][:-1]) for g in groups(model)])
+    with pytest.raises(AssertionError, match=r"expected 98304·r .* got \{1: 97280, 4: 389120\}"):
         sweep_example.check_opt_350m_counts([1, 4])
+    monkeypatch.setattr(sweep_example, "OPT_350M_PER_RANK", 98305)
+    with pytest.raises(AssertionError, match=r"2 modules × 24 layers × \(2 × 1024\) = 98304 per rank, not 98305"):
+        sweep_example.check_opt_350m_counts([1])

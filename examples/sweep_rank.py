@@ -19,15 +19,17 @@ allocated) the script counts each injected adapter's trainable parameters and ch
 offline: by default 2 layers, 64 wide.
 
 The task: the synthetic sentiment reviews of ``examples/sentiment_data.py`` as language modelling, each review
-followed by its verdict ("review : the plot was dull but the cast was superb . verdict : positive"), its word-level
-tokenizer with those four words added. Causal LM (``OPTForCausalLM``) rather than sequence classification: the
-only head is the frozen word embeddings (tied), so nothing but the adapters trains, as several adapters on one base
-require (``modules_to_save``, a trained head, would need a full copy per adapter), and
-``PeftModel.from_pretrained(base, "out/r4")`` then reproduces an adapter's outputs exactly. The table reports the
-training and test loss (mean next-token cross-entropy per review) and the verdict accuracy: how often the model
-ranks the right verdict word above the other one after "verdict :" (chance 0.5). The base's weights are drawn at
-std 1/sqrt(width) (OPT's ``init_std`` 0.02 suits a width of 1024: at width 64 a frozen random model's logits would
-stay near zero, and so would every gradient).
+followed by its verdict ("review : the plot was dull but the cast was superb . verdict : positive"), with that
+module's word-level tokenizer plus the four words of the verdict line. Causal LM (``OPTForCausalLM``) rather than
+sequence classification: its only head is the frozen word embeddings (tied), so nothing but the adapters trains, as
+several adapters on one base require (a trained head, ``modules_to_save``, would need a full copy per adapter), and
+``PeftModel.from_pretrained(base, "out/r4")`` alone reproduces the fused model's outputs with that adapter. The table
+reports the training and test loss (mean next-token cross-entropy per review) and the verdict accuracy: how often the
+model ranks the right verdict word above the other one after "verdict :" (chance 0.5). In the default 300 steps the
+loss falls with the rank (the adapters learn the reviews' wording: test loss 3.0 at r=1 to 1.8 at r=16) while the
+verdict stays at chance: reading sentiment through a frozen random base with LoRA on q/v alone takes more than that.
+The base's weights are drawn at std 1/sqrt(width) (OPT's ``init_std`` 0.02 suits a width of 1024: at width 64 a
+frozen random model's logits would stay near zero, and so would every gradient).
 
 Dropout and the same run twice. Without dropout, ``--sequential`` trains each adapter alone in a fresh model, as
 one would without several adapters per model (``inject_adapters`` with that one config and the same seed: the same
@@ -84,9 +86,10 @@ OPT_350M = dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, word_embed
                 num_attention_heads=16, max_position_embeddings=2048, do_layer_norm_before=False)
 OPT_350M_PER_RANK = 98304  # 2 target modules × 24 layers × (1024 in + 1024 out)
 # The small OPT trained here: the build of OPT-125m and the larger ones (LayerNorm before each block, no embedding
-# projection), 2 layers, 64 wide. Measured (2 CPU cores, 300 steps of 16 reviews, lr 1e-2, ranks 1/4/16): test loss
-# 2.0 to 3.1 falling with the rank; opt-350m's own build (LayerNorm after each block, embeddings projected to half
-# the width) learned less in the same steps (2.7 to 3.4).
+# projection), 2 layers, 64 wide. Measured, the default run (1 CPU thread, 11 s concurrent, 27 s sequential): test
+# loss 3.01, 2.54, 2.21, 1.98, 1.83 for r = 1, 2, 4, 8, 16, the same both ways to the bit; verdict accuracy 0.47-0.55,
+# chance (module docstring). opt-350m's own build (LayerNorm after each block, embeddings projected to half the width)
+# learned less in a trial of the same 300 steps (r = 1, 4, 16: 3.4, 2.9, 2.7 against this build's 3.1, 2.2, 1.8).
 SMALL = dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, max_position_embeddings=64,
              do_layer_norm_before=True)
 FAST = dict(hidden_size=32, num_hidden_layers=2, ffn_dim=48, num_attention_heads=2, max_position_embeddings=64,

@@ -6,7 +6,9 @@ the shared sentiment_data module). Every script's ``main(argv)`` returns its met
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -222,3 +224,98 @@ def test_verbose_prints_what_was_timed_chosen_and_verified(gpt2_example, monkeyp
     out = capsys.readouterr().out
     assert "paths per key" in out and "chosen" in out
     assert "fused forward pass" in out and "fused backward pass" in out and "FAIL" not in out
+
+
+@pytest.fixture(scope="module")
+def sweep_example():
+    return load("sweep_rank")
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_sweep_rank_concurrent_equals_sequential_and_peft_loads_each_adapter(sweep_example, tmp_path):
+    """The rank sweep (r = 1, 2, 4, 8, 16) trained concurrently equals the same sweep run one adapter at a time, with
+    dropout (each adapter's masks drawn from the same seeds both ways) and without (each adapter alone in its model);
+    PeftModel.from_pretrained loads each saved adapter alone onto the saved base and gives the fused model's outputs
+    with that adapter (the fp64 rule, against the PEFT model in float64)."""
+    from helpers import CUDA, assert_within_torch_error, atol_for, max_err
+    from transformers import OPTForCausalLM
+
+    peft = pytest.importorskip("peft")
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    plot = ["--plot", str(tmp_path / "curves.png")] if has_matplotlib else ["--curves", str(tmp_path / "c.json")]
+    runs = {}
+    for dropout in ("0.1", "0.0"):
+        for mode in ("concurrent", "sequential"):
+            extra = ["--sequential"] if mode == "sequential" else plot if dropout == "0.1" else []
+            runs[mode, dropout] = sweep_example.main(["--fast", "--dropout", dropout, "--out",
+                                                      str(tmp_path / f"{mode}-{dropout}"), *extra])
+    ranks = [1, 2, 4, 8, 16]
+    concurrent = runs["concurrent", "0.1"]
+    assert concurrent["names"] == [f"r{r}" for r in ranks]
+    assert concurrent["counts_350m"] == {r: 98304 * r for r in ranks}
+    if has_matplotlib:
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert set(json.loads((tmp_path / "c.json").read_text())["train_loss"]) == set(concurrent["names"])
+    for run in runs.values():
+        assert run["finite"] and all(len(v) == 12 for v in run["losses"].values())
+    # Dropout is on in the first sweep: its losses are not those of the sweep without it.
+    assert concurrent["losses"]["r4"] != runs["concurrent", "0.0"]["losses"]["r4"]
+    # Every adapter learned, and rank matters (measured final training loss 4.49 at r=1, 3.99 at r=16; start 4.6).
+    final = {r: concurrent["final"][f"r{r}"]["train_loss"] for r in ranks}
+    assert all(final[r] < concurrent["losses"][f"r{r}"][0] for r in ranks) and final[16] < final[1] - 0.1, final
+
+    # Concurrent = sequential. The fused layer has no float64 path (no fp64 run to judge by), so a stated tolerance:
+    # on CPU the PyTorch path gives the same bits both ways (measured: difference 0.0, with and without dropout); the
+    # tolerance leaves room for a BLAS that blocks the concurrent run's 5x taller matrices differently. On a GPU the
+    # kernels' sums may run in another order for 5x the rows, which 12 AdamW steps at lr 1e-2 may amplify (untested
+    # there: no GPU when this was written).
+    rtol, atol = (1e-3, 1e-4) if CUDA else (1e-5, 1e-6)
+    for dropout in ("0.1", "0.0"):
+        for r in ranks:
+            got = adapter_tensors(tmp_path / f"concurrent-{dropout}" / f"r{r}")
+            alone = adapter_tensors(tmp_path / f"sequential-{dropout}" / f"r{r}")
+            assert got.keys() == alone.keys() and len(got) == 8  # lora_A, lora_B of q_proj and v_proj, 2 layers
+            for key in got:
+                assert got[key].shape[0 if "lora_A" in key else 1] == r, (key, got[key].shape)
+                torch.testing.assert_close(got[key], alone[key], rtol=rtol, atol=atol,
+                                           msg=lambda m, r=r, key=key, d=dropout: f"r{r} {key} (dropout {d}): {m}")
+
+    # PEFT loads each adapter alone onto the saved base; the same outputs as the fused model with that adapter.
+    model = concurrent["model"].eval()
+    device = next(model.parameters()).device
+    tokenizer = concurrent["tokenizer"]
+    batch = tokenizer(["review : the plot was not dull . verdict : positive", "review : a bland film . verdict :"],
+                      padding=True, return_tensors="pt").to(device)
+    base_dir = tmp_path / "concurrent-0.1" / "base"
+    with torch.no_grad():
+        base_logits = OPTForCausalLM.from_pretrained(base_dir).to(device)(**batch).logits
+        for r in ranks:
+            loaded = peft.PeftModel.from_pretrained(OPTForCausalLM.from_pretrained(base_dir),
+                                                    tmp_path / "concurrent-0.1" / f"r{r}").to(device).eval()
+            reference = copy.deepcopy(loaded).double()(**batch).logits
+            with sweep_example.use_adapters(model, [f"r{r}"] * 2):
+                fused = model(**batch).logits
+            assert max_err(loaded(**batch).logits, base_logits) > 1e-3  # the adapter changes the outputs
+            assert_within_torch_error(f"r{r} logits", fused, loaded(**batch).logits, reference,
+                                      atol_for(torch.float32, reference.abs().max().item()))
+
+
+def test_sweep_rank_opt_350m_count_check_fails_loudly(sweep_example, monkeypatch):
+    """The OPT-350m check: the injected model's count per adapter against 98304·r, and 98304 against the config's
+    2 modules × 24 layers × (1024 + 1024); either mismatch is an error that says what it found."""
+    assert sweep_example.check_opt_350m_counts([3]) == {3: 3 * 98304}
+    groups = sweep_example.adapter_param_groups
+    # As if the injection had missed one module (the last layer's v_proj B, 1024 × r).
+    monkeypatch.setattr(sweep_example, "adapter_param_groups",
+                        lambda model: [dict(g, params=g["params"][:-1]) for g in groups(model)])
+    with pytest.raises(AssertionError, match=r"expected 98304·r .* got \{1: 97280, 4: 389120\}"):
+        sweep_example.check_opt_350m_counts([1, 4])
+    monkeypatch.setattr(sweep_example, "OPT_350M_PER_RANK", 98305)
+    with pytest.raises(AssertionError, match=r"2 modules × 24 layers × \(2 × 1024\) = 98304 per rank, not 98305"):
+        sweep_example.check_opt_350m_counts([1])

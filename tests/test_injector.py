@@ -292,6 +292,16 @@ def test_quantized_target_is_a_clear_error():
     assert_unchanged(model, before)
 
 
+def test_a_float64_model_is_told_to_cast_not_that_it_is_quantized():
+    model = nn.Sequential(nn.Linear(8, 8)).double()
+    before = state_of(model)
+    with pytest.raises(TypeError, match=r"target '0': Linear holds a torch.float64 weight; .*float32, float16 or "
+                                        r"bfloat16: cast the model first \(model.float\(\)") as error:
+        inject_lora(model, LoRAConfig(r=2, target_modules=["0"]))
+    assert "GPTQ" not in str(error.value)
+    assert_unchanged(model, before)
+
+
 def test_quantized_modules_to_save_head_is_a_clear_error():
     # Gemma2 classification with a custom head holding a 4-bit-like layer: never torch's bare "only Tensors of
     # floating point dtype can require gradients".

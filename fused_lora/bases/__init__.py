@@ -188,6 +188,10 @@ def looks_quantized(module: nn.Module) -> bool:
 
 
 def unsupported_quantized_message(where: str, type_name: str, dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:  # a float weight no kind takes: float64 (or an fp8 format), not a quantized layer
+        return (f"{where}: {type_name} holds a {dtype} weight; fused_lora's layers compute in float32, float16 or "
+                "bfloat16: cast the model first (model.float(), or torch_dtype= when loading it), or leave this layer "
+                "out of target_modules")
     served = ", ".join(k.describe for k in registered())
     return (f"{where}: {type_name} holds a {dtype} weight, and no registered base kind serves it (fused_lora serves: "
             f"{served}). Other quantized formats (GPTQ, AWQ, HQQ, torchao, …) are not supported without a base-kind "

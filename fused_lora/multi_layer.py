@@ -149,7 +149,7 @@ class Rows:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class RowPlan:
     """A batch's grouping for one layer's adapters: the examples in grouped order (``order``, None when they are
     already), each adapter's examples, the base-only examples at the end."""
 
@@ -169,7 +169,8 @@ class _Plan:
         return found
 
 
-def _plan(names: tuple[str, ...], adapters: tuple[str, ...]) -> _Plan:
+def plan_rows(names: tuple[str, ...], adapters: tuple[str, ...]) -> RowPlan:
+    """How to group a batch whose examples are named ``names`` for a layer holding ``adapters`` (in that order)."""
     index = {name: i for i, name in enumerate(adapters)}
     n = len(adapters)
     groups = [index.get(name, n) for name in names]  # n: base-only rows (BASE_ROWS, or an adapter not on this layer)
@@ -178,7 +179,7 @@ def _plan(names: tuple[str, ...], adapters: tuple[str, ...]) -> _Plan:
         counts[g] += 1
     grouped = all(a <= b for a, b in zip(groups, groups[1:], strict=False))
     order = None if grouped else tuple(sorted(range(len(groups)), key=lambda e: groups[e]))
-    return _Plan(order, tuple(counts[:n]), counts[n])
+    return RowPlan(order, tuple(counts[:n]), counts[n])
 
 
 class MultiLoRALinear(nn.Module):
@@ -281,7 +282,7 @@ class MultiLoRALinear(nn.Module):
         """The frozen base layer's own output."""
         return self.base_layer(x)
 
-    def _segments(self, plan: _Plan, per_example: int, names: tuple[str, ...]) -> Segments:
+    def _segments(self, plan: RowPlan, per_example: int, names: tuple[str, ...]) -> Segments:
         """The segments of the grouped rows, kept on the batch's plan per (rows per example, ranks): one device table
         per batch, shared by the layers with the same ranks."""
         ranks = tuple(self.settings[n].r for n in names)
@@ -304,7 +305,7 @@ class MultiLoRALinear(nn.Module):
             examples = (rows.active,) * (x.shape[0] if x.dim() > 1 else 1)
         plan = rows.plans.get(names)
         if plan is None:
-            plan = rows.plans[names] = _plan(examples, names)
+            plan = rows.plans[names] = plan_rows(examples, names)
         batch = len(examples)
         lead = x.shape[0] if x.dim() > 1 else 1
         if lead % batch:

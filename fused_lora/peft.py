@@ -534,3 +534,12 @@ def enabled() -> Iterator[None]:
     finally:
         if not was:
             disable()
+
+
+peft_mixed.connect(peft_mixed.Serving(
+    reason=lambda layer, adapter, x: layer_reason(layer, adapter) or _call_reason(layer, adapter, x),
+    is_dora=_is_dora,
+    report=lambda reason: _report(reason, stacklevel=3),  # the frame that called mixed_forward, as before
+    weight_layout=_weight_layout,
+    is_accelerated=is_accelerated,
+))

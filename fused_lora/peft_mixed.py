@@ -10,7 +10,7 @@ layer. PEFT's argument checks run first (:meth:`LoraLayer._check_forward_args`: 
 DoRA), so PEFT's errors stay PEFT's.
 
 Falls back to PEFT's loop, with its semantics, whenever one adapter named in the batch cannot be served on that layer
-(the reasons of :func:`fused_lora.peft.layer_reason`: LoRA variants, custom or hooked bases and adapter modules,
+(the reasons of ``fused_lora.peft``'s ``layer_reason``: LoRA variants, custom or hooked bases and adapter modules,
 dtypes; and ``lora_bias`` on a quantized base), for extra forward arguments, and for inputs without a batch dim.
 
 Training: PEFT refuses ``adapter_names`` while the model trains (``LoraModel._enable_peft_forward_hooks`` raises
@@ -23,43 +23,69 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import bases
-from .multi_layer import _Plan, _plan, multi_lora_linear
+from .multi_layer import RowPlan, multi_lora_linear, plan_rows
 from .segments import Segments
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What ``fused_lora.peft`` (the module above this one, which calls it) knows of PEFT's layers, handed over by
+    :func:`connect` when it is imported: this module cannot import it back (one direction of imports)."""
+
+    reason: Callable[[nn.Module, str, torch.Tensor], str | None]  # why (layer, adapter, x) keeps PEFT's forward
+    is_dora: Callable[[nn.Module, str], bool]
+    report: Callable[[str], None]  # warns once per reason and process
+    weight_layout: Callable[[nn.Module], str | None]  # 'linear' / 'conv1d' for the dense bases served
+    is_accelerated: Callable[[nn.Module], bool]  # whether a model holds layers fused_lora.peft serves
+
+
+_serving: Serving | None = None
+
+
+def connect(serving: Serving) -> None:
+    global _serving
+    _serving = serving
+
+
+def _peft() -> Serving:
+    if _serving is None:  # only fused_lora.peft's layers call in here, and importing it connects
+        raise RuntimeError("fused_lora.peft_mixed: import fused_lora.peft first (it serves PEFT's layers)")
+    return _serving
 
 # (names of the batch, the layer's adapters named in it) → the grouping; PEFT hands the same names to every layer of
 # the model, so one batch makes as many entries as there are distinct adapter sets among its layers.
-_PLANS: dict[tuple[tuple[str, ...], tuple[str, ...]], _Plan] = {}
+_PLANS: dict[tuple[tuple[str, ...], tuple[str, ...]], RowPlan] = {}
 _MAX_PLANS = 64
 
 
-def _plan_for(names: tuple[str, ...], adapters: tuple[str, ...]) -> _Plan:
+def _plan_for(names: tuple[str, ...], adapters: tuple[str, ...]) -> RowPlan:
     key = (names, adapters)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(names, adapters)
+        plan = _PLANS[key] = plan_rows(names, adapters)
     return plan
 
 
 def mixed_reason(layer: nn.Module, adapters: Sequence[str], x: torch.Tensor) -> str | None:
     """Why ``layer`` cannot compute a mixed batch of ``adapters`` (its adapters named in the batch) on ``x`` in one
     multi-adapter call, or None when it can."""
-    from .peft import _call_reason, _is_dora, layer_reason
-
+    peft = _peft()
     if x.dim() < 2:
         return "adapter_names with an input without a batch dim"
     for adapter in adapters:
-        why = layer_reason(layer, adapter) or _call_reason(layer, adapter, x)
+        why = peft.reason(layer, adapter, x)
         if why is not None:
             return why
-        if _is_dora(layer, adapter):  # PEFT refuses it before this point; a PEFT that allows it keeps its loop
+        if peft.is_dora(layer, adapter):  # PEFT refuses it before this point; a PEFT that allows it keeps its loop
             return "DoRA (use_dora=True) in a mixed-adapter batch"
     base = layer.get_base_layer()
     kind = bases.of(base)
@@ -71,15 +97,13 @@ def mixed_reason(layer: nn.Module, adapters: Sequence[str], x: torch.Tensor) -> 
 def mixed_forward(layer: nn.Module, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
     """PEFT's mixed-batch forward of ``layer`` (an accelerated PEFT LoRA layer, adapters enabled, not merged), computed
     by one multi-adapter call; None when PEFT's own loop must compute it (the reason reported once)."""
-    from .peft import _report
-
     names = tuple(adapter_names)
     present = tuple(a for a in layer.lora_A if a in names)  # the layer's order: one plan per adapter set
     if not present:
         return None  # base output only: PEFT's loop costs just the base layer
     why = mixed_reason(layer, present, x)
     if why is not None:
-        _report(why)
+        _peft().report(why)
         return None
     plan = _plan_for(names, present)
     batch, in_features = len(names), x.shape[-1]
@@ -99,10 +123,8 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, adapter_names: Sequence[str
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _adapters_call(layer: nn.Module, x2d: torch.Tensor, plan: _Plan, per_example: int,
+def _adapters_call(layer: nn.Module, x2d: torch.Tensor, plan: RowPlan, per_example: int,
                    adapters: tuple[str, ...]) -> torch.Tensor:
-    from . import peft as flp
-
     base = layer.get_base_layer()
     As = tuple(layer.lora_A[a].weight for a in adapters)
     Bs = tuple(layer.lora_B[a].weight for a in adapters)
@@ -124,7 +146,7 @@ def _adapters_call(layer: nn.Module, x2d: torch.Tensor, plan: _Plan, per_example
     if kind is not None and kind.quantized:
         return multi_lora_linear(x2d, None, base.bias, As, Bs, scalings, segments, ps, True, layer=base)
     return multi_lora_linear(x2d, base.weight, base.bias, As, Bs, scalings, segments, ps, True,
-                             flp._weight_layout(base), biases=biases)
+                             _peft().weight_layout(base), biases=biases)
 
 
 def _own_bias(base_bias: torch.Tensor | None, lora_B: nn.Linear, scaling: float) -> torch.Tensor | None:
@@ -168,10 +190,8 @@ def _checkpointing(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def _enable_peft_forward_hooks(self: nn.Module, *args, **kwargs) -> Iterator[None]:
     # Named as PEFT's method: pickling a bound method looks its name up on the object again.
-    from .peft import is_accelerated
-
     original = type(self)._enable_peft_forward_hooks
-    if kwargs.get("adapter_names") is None or not self.training or not is_accelerated(self):
+    if kwargs.get("adapter_names") is None or not self.training or not _peft().is_accelerated(self):
         with original(self, *args, **kwargs):
             yield
         return

@@ -24,7 +24,7 @@ LAYERS = [
     ("functional", ["functional", "diagnostics"]),
     ("modules", ["layer", "quantized", "multi_layer"]),
     ("injector", ["injector"]),
-    ("glue", ["adapters", "peft", "hf_trainer", "multi_adapters"]),
+    ("glue", ["adapters", "peft", "peft_mixed", "hf_trainer", "multi_adapters"]),
     ("plug-ins", ["bases.*"]),  # a base kind's file names the paths and modules it uses; lower layers ask the registry
     ("package", ["__init__"]),
 ]

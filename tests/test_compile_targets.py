@@ -119,8 +119,8 @@ def _compile_check(tmp_path, *args) -> list[dict]:
 
 def test_kernels_compile_for_every_gpu_arch(tmp_path):
     """The sampled matrix on all seven archs (sm_75 … sm_120) with the newest triton, each variant at the config a
-    launch takes with autotuning off (the first left after the arch's exclusions); .ci/run checks triton 3.6.0 the
-    same way plus every config of the CI matrix on sm_90. The committed reports (bench/results/compile/) hold every
+    launch takes with autotuning off (the first left after the arch's exclusions); .ci/run checks triton 3.6.0 so
+    on sm_90 (every launch variant of the CI matrix). The committed reports (bench/results/compile/) hold every
     config of the CI matrix on every arch for both tritons."""
     records = _compile_check(tmp_path, "--arch", "all", "--matrix", "sample", "--first-config")
     groups = Counter((r["arch"], r["kernel"], r["variant"]) for r in records)

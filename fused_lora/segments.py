@@ -84,6 +84,7 @@ class Segments:
     starts: tuple[int, ...] = field(init=False)
     rank_offsets: tuple[int, ...] = field(init=False)
     s_offsets: tuple[int, ...] = field(init=False)
+    max_rank: int = field(init=False)  # the largest padded rank (the kernels' rank chunks follow it)
     _tables: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +114,9 @@ class Segments:
         set_(self, "starts", tuple(starts))
         set_(self, "rank_offsets", tuple(rank_offsets))
         set_(self, "s_offsets", tuple(s_offsets))
+        # Kept, not a property: the launchers read it several times per call (measured: a tenth of a stubbed
+        # 8-adapter call's host time went to recomputing it and the adapters' ranks).
+        set_(self, "max_rank", max(padded_rank(r) for r in ranks))
 
     @property
     def n(self) -> int:
@@ -128,11 +132,6 @@ class Segments:
     def total_rank(self) -> int:
         """R_tot = Σ padded_rank(r_i): the rows of A_cat and dA_cat, the columns of B_cat and dB_cat."""
         return self.rank_offsets[-1]
-
-    @property
-    def max_rank(self) -> int:
-        """The largest padded rank (the kernels' rank chunks follow it)."""
-        return max(padded_rank(r) for r in self.ranks)
 
     @property
     def s_numel(self) -> int:
@@ -189,6 +188,10 @@ class Segments:
         return t
 
 
+_SCALAR_TABLES: dict[tuple, torch.Tensor] = {}
+_MAX_SCALAR_TABLES = 256  # (scalings, ps, device) sets in a process: a sweep's layers share a handful
+
+
 @dataclass(frozen=True, eq=False)
 class MultiAdapters:
     """The adapters of one layer, in segment order: ``lora_A[i]`` r_i×K, ``lora_B[i]`` N×r_i (all one dtype and device;
@@ -202,7 +205,7 @@ class MultiAdapters:
     scalings: tuple[float, ...]
     dropout_ps: tuple[float, ...]
     biases: tuple[torch.Tensor | None, ...] = ()
-    _tables: dict = field(init=False, default_factory=dict, repr=False)
+    ranks: tuple[int, ...] = field(init=False)  # r_i (kept: the launchers read it several times per call)
 
     def __post_init__(self) -> None:
         where = "MultiAdapters"
@@ -212,6 +215,7 @@ class MultiAdapters:
         set_(self, "scalings", tuple(float(s) for s in self.scalings))
         set_(self, "dropout_ps", tuple(float(p) for p in self.dropout_ps))
         set_(self, "biases", tuple(self.biases) if self.biases else (None,) * len(self.lora_A))
+        set_(self, "ranks", tuple(a.shape[0] for a in self.lora_A))
         n = len(self.lora_A)
         counts = {"lora_A": n, "lora_B": len(self.lora_B), "scalings": len(self.scalings),
                   "dropout_ps": len(self.dropout_ps), "biases": len(self.biases)}
@@ -244,10 +248,6 @@ class MultiAdapters:
     @property
     def n(self) -> int:
         return len(self.lora_A)
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return tuple(a.shape[0] for a in self.lora_A)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -307,13 +307,18 @@ class MultiAdapters:
 
     def scalar_table(self, device: torch.device) -> torch.Tensor:
         """fp32 (3, n) on ``device``: scalings, dropout p, 1/(1-p); each rounded to fp32 as the single-adapter kernels
-        receive them (Triton passes Python floats as fp32)."""
+        receive them (Triton passes Python floats as fp32). Kept per (values, device) for the process: a layer's
+        adapters are made per call, their scalings and p stay (one host-to-device copy per layer kind, not per call).
+        The kernels only read it."""
         device = torch.device(device)
-        t = self._tables.get(device)
+        key = (self.scalings, self.dropout_ps, device)
+        t = _SCALAR_TABLES.get(key)
         if t is None:
             scales = [1.0 / (1.0 - p) for p in self.dropout_ps]  # dropout.drop_scale (p < 1 here)
             t = _on_device([self.scalings, self.dropout_ps, scales], torch.float32, device)
-            self._tables[device] = t
+            if len(_SCALAR_TABLES) >= _MAX_SCALAR_TABLES:
+                _SCALAR_TABLES.clear()
+            _SCALAR_TABLES[key] = t
         return t
 
     def check(self, segments: Segments, rows: int, in_features: int, out_features: int, where: str) -> None:
@@ -339,11 +344,18 @@ def seed_ints(seeds: torch.Tensor | Sequence[int] | None, n: int) -> list[int]:
     return values
 
 
+_NO_SEEDS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def seed_table(seeds: torch.Tensor | Sequence[int] | None, n: int, device: torch.device) -> torch.Tensor:
     """The per-adapter dropout seeds as an int64 (n,) tensor on ``device`` (the kernels read them there: a seed drawn
     on the device stays there)."""
-    if seeds is None:
-        return torch.zeros(n, dtype=torch.int64, device=device)
+    if seeds is None:  # no dropout: a table the kernels never read, one per (n, device)
+        key = (n, torch.device(device))
+        t = _NO_SEEDS.get(key)
+        if t is None:
+            t = _NO_SEEDS[key] = torch.zeros(n, dtype=torch.int64, device=device)
+        return t
     if isinstance(seeds, torch.Tensor):
         if seeds.numel() != n:
             raise ValueError(f"fused_lora multi-adapter: {seeds.numel()} dropout seeds for {n} adapters; give one "

@@ -378,10 +378,12 @@ class Host:
     LAUNCH_US per Triton launch (5 both ways, which the stubs skip). A GPU host's CPU is usually faster: both floors
     drop, their ratio much less."""
 
-    # Three measurements on 2026-12-06 (load 6-9 on 2 cores): the committed one (multi/multi.md) and two before it.
-    single: float = 200 + 5 * LAUNCH_US  # fused_lora_linear (LoRALinear), one adapter: 185-222 µs stubbed (min)
-    multi: float = 520 + 5 * LAUNCH_US  # multi_lora_linear (MultiLoRALinear) with one adapter: 499-544 µs stubbed
-    per_extra_adapter: float = 50  # each adapter after the first (A, B copies, dA, dB split): 51-55 µs (n = 1 → 8)
+    # Measured 2026-12-06 on a quiet machine (load ~1), after the multi call's per-call tables were kept
+    # (bench/results/cpu-2026-12-06/multi/README.md, "After"): `python bench/multi_bench.py --stub-child --ns 1 2 4 8`
+    # and two n = 1, 8 runs, min of 7 × 200 calls. (Under load 6-9, before that change: 185-222, 499-544, 51-55.)
+    single: float = 175 + 5 * LAUNCH_US  # fused_lora_linear (LoRALinear), one adapter: 162-187 µs stubbed (min)
+    multi: float = 360 + 5 * LAUNCH_US  # multi_lora_linear (MultiLoRALinear) with one adapter: 337-384 µs stubbed
+    per_extra_adapter: float = 25  # each adapter after the first (A, B copies, dA, dB split): 22-28 µs (n = 1 → 8)
 
 
 HOST = Host()

@@ -13,23 +13,10 @@ import warnings
 import pytest
 import torch
 from helpers import DEVICE
+from test_self_check import verifying  # noqa: F401  (its autouse fixture: Triton backend, fused GEMM, check on)
 
-import fused_lora
-from fused_lora import FallbackWarning, LoRALinear, diagnostics, fallback
+from fused_lora import FallbackWarning, LoRALinear, diagnostics
 from fused_lora.backends import dora_triton, lora_triton
-
-
-@pytest.fixture(autouse=True)
-def checking(monkeypatch):
-    monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
-    monkeypatch.setenv("FUSED_LORA_GEMM", "fused")
-    monkeypatch.delenv("FUSED_LORA_VERIFY_REPORT", raising=False)
-    monkeypatch.setattr(fallback, "_warned", set())
-    diagnostics.clear()
-    fused_lora.set_verify("first")
-    yield
-    fused_lora.set_verify(None)
-    diagnostics.clear()
 
 
 def train(make_layer, steps: int = 4, p_eval_first: bool = False, micro: int = 1) -> tuple[list[float], dict]:
